@@ -1,0 +1,211 @@
+"""In-memory queries over checkpoint records (latest, best, top-k by any metric) and their
+Parquet snapshot. Knows nothing of the storage layout: records in, records out.
+"""
+
+from __future__ import annotations
+
+import bisect
+import io
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+@dataclass
+class CheckpointInfo:
+    """What is known of one committed checkpoint."""
+
+    step: int
+    uri: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    created: float = 0.0
+    total_size: int = 0  # tensor bytes of the model state
+    files_size: int = 0  # bytes of every file of the checkpoint
+    world_size: int = 1
+    metadata: dict[str, Any] = field(default_factory=dict)
+    durability: list[str] = field(default_factory=lambda: ["local"])
+
+    def metric(self, name: str) -> float | None:
+        """The finite value of a metric, or None when it is missing, NaN or inf."""
+        return rankable(self.metrics.get(name))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CheckpointInfo:
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def rankable(value: Any) -> float | None:
+    """A metric value usable for ranking: a finite real number, else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+class CheckpointIndex:
+    """Checkpoint records keyed by step, with O(k) top-k queries.
+
+    A sorted list per (metric, mode) is built on first use and kept up to date by every
+    add/remove, so queries never sort the whole run.
+    """
+
+    def __init__(self, metric_name: str | None = None, mode: str = "min") -> None:
+        self.metric_name = metric_name
+        self.mode = mode
+        self._records: dict[int, CheckpointInfo] = {}
+        self._steps: list[int] = []
+        self._rankings: dict[tuple[str, str], list[tuple[float, int]]] = {}
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __contains__(self, step: object) -> bool:
+        return step in self._records
+
+    # -- updates ------------------------------------------------------------------------------
+    def add(self, info: CheckpointInfo) -> None:
+        """Insert or replace the record of ``info.step``."""
+        if info.step in self._records:
+            self.remove(info.step)
+        self._records[info.step] = info
+        bisect.insort(self._steps, info.step)
+        for (metric, mode), ranking in self._rankings.items():
+            entry = _ranking_entry(info, metric, mode)
+            if entry is not None:
+                bisect.insort(ranking, entry)
+
+    def remove(self, step: int) -> CheckpointInfo | None:
+        """Drop a step's record; returns it (None if absent)."""
+        info = self._records.pop(step, None)
+        if info is None:
+            return None
+        del self._steps[bisect.bisect_left(self._steps, step)]
+        for (metric, mode), ranking in self._rankings.items():
+            entry = _ranking_entry(info, metric, mode)
+            if entry is not None:
+                i = bisect.bisect_left(ranking, entry)
+                if i < len(ranking) and ranking[i] == entry:
+                    del ranking[i]
+        return info
+
+    def update_metrics(self, step: int, metrics: dict[str, float]) -> CheckpointInfo:
+        """Merge metrics (e.g. eval scores) into a step's record; KeyError if unknown."""
+        info = self._records[step]
+        updated = CheckpointInfo.from_dict({**info.to_dict(), "metrics": {**info.metrics, **metrics}})
+        self.add(updated)
+        return updated
+
+    def clear(self) -> None:
+        self._records.clear()
+        self._steps.clear()
+        self._rankings.clear()
+
+    # -- queries ------------------------------------------------------------------------------
+    def get(self, step: int) -> CheckpointInfo | None:
+        return self._records.get(step)
+
+    def steps(self) -> list[int]:
+        """All steps, oldest first."""
+        return list(self._steps)
+
+    def list(self) -> list[CheckpointInfo]:
+        """All records, oldest first."""
+        return [self._records[s] for s in self._steps]
+
+    def latest(self) -> CheckpointInfo | None:
+        return self._records[self._steps[-1]] if self._steps else None
+
+    def top_k(self, k: int, metric: str | None = None, mode: str | None = None) -> list[CheckpointInfo]:
+        """The ``k`` best records by ``metric`` (default: the run's), best first.
+
+        Records whose metric is missing, NaN or inf are never ranked. Ties go to the newer step.
+        """
+        metric = metric or self.metric_name
+        mode = mode or self.mode
+        if metric is None:
+            raise ValueError("top_k: no metric given and the run has no metric_name")
+        if mode not in ("max", "min"):
+            raise ValueError(f"top_k: mode must be 'max' or 'min', got {mode!r}")
+        if k <= 0:
+            return []
+        ranking = self._rankings.get((metric, mode))
+        if ranking is None:
+            ranking = sorted(
+                e for e in (_ranking_entry(i, metric, mode) for i in self._records.values()) if e is not None
+            )
+            self._rankings[(metric, mode)] = ranking
+        return [self._records[-neg_step] for _, neg_step in ranking[:k]]
+
+    def best(self, metric: str | None = None, mode: str | None = None) -> CheckpointInfo | None:
+        found = self.top_k(1, metric, mode)
+        return found[0] if found else None
+
+    # -- snapshot -----------------------------------------------------------------------------
+    def to_table(self) -> pa.Table:
+        """The records as an Arrow table (one row per checkpoint)."""
+        records = self.list()
+        return pa.table(
+            {
+                "step": pa.array([r.step for r in records], pa.int64()),
+                "uri": pa.array([r.uri for r in records], pa.string()),
+                "created": pa.array([r.created for r in records], pa.float64()),
+                "total_size": pa.array([r.total_size for r in records], pa.int64()),
+                "files_size": pa.array([r.files_size for r in records], pa.int64()),
+                "world_size": pa.array([r.world_size for r in records], pa.int32()),
+                "metrics": pa.array(
+                    [[(k, float(v)) for k, v in r.metrics.items() if _is_number(v)] for r in records],
+                    pa.map_(pa.string(), pa.float64()),
+                ),
+                "metadata": pa.array([json.dumps(r.metadata, default=str) for r in records], pa.string()),
+                "durability": pa.array([r.durability for r in records], pa.list_(pa.string())),
+            }
+        )
+
+    def to_parquet_bytes(self) -> bytes:
+        sink = io.BytesIO()
+        pq.write_table(self.to_table(), sink)
+        return sink.getvalue()
+
+    @classmethod
+    def records_from_parquet_bytes(cls, data: bytes) -> list[CheckpointInfo]:
+        """Parse a snapshot written by :meth:`to_parquet_bytes`."""
+        table = pq.read_table(io.BytesIO(data))
+        cols = table.to_pydict()
+        return [
+            CheckpointInfo(
+                step=int(cols["step"][i]),
+                uri=cols["uri"][i],
+                metrics=dict(cols["metrics"][i] or []),
+                created=float(cols["created"][i]),
+                total_size=int(cols["total_size"][i]),
+                files_size=int(cols["files_size"][i]),
+                world_size=int(cols["world_size"][i]),
+                metadata=json.loads(cols["metadata"][i] or "{}"),
+                durability=list(cols["durability"][i] or []),
+            )
+            for i in range(table.num_rows)
+        ]
+
+    def extend(self, records: Iterable[CheckpointInfo]) -> None:
+        for record in records:
+            self.add(record)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _ranking_entry(info: CheckpointInfo, metric: str, mode: str) -> tuple[float, int] | None:
+    value = info.metric(metric)
+    if value is None:
+        return None
+    return (value if mode == "min" else -value, -info.step)

@@ -1,0 +1,248 @@
+"""One storage abstraction over fsspec for local paths, file://, s3:// and memory://.
+
+It knows bytes and paths only (no tensors, no Ray). Local writes are fsync'd (files and their
+directory); small files can be replaced atomically (temp name + rename locally, a single PUT on
+object stores). Remote operations are retried with bounded exponential backoff, then fail with a
+StorageError naming the path.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import posixpath
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import IO, Any, TypeVar
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from ray_ckpt.errors import StorageError
+from ray_ckpt.uri import normalize_storage_uri
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+TEMP_MARKER = ".tmp-"
+# Errors that no retry can fix: fail at once.
+_PERMANENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT}
+
+
+def temp_name(name: str) -> str:
+    """A unique hidden temporary name beside ``name`` (recognised and collected by gc)."""
+    return f".{name}{TEMP_MARKER}{uuid.uuid4().hex[:12]}"
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether a file name is one of our temporary names."""
+    return name.startswith(".") and TEMP_MARKER in name
+
+
+class Storage:
+    """A root URI plus the fsspec filesystem that serves it.
+
+    Paths given to methods are relative to the root ("a/b.json") and use "/" separators.
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        storage_options: dict[str, Any] | None = None,
+        *,
+        retries: int = 4,
+        backoff_s: float = 0.2,
+    ) -> None:
+        self.uri = normalize_storage_uri(uri)
+        self.storage_options = dict(storage_options or {})
+        self.fs, root = fsspec.core.url_to_fs(self.uri, **self.storage_options)
+        self.root = root.rstrip("/") or "/"
+        self.is_local = isinstance(self.fs, LocalFileSystem)
+        self.retries = retries
+        self.backoff_s = backoff_s
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Storage, (self.uri, self.storage_options), {"retries": self.retries, "backoff_s": self.backoff_s})
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.retries = state["retries"]
+        self.backoff_s = state["backoff_s"]
+
+    def __repr__(self) -> str:
+        return f"Storage({self.uri!r})"
+
+    # -- addressing -------------------------------------------------------------------------
+    def full_path(self, path: str = "") -> str:
+        """The filesystem path of a root-relative path."""
+        path = path.strip("/")
+        return posixpath.join(self.root, path) if path else self.root
+
+    def url(self, path: str = "") -> str:
+        """A URI for a root-relative path, with the scheme (e.g. ``s3://bucket/run/x``)."""
+        return self.fs.unstrip_protocol(self.full_path(path))
+
+    def local_path(self, path: str = "") -> str | None:
+        """The OS path when the storage is a local disk, else None."""
+        return self.full_path(path) if self.is_local else None
+
+    # -- retries ------------------------------------------------------------------------------
+    def _call(self, what: str, path: str, fn: Callable[[], T]) -> T:
+        """Run ``fn`` with bounded retries and backoff; wrap the final failure in StorageError."""
+        attempt = 0
+        while True:
+            try:
+                return fn()
+            except FileNotFoundError:
+                raise
+            except OSError as exc:
+                permanent = self.is_local or exc.errno in _PERMANENT_ERRNOS
+                if permanent or attempt >= self.retries:
+                    raise StorageError(
+                        exc.errno or errno.EIO, f"{what} failed for {self.url(path)}: {exc}"
+                    ) from exc
+            except Exception as exc:  # botocore/aiohttp errors that are not OSError
+                if self.is_local or attempt >= self.retries:
+                    raise StorageError(errno.EIO, f"{what} failed for {self.url(path)}: {exc}") from exc
+            delay = self.backoff_s * (2**attempt)
+            attempt += 1
+            logger.warning("storage: %s of %s failed (attempt %d), retrying in %.2fs", what, path, attempt, delay)
+            time.sleep(delay)
+            self._invalidate(path)
+
+    def _invalidate(self, path: str) -> None:
+        try:
+            self.fs.invalidate_cache(self.full_path(path))
+        except Exception:  # pragma: no cover - cache invalidation is best effort
+            pass
+
+    # -- writing ------------------------------------------------------------------------------
+    def write_stream(self, path: str, writer: Callable[[IO[bytes]], T], *, durable: bool = True) -> T:
+        """Open ``path`` for writing, call ``writer(file)``, close, and fsync when local.
+
+        On an object store a failed upload is retried by calling ``writer`` again on a fresh
+        file, so ``writer`` must be repeatable (it writes from buffers still in memory).
+        """
+        full = self.full_path(path)
+
+        def attempt() -> T:
+            if self.is_local:
+                os.makedirs(posixpath.dirname(full), exist_ok=True)
+            with self.fs.open(full, "wb") as f:
+                result = writer(f)
+                if durable and self.is_local:
+                    f.flush()
+                    os.fsync(f.fileno())
+            return result
+
+        return self._call("write", path, attempt)
+
+    def write_bytes(self, path: str, data: bytes, *, durable: bool = True) -> None:
+        """Write a whole file (fsync'd when local)."""
+        self.write_stream(path, lambda f: f.write(data), durable=durable)
+
+    def write_atomic(self, path: str, data: bytes) -> None:
+        """Replace ``path`` atomically: readers see the old file or the new one, never a part.
+
+        Locally: temp file, fsync, rename, fsync the directory. Object stores: one PUT.
+        """
+        if not self.is_local:
+            self.write_bytes(path, data)
+            return
+        directory, name = posixpath.split(path)
+        tmp = posixpath.join(directory, temp_name(name))
+        self.write_bytes(tmp, data)
+        try:
+            os.replace(self.full_path(tmp), self.full_path(path))
+        except OSError as exc:
+            self.rm(tmp, missing_ok=True)
+            raise StorageError(exc.errno or errno.EIO, f"rename failed for {self.url(path)}: {exc}") from exc
+        self.fsync_dir(directory)
+
+    def fsync_dir(self, path: str = "") -> None:
+        """fsync a directory so that renames and new entries in it are durable (local only)."""
+        if not self.is_local:
+            return
+        fd = os.open(self.full_path(path), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def makedirs(self, path: str) -> None:
+        """Create a directory and its parents (a no-op on object stores)."""
+        if self.is_local:
+            os.makedirs(self.full_path(path), exist_ok=True)
+        else:
+            self._call("mkdir", path, lambda: self.fs.makedirs(self.full_path(path), exist_ok=True))
+
+    def put_file(self, local_path: str, path: str) -> None:
+        """Upload (or copy) a local file to ``path`` (fsync'd when the target is local)."""
+
+        def copy(f: IO[bytes]) -> None:
+            with open(local_path, "rb") as src:
+                while chunk := src.read(64 << 20):
+                    f.write(chunk)
+
+        self.write_stream(path, copy)
+
+    # -- reading ------------------------------------------------------------------------------
+    @contextmanager
+    def open_read(self, path: str, **kwargs: Any) -> Iterator[IO[bytes]]:
+        """Open a file for reading (random access supported)."""
+        f = self._call("open", path, lambda: self.fs.open(self.full_path(path), "rb", **kwargs))
+        try:
+            yield f
+        finally:
+            f.close()
+
+    def read_bytes(self, path: str) -> bytes:
+        """Read a whole file."""
+        return self._call("read", path, lambda: self.fs.cat_file(self.full_path(path)))
+
+    def exists(self, path: str) -> bool:
+        """Whether a file or directory exists."""
+        return self._call("exists", path, lambda: self.fs.exists(self.full_path(path)))
+
+    def size(self, path: str) -> int:
+        """Size of a file in bytes."""
+        return int(self._call("stat", path, lambda: self.fs.size(self.full_path(path))))
+
+    def list_names(self, path: str = "") -> list[str]:
+        """Names (not paths) of the entries directly under ``path``; [] when it does not exist."""
+        full = self.full_path(path)
+        try:
+            entries = self._call("list", path, lambda: self.fs.ls(full, detail=False, refresh=True))
+        except FileNotFoundError:
+            return []
+        names = [posixpath.basename(str(e).rstrip("/")) for e in entries]
+        return sorted(n for n in names if n and posixpath.join(full, n) != full)
+
+    def glob(self, pattern: str) -> list[str]:
+        """Root-relative paths matching a glob pattern."""
+        self._invalidate(posixpath.dirname(pattern.split("*", 1)[0]))
+        found = self._call("glob", pattern, lambda: self.fs.glob(self.full_path(pattern)))
+        prefix = self.root.rstrip("/") + "/"
+        return sorted(str(p)[len(prefix) :] if str(p).startswith(prefix) else str(p) for p in found)
+
+    # -- deleting -----------------------------------------------------------------------------
+    def rm(self, path: str, *, recursive: bool = False, missing_ok: bool = False) -> None:
+        """Delete a file, or a directory tree with ``recursive=True``."""
+        full = self.full_path(path)
+        try:
+            self._call("delete", path, lambda: self.fs.rm(full, recursive=recursive))
+        except FileNotFoundError:
+            if not missing_ok:
+                raise
+        self._invalidate(path)
+
+    def move(self, src: str, dst: str) -> None:
+        """Rename a file or directory (atomic on local disks, copy + delete on object stores)."""
+        self._call(
+            "move", src, lambda: self.fs.mv(self.full_path(src), self.full_path(dst), recursive=True)
+        )
+        self._invalidate(src)
+        self._invalidate(dst)

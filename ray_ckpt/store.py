@@ -1,0 +1,940 @@
+"""A run on storage: the commit protocol, loading and verification, retention, leases and the
+run index. No Ray here: the checkpointer actor and every client go through this class.
+
+Layout (a contract; the CLI, eval workers and other tools read it directly)::
+
+    <storage>/<run>/model_architecture.json
+    <storage>/<run>/checkpoints/step_<step:09d>/{model*.safetensors, model.safetensors.index.json,
+                                                 trainer_state.safetensors, trainer_state.json,
+                                                 checkpoint.json}      # the marker, written LAST
+    <storage>/<run>/index.parquet
+    <storage>/<run>/leases/step_<step:09d>.<lease_id>.json
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import io
+import json
+import logging
+import posixpath
+import re
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ray_ckpt.architecture import ARCHITECTURE_FILE, Architecture
+from ray_ckpt.config import CheckpointConfig
+from ray_ckpt.errors import (
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    StorageError,
+)
+from ray_ckpt.format import (
+    Checksum,
+    FileDigest,
+    FlatState,
+    HashingWriter,
+    ShardSpec,
+    TensorBuffer,
+    flatten_state,
+    hf_index_bytes,
+    index_file_name,
+    parse_hf_index,
+    plan_shards,
+    read_safetensors,
+    read_safetensors_header,
+    structure_keys,
+    to_buffer,
+    to_tensor,
+    unflatten_state,
+    write_safetensors,
+)
+from ray_ckpt.index import CheckpointIndex, CheckpointInfo, rankable
+from ray_ckpt.storage import Storage, is_temp_name
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS_DIR = "checkpoints"
+LEASES_DIR = "leases"
+MARKER_FILE = "checkpoint.json"
+EVAL_FILE = "eval_metrics.json"
+INDEX_SNAPSHOT = "index.parquet"
+TRAINER_TENSORS = "trainer_state.safetensors"
+TRAINER_JSON = "trainer_state.json"
+FORMAT_VERSION = 1
+_STEP_RE = re.compile(r"^step_(\d{9,})$")
+
+Selector = int | str
+
+
+def step_dir(step: int) -> str:
+    """Root-relative directory of a step."""
+    return f"{CHECKPOINTS_DIR}/step_{step:09d}"
+
+
+def parse_step_dir(name: str) -> int | None:
+    match = _STEP_RE.match(name)
+    return int(match.group(1)) if match else None
+
+
+def _validate_step(step: Any) -> int:
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+        raise ValueError(f"step: must be a non-negative integer, got {step!r}")
+    return int(step)
+
+
+def _validate_metrics(metrics: Mapping[str, Any] | None, *, what: str = "metrics") -> dict[str, float]:
+    out: dict[str, float] = {}
+    for key, value in (metrics or {}).items():
+        if not isinstance(key, str):
+            raise TypeError(f"{what}: metric names must be strings, got {key!r}")
+        if isinstance(value, (np.generic, torch.Tensor)) and np.size(value) == 1:
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{what}: {key!r} must be a number, got {type(value).__name__} {value!r}")
+        out[key] = float(value)
+    return out
+
+
+@dataclass
+class Manifest:
+    """The parsed commit marker of a step."""
+
+    step: int
+    created: float
+    metrics: dict[str, float]
+    world_size: int
+    metadata: dict[str, Any]
+    files: dict[str, FileDigest]
+    model: dict[str, Any]
+    trainer_state: bool
+    kind: str = "state_dict"  # or "files" for bring-your-own-files checkpoints
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json_bytes(self) -> bytes:
+        data = {
+            "format_version": FORMAT_VERSION,
+            "step": self.step,
+            "created": self.created,
+            "kind": self.kind,
+            "metrics": self.metrics,
+            "world_size": self.world_size,
+            "metadata": self.metadata,
+            "model": self.model,
+            "trainer_state": self.trainer_state,
+            "files": {name: d.to_json() for name, d in sorted(self.files.items())},
+            **self.extra,
+        }
+        return json.dumps(data, indent=2, default=str).encode()
+
+    @classmethod
+    def from_json_bytes(cls, data: bytes, *, name: str) -> Manifest:
+        try:
+            raw = json.loads(data)
+            if raw.get("format_version", 0) > FORMAT_VERSION:
+                raise ValueError(f"format_version {raw['format_version']} is newer than this ray-ckpt understands")
+            known = {
+                "format_version", "step", "created", "kind", "metrics", "world_size", "metadata",
+                "model", "trainer_state", "files",
+            }
+            files = {str(k): FileDigest(int(v["size"]), str(v["checksum"])) for k, v in raw["files"].items()}
+            return cls(
+                step=int(raw["step"]),
+                created=float(raw["created"]),
+                metrics={str(k): float(v) for k, v in (raw.get("metrics") or {}).items()},
+                world_size=int(raw.get("world_size", 1)),
+                metadata=dict(raw.get("metadata") or {}),
+                files=files,
+                model=dict(raw.get("model") or {}),
+                trainer_state=bool(raw.get("trainer_state")),
+                kind=str(raw.get("kind", "state_dict")),
+                extra={k: v for k, v in raw.items() if k not in known},
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CorruptCheckpointError(f"{name}: malformed commit marker: {exc}", path=name) from exc
+
+
+class StepWriter:
+    """Writes the files of one step, then commits them with the marker written last.
+
+    Until :meth:`commit` the step directory is invisible to every reader; :meth:`abort` removes it.
+    """
+
+    def __init__(self, store: CheckpointStore, step: int, *, overwrite: bool = False) -> None:
+        self.store = store
+        self.step = step
+        self.dir = step_dir(step)
+        self.files: dict[str, FileDigest] = {}
+        self.model: dict[str, Any] = {}
+        self.trainer_state = False
+        self.committed = False
+        store._prepare_step(step, overwrite=overwrite)
+
+    # -- model shards -------------------------------------------------------------------------
+    def plan(self, groups: Iterable[Iterable[tuple[str, int]]]) -> list[ShardSpec]:
+        """Shard plan for (key, nbytes) groups, one group per rank (see :func:`plan_shards`)."""
+        fmt = self.store.config.checkpoint_format
+        prefix, ext = ("model", "safetensors") if fmt == "safetensors" else ("pytorch_model", "bin")
+        return plan_shards(groups, int(self.store.config.max_shard_size), prefix=prefix, ext=ext)
+
+    def write_shard(self, shard: ShardSpec, buffers: Mapping[str, TensorBuffer]) -> FileDigest:
+        """Write one shard file from in-memory buffers (streamed, no extra copy)."""
+        digest = write_shard_file(self.store.storage, self.dir, shard, buffers, self.store.config.checkpoint_format)
+        self.files[shard.name] = digest
+        return digest
+
+    def add_file(self, name: str, digest: FileDigest) -> None:
+        """Record a file some other process wrote into the step directory (direct mode).
+
+        The file must exist with the reported size; its checksum is taken as reported.
+        """
+        path = f"{self.dir}/{name}"
+        try:
+            size = self.store.storage.size(path)
+        except FileNotFoundError as exc:
+            raise CorruptCheckpointError(f"{name}: reported written but missing from {self.dir}", path=name) from exc
+        if size != digest.size:
+            raise CorruptCheckpointError(f"{name}: size {size} differs from the reported {digest.size}", path=name)
+        self.files[name] = digest
+
+    def write_model_index(
+        self, shards: list[ShardSpec], total_size: int, *, structure: Any = None, aliases: Mapping[str, str] | None = None
+    ) -> None:
+        """Write the HF ``*.index.json`` and remember what the marker says of the model."""
+        fmt = self.store.config.checkpoint_format
+        name = index_file_name("model", "safetensors") if fmt == "safetensors" else index_file_name("pytorch_model", "bin")
+        self._write_small(name, hf_index_bytes(shards, total_size))
+        self.model = {
+            "format": fmt,
+            "index": name,
+            "total_size": total_size,
+            "structure": structure,
+            "aliases": dict(aliases or {}),
+        }
+
+    def write_state(self, flat: FlatState) -> None:
+        """Plan, write every shard of a flattened state and its index (single-process save)."""
+        shards = self.plan([[(k, b.nbytes) for k, b in flat.tensors.items()]])
+        for shard in shards:
+            self.write_shard(shard, flat.tensors)
+        self.write_model_index(shards, flat.total_size, structure=flat.structure, aliases=flat.aliases)
+
+    def write_trainer_state(self, flat: FlatState) -> None:
+        """Write trainer_state.safetensors (tensors) + trainer_state.json (structure)."""
+        spec = ShardSpec(TRAINER_TENSORS, list(flat.tensors))
+        self.files[TRAINER_TENSORS] = self.store.storage.write_stream(
+            f"{self.dir}/{TRAINER_TENSORS}", lambda f: write_safetensors(f, flat.tensors, spec.keys)
+        )
+        payload = {"format_version": FORMAT_VERSION, "structure": flat.structure, "aliases": flat.aliases}
+        self._write_small(TRAINER_JSON, json.dumps(payload, indent=1).encode())
+        self.trainer_state = True
+
+    def _write_small(self, name: str, data: bytes) -> None:
+        self.store.storage.write_bytes(f"{self.dir}/{name}", data)
+        checksum = Checksum()
+        checksum.update(data)
+        self.files[name] = FileDigest(len(data), checksum.hexdigest())
+
+    # -- commit -------------------------------------------------------------------------------
+    def commit(
+        self,
+        *,
+        metrics: Mapping[str, Any] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        world_size: int = 1,
+        kind: str = "state_dict",
+        extra: Mapping[str, Any] | None = None,
+    ) -> CheckpointInfo:
+        """Make the step visible: fsync the directory, then write checkpoint.json last."""
+        storage = self.store.storage
+        storage.fsync_dir(self.dir)
+        manifest = Manifest(
+            step=self.step,
+            created=time.time(),
+            metrics=_validate_metrics(metrics),
+            world_size=int(world_size),
+            metadata=dict(metadata or {}),
+            files=dict(self.files),
+            model=self.model,
+            trainer_state=self.trainer_state,
+            kind=kind,
+            extra=dict(extra or {}),
+        )
+        try:
+            json.dumps(manifest.metadata)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"metadata: not JSON serialisable: {exc}") from exc
+        storage.write_atomic(f"{self.dir}/{MARKER_FILE}", manifest.to_json_bytes())
+        storage.fsync_dir(CHECKPOINTS_DIR)
+        self.committed = True
+        info = self.store._info_from_manifest(manifest)
+        self.store._on_commit(info)
+        return info
+
+    def abort(self) -> None:
+        """Remove everything written for this step (it was never visible)."""
+        if not self.committed:
+            self.store.storage.rm(self.dir, recursive=True, missing_ok=True)
+
+    def __enter__(self) -> StepWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
+def write_shard_file(
+    storage: Storage, directory: str, shard: ShardSpec, buffers: Mapping[str, TensorBuffer], fmt: str = "safetensors"
+) -> FileDigest:
+    """Write one shard into ``directory`` (used by the store and by ranks in direct mode)."""
+    missing = [k for k in shard.keys if k not in buffers]
+    if missing:
+        raise KeyError(f"{shard.name}: no buffer for keys {missing[:5]}")
+    path = f"{directory}/{shard.name}"
+    if fmt == "safetensors":
+        return storage.write_stream(path, lambda f: write_safetensors(f, buffers, shard.keys))
+
+    def write_pt(f: Any) -> FileDigest:
+        out = HashingWriter(f)
+        torch.save({k: to_tensor(buffers[k]) for k in shard.keys}, out)
+        return FileDigest(out.size, out.checksum.hexdigest())
+
+    return storage.write_stream(path, write_pt)
+
+
+class CheckpointStore:
+    """Checkpoints of one run on one storage: save, load, verify, rank, retain.
+
+    ``CheckpointStore("/data/runs", run_name="run1")`` or ``CheckpointStore(config=cfg)``.
+    Keyword options override the config's fields (e.g. ``metric_name="loss"``).
+    """
+
+    def __init__(
+        self,
+        storage_uri: str | None = None,
+        run_name: str | None = None,
+        storage_options: dict[str, Any] | None = None,
+        *,
+        config: CheckpointConfig | None = None,
+        **options: Any,
+    ) -> None:
+        overrides = dict(options)
+        if storage_uri is not None:
+            overrides["storage_uri"] = storage_uri
+        if run_name is not None:
+            overrides["run_name"] = run_name
+        if storage_options is not None:
+            overrides["storage_options"] = storage_options
+        self.config = (config or CheckpointConfig()).replace(**overrides) if overrides else (config or CheckpointConfig())
+        base = Storage(self.config.storage_uri, self.config.storage_options)
+        self.storage = Storage(posixpath.join(base.uri, self.config.run_name), self.config.storage_options)
+        self.index = CheckpointIndex(self.config.metric_name, self.config.mode)
+        self._lock = threading.RLock()
+        self._snapshot_loaded = False
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pending: threading.BoundedSemaphore | None = None
+
+    def __repr__(self) -> str:
+        return f"CheckpointStore({self.storage.uri!r})"
+
+    @property
+    def run_name(self) -> str:
+        return self.config.run_name
+
+    @property
+    def uri(self) -> str:
+        return self.storage.uri
+
+    def step_uri(self, step: int) -> str:
+        return self.storage.url(step_dir(step))
+
+    # -- saving -------------------------------------------------------------------------------
+    def save(
+        self,
+        step: int,
+        state_dict: Mapping[str, Any],
+        metrics: Mapping[str, Any] | None = None,
+        trainer_state: Mapping[str, Any] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        *,
+        overwrite: bool = False,
+    ) -> CheckpointInfo:
+        """Write a checkpoint and commit it atomically, then apply retention.
+
+        Bad input (a non-tensor object, an empty state dict, a step below the latest without
+        ``overwrite``) raises before anything is written.
+        """
+        step = _validate_step(step)
+        flat = flatten_state(state_dict, what="state_dict")
+        if not flat.tensors:
+            raise ValueError("state_dict: empty (no tensors to save)")
+        trainer_flat = flatten_state(trainer_state, what="trainer_state") if trainer_state is not None else None
+        checked_metrics = _validate_metrics(metrics)
+        started = time.perf_counter()
+        with StepWriter(self, step, overwrite=overwrite) as writer:
+            writer.write_state(flat)
+            if trainer_flat is not None:
+                writer.write_trainer_state(trainer_flat)
+            info = writer.commit(metrics=checked_metrics, metadata=metadata)
+        logger.info(
+            "committed step %d of %s: %d bytes in %.3fs", step, self.run_name, info.files_size, time.perf_counter() - started
+        )
+        self.apply_retention()
+        return info
+
+    def save_async(self, step: int, state_dict: Mapping[str, Any], **kwargs: Any) -> concurrent.futures.Future:
+        """Snapshot the state (a CPU copy) and write it on a background thread.
+
+        Returns a Future of the CheckpointInfo. At most ``max_pending_saves`` saves are in flight;
+        further calls block (back-pressure) instead of growing memory.
+        """
+        step = _validate_step(step)
+        flat = flatten_state(state_dict, what="state_dict")
+        snapshot = _snapshot(state_dict, flat)
+        trainer_state = kwargs.pop("trainer_state", None)
+        trainer_snapshot = (
+            _snapshot(trainer_state, flatten_state(trainer_state, what="trainer_state")) if trainer_state is not None else None
+        )
+        with self._lock:
+            if self._executor is None:
+                self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ray-ckpt-save")
+                self._pending = threading.BoundedSemaphore(self.config.max_pending_saves)
+        assert self._pending is not None
+        self._pending.acquire()
+        try:
+            future = self._executor.submit(self.save, step, snapshot, trainer_state=trainer_snapshot, **kwargs)
+        except BaseException:
+            self._pending.release()
+            raise
+        future.add_done_callback(lambda _: self._pending.release())  # type: ignore[union-attr]
+        return future
+
+    def wait(self) -> None:
+        """Block until every async save has finished."""
+        if self._executor is not None:
+            self._executor.submit(lambda: None).result()
+
+    def close(self) -> None:
+        """Finish pending async saves and release the writer thread."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    def begin_step(self, step: int, *, overwrite: bool = False) -> StepWriter:
+        """A writer for a step whose files are produced piecewise (used by the checkpointer)."""
+        return StepWriter(self, _validate_step(step), overwrite=overwrite)
+
+    def _prepare_step(self, step: int, *, overwrite: bool) -> None:
+        self.refresh()
+        if step in self.index:
+            if not overwrite:
+                raise CheckpointExistsError(f"step {step} of run {self.run_name!r} is already committed; pass overwrite=True")
+            self.delete(step)
+        latest = self.index.latest()
+        if latest is not None and step < latest.step and not overwrite:
+            raise CheckpointExistsError(
+                f"step {step} is older than the latest committed step {latest.step} of run {self.run_name!r}; "
+                "pass overwrite=True to save it anyway"
+            )
+        directory = step_dir(step)
+        self.storage.rm(directory, recursive=True, missing_ok=True)  # leftovers of a crashed save
+        self.storage.makedirs(directory)
+
+    def _on_commit(self, info: CheckpointInfo) -> None:
+        with self._lock:
+            self.index.add(info)
+            self._write_snapshot()
+
+    # -- reading ------------------------------------------------------------------------------
+    def refresh(self) -> CheckpointIndex:
+        """Bring the in-memory index up to date with storage (committed markers only)."""
+        with self._lock:
+            if not self._snapshot_loaded:
+                self._load_snapshot()
+            found = self._committed_steps()
+            for step in [s for s in self.index.steps() if s not in found]:
+                self.index.remove(step)
+            for step in sorted(found - set(self.index.steps())):
+                try:
+                    self.index.add(self._read_info(step))
+                except (CheckpointNotFoundError, FileNotFoundError):
+                    continue  # deleted between listing and reading
+                except CorruptCheckpointError as exc:
+                    logger.warning("ignoring step %d: %s", step, exc)
+            self._refresh_eval_metrics(found)
+            return self.index
+
+    def _committed_steps(self) -> set[int]:
+        steps = set()
+        for name in self.storage.list_names(CHECKPOINTS_DIR):
+            step = parse_step_dir(name)
+            if step is not None and self.storage.exists(f"{step_dir(step)}/{MARKER_FILE}"):
+                steps.add(step)
+        return steps
+
+    def _load_snapshot(self) -> None:
+        self._snapshot_loaded = True
+        try:
+            data = self.storage.read_bytes(INDEX_SNAPSHOT)
+            records = CheckpointIndex.records_from_parquet_bytes(data)
+        except FileNotFoundError:
+            return
+        except Exception as exc:  # a damaged snapshot is rebuilt from the markers
+            logger.warning("index snapshot of %s unreadable (%s); rebuilding from checkpoint.json files", self.run_name, exc)
+            return
+        self.index.extend(records)
+
+    def rebuild_index(self) -> CheckpointIndex:
+        """Forget the snapshot and rebuild the index from the checkpoint.json files."""
+        with self._lock:
+            self.index.clear()
+            self._snapshot_loaded = True
+            self.refresh()
+            self._write_snapshot()
+            return self.index
+
+    def _write_snapshot(self) -> None:
+        try:
+            self.storage.write_atomic(INDEX_SNAPSHOT, self.index.to_parquet_bytes())
+        except (OSError, StorageError) as exc:  # the snapshot is an optimisation: never fail a commit
+            logger.warning("could not write %s: %s", INDEX_SNAPSHOT, exc)
+
+    def _refresh_eval_metrics(self, steps: set[int]) -> None:
+        for path in self.storage.glob(f"{CHECKPOINTS_DIR}/step_*/{EVAL_FILE}"):
+            step = parse_step_dir(path.split("/")[-2])
+            if step not in steps or step not in self.index:
+                continue
+            try:
+                metrics = json.loads(self.storage.read_bytes(path))
+            except (FileNotFoundError, ValueError):
+                continue
+            info = self.index.get(step)
+            if info is not None and any(info.metrics.get(k) != v for k, v in metrics.items()):
+                self.index.update_metrics(step, metrics)
+
+    def read_manifest(self, step: int) -> Manifest:
+        """The parsed checkpoint.json of a committed step."""
+        path = f"{step_dir(step)}/{MARKER_FILE}"
+        try:
+            data = self.storage.read_bytes(path)
+        except FileNotFoundError as exc:
+            raise CheckpointNotFoundError(f"run {self.run_name!r} has no committed step {step}") from exc
+        manifest = Manifest.from_json_bytes(data, name=f"{step_dir(step)}/{MARKER_FILE}")
+        if manifest.step != step:
+            raise CorruptCheckpointError(f"{path}: records step {manifest.step}, expected {step}", path=path)
+        return manifest
+
+    def _read_info(self, step: int) -> CheckpointInfo:
+        info = self._info_from_manifest(self.read_manifest(step))
+        try:
+            info.metrics.update(json.loads(self.storage.read_bytes(f"{step_dir(step)}/{EVAL_FILE}")))
+        except FileNotFoundError:
+            pass
+        return info
+
+    def _info_from_manifest(self, manifest: Manifest) -> CheckpointInfo:
+        return CheckpointInfo(
+            step=manifest.step,
+            uri=self.step_uri(manifest.step),
+            metrics=dict(manifest.metrics),
+            created=manifest.created,
+            total_size=int(manifest.model.get("total_size", 0)),
+            files_size=sum(d.size for d in manifest.files.values()),
+            world_size=manifest.world_size,
+            metadata=dict(manifest.metadata),
+        )
+
+    def list(self) -> list[CheckpointInfo]:
+        """Every committed checkpoint, oldest first."""
+        return self.refresh().list()
+
+    def latest(self) -> CheckpointInfo | None:
+        return self.refresh().latest()
+
+    def best(self, metric: str | None = None, mode: str | None = None) -> CheckpointInfo | None:
+        """The best checkpoint by the run's metric (or ``metric``/``mode``); None if none is ranked."""
+        return self.refresh().best(metric, mode)
+
+    def top_k(self, k: int, metric: str | None = None, mode: str | None = None) -> list[CheckpointInfo]:
+        """The ``k`` best checkpoints, best first (missing/NaN/inf metrics are never ranked)."""
+        return self.refresh().top_k(k, metric, mode)
+
+    def info(self, step: Selector = "latest") -> CheckpointInfo:
+        """The record of one committed checkpoint."""
+        return self._read_info(self.resolve(step))
+
+    def resolve(self, selector: Selector) -> int:
+        """Turn ``"latest"``, ``"best"``, ``"step_12"``, ``"v12"`` or ``12`` into a committed step."""
+        if isinstance(selector, str):
+            if selector in ("latest", "best"):
+                found = self.latest() if selector == "latest" else self.best()
+                if found is None:
+                    what = "no checkpoint" if selector == "latest" else "no checkpoint ranked by a finite metric"
+                    raise CheckpointNotFoundError(f"run {self.run_name!r} has {what} ({selector!r})")
+                return found.step
+            match = re.fullmatch(r"(?:step_|v)?(\d+)", selector)
+            if not match:
+                raise ValueError(f"step selector: expected 'latest', 'best', 'step_N', 'vN' or N, got {selector!r}")
+            selector = int(match.group(1))
+        return _validate_step(selector)
+
+    def load(
+        self, step: Selector = "latest", keys: Iterable[str] | None = None, *, verify: bool | None = None
+    ) -> dict[str, Any]:
+        """Load a checkpoint's state dict (tensors on CPU), or only ``keys`` of it.
+
+        With ``verify_on_load`` every file read whole is checksummed; a mismatch raises
+        CorruptCheckpointError naming the file.
+        """
+        step = self.resolve(step)
+        manifest = self.read_manifest(step)
+        if manifest.kind != "state_dict":
+            raise ValueError(f"step {step} holds trainer-written files (kind {manifest.kind!r}); use its path instead")
+        verify = self.config.verify_on_load if verify is None else verify
+        model = manifest.model
+        aliases: dict[str, str] = dict(model.get("aliases") or {})
+        index_name = model.get("index")
+        if not index_name:
+            raise CorruptCheckpointError(f"{step_dir(step)}/{MARKER_FILE}: no model index recorded")
+        weight_map = parse_hf_index(self._read_file(manifest, index_name, verify=verify), name=f"{step_dir(step)}/{index_name}")
+        wanted = None if keys is None else [aliases.get(k, k) for k in keys]
+        if wanted is not None:
+            unknown = [k for k in wanted if k not in weight_map]
+            if unknown:
+                raise KeyError(f"step {step}: no tensors named {unknown[:5]}")
+        files: dict[str, list[str] | None] = {}
+        for key, fname in weight_map.items():
+            if wanted is None or key in wanted:
+                files.setdefault(fname, [])
+                files[fname].append(key)  # type: ignore[union-attr]
+        tensors: dict[str, torch.Tensor] = {}
+        for fname, file_keys in files.items():
+            whole = wanted is None
+            loaded = self._load_shard(manifest, fname, None if whole else file_keys, verify=verify and whole, fmt=model.get("format", "safetensors"))
+            missing = [k for k in (file_keys or []) if k not in loaded]
+            if missing:
+                raise CorruptCheckpointError(f"{step_dir(step)}/{fname}: missing tensors {missing[:5]} listed in {index_name}")
+            tensors.update({k: loaded[k] for k in file_keys or loaded})
+        if wanted is not None:
+            return {k: tensors[aliases.get(k, k)] for k in keys}  # type: ignore[union-attr]
+        return unflatten_state(tensors, model.get("structure"), aliases)
+
+    def _file_path(self, manifest: Manifest, name: str) -> str:
+        if name not in manifest.files:
+            raise CorruptCheckpointError(f"{step_dir(manifest.step)}/{name}: not listed in {MARKER_FILE}")
+        return f"{step_dir(manifest.step)}/{name}"
+
+    def _read_file(self, manifest: Manifest, name: str, *, verify: bool) -> bytes:
+        path = self._file_path(manifest, name)
+        try:
+            data = self.storage.read_bytes(path)
+        except FileNotFoundError as exc:
+            raise self._missing(manifest.step, name) from exc
+        if verify:
+            _check_digest(path, data, manifest.files[name])
+        return data
+
+    def _missing(self, step: int, name: str) -> Exception:
+        if not self.storage.exists(f"{step_dir(step)}/{MARKER_FILE}"):
+            return CheckpointNotFoundError(f"step {step} of run {self.run_name!r} was deleted while being read")
+        return CorruptCheckpointError(f"{step_dir(step)}/{name}: missing", path=f"{step_dir(step)}/{name}")
+
+    def _load_shard(
+        self, manifest: Manifest, name: str, keys: list[str] | None, *, verify: bool, fmt: str = "safetensors"
+    ) -> dict[str, torch.Tensor]:
+        path = self._file_path(manifest, name)
+        expected = manifest.files[name]
+        try:
+            size = self.storage.size(path)
+            if size != expected.size:
+                raise CorruptCheckpointError(
+                    f"{path}: size {size} differs from the committed {expected.size} (truncated or replaced)", path=path
+                )
+            if fmt == "pt":
+                data = self.storage.read_bytes(path)
+                if verify:
+                    _check_digest(path, data, expected)
+                loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+                return loaded if keys is None else {k: loaded[k] for k in keys if k in loaded}
+            with self.storage.open_read(path) as f:
+                return read_safetensors(f, name=path, file_size=size, keys=keys, expected_checksum=expected.checksum if verify else None)
+        except FileNotFoundError as exc:
+            raise self._missing(manifest.step, name) from exc
+
+    def load_trainer_state(self, step: Selector = "latest") -> Any:
+        """The trainer state saved with a checkpoint (None if it had none)."""
+        step = self.resolve(step)
+        manifest = self.read_manifest(step)
+        if not manifest.trainer_state:
+            return None
+        verify = self.config.verify_on_load
+        payload = json.loads(self._read_file(manifest, TRAINER_JSON, verify=verify))
+        tensors = self._load_shard(manifest, TRAINER_TENSORS, None, verify=verify)
+        return unflatten_state(tensors, payload.get("structure"), payload.get("aliases") or {})
+
+    def verify(self, step: Selector = "latest") -> CheckpointInfo:
+        """Check every file of a checkpoint: present, committed size, checksum, valid headers.
+
+        Raises CorruptCheckpointError naming the first bad file.
+        """
+        step = self.resolve(step)
+        manifest = self.read_manifest(step)
+        for name, digest in sorted(manifest.files.items()):
+            path = f"{step_dir(step)}/{name}"
+            try:
+                size = self.storage.size(path)
+            except FileNotFoundError as exc:
+                raise CorruptCheckpointError(f"{path}: missing", path=path) from exc
+            if size != digest.size:
+                raise CorruptCheckpointError(f"{path}: size {size} differs from the committed {digest.size}", path=path)
+            checksum = Checksum()
+            with self.storage.open_read(path) as f:
+                while chunk := f.read(16 << 20):
+                    checksum.update(chunk)
+            if checksum.hexdigest() != digest.checksum:
+                raise CorruptCheckpointError(
+                    f"{path}: checksum mismatch (expected {digest.checksum}, got {checksum.hexdigest()})", path=path
+                )
+            if name.endswith(".safetensors"):
+                with self.storage.open_read(path) as f:
+                    read_safetensors_header(f, name=path, file_size=size)
+        if manifest.kind == "state_dict":
+            index_name = manifest.model.get("index")
+            if index_name:
+                weight_map = parse_hf_index(self._read_file(manifest, index_name, verify=False), name=index_name)
+                referenced = set(weight_map.values())
+                for fname in referenced:
+                    self._file_path(manifest, fname)
+            structure = manifest.model.get("structure")
+            if structure is not None and index_name:
+                aliases = manifest.model.get("aliases") or {}
+                for key in structure_keys(structure):
+                    if aliases.get(key, key) not in weight_map:
+                        raise CorruptCheckpointError(f"{index_name}: tensor {key!r} of the structure is not indexed")
+        return self._read_info(step)
+
+    # -- deleting and retention ---------------------------------------------------------------
+    def delete(self, step: int) -> None:
+        """Delete a checkpoint: the marker first (it turns invisible at once), then the data."""
+        step = _validate_step(step)
+        directory = step_dir(step)
+        self.storage.rm(f"{directory}/{MARKER_FILE}", missing_ok=True)
+        if self.storage.is_local and self.storage.exists(directory):
+            self.storage.fsync_dir(directory)
+        self.storage.rm(directory, recursive=True, missing_ok=True)
+        with self._lock:
+            if self.index.remove(step) is not None:
+                self._write_snapshot()
+        logger.info("deleted step %d of %s", step, self.run_name)
+
+    def retention_plan(self, protected: Iterable[int] = ()) -> tuple[list[int], list[int]]:
+        """Which steps retention keeps and which it would delete: ``(keep, delete)``."""
+        cfg = self.config
+        records = self.refresh().list()
+        if not records or (cfg.keep_top_k is None and cfg.keep_last_n is None):
+            return [r.step for r in records], []
+        keep = {records[-1].step} | set(protected)
+        if cfg.keep_last_n:
+            keep.update(r.step for r in records[-cfg.keep_last_n :])
+        if cfg.keep_period:
+            keep.update(r.step for r in records if r.step % cfg.keep_period == 0)
+        if cfg.keep_top_k and cfg.metric_name:
+            keep.update(r.step for r in self.index.top_k(cfg.keep_top_k))
+            unranked = [r.step for r in records if rankable(r.metrics.get(cfg.metric_name)) is None]
+            if unranked:
+                logger.info(
+                    "retention: steps %s have no finite %r; they are never best and are kept only by the other rules",
+                    unranked,
+                    cfg.metric_name,
+                )
+        all_steps = [r.step for r in records]
+        return [s for s in all_steps if s in keep], [s for s in all_steps if s not in keep]
+
+    def apply_retention(self, protected: Iterable[int] | None = None) -> list[int]:
+        """Delete the checkpoints no rule keeps; leased steps are protected. Returns the deleted."""
+        leased = set(self.leased_steps()) if protected is None else set(protected)
+        _, doomed = self.retention_plan(leased)
+        for step in doomed:
+            self.delete(step)
+        if doomed:
+            logger.info("retention deleted steps %s of %s", doomed, self.run_name)
+        return doomed
+
+    def gc(self, *, dry_run: bool = False, older_than_s: float = 0.0) -> list[str]:
+        """Remove leftovers of crashed saves: step dirs without a marker, temp files, expired leases.
+
+        Only a run's writer should call this (an in-progress save looks like a leftover);
+        ``older_than_s`` spares recent leftovers. Returns the removed paths.
+        """
+        removed: list[str] = []
+        now = time.time()
+        for name in self.storage.list_names(CHECKPOINTS_DIR):
+            path = f"{CHECKPOINTS_DIR}/{name}"
+            step = parse_step_dir(name)
+            if step is not None and self.storage.exists(f"{path}/{MARKER_FILE}"):
+                for inner in self.storage.list_names(path):
+                    if is_temp_name(inner):
+                        removed.append(f"{path}/{inner}")
+                continue
+            if older_than_s and self._age(path, now) < older_than_s:
+                continue
+            removed.append(path)
+        removed += [n for n in self.storage.list_names("") if is_temp_name(n)]
+        removed += [f"{LEASES_DIR}/{n}" for n in self.storage.list_names(LEASES_DIR) if is_temp_name(n)]
+        if not dry_run:
+            for path in removed:
+                self.storage.rm(path, recursive=True, missing_ok=True)
+            self.expire_leases()
+        if removed:
+            logger.info("gc %s %s", "would remove" if dry_run else "removed", removed)
+        return removed
+
+    def _age(self, path: str, now: float) -> float:
+        try:
+            info = self.storage.fs.info(self.storage.full_path(path))
+            mtime = info.get("mtime") or info.get("LastModified") or info.get("created")
+            if hasattr(mtime, "timestamp"):
+                mtime = mtime.timestamp()
+            return now - float(mtime) if mtime else float("inf")
+        except (OSError, ValueError, TypeError):
+            return float("inf")
+
+    # -- leases -------------------------------------------------------------------------------
+    def acquire_lease(self, step: int, ttl_s: float, holder: str = "") -> str:
+        """Protect a committed step from retention for ``ttl_s`` seconds; returns the lease id."""
+        step = _validate_step(step)
+        lease_id = uuid.uuid4().hex[:16]
+        self._write_lease(step, lease_id, ttl_s, holder)
+        if not self.storage.exists(f"{step_dir(step)}/{MARKER_FILE}"):
+            self.release_lease(step, lease_id)
+            raise CheckpointNotFoundError(f"run {self.run_name!r} has no committed step {step} to lease")
+        return lease_id
+
+    def renew_lease(self, step: int, lease_id: str, ttl_s: float, holder: str = "") -> None:
+        """Push a lease's expiry ``ttl_s`` seconds into the future."""
+        self._write_lease(step, lease_id, ttl_s, holder)
+
+    def release_lease(self, step: int, lease_id: str) -> None:
+        self.storage.rm(f"{LEASES_DIR}/step_{step:09d}.{lease_id}.json", missing_ok=True)
+
+    def _write_lease(self, step: int, lease_id: str, ttl_s: float, holder: str) -> None:
+        record = {"step": step, "lease_id": lease_id, "holder": holder, "expires": time.time() + float(ttl_s)}
+        self.storage.write_atomic(f"{LEASES_DIR}/step_{step:09d}.{lease_id}.json", json.dumps(record).encode())
+
+    def active_leases(self) -> list[dict[str, Any]]:
+        """Lease records that have not expired."""
+        now = time.time()
+        out = []
+        for name in self.storage.list_names(LEASES_DIR):
+            if is_temp_name(name) or not name.endswith(".json"):
+                continue
+            try:
+                record = json.loads(self.storage.read_bytes(f"{LEASES_DIR}/{name}"))
+            except (FileNotFoundError, ValueError):
+                continue
+            if float(record.get("expires", 0)) > now:
+                out.append(record)
+        return out
+
+    def leased_steps(self) -> set[int]:
+        return {int(r["step"]) for r in self.active_leases()}
+
+    def expire_leases(self) -> int:
+        """Delete expired lease records; returns how many."""
+        now, removed = time.time(), 0
+        for name in self.storage.list_names(LEASES_DIR):
+            path = f"{LEASES_DIR}/{name}"
+            try:
+                record = json.loads(self.storage.read_bytes(path))
+                expired = float(record.get("expires", 0)) <= now
+            except (FileNotFoundError, ValueError):
+                continue
+            if expired:
+                self.storage.rm(path, missing_ok=True)
+                removed += 1
+        return removed
+
+    # -- eval metrics -------------------------------------------------------------------------
+    def report_eval(self, step: int, metrics: Mapping[str, Any]) -> CheckpointInfo:
+        """Merge evaluation metrics into a committed checkpoint's record (sidecar file)."""
+        step = _validate_step(step)
+        checked = _validate_metrics(metrics, what="eval metrics")
+        with self._lock:
+            self.read_manifest(step)
+            path = f"{step_dir(step)}/{EVAL_FILE}"
+            try:
+                current = json.loads(self.storage.read_bytes(path))
+            except FileNotFoundError:
+                current = {}
+            current.update(checked)
+            self.storage.write_atomic(path, json.dumps(current).encode())
+            self.refresh()
+            if step in self.index:
+                self.index.update_metrics(step, checked)
+                self._write_snapshot()
+            return self.index.get(step) or self._read_info(step)
+
+    # -- architecture -------------------------------------------------------------------------
+    def write_architecture(self, model_or_class_path: Any, config: Any = None) -> Architecture:
+        """Write the run's model_architecture.json once; a later call must describe the same class."""
+        arch = Architecture.describe(model_or_class_path, config)
+        try:
+            existing = self.read_architecture()
+        except FileNotFoundError:
+            existing = None
+        if existing is not None:
+            if existing.class_path != arch.class_path:
+                raise ValueError(
+                    f"{ARCHITECTURE_FILE}: run {self.run_name!r} already records {existing.class_path!r}, "
+                    f"not {arch.class_path!r}"
+                )
+            return existing
+        self.storage.write_atomic(ARCHITECTURE_FILE, arch.to_json_bytes())
+        return arch
+
+    def read_architecture(self) -> Architecture:
+        """The run's architecture; FileNotFoundError when none was written."""
+        return Architecture.from_json_bytes(self.storage.read_bytes(ARCHITECTURE_FILE))
+
+    def instantiate(self, step: Selector = "best", strict: bool = True) -> torch.nn.Module:
+        """Build the model from model_architecture.json and load a checkpoint's weights into it.
+
+        ``step="best"`` falls back to the latest checkpoint when the run ranks by no metric.
+        """
+        arch = self.read_architecture()
+        arch.check_allowed(self.config.allowed_architecture_prefixes)
+        if step == "best" and self.best() is None:
+            step = "latest"
+        state = self.load(step)
+        model = arch.build(self.config.allowed_architecture_prefixes)
+        model.load_state_dict(state, strict=strict)
+        return model
+
+
+def _check_digest(path: str, data: bytes, digest: FileDigest) -> None:
+    if len(data) != digest.size:
+        raise CorruptCheckpointError(f"{path}: size {len(data)} differs from the committed {digest.size}", path=path)
+    checksum = Checksum()
+    checksum.update(data)
+    if checksum.hexdigest() != digest.checksum:
+        raise CorruptCheckpointError(
+            f"{path}: checksum mismatch (expected {digest.checksum}, got {checksum.hexdigest()})", path=path
+        )
+
+
+def _snapshot(state: Mapping[str, Any], flat: FlatState) -> dict[str, Any]:
+    """A copy of a state that later in-place training updates cannot change (ties kept)."""
+    tensors = {k: to_tensor(TensorBuffer(b.dtype, b.shape, b.data.copy())) for k, b in flat.tensors.items()}
+    if flat.structure is None:
+        values = {**tensors, **{alias: tensors[target] for alias, target in flat.aliases.items()}}
+        return {k: values[k] for k in state}
+    return unflatten_state(tensors, flat.structure, flat.aliases)
