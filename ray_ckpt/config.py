@@ -139,16 +139,22 @@ class CheckpointConfig:
             raise ConfigError(f"config: expected a mapping, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {}
+        given_as: dict[str, str] = {}  # field -> the key that set it (an alias or the field itself)
         for key, value in data.items():
             if key == "higher_is_better":
                 if not isinstance(value, bool):
                     raise ConfigError(f"higher_is_better: must be a bool, got {value!r}")
-                kwargs["mode"] = "max" if value else "min"
-                continue
-            name = _ALIASES.get(key, key)
+                name, value = "mode", "max" if value else "min"
+            else:
+                name = _ALIASES.get(key, key)
             if name not in known:
                 raise ConfigError(f"{key}: unknown config field (known: {', '.join(sorted(known))})")
+            if name in kwargs and kwargs[name] != value:
+                raise ConfigError(
+                    f"{key}: conflicts with {given_as[name]} ({data[key]!r} vs {data[given_as[name]]!r}); give only one"
+                )
             kwargs[name] = value
+            given_as[name] = key
         return cls(**kwargs)
 
     @classmethod
