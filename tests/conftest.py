@@ -1,0 +1,124 @@
+"""Shared fixtures: a real S3 endpoint (moto's HTTP server on loopback), fresh buckets, stores.
+
+No Ray here (tests/integration/conftest.py owns the Ray fixtures).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+# Never reach out for models or telemetry from the test suite.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+_FAKE_AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_SECURITY_TOKEN": "testing",
+    "AWS_SESSION_TOKEN": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_REGION": "us-east-1",
+}
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[dict[str, Any]]:
+    """moto's real HTTP S3 server on 127.0.0.1 (started once per session).
+
+    Yields ``{"url": endpoint_url, "storage_options": {...}}``; the storage options are what
+    s3fs (and so ray-ckpt's Storage) needs to talk to it.
+    """
+    pytest.importorskip("moto.server")
+    from moto.server import ThreadedMotoServer
+
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in _FAKE_AWS_ENV.items():
+            mp.setenv(key, value)
+        no_proxy = ",".join(filter(None, [os.environ.get("NO_PROXY"), "127.0.0.1", "localhost"]))
+        mp.setenv("NO_PROXY", no_proxy)
+        mp.setenv("no_proxy", no_proxy)
+        port = _free_port()
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        server.start()
+        url = f"http://127.0.0.1:{port}"
+        try:
+            yield {
+                "url": url,
+                "storage_options": {
+                    "key": "testing",
+                    "secret": "testing",
+                    "client_kwargs": {"endpoint_url": url, "region_name": "us-east-1"},
+                },
+            }
+        finally:
+            server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """A fresh, empty bucket on the loopback endpoint: ``("s3://<bucket>", storage_options)``."""
+    import s3fs
+
+    # s3fs caches filesystem instances (and their listings) by options: start every test clean.
+    s3fs.S3FileSystem.clear_instance_cache()
+    options = s3_endpoint["storage_options"]
+    bucket = f"test-{uuid.uuid4().hex[:16]}"
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **options)
+    fs.mkdir(bucket)
+    try:
+        yield f"s3://{bucket}", dict(options)
+    finally:
+        try:
+            fs.rm(bucket, recursive=True)
+        except Exception:  # best effort: the server goes away with the session anyway
+            pass
+        s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture
+def s3fs_client(s3_endpoint: dict[str, Any]) -> Any:
+    """An uncached s3fs filesystem on the loopback endpoint (to tamper with objects directly)."""
+    import s3fs
+
+    return s3fs.S3FileSystem(skip_instance_cache=True, **s3_endpoint["storage_options"])
+
+
+@pytest.fixture
+def tmp_run(tmp_path: Any) -> Callable[..., Any]:
+    """A factory of CheckpointStores on a fresh local directory: ``tmp_run(run_name="r", **options)``."""
+    from ray_ckpt import CheckpointStore
+
+    root = tmp_path / "runs"
+
+    def make(run_name: str = "run", **options: Any) -> CheckpointStore:
+        return CheckpointStore(str(root), run_name=run_name, **options)
+
+    make.root = root  # type: ignore[attr-defined]
+    return make
+
+
+@pytest.fixture
+def memory_uri() -> Iterator[str]:
+    """A unique memory:// prefix, removed afterwards (the memory filesystem is process-global)."""
+    import fsspec
+
+    prefix = f"memory://ray-ckpt-test-{uuid.uuid4().hex[:12]}"
+    yield prefix
+    fs = fsspec.filesystem("memory")
+    try:
+        fs.rm(prefix.removeprefix("memory://"), recursive=True)
+    except FileNotFoundError:
+        pass
