@@ -241,6 +241,9 @@ class Storage:
 
     def move(self, src: str, dst: str) -> None:
         """Rename a file or directory (atomic on local disks, copy + delete on object stores)."""
+        parent = posixpath.dirname(dst.strip("/"))
+        if self.is_local and parent:
+            os.makedirs(self.full_path(parent), exist_ok=True)  # object stores need no parents
         self._call(
             "move", src, lambda: self.fs.mv(self.full_path(src), self.full_path(dst), recursive=True)
         )
