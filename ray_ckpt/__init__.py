@@ -22,6 +22,25 @@ from ray_ckpt.store import CheckpointStore, StepWriter
 
 __version__ = "0.1.0"
 
+# Ray-facing names are imported on first use, so the store works without importing Ray.
+_LAZY = {
+    "start_checkpointer": "ray_ckpt.checkpointer",
+    "get_checkpointer": "ray_ckpt.checkpointer",
+    "CheckpointerHandle": "ray_ckpt.checkpointer",
+    "WorkerClient": "ray_ckpt.worker",
+    "SaveFuture": "ray_ckpt.worker",
+    "EvalClient": "ray_ckpt.eval",
+    "Lease": "ray_ckpt.eval",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'ray_ckpt' has no attribute {name!r}")
+
 __all__ = [
     "Architecture",
     "ArchitectureNotAllowedError",
@@ -38,4 +57,5 @@ __all__ = [
     "StepWriter",
     "StorageError",
     "__version__",
+    *_LAZY,
 ]

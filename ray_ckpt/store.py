@@ -229,19 +229,11 @@ class StepWriter:
 
     def write_trainer_state(self, flat: FlatState) -> None:
         """Write trainer_state.safetensors (tensors) + trainer_state.json (structure)."""
-        spec = ShardSpec(TRAINER_TENSORS, list(flat.tensors))
-        self.files[TRAINER_TENSORS] = self.store.storage.write_stream(
-            f"{self.dir}/{TRAINER_TENSORS}", lambda f: write_safetensors(f, flat.tensors, spec.keys)
-        )
-        payload = {"format_version": FORMAT_VERSION, "structure": flat.structure, "aliases": flat.aliases}
-        self._write_small(TRAINER_JSON, json.dumps(payload, indent=1).encode())
+        self.files.update(write_trainer_state_files(self.store.storage, self.dir, flat))
         self.trainer_state = True
 
     def _write_small(self, name: str, data: bytes) -> None:
-        self.store.storage.write_bytes(f"{self.dir}/{name}", data)
-        checksum = Checksum()
-        checksum.update(data)
-        self.files[name] = FileDigest(len(data), checksum.hexdigest())
+        self.files[name] = write_small_file(self.store.storage, self.dir, name, data)
 
     # -- commit -------------------------------------------------------------------------------
     def commit(
@@ -290,6 +282,27 @@ class StepWriter:
     def __exit__(self, exc_type: Any, *_: Any) -> None:
         if exc_type is not None:
             self.abort()
+
+
+def write_small_file(storage: Storage, directory: str, name: str, data: bytes) -> FileDigest:
+    """Write a small file whole (fsync'd when local) and return its digest."""
+    storage.write_bytes(f"{directory}/{name}", data)
+    checksum = Checksum()
+    checksum.update(data)
+    return FileDigest(len(data), checksum.hexdigest())
+
+
+def write_trainer_state_files(storage: Storage, directory: str, flat: FlatState) -> dict[str, FileDigest]:
+    """Write trainer_state.safetensors + trainer_state.json (used by the store and by rank 0 in direct mode)."""
+    keys = list(flat.tensors)
+    digests = {
+        TRAINER_TENSORS: storage.write_stream(
+            f"{directory}/{TRAINER_TENSORS}", lambda f: write_safetensors(f, flat.tensors, keys)
+        )
+    }
+    payload = {"format_version": FORMAT_VERSION, "structure": flat.structure, "aliases": flat.aliases}
+    digests[TRAINER_JSON] = write_small_file(storage, directory, TRAINER_JSON, json.dumps(payload, indent=1).encode())
+    return digests
 
 
 def write_shard_file(

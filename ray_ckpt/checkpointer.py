@@ -1,0 +1,601 @@
+"""The checkpointer: a named async Ray actor that acts as the master rank of a run.
+
+Workers report their state as numpy views in the object store (gather mode) or write their own
+shards (direct mode); once every rank of a step is in, the actor commits the step through
+:class:`~ray_ckpt.store.CheckpointStore` (marker last), applies retention and serves a top-k
+index from memory. Queries run on the event loop and never wait behind a save's I/O, which runs
+on a writer thread. Everything that must survive a restart lives in storage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+
+from ray_ckpt.config import CheckpointConfig
+from ray_ckpt.errors import CheckpointExistsError, SaveAbortedError
+from ray_ckpt.format import FileDigest, FlatState, ShardSpec, TensorBuffer
+from ray_ckpt.index import CheckpointIndex, CheckpointInfo
+from ray_ckpt.store import TRAINER_TENSORS, CheckpointStore, StepWriter, step_dir
+
+logger = logging.getLogger(__name__)
+
+ACTOR_NAME_PREFIX = "ray_ckpt:"
+
+
+def actor_name(run_name: str) -> str:
+    """The registered name of a run's checkpointer actor."""
+    return f"{ACTOR_NAME_PREFIX}{run_name}"
+
+
+@dataclass
+class TensorMeta:
+    """What a rank tells the master about one tensor (the bytes travel separately)."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    digest: str | None = None  # xxh3 of the bytes, to compare replicated keys across ranks
+
+
+@dataclass
+class RankState:
+    """One rank's description of its state: tensor metadata in order, ties and nesting."""
+
+    tensors: dict[str, TensorMeta]
+    aliases: dict[str, str] = field(default_factory=dict)
+    structure: Any = None
+
+
+@dataclass
+class RankReport:
+    """Everything one rank sends for one step."""
+
+    rank: int
+    world_size: int
+    model: RankState
+    trainer: RankState | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    # Gather mode: [ref] of {key: uint8 numpy view}; refs are wrapped in lists so Ray passes
+    # them through unresolved and the actor fetches them on its own schedule.
+    model_ref: list[ray.ObjectRef] | None = None
+    trainer_ref: list[ray.ObjectRef] | None = None
+    # Direct mode: files this rank wrote into the step directory.
+    files: dict[str, FileDigest] | None = None
+
+
+@dataclass
+class _PendingStep:
+    step: int
+    world_size: int
+    mode: str
+    overwrite: bool
+    started: float = field(default_factory=time.monotonic)
+    reports: dict[int, RankReport] = field(default_factory=dict)
+    planned: dict[int, RankState] = field(default_factory=dict)
+    plan: list[ShardSpec] | None = None
+    owners: dict[str, int] | None = None
+    writer: StepWriter | None = None
+    plan_ready: asyncio.Event = field(default_factory=asyncio.Event)
+    done: asyncio.Future = field(default_factory=lambda: asyncio.get_event_loop().create_future())
+    timeout_task: asyncio.Task | None = None
+    slot_held: bool = False
+
+
+def merge_ranks(states: dict[int, RankState]) -> tuple[dict[str, int], list[list[tuple[str, int]]]]:
+    """Decide which rank writes each key and the shard-planning groups (one per rank).
+
+    A key held by several ranks is replicated: written once, by the lowest rank, and every copy
+    must have the same dtype, shape and bytes, else ValueError naming the key.
+    """
+    owners: dict[str, int] = {}
+    for rank in sorted(states):
+        for key, meta in states[rank].tensors.items():
+            if key not in owners:
+                owners[key] = rank
+                continue
+            first = states[owners[key]].tensors[key]
+            same = (first.dtype, tuple(first.shape), first.nbytes) == (meta.dtype, tuple(meta.shape), meta.nbytes)
+            if not same or first.digest != meta.digest:
+                detail = "the bytes differ" if same else (
+                    f"{first.dtype}{list(first.shape)} vs {meta.dtype}{list(meta.shape)}"
+                )
+                raise ValueError(
+                    f"key {key!r}: ranks {owners[key]} and {rank} both hold it with different contents ({detail})"
+                )
+    groups = [[(k, m.nbytes) for k, m in states[r].tensors.items() if owners[k] == r] for r in sorted(states)]
+    return owners, groups
+
+
+class Checkpointer:
+    """Master rank of a run (use :func:`ray_ckpt.start_checkpointer` to create it)."""
+
+    def __init__(self, config: CheckpointConfig) -> None:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        sys.setswitchinterval(0.001)  # keep the event loop responsive while the writer thread runs
+        self.config = config
+        self.store = CheckpointStore(config=config)
+        started = time.perf_counter()
+        removed = self.store.gc()
+        self.store.refresh()
+        self.index = CheckpointIndex(config.metric_name, config.mode)
+        self.index.extend(self.store.index.list())
+        logger.info(
+            "checkpointer for run %s up: %d checkpoints indexed from storage in %.3fs (gc removed %d leftovers)",
+            config.run_name,
+            len(self.index),
+            time.perf_counter() - started,
+            len(removed),
+        )
+        self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ray-ckpt-writer")
+        self._meta = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="ray-ckpt-meta")
+        self._pending: dict[int, _PendingStep] = {}
+        self._aborted: dict[int, str] = {}
+        self._recent: dict[int, CheckpointInfo] = {}  # committed steps, even if retention dropped them
+        self._slots: asyncio.Semaphore | None = None
+        self._committed: asyncio.Condition | None = None
+        self._architecture_written = False
+        self._init_metrics()
+
+    # -- observability ------------------------------------------------------------------------
+    def _init_metrics(self) -> None:
+        from ray.util import metrics
+
+        tags = {"run": self.config.run_name}
+        self._m_save_s = metrics.Histogram(
+            "ray_ckpt_save_seconds", "Seconds from a step's first report to its commit",
+            boundaries=[0.1, 0.5, 1, 2, 5, 10, 30, 60, 300], tag_keys=("run",),
+        )
+        self._m_bytes = metrics.Counter("ray_ckpt_bytes_written", "Checkpoint bytes committed", tag_keys=("run",))
+        self._m_pending = metrics.Gauge("ray_ckpt_pending_saves", "Steps waiting or being written", tag_keys=("run",))
+        self._m_query = metrics.Histogram(
+            "ray_ckpt_query_seconds", "Index query latency inside the actor",
+            boundaries=[0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05], tag_keys=("run",),
+        )
+        for m in (self._m_save_s, self._m_bytes, self._m_pending, self._m_query):
+            m.set_default_tags(tags)
+
+    def _loop_state(self) -> tuple[asyncio.Semaphore, asyncio.Condition]:
+        if self._slots is None or self._committed is None:
+            self._slots = asyncio.Semaphore(self.config.max_pending_saves)
+            self._committed = asyncio.Condition()
+        return self._slots, self._committed
+
+    # -- configuration and architecture -------------------------------------------------------
+    async def get_config(self) -> CheckpointConfig:
+        return self.config
+
+    async def ping(self) -> bool:
+        return True
+
+    async def register(self, model_or_class_path: Any, config: Any = None) -> dict[str, Any]:
+        """Write model_architecture.json once per run (the master's job)."""
+        loop = asyncio.get_running_loop()
+        arch = await loop.run_in_executor(self._meta, self.store.write_architecture, model_or_class_path, config)
+        return {"class_path": arch.class_path, "config": arch.config, "config_class": arch.config_class}
+
+    # -- saving -------------------------------------------------------------------------------
+    async def report(self, step: int, report: RankReport, overwrite: bool = False) -> dict[str, Any]:
+        """Accept one rank's share of a step (gather mode). Returns once accepted.
+
+        Blocks (back-pressure) while ``max_pending_saves`` steps are already in flight.
+        """
+        pending = await self._join(step, report.rank, report.world_size, "gather", overwrite)
+        if report.rank in pending.reports:
+            raise ValueError(f"step {step}: rank {report.rank} reported twice")
+        pending.reports[report.rank] = report
+        if len(pending.reports) == pending.world_size:
+            asyncio.get_running_loop().create_task(self._finish(pending))
+        return {"step": step, "accepted": True}
+
+    async def plan_direct(self, step: int, rank: int, world_size: int, state: RankState, overwrite: bool = False) -> list[ShardSpec]:
+        """Direct mode, phase 1: wait for every rank's tensor list; return this rank's shards."""
+        pending = await self._join(step, rank, world_size, "direct", overwrite)
+        if rank in pending.planned:
+            raise ValueError(f"step {step}: rank {rank} asked for a plan twice")
+        pending.planned[rank] = state
+        if len(pending.planned) == pending.world_size:
+            try:
+                pending.owners, groups = merge_ranks(pending.planned)
+                loop = asyncio.get_running_loop()
+                pending.writer = await loop.run_in_executor(
+                    self._writer, functools.partial(self.store.begin_step, step, overwrite=overwrite)
+                )
+                pending.plan = pending.writer.plan(groups)
+            except Exception as exc:
+                self._abort(pending, exc)
+            pending.plan_ready.set()
+        await pending.plan_ready.wait()
+        if pending.done.done() and pending.done.exception() is not None:
+            raise pending.done.exception()  # type: ignore[misc]
+        assert pending.plan is not None and pending.owners is not None
+        mine = [s for s in pending.plan if s.keys and pending.owners[s.keys[0]] == rank]
+        return mine
+
+    async def report_direct(self, step: int, report: RankReport) -> dict[str, Any]:
+        """Direct mode, phase 2: a rank's files are written; commit once every rank is in."""
+        pending = self._pending.get(step)
+        if pending is None:
+            raise SaveAbortedError(self._aborted.get(step, f"step {step}: no save in progress"))
+        if report.rank in pending.reports:
+            raise ValueError(f"step {step}: rank {report.rank} reported twice")
+        pending.reports[report.rank] = report
+        if len(pending.reports) == pending.world_size:
+            asyncio.get_running_loop().create_task(self._finish(pending))
+        return {"step": step, "accepted": True}
+
+    async def abort_step(self, step: int, reason: str) -> None:
+        """Abort a step from outside (e.g. a rank whose write failed)."""
+        pending = self._pending.get(step)
+        if pending is not None:
+            self._abort(pending, SaveAbortedError(f"step {step}: {reason}"))
+
+    async def wait_committed(self, step: int) -> CheckpointInfo:
+        """Wait for a step to commit; raises the abort reason when it was aborted."""
+        pending = self._pending.get(step)
+        if pending is None:
+            info = self.index.get(step) or self._recent.get(step)
+            if info is not None:
+                return info
+            raise SaveAbortedError(self._aborted.get(step, f"step {step}: no save in progress (checkpointer restarted?)"))
+        return await asyncio.shield(pending.done)
+
+    async def _join(self, step: int, rank: int, world_size: int, mode: str, overwrite: bool) -> _PendingStep:
+        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+            raise ValueError(f"world_size: must be a positive integer, got {world_size!r}")
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+            raise ValueError(f"rank: {rank!r} is outside [0, {world_size})")
+        if step in self._aborted and step not in self._pending:
+            raise SaveAbortedError(self._aborted[step])
+        pending = self._pending.get(step)
+        if pending is None:
+            latest = self.index.latest()
+            if not overwrite and latest is not None and step <= latest.step:
+                raise CheckpointExistsError(
+                    f"step {step}: run {self.config.run_name!r} already has step {latest.step} committed; "
+                    "pass overwrite=True to save an older or equal step"
+                )
+            slots, _ = self._loop_state()
+            pending = _PendingStep(step, world_size, mode, overwrite)
+            self._pending[step] = pending
+            self._m_pending.set(len(self._pending))
+            pending.timeout_task = asyncio.get_running_loop().create_task(self._expire(pending))
+            await slots.acquire()
+            pending.slot_held = True
+            if pending.done.done():  # aborted while waiting for a slot
+                self._release(pending)
+        if pending.done.done():
+            raise pending.done.exception() or SaveAbortedError(f"step {step}: already finished")
+        if pending.world_size != world_size:
+            exc = ValueError(
+                f"step {step}: rank {rank} reports world_size {world_size}, but the step started with "
+                f"{pending.world_size}; aborting the step"
+            )
+            self._abort(pending, exc)
+            raise exc
+        if pending.mode != mode:
+            raise ValueError(f"step {step}: rank {rank} uses {mode} mode, the step started in {pending.mode} mode")
+        return pending
+
+    async def _expire(self, pending: _PendingStep) -> None:
+        await asyncio.sleep(self.config.save_timeout_s)
+        if not pending.done.done() and len(pending.reports) < pending.world_size:
+            arrived = pending.planned if pending.mode == "direct" and pending.plan is None else pending.reports
+            missing = sorted(set(range(pending.world_size)) - set(arrived))
+            self._abort(
+                pending,
+                SaveAbortedError(
+                    f"step {pending.step}: ranks {missing} did not report within save_timeout_s="
+                    f"{self.config.save_timeout_s}; the step was aborted and nothing was committed"
+                ),
+            )
+
+    def _abort(self, pending: _PendingStep, exc: BaseException) -> None:
+        if pending.done.done():
+            return
+        logger.warning("aborting step %d of %s: %s", pending.step, self.config.run_name, exc)
+        self._aborted[pending.step] = str(exc)
+        while len(self._aborted) > 1000:
+            self._aborted.pop(next(iter(self._aborted)))
+        pending.done.set_exception(exc)
+        pending.done.exception()  # mark retrieved
+        pending.plan_ready.set()
+        writer = pending.writer
+        if writer is not None:
+            self._writer.submit(writer.abort)
+        elif pending.mode == "direct":
+            self._writer.submit(self.store.storage.rm, step_dir(pending.step), recursive=True, missing_ok=True)
+        self._release(pending)
+
+    def _release(self, pending: _PendingStep) -> None:
+        if self._pending.get(pending.step) is pending:
+            del self._pending[pending.step]
+        if pending.timeout_task is not None and pending.timeout_task is not asyncio.current_task():
+            pending.timeout_task.cancel()
+        if pending.slot_held:
+            pending.slot_held = False
+            assert self._slots is not None
+            self._slots.release()
+        self._m_pending.set(len(self._pending))
+
+    async def _finish(self, pending: _PendingStep) -> None:
+        if pending.done.done():
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            if pending.mode == "gather":
+                arrays = {}
+                for rank, report in pending.reports.items():
+                    model = await report.model_ref[0] if report.model_ref else {}
+                    trainer = await report.trainer_ref[0] if report.trainer_ref else {}
+                    arrays[rank] = (model, trainer)
+                info, deleted = await loop.run_in_executor(self._writer, self._write_gathered, pending, arrays)
+            else:
+                info, deleted = await loop.run_in_executor(self._writer, self._commit_direct, pending)
+        except Exception as exc:
+            self._abort(pending, exc)
+            return
+        if pending.done.done():  # aborted (timed out) while writing: the commit stands, report it
+            self._aborted.pop(pending.step, None)
+        else:
+            pending.done.set_result(info)
+        self._release(pending)
+        self.index.add(info)
+        self._recent[info.step] = info
+        while len(self._recent) > 1000:
+            self._recent.pop(next(iter(self._recent)))
+        for step in deleted:
+            self.index.remove(step)
+        self._m_save_s.observe(time.monotonic() - pending.started)
+        self._m_bytes.inc(info.files_size)
+        logger.info(
+            "commit run=%s step=%d world_size=%d mode=%s bytes=%d seconds=%.3f deleted=%s",
+            self.config.run_name, info.step, info.world_size, pending.mode, info.files_size,
+            time.monotonic() - pending.started, deleted,
+        )
+        _, committed = self._loop_state()
+        async with committed:
+            committed.notify_all()
+
+    def _merged_metrics(self, pending: _PendingStep) -> tuple[dict[str, float], dict[str, Any]]:
+        metrics: dict[str, float] = {}
+        metadata: dict[str, Any] = {}
+        for rank in sorted(pending.reports, reverse=True):  # rank 0 wins on conflicts
+            metrics.update(pending.reports[rank].metrics)
+            metadata.update(pending.reports[rank].metadata)
+        return metrics, metadata
+
+    def _write_gathered(self, pending: _PendingStep, arrays: dict[int, tuple[dict, dict]]) -> tuple[CheckpointInfo, list[int]]:
+        states = {r: rep.model for r, rep in pending.reports.items()}
+        owners, groups = merge_ranks(states)
+        buffers = {
+            key: TensorBuffer(m.dtype, tuple(m.shape), arrays[owners[key]][0][key])
+            for r, state in states.items()
+            for key, m in state.tensors.items()
+            if owners[key] == r
+        }
+        writer = self.store.begin_step(pending.step, overwrite=pending.overwrite)
+        pending.writer = writer
+        with writer:
+            shards = writer.plan(groups)
+            for shard in shards:
+                writer.write_shard(shard, buffers)
+            self._write_model_index(writer, pending, states, shards, sum(b.nbytes for b in buffers.values()))
+            trainer_report = next((pending.reports[r] for r in sorted(pending.reports) if pending.reports[r].trainer), None)
+            if trainer_report is not None and trainer_report.trainer is not None:
+                tstate = trainer_report.trainer
+                tarrays = arrays[trainer_report.rank][1]
+                flat = FlatState(
+                    {k: TensorBuffer(m.dtype, tuple(m.shape), tarrays[k]) for k, m in tstate.tensors.items()},
+                    dict(tstate.aliases),
+                    tstate.structure,
+                )
+                writer.write_trainer_state(flat)
+            return self._commit(writer, pending)
+
+    def _write_model_index(
+        self, writer: StepWriter, pending: _PendingStep, states: dict[int, RankState], shards: list[ShardSpec], total: int
+    ) -> None:
+        aliases: dict[str, str] = {}
+        for rank in sorted(states, reverse=True):
+            aliases.update(states[rank].aliases)
+        structure = states[0].structure if pending.world_size == 1 else None
+        writer.write_model_index(shards, total, structure=structure, aliases=aliases)
+
+    def _commit_direct(self, pending: _PendingStep) -> tuple[CheckpointInfo, list[int]]:
+        writer = pending.writer
+        assert writer is not None and pending.plan is not None
+        with writer:
+            for report in pending.reports.values():
+                for name, digest in (report.files or {}).items():
+                    writer.add_file(name, digest)
+            expected = {s.name for s in pending.plan}
+            missing = expected - set(writer.files)
+            if missing:
+                raise SaveAbortedError(f"step {pending.step}: shards {sorted(missing)} were never written")
+            total = sum(m.nbytes for r, st in pending.planned.items() for k, m in st.tensors.items() if pending.owners[k] == r)  # type: ignore[index]
+            self._write_model_index(writer, pending, pending.planned, pending.plan, total)
+            writer.trainer_state = TRAINER_TENSORS in writer.files
+            return self._commit(writer, pending)
+
+    def _commit(self, writer: StepWriter, pending: _PendingStep) -> tuple[CheckpointInfo, list[int]]:
+        metrics, metadata = self._merged_metrics(pending)
+        info = writer.commit(metrics=metrics, metadata=metadata, world_size=pending.world_size)
+        protected = self.store.leased_steps() | {s for s in self._pending if s != pending.step}
+        deleted = self.store.apply_retention(protected=protected)
+        return info, deleted
+
+    # -- queries (memory only; never wait for I/O) --------------------------------------------
+    def _timed(self, started: float) -> None:
+        self._m_query.observe(time.perf_counter() - started)
+
+    async def top_k(self, k: int, metric: str | None = None, mode: str | None = None) -> list[CheckpointInfo]:
+        started = time.perf_counter()
+        try:
+            return self.index.top_k(k, metric, mode)
+        finally:
+            self._timed(started)
+
+    async def best(self, metric: str | None = None, mode: str | None = None) -> CheckpointInfo | None:
+        started = time.perf_counter()
+        try:
+            return self.index.best(metric, mode)
+        finally:
+            self._timed(started)
+
+    async def latest(self) -> CheckpointInfo | None:
+        started = time.perf_counter()
+        try:
+            return self.index.latest()
+        finally:
+            self._timed(started)
+
+    async def list(self) -> list[CheckpointInfo]:
+        return self.index.list()
+
+    async def info(self, step: int) -> CheckpointInfo | None:
+        return self.index.get(step)
+
+    async def wait_for_checkpoint(self, after_step: int | None = None, timeout: float | None = None) -> CheckpointInfo | None:
+        """The latest checkpoint newer than ``after_step``, waiting up to ``timeout`` seconds for one."""
+        _, committed = self._loop_state()
+
+        def newer() -> bool:
+            latest = self.index.latest()
+            return latest is not None and (after_step is None or latest.step > after_step)
+
+        async with committed:
+            try:
+                await asyncio.wait_for(committed.wait_for(newer), timeout)
+            except asyncio.TimeoutError:
+                return None
+        return self.index.latest()
+
+    async def report_eval(self, step: int, metrics: dict[str, float]) -> CheckpointInfo:
+        """Join evaluation metrics to a checkpoint's record (persisted beside it)."""
+        loop = asyncio.get_running_loop()
+        info = await loop.run_in_executor(self._meta, self.store.report_eval, step, metrics)
+        if step in self.index:
+            info = self.index.update_metrics(step, dict(metrics))
+        return info
+
+    async def stats(self) -> dict[str, Any]:
+        """Pending steps and index size (for tests, benchmarks and operators)."""
+        import resource
+
+        return {
+            "pending": sorted(self._pending),
+            "indexed": len(self.index),
+            "latest": self.index.latest().step if len(self.index) else None,
+            "max_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+        }
+
+    async def refresh(self) -> int:
+        """Re-read the index from storage (e.g. after an out-of-band change)."""
+        loop = asyncio.get_running_loop()
+        store_index = await loop.run_in_executor(self._meta, self.store.refresh)
+        self.index = CheckpointIndex(self.config.metric_name, self.config.mode)
+        self.index.extend(store_index.list())
+        return len(self.index)
+
+
+class CheckpointerHandle:
+    """A picklable handle on a run's checkpointer with blocking convenience methods.
+
+    ``handle.actor`` is the raw Ray actor handle for ``.remote()`` calls.
+    """
+
+    def __init__(self, actor: Any, run_name: str, config: CheckpointConfig | None = None) -> None:
+        self.actor = actor
+        self.run_name = run_name
+        self._config = config
+
+    def __repr__(self) -> str:
+        return f"CheckpointerHandle(run={self.run_name!r})"
+
+    @property
+    def config(self) -> CheckpointConfig:
+        if self._config is None:
+            self._config = ray.get(self.actor.get_config.remote())
+        return self._config
+
+    def register(self, model_or_class_path: Any, config: Any = None) -> dict[str, Any]:
+        """Record the run's model_architecture.json (once per run)."""
+        return ray.get(self.actor.register.remote(model_or_class_path, config))
+
+    def top_k(self, k: int, metric: str | None = None, mode: str | None = None) -> list[CheckpointInfo]:
+        return ray.get(self.actor.top_k.remote(k, metric, mode))
+
+    def best(self, metric: str | None = None, mode: str | None = None) -> CheckpointInfo | None:
+        return ray.get(self.actor.best.remote(metric, mode))
+
+    def latest(self) -> CheckpointInfo | None:
+        return ray.get(self.actor.latest.remote())
+
+    def list(self) -> list[CheckpointInfo]:
+        return ray.get(self.actor.list.remote())
+
+    def wait_for_checkpoint(self, after_step: int | None = None, timeout: float | None = None) -> CheckpointInfo | None:
+        return ray.get(self.actor.wait_for_checkpoint.remote(after_step, timeout))
+
+    def stats(self) -> dict[str, Any]:
+        return ray.get(self.actor.stats.remote())
+
+    def shutdown(self) -> None:
+        """Stop the actor for good (no restart)."""
+        ray.kill(self.actor, no_restart=True)
+
+
+def start_checkpointer(
+    config: CheckpointConfig,
+    name: str | None = None,
+    namespace: str | None = None,
+    detached: bool = False,
+    **actor_options: Any,
+) -> CheckpointerHandle:
+    """Start (or find) the named checkpointer actor of ``config.run_name`` and wait until it is up.
+
+    It restarts up to ``config.max_restarts`` times, rebuilding its index from storage.
+    ``actor_options`` go to ``.options()`` (e.g. ``resources`` or a scheduling strategy).
+    """
+    if not isinstance(config, CheckpointConfig):
+        raise TypeError(f"config: expected CheckpointConfig, got {type(config).__name__}")
+    options: dict[str, Any] = {
+        "name": name or actor_name(config.run_name),
+        "namespace": namespace,
+        "get_if_exists": True,
+        "max_restarts": config.max_restarts,
+        "max_task_retries": 0,
+        "max_concurrency": 1000,
+        "num_cpus": 0,
+    }
+    if detached:
+        options["lifetime"] = "detached"
+    options.update(actor_options)
+    actor = ray.remote(Checkpointer).options(**options).remote(config)
+    ray.get(actor.ping.remote())
+    return CheckpointerHandle(actor, config.run_name, config)
+
+
+def get_checkpointer(run_name: str, namespace: str | None = None, *, timeout_s: float = 30.0) -> CheckpointerHandle:
+    """Find a run's checkpointer by name (from any process or actor), waiting up to ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            actor = ray.get_actor(actor_name(run_name), namespace=namespace)
+            return CheckpointerHandle(actor, run_name)
+        except ValueError:
+            if time.monotonic() >= deadline:
+                raise LookupError(
+                    f"no checkpointer for run {run_name!r} (actor {actor_name(run_name)!r}) in namespace {namespace!r}"
+                ) from None
+            time.sleep(0.2)
