@@ -1,0 +1,185 @@
+"""``load_from_uri``: one checkpoint (a ray-ckpt step, a legacy file or a mock model) as an artifact.
+
+Ray-ckpt runs are read through :class:`~ray_ckpt.store.CheckpointStore`; legacy files through
+:mod:`ray_ckpt.legacy`; ``mock://NAME`` builds a tiny deterministic model for tests.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ray_ckpt.architecture import Architecture
+from ray_ckpt.errors import CheckpointNotFoundError, ConfigError
+from ray_ckpt.store import CheckpointStore
+from ray_ckpt.uri import MOCK_SCHEME, ParsedURI, parse_uri
+
+logger = logging.getLogger(__name__)
+
+# Metadata key under which the manager records how its run ranks and keeps checkpoints, so that
+# readers (``:best``, the CLI) rank and plan retention the way the writer did.
+POLICY_KEY = "ray_ckpt.policy"
+_POLICY_FIELDS = ("metric_name", "mode", "keep_top_k", "keep_last_n", "keep_period")
+
+
+@dataclass
+class CheckpointArtifact:
+    """A loaded checkpoint: weights, the architecture that builds the model, metrics and state.
+
+    ``instantiate()`` builds the model from the architecture and loads the weights; the model is
+    built once and cached on the artifact.
+    """
+
+    state_dict: dict[str, Any]
+    architecture: Architecture | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    trainer_state: Any = None
+    step: int | None = None
+    run_name: str | None = None
+    uri: str | None = None
+    source_format: str = "ray-ckpt"
+    metadata: dict[str, Any] = field(default_factory=dict)
+    allowed_architecture_prefixes: list[str] | None = None
+    _model: torch.nn.Module | None = field(default=None, repr=False)
+
+    def instantiate(self, strict: bool = True) -> torch.nn.Module:
+        """Build the model from ``architecture`` and load ``state_dict`` into it (cached)."""
+        if self._model is not None:
+            return self._model
+        if self.architecture is None:
+            raise CheckpointNotFoundError(
+                f"{self.uri or self.run_name}: no model_architecture.json recorded; cannot instantiate "
+                "(load .state_dict into a model you build yourself)"
+            )
+        model = self.architecture.build(self.allowed_architecture_prefixes)
+        model.load_state_dict(self.state_dict, strict=strict)
+        self._model = model
+        return model
+
+
+def recorded_policy(store: CheckpointStore) -> dict[str, Any]:
+    """The ranking/retention policy the run's writer recorded in its latest checkpoint ({} if none)."""
+    latest = store.latest()
+    policy = (latest.metadata or {}).get(POLICY_KEY) if latest is not None else None
+    if not isinstance(policy, dict):
+        return {}
+    return {k: policy[k] for k in _POLICY_FIELDS if k in policy}
+
+
+def open_run(
+    uri: str | ParsedURI,
+    storage_options: dict[str, Any] | None = None,
+    *,
+    must_exist: bool = True,
+    **overrides: Any,
+) -> CheckpointStore:
+    """A CheckpointStore for a run URI, ranking as its writer recorded unless ``overrides`` say otherwise.
+
+    Raises CheckpointNotFoundError naming the URI when ``must_exist`` and there is no run there.
+    """
+    parsed = parse_uri(uri) if isinstance(uri, str) else uri
+    if parsed.kind not in ("run", "step"):
+        raise ConfigError(f"{parsed.location}: expected a run URI (<storage>/<run_name>), got a {parsed.kind}")
+    options = {k: v for k, v in overrides.items() if v is not None}
+    store = CheckpointStore(parsed.storage_uri, parsed.run_name, storage_options or {}, **options)
+    if must_exist and not store.storage.exists(""):
+        raise CheckpointNotFoundError(f"no run at {parsed.run_uri}")
+    recorded = recorded_policy(store)
+    if "metric_name" in options and recorded.get("metric_name") != options["metric_name"]:
+        recorded.pop("mode", None)  # the recorded mode belongs to another metric
+    policy = {k: v for k, v in recorded.items() if k not in options}
+    if policy:
+        store.config = store.config.replace(**policy)
+        store.index.metric_name = store.config.metric_name
+        store.index.mode = store.config.mode
+    return store
+
+
+def resolve_step(store: CheckpointStore, selector: str | int | None) -> int:
+    """A run's step for a URI selector (latest when None); clear errors for an unranked ``:best``."""
+    if selector == "best" and store.config.metric_name is None:
+        raise ConfigError(
+            f"{store.uri}:best: the run records no ranking metric; pass a metric (e.g. --metric NAME)"
+        )
+    return store.resolve("latest" if selector is None else selector)
+
+
+def load_from_uri(
+    uri: str,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    trust_pickle: bool = False,
+    allowed_architecture_prefixes: list[str] | None = None,
+    metric: str | None = None,
+    mode: str | None = None,
+) -> CheckpointArtifact:
+    """Load the checkpoint a URI names: a ray-ckpt run (with selector), a step dir, a legacy file or mock://.
+
+    ``metric``/``mode`` rank ``:best`` when the run recorded no ranking of its own. Pickled
+    legacy files load only with ``trust_pickle=True`` (unpickling runs arbitrary code).
+    """
+    from ray_ckpt import legacy
+
+    parsed = parse_uri(uri)
+    if parsed.kind == "mock":
+        return _mock_artifact(parsed)
+    if parsed.kind == "file":
+        return legacy.load_legacy(
+            parsed.location,
+            storage_options=storage_options,
+            trust_pickle=trust_pickle,
+            allowed_architecture_prefixes=allowed_architecture_prefixes,
+        )
+    store = open_run(parsed, storage_options, must_exist=False, metric_name=metric, mode=mode)
+    if parsed.kind == "run" and not store.list():
+        found = legacy.find_metta_checkpoint(parsed, storage_options=storage_options)
+        if found is not None:
+            return legacy.load_legacy(
+                found,
+                storage_options=storage_options,
+                trust_pickle=trust_pickle,
+                allowed_architecture_prefixes=allowed_architecture_prefixes,
+            )
+        if not store.storage.exists(""):
+            raise CheckpointNotFoundError(f"no run at {parsed.run_uri}")
+    if allowed_architecture_prefixes is not None:
+        store.config = store.config.replace(allowed_architecture_prefixes=allowed_architecture_prefixes)
+    step = resolve_step(store, parsed.selector)
+    info = store.info(step)
+    try:
+        architecture: Architecture | None = store.read_architecture()
+    except FileNotFoundError:
+        architecture = None
+    if architecture is not None:
+        architecture.check_allowed(store.config.allowed_architecture_prefixes)
+    return CheckpointArtifact(
+        state_dict=store.load(step),
+        architecture=architecture,
+        metrics=dict(info.metrics),
+        trainer_state=store.load_trainer_state(step),
+        step=step,
+        run_name=store.run_name,
+        uri=info.uri,
+        source_format="ray-ckpt",
+        metadata=dict(info.metadata),
+        allowed_architecture_prefixes=store.config.allowed_architecture_prefixes,
+    )
+
+
+def _mock_artifact(parsed: ParsedURI) -> CheckpointArtifact:
+    from ray_ckpt.mock_models import MOCK_CONFIG, TinyPolicy, mock_state_dict
+
+    klass = f"{TinyPolicy.__module__}.{TinyPolicy.__qualname__}"
+    step = parsed.step if parsed.step is not None else 0
+    return CheckpointArtifact(
+        state_dict=mock_state_dict(parsed.run_name),
+        architecture=Architecture(klass, dict(MOCK_CONFIG)),
+        metrics={},
+        step=step,
+        run_name=parsed.run_name,
+        uri=f"{MOCK_SCHEME}://{parsed.run_name}:v{step}",
+        source_format="mock",
+    )
