@@ -24,7 +24,7 @@ import time
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -59,6 +59,9 @@ from ray_ckpt.format import (
 )
 from ray_ckpt.index import CheckpointIndex, CheckpointInfo, rankable
 from ray_ckpt.storage import Storage, is_temp_name
+
+if TYPE_CHECKING:
+    from ray_ckpt.byo import PendingCheckpoint
 
 logger = logging.getLogger(__name__)
 
@@ -445,6 +448,14 @@ class CheckpointStore:
     def begin_step(self, step: int, *, overwrite: bool = False) -> StepWriter:
         """A writer for a step whose files are produced piecewise (used by the checkpointer)."""
         return StepWriter(self, _validate_step(step), overwrite=overwrite)
+
+    def begin(
+        self, step: int, training_info: Mapping[str, Any] | None = None, run_config: Any = None, **kwargs: Any
+    ) -> PendingCheckpoint:
+        """A checkpoint whose files the trainer writes itself into ``.path``; invisible until ``.commit()``."""
+        from ray_ckpt.byo import PendingCheckpoint
+
+        return PendingCheckpoint(self, step, training_info=training_info, run_config=run_config, **kwargs)
 
     def _prepare_step(self, step: int, *, overwrite: bool) -> None:
         self.refresh()
