@@ -161,9 +161,12 @@ def is_companion_file(name: str) -> bool:
 # Reading.
 # ---------------------------------------------------------------------------------------------
 def read_legacy(
-    location: str, *, storage_options: dict[str, Any] | None = None, trust_pickle: bool = False
+    location: str, *, storage_options: dict[str, Any] | None = None, trust_pickle: bool = False, cache: bool = True
 ) -> LegacyCheckpoint:
-    """Read one legacy checkpoint file (with its companion metadata), through the LRU cache."""
+    """Read one legacy checkpoint file (with its companion metadata), through the LRU cache.
+
+    ``cache=False`` neither uses nor fills the cache (bulk work such as migration).
+    """
     storage, name = _split(location, storage_options)
     location = storage.url(name)
     try:
@@ -172,7 +175,7 @@ def read_legacy(
         raise FileNotFoundError(f"{location}: no such file") from exc
     stamp = info.get("mtime") or info.get("LastModified") or info.get("ETag") or info.get("created")
     key = (location, int(info.get("size") or 0), str(stamp), bool(trust_pickle))
-    cached = _CACHE.get(key)
+    cached = _CACHE.get(key) if cache else None
     if cached is not None:
         logger.debug("legacy cache hit for %s", location)
         return cached.copy()
@@ -181,6 +184,8 @@ def read_legacy(
         ckpt = _read_safetensors_bundle(storage, name, location)
     else:
         ckpt = _read_torch_file(storage, name, location, fmt, trust_pickle=trust_pickle)
+    if not cache:
+        return ckpt
     _CACHE.put(key, ckpt)
     return ckpt.copy()
 

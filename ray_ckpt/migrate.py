@@ -1,0 +1,176 @@
+"""Migration of legacy checkpoint files into the ray-ckpt layout, one run per run name.
+
+Every checkpoint is written by :meth:`CheckpointStore.save` (same format, commit protocol and
+checksums as any other save). Re-running is safe: a step already committed with the same
+tensors and metrics is skipped; a different one is a conflict unless ``replace=True``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ray_ckpt.format import to_buffer
+from ray_ckpt.legacy import LegacyCheckpoint, find_legacy_files, read_legacy
+from ray_ckpt.store import CheckpointStore
+
+logger = logging.getLogger(__name__)
+
+MIGRATED = "migrated"
+REPLACED = "replaced"
+SKIPPED = "skipped"
+WOULD_MIGRATE = "would migrate"
+WOULD_REPLACE = "would replace"
+CONFLICT = "conflict"
+FAILED = "failed"
+
+
+@dataclass
+class MigrationItem:
+    """What migration did (or would do) with one source file."""
+
+    source: str
+    action: str
+    run_name: str | None = None
+    step: int | None = None
+    format: str | None = None
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.action not in (CONFLICT, FAILED)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "action": self.action,
+            "run_name": self.run_name,
+            "step": self.step,
+            "format": self.format,
+            "detail": self.detail,
+        }
+
+
+@dataclass
+class MigrationReport:
+    """Every file's outcome, in the order processed."""
+
+    items: list[MigrationItem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """Whether no file failed or conflicted."""
+        return all(item.ok for item in self.items)
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for item in self.items:
+            out[item.action] = out.get(item.action, 0) + 1
+        return out
+
+
+def migrate(
+    source: str,
+    destination: str,
+    *,
+    dry_run: bool = False,
+    replace: bool = False,
+    trust_pickle: bool = False,
+    storage_options: dict[str, Any] | None = None,
+    on_item: Callable[[MigrationItem], None] | None = None,
+) -> MigrationReport:
+    """Migrate a legacy file or directory into runs under ``destination`` (a storage URI).
+
+    ``dry_run`` reads and compares but writes nothing. ``on_item`` is called after each file
+    (for progress output). A bad file is reported and skipped; the others still migrate.
+    """
+    report = MigrationReport()
+    stores: dict[str, CheckpointStore] = {}
+    files = find_legacy_files(source, storage_options=storage_options)
+    logger.info("migrate: %d legacy checkpoint files under %s", len(files), source)
+    for location in files:
+        try:
+            ckpt = read_legacy(location, storage_options=storage_options, trust_pickle=trust_pickle, cache=False)
+            item = _migrate_one(
+                ckpt, destination, stores, dry_run=dry_run, replace=replace, storage_options=storage_options
+            )
+        except Exception as exc:  # one bad file must not stop the others; it is reported
+            item = MigrationItem(location, FAILED, detail=f"{type(exc).__name__}: {exc}")
+        logger.info("migrate: %s -> %s %s/%s %s", item.source, item.action, item.run_name, item.step, item.detail)
+        report.items.append(item)
+        if on_item is not None:
+            on_item(item)
+    return report
+
+
+def _migrate_one(
+    ckpt: LegacyCheckpoint,
+    destination: str,
+    stores: dict[str, CheckpointStore],
+    *,
+    dry_run: bool,
+    replace: bool,
+    storage_options: dict[str, Any] | None,
+) -> MigrationItem:
+    item = MigrationItem(ckpt.location, MIGRATED, ckpt.run_name, ckpt.step, ckpt.format)
+    store = stores.get(ckpt.run_name)
+    if store is None:
+        store = stores[ckpt.run_name] = CheckpointStore(destination, ckpt.run_name, storage_options or {})
+    exists = ckpt.step in store.refresh()
+    if exists:
+        same = _same_content(store, ckpt)
+        if not replace:
+            if same:
+                item.action, item.detail = SKIPPED, "already migrated with the same content"
+            else:
+                item.action = CONFLICT
+                item.detail = f"step {ckpt.step} of run {ckpt.run_name!r} exists with different content; pass --replace"
+            return item
+        item.action = WOULD_REPLACE if dry_run else REPLACED
+    elif dry_run:
+        item.action = WOULD_MIGRATE
+    if dry_run:
+        item.detail = f"-> {store.step_uri(ckpt.step)}"
+        return item
+    if ckpt.architecture is not None:
+        store.write_architecture(ckpt.architecture.class_path, ckpt.architecture.config)
+    metadata = {**ckpt.metadata, "migrated_by": "ray-ckpt migrate"}
+    try:
+        info = store.save(
+            ckpt.step, ckpt.state_dict, ckpt.metrics, ckpt.trainer_state, metadata, overwrite=True
+        )
+    except TypeError as exc:
+        if ckpt.trainer_state is None:
+            raise
+        info = store.save(ckpt.step, ckpt.state_dict, ckpt.metrics, None, metadata, overwrite=True)
+        item.detail = f"trainer state dropped ({exc}); "
+    item.detail += f"-> {info.uri}"
+    return item
+
+
+def _same_content(store: CheckpointStore, ckpt: LegacyCheckpoint) -> bool:
+    """Whether the committed step holds exactly the legacy tensors and (at least) its metrics."""
+    info = store.info(ckpt.step)
+    if any(info.metrics.get(k) != v for k, v in ckpt.metrics.items()):
+        return False
+    return _same_tensors(store.load(ckpt.step), ckpt.state_dict)
+
+
+def _same_tensors(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    if set(a) != set(b):
+        return False
+    for key, left in a.items():
+        right = b[key]
+        if isinstance(left, torch.Tensor) and isinstance(right, torch.Tensor):
+            if not to_buffer(left, key=key).same_contents(to_buffer(right, key=key)):
+                return False
+        elif isinstance(left, Mapping) and isinstance(right, Mapping):
+            if not _same_tensors(left, right):
+                return False
+        elif left != right:
+            return False
+    return True
