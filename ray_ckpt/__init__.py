@@ -6,6 +6,7 @@ Sharded safetensors with atomic commits, retention and a top-k index, on local d
 from __future__ import annotations
 
 from ray_ckpt.architecture import Architecture
+from ray_ckpt.artifact import CheckpointArtifact, load_from_uri
 from ray_ckpt.config import CheckpointConfig
 from ray_ckpt.errors import (
     ArchitectureNotAllowedError,
@@ -18,7 +19,9 @@ from ray_ckpt.errors import (
     StorageError,
 )
 from ray_ckpt.index import CheckpointIndex, CheckpointInfo
+from ray_ckpt.manager import CheckpointManager, initialize_run_dir
 from ray_ckpt.store import CheckpointStore, StepWriter
+from ray_ckpt.uri import key_and_version, normalize_uri
 
 __version__ = "0.1.0"
 
@@ -44,10 +47,12 @@ def __getattr__(name: str) -> object:
 __all__ = [
     "Architecture",
     "ArchitectureNotAllowedError",
+    "CheckpointArtifact",
     "CheckpointConfig",
     "CheckpointExistsError",
     "CheckpointIndex",
     "CheckpointInfo",
+    "CheckpointManager",
     "CheckpointNotFoundError",
     "CheckpointStore",
     "ConfigError",
@@ -57,5 +62,9 @@ __all__ = [
     "StepWriter",
     "StorageError",
     "__version__",
+    "initialize_run_dir",
+    "key_and_version",
+    "load_from_uri",
+    "normalize_uri",
     *_LAZY,
 ]
