@@ -104,7 +104,12 @@ def to_buffer(value: torch.Tensor | np.ndarray | TensorBuffer, *, key: str = "?"
     tensor = tensor.resolve_conj().resolve_neg()
     if not tensor.is_contiguous():
         tensor = tensor.contiguous()
-    data = tensor.reshape(-1).view(torch.uint8).numpy()
+    flat = tensor.reshape(-1)
+    if flat.numel() and flat.stride(0) != 1:
+        # is_contiguous() ignores the strides of size-1 dims, so a lone element (e.g. t[::2] of a
+        # 2-vector) can keep any stride; give it a unit stride over the same memory (no copy).
+        flat = flat.as_strided((flat.numel(),), (1,))
+    data = flat.view(torch.uint8).numpy()
     return TensorBuffer(dtype=dtype, shape=tuple(tensor.shape), data=data)
 
 
@@ -119,8 +124,8 @@ def to_tensor(buf: TensorBuffer) -> torch.Tensor:
 
 def _alias_id(tensor: torch.Tensor) -> tuple[Any, ...] | None:
     """Identity of a tensor view: equal ids mean the very same values in the same memory."""
-    if tensor.numel() == 0 or tensor.device.type == "meta":
-        return None
+    if tensor.layout != torch.strided or tensor.numel() == 0 or tensor.device.type == "meta":
+        return None  # sparse tensors have no storage to compare (to_buffer refuses them by key)
     return (
         tensor.device.type,
         tensor.untyped_storage().data_ptr(),
@@ -200,19 +205,20 @@ def flatten_state(state: Mapping[str, Any], *, what: str = "state_dict") -> Flat
             key = unique_key(path)
             add_tensor(key, value)
             return {"__ndarray__": key}
-        if value is None or isinstance(value, (bool, str)):
-            return value
-        if isinstance(value, int):
-            return int(value)
-        if isinstance(value, float):
-            return value if math.isfinite(value) else {"__float__": repr(float(value))}
-        if isinstance(value, np.generic):
+        # numpy scalars first: np.float64 subclasses float and would come back as a plain float.
+        if isinstance(value, np.generic) and not isinstance(value, (np.str_, np.bytes_)):
             item = value.item()
             if isinstance(item, float) and not math.isfinite(item):
                 item = {"__float__": repr(item)}
             elif not isinstance(item, (bool, int, float, str)):
                 raise TypeError(f"{what}: {path or '<root>'}: unsupported numpy scalar {value.dtype}")
             return {"__npscalar__": [value.dtype.str, item]}
+        if value is None or isinstance(value, (bool, str)):
+            return value
+        if isinstance(value, int):
+            return int(value)
+        if isinstance(value, float):
+            return value if math.isfinite(value) else {"__float__": repr(float(value))}
         if isinstance(value, bytes):
             return {"__bytes__": base64.b64encode(value).decode("ascii")}
         if isinstance(value, torch.dtype):
@@ -503,7 +509,7 @@ def read_safetensors_header(f: IO[bytes], *, name: str, file_size: int) -> Safet
             raise corrupt(f"tensor {key!r}: {end - begin} bytes do not match shape {shape} of {dtype}")
         spans.append((begin, end, key))
     spans.sort()
-    for (_, prev_end, prev_key), (begin, _, key) in zip(spans, spans[1:]):
+    for (_, prev_end, prev_key), (begin, _, key) in zip(spans, spans[1:], strict=False):
         if begin < prev_end:
             raise corrupt(f"tensors {prev_key!r} and {key!r} overlap")
     return SafetensorsHeader(header, metadata, 8 + length, prefix + raw)
