@@ -99,7 +99,7 @@ def _validate_metrics(metrics: Mapping[str, Any] | None, *, what: str = "metrics
     for key, value in (metrics or {}).items():
         if not isinstance(key, str):
             raise TypeError(f"{what}: metric names must be strings, got {key!r}")
-        if isinstance(value, (np.generic, torch.Tensor)) and np.size(value) == 1:
+        if isinstance(value, np.generic) or (isinstance(value, torch.Tensor) and value.numel() == 1):
             value = value.item()
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"{what}: {key!r} must be a number, got {type(value).__name__} {value!r}")
