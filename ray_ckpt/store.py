@@ -575,6 +575,7 @@ class CheckpointStore:
             files_size=sum(d.size for d in manifest.files.values()),
             world_size=manifest.world_size,
             metadata=dict(manifest.metadata),
+            durability=["local" if self.storage.is_local else "remote"],
         )
 
     def list(self) -> list[CheckpointInfo]:
