@@ -52,7 +52,9 @@ _CHUNK = 16 << 20
 
 def _json_safe_scalar(value: Any) -> Any:
     """A one-element tensor/array or numpy scalar as a Python number (as NeMo RL does)."""
-    if isinstance(value, (torch.Tensor, np.ndarray, np.generic)) and np.size(value) == 1:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    if isinstance(value, (np.ndarray, np.generic)) and value.size == 1:
         return value.item()
     return value
 
