@@ -1,0 +1,258 @@
+"""Ray Tune on ray-ckpt: trials checkpoint through WorkerClient and report pointer checkpoints.
+
+Design: every trial is its own ray-ckpt *run* (``<prefix>-<trial_id>``) and starts its own
+checkpointer from inside the trial (``start_checkpointer`` finds it if it is still up). A
+trial's id survives retries and PBT restarts, so a restarted trial reconnects to the same run;
+run names never come from the trial config, because PBT copies the donor's config into the
+exploited trial. The checkpointer is owned by the trial actor, so it goes away with the trial
+and nothing outlives the experiment; a restarted trial gets a fresh one that rebuilds its index
+from storage. Tune only ever sees tiny pointer checkpoints, so a PBT exploit hands the exploited
+trial a pointer into the *donor's* run, and it loads the donor's weights from ray-ckpt storage.
+
+Training is deterministic (fixed data, full-batch SGD with momentum, one thread), which lets the
+tests compare bit for bit: a trial that fails once and resumes must end with exactly the weights
+of an identical trial that never failed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from ray_ckpt import CheckpointConfig, CheckpointStore
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+STEPS = 4
+
+
+def _data() -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed regression problem (the same in every process)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 4, generator=g)
+    y = x @ torch.tensor([[1.0], [-2.0], [0.5], [3.0]]) + 0.25
+    return x, y
+
+
+def _digest(state: dict[str, torch.Tensor]) -> dict[str, str]:
+    """A per-tensor sha256 of the bytes (to compare weights across processes)."""
+    return {k: hashlib.sha256(v.detach().contiguous().numpy().tobytes()).hexdigest() for k, v in sorted(state.items())}
+
+
+def _log_event(directory: str, trial_id: str, event: dict[str, Any]) -> None:
+    """Append one JSON line to the trial's event log (the test reads them afterwards)."""
+    with open(os.path.join(directory, f"{trial_id}.jsonl"), "a", encoding="utf-8") as f:
+        f.write(json.dumps({"trial": trial_id, **event}) + "\n")
+
+
+def _events(directory: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for p in sorted(directory.glob("*.jsonl")) for line in p.read_text().splitlines()]
+
+
+def _start_checkpointer(config: CheckpointConfig) -> Any:
+    """start_checkpointer, retried while a previous attempt's checkpointer (owned by a dead trial) goes away."""
+    import ray
+
+    from ray_ckpt import start_checkpointer
+
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return start_checkpointer(config)
+        except ray.exceptions.RayActorError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def _trainable(config: dict[str, Any]) -> None:
+    """A Tune function trainable checkpointing every step through ray-ckpt."""
+    from ray import tune
+
+    from ray_ckpt import WorkerClient
+    from ray_ckpt.integrations import load_from_ray_checkpoint, read_pointer, report, resume_step
+
+    torch.set_num_threads(1)
+    trial_id = tune.get_context().get_trial_id()
+    run_name = f"{config['run_prefix']}-{trial_id}"
+    ckpt_config = CheckpointConfig(storage_uri=config["storage"], run_name=run_name, metric_name="loss", mode="min")
+    handle = _start_checkpointer(ckpt_config)
+    client = WorkerClient(run_name, rank=0, world_size=1, handle=handle)
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config["lr"], momentum=0.9)
+    x, y = _data()
+
+    restored_step = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        pointer = read_pointer(checkpoint)
+        restored_step, state, trainer_state = load_from_ray_checkpoint(checkpoint)
+        model.load_state_dict(state)
+        optimizer.load_state_dict(trainer_state["optimizer"])
+        for group in optimizer.param_groups:  # a PBT exploit brings the donor's lr along
+            group["lr"] = config["lr"]
+        _log_event(
+            config["events"],
+            trial_id,
+            {
+                "event": "restore",
+                "own_run": run_name,
+                "pointer_run": pointer["run_name"],
+                "pointer_step": restored_step,
+                "digest": _digest(model.state_dict()),
+                "lr": config["lr"],
+            },
+        )
+    first = resume_step(ckpt_config, restored_step)
+    if first == 0:
+        first = 1
+    for step in range(first, config["steps"] + 1):
+        if step == config.get("fail_at") and checkpoint is None:
+            _log_event(config["events"], trial_id, {"event": "fail", "own_run": run_name, "step": step})
+            raise RuntimeError(f"planned failure at step {step}")
+        optimizer.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        optimizer.step()
+        metrics = {"loss": float(loss.detach())}
+        trainer_state = {"optimizer": optimizer.state_dict()}
+        info = client.save(step, model.state_dict(), metrics=metrics, trainer_state=trainer_state).result(timeout=60)
+        _log_event(config["events"], trial_id, {"event": "save", "own_run": run_name, "step": step})
+        report({**metrics, "step": step, "lr": config["lr"]}, info, ckpt_config)
+
+
+def _tuner(tmp_path: Path, param_space: dict[str, Any], **kwargs: Any) -> Any:
+    from ray import tune
+
+    return tune.Tuner(
+        _trainable,
+        param_space=param_space,
+        run_config=tune.RunConfig(
+            storage_path=str(tmp_path / "ray_results"),
+            name="exp",
+            verbose=0,
+            failure_config=kwargs.pop("failure_config", None),
+        ),
+        **kwargs,
+    )
+
+
+def test_tune_trials_checkpoint_through_ray_ckpt_and_resume_after_failure(tmp_path: Path, run_name: str) -> None:
+    """Two trials save through ray-ckpt; the one that fails once resumes from its pointer and ends bit-identical."""
+    from ray import tune
+
+    from ray_ckpt.integrations import load_from_ray_checkpoint, read_pointer
+
+    events = tmp_path / "events"
+    events.mkdir()
+    storage = str(tmp_path / "ckpt")
+    tuner = _tuner(
+        tmp_path,
+        {
+            "run_prefix": run_name,
+            "storage": storage,
+            "events": str(events),
+            "steps": STEPS,
+            "lr": 0.05,
+            "fail_at": tune.grid_search([None, 3]),
+        },
+        tune_config=tune.TuneConfig(metric="loss", mode="min"),
+        failure_config=tune.FailureConfig(max_failures=1),
+    )
+    results = tuner.fit()
+    assert len(results) == 2
+    assert not results.errors, results.errors
+
+    finals: dict[Any, dict[str, torch.Tensor]] = {}
+    for result in results:
+        trial_run = f"{run_name}-{result.metrics['trial_id']}"
+        assert result.metrics["step"] == STEPS
+        # Tune's checkpoint is a pointer into the trial's own ray-ckpt run, at its last step
+        pointer = read_pointer(result.checkpoint)
+        assert (pointer["run_name"], pointer["step"]) == (trial_run, STEPS)
+        assert os.listdir(result.checkpoint.path) == ["ray_ckpt_pointer.json"]  # no second copy of weights
+        store = CheckpointStore(storage, run_name=trial_run)
+        assert [i.step for i in store.list()] == list(range(1, STEPS + 1))
+        step, state, trainer_state = load_from_ray_checkpoint(result.checkpoint)
+        assert step == STEPS and set(state) == {"weight", "bias"}
+        assert "momentum_buffer" in trainer_state["optimizer"]["state"][0]
+        finals[result.config["fail_at"]] = state
+
+    log = _events(events)
+    fails = [e for e in log if e["event"] == "fail"]
+    assert len(fails) == 1 and fails[0]["step"] == 3
+    failed_run = fails[0]["own_run"]
+    restores = [e for e in log if e["event"] == "restore" and e["own_run"] == failed_run]
+    assert len(restores) == 1
+    restore = restores[0]
+    # resumed from the last saved step of its own run, with exactly the weights saved there
+    assert restore["pointer_run"] == failed_run and restore["pointer_step"] == 2
+    assert restore["digest"] == _digest(CheckpointStore(storage, run_name=failed_run).load(2))
+    saves = [e["step"] for e in log if e["event"] == "save" and e["own_run"] == failed_run]
+    assert saves == [1, 2, 3, 4]  # continued at step 3, nothing redone
+    # weights and momentum came back exactly: the resumed trial ends where the unbroken one does
+    assert _digest(finals[3]) == _digest(finals[None])
+
+
+def test_pbt_exploit_restores_the_donor_trial_weights_from_ray_ckpt(tmp_path: Path, run_name: str) -> None:
+    """PBT clones the good trial into the bad one: the bad trial loads the donor run's checkpoint from ray-ckpt."""
+    from ray import tune
+    from ray.tune.schedulers import PopulationBasedTraining
+
+    events = tmp_path / "events"
+    events.mkdir()
+    storage = str(tmp_path / "ckpt")
+    steps = 3
+    pbt = PopulationBasedTraining(
+        time_attr="training_iteration",
+        perturbation_interval=2,
+        quantile_fraction=0.5,
+        resample_probability=0.0,
+        hyperparam_mutations={"lr": [0.0, 0.05]},
+        synch=True,
+    )
+    tuner = _tuner(
+        tmp_path,
+        {
+            "run_prefix": run_name,
+            "storage": storage,
+            "events": str(events),
+            "steps": steps,
+            "lr": tune.grid_search([0.05, 0.0]),  # 0.0 never learns: clearly the worse trial
+        },
+        tune_config=tune.TuneConfig(metric="loss", mode="min", scheduler=pbt),
+    )
+    results = tuner.fit()
+    assert len(results) == 2
+    assert not results.errors, results.errors
+
+    log = _events(events)
+    saves = [e for e in log if e["event"] == "save"]
+    runs_by_trial = {e["trial"]: e["own_run"] for e in saves}
+    assert len(runs_by_trial) == 2
+    exploits = [e for e in log if e["event"] == "restore" and e["pointer_run"] != e["own_run"]]
+    assert exploits, f"no PBT exploit happened: {log}"
+    exploit = exploits[0]
+    assert exploit["pointer_step"] == 2
+    donor_run = exploit["pointer_run"]
+    assert donor_run in runs_by_trial.values() and donor_run != exploit["own_run"]
+    # the donor is the trial that learns (lr 0.05): its run's losses go down, the other's do not
+    donor_losses = [i.metrics["loss"] for i in CheckpointStore(storage, run_name=donor_run).list()]
+    assert donor_losses[1] < donor_losses[0]
+    # the exploited trial holds exactly the donor's saved weights of that step
+    assert exploit["digest"] == _digest(CheckpointStore(storage, run_name=donor_run).load(exploit["pointer_step"]))
+    # ... and carries on in its own run, numbering past what that run already holds
+    own = CheckpointStore(storage, run_name=exploit["own_run"])
+    steps_after = [e["step"] for e in saves if e["own_run"] == exploit["own_run"]]
+    assert steps_after == sorted(set(steps_after)) and steps_after[-1] == steps
+    assert own.latest() is not None and own.latest().step == steps
+    assert not torch.equal(own.load(steps)["weight"], own.load(2)["weight"])  # lr 0.0 before: only the clone moved it
