@@ -482,19 +482,23 @@ class CheckpointStore:
     def refresh(self) -> CheckpointIndex:
         """Bring the in-memory index up to date with storage (committed markers only)."""
         with self._lock:
-            if not self._snapshot_loaded:
-                self._load_snapshot()
+            # A snapshot that is missing, unreadable or disagrees with the markers is rewritten.
+            stale = not self._load_snapshot() if not self._snapshot_loaded else False
             found = self._committed_steps()
             for step in [s for s in self.index.steps() if s not in found]:
                 self.index.remove(step)
+                stale = True
             for step in sorted(found - set(self.index.steps())):
                 try:
                     self.index.add(self._read_info(step))
+                    stale = True
                 except (CheckpointNotFoundError, FileNotFoundError):
                     continue  # deleted between listing and reading
                 except CorruptCheckpointError as exc:
                     logger.warning("ignoring step %d: %s", step, exc)
             self._refresh_eval_metrics(found)
+            if stale and (len(self.index) or self.storage.exists(INDEX_SNAPSHOT)):
+                self._write_snapshot()
             return self.index
 
     def _committed_steps(self) -> set[int]:
@@ -505,17 +509,21 @@ class CheckpointStore:
                 steps.add(step)
         return steps
 
-    def _load_snapshot(self) -> None:
+    def _load_snapshot(self) -> bool:
+        """Load index.parquet into the index; False when it is missing or unreadable."""
         self._snapshot_loaded = True
         try:
             data = self.storage.read_bytes(INDEX_SNAPSHOT)
             records = CheckpointIndex.records_from_parquet_bytes(data)
         except FileNotFoundError:
-            return
+            return False
         except Exception as exc:  # a damaged snapshot is rebuilt from the markers
             logger.warning("index snapshot of %s unreadable (%s); rebuilding from checkpoint.json files", self.run_name, exc)
-            return
+            return False
+        for record in records:  # the run may have been copied or moved since the snapshot was written
+            record.uri = self.step_uri(record.step)
         self.index.extend(records)
+        return True
 
     def rebuild_index(self) -> CheckpointIndex:
         """Forget the snapshot and rebuild the index from the checkpoint.json files."""
@@ -587,6 +595,8 @@ class CheckpointStore:
 
     def best(self, metric: str | None = None, mode: str | None = None) -> CheckpointInfo | None:
         """The best checkpoint by the run's metric (or ``metric``/``mode``); None if none is ranked."""
+        if metric is None and self.config.metric_name is None:
+            return None  # a run without a metric ranks nothing (instantiate("best") relies on this)
         return self.refresh().best(metric, mode)
 
     def top_k(self, k: int, metric: str | None = None, mode: str | None = None) -> list[CheckpointInfo]:
@@ -631,6 +641,7 @@ class CheckpointStore:
         if not index_name:
             raise CorruptCheckpointError(f"{step_dir(step)}/{MARKER_FILE}: no model index recorded")
         weight_map = parse_hf_index(self._read_file(manifest, index_name, verify=verify), name=f"{step_dir(step)}/{index_name}")
+        keys = None if keys is None else list(keys)  # any iterable (a generator is read only once)
         wanted = None if keys is None else [aliases.get(k, k) for k in keys]
         if wanted is not None:
             unknown = [k for k in wanted if k not in weight_map]
