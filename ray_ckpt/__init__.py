@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from ray_ckpt.architecture import Architecture
 from ray_ckpt.artifact import CheckpointArtifact, load_from_uri
+from ray_ckpt.byo import PendingCheckpoint
 from ray_ckpt.config import CheckpointConfig
 from ray_ckpt.errors import (
     ArchitectureNotAllowedError,
@@ -20,7 +21,10 @@ from ray_ckpt.errors import (
 )
 from ray_ckpt.index import CheckpointIndex, CheckpointInfo
 from ray_ckpt.manager import CheckpointManager, initialize_run_dir
+from ray_ckpt.oneshot import load_checkpoint, load_metadata, save_checkpoint
+from ray_ckpt.rundir import RunDir
 from ray_ckpt.store import CheckpointStore, StepWriter
+from ray_ckpt.tiered import TieredCheckpointStore, UploadError
 from ray_ckpt.uri import key_and_version, normalize_uri
 
 __version__ = "0.1.0"
@@ -57,14 +61,21 @@ __all__ = [
     "CheckpointStore",
     "ConfigError",
     "CorruptCheckpointError",
+    "PendingCheckpoint",
     "RayCkptError",
+    "RunDir",
     "SaveAbortedError",
     "StepWriter",
     "StorageError",
+    "TieredCheckpointStore",
+    "UploadError",
     "__version__",
     "initialize_run_dir",
     "key_and_version",
+    "load_checkpoint",
     "load_from_uri",
+    "load_metadata",
     "normalize_uri",
+    "save_checkpoint",
     *_LAZY,
 ]

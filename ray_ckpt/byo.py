@@ -72,7 +72,7 @@ def _plain_training_info(training_info: Mapping[str, Any] | None) -> dict[str, A
     return info
 
 
-def _plain_run_config(run_config: Any) -> dict[str, Any] | None:
+def plain_config(run_config: Any) -> dict[str, Any] | None:
     """A run config (mapping, pydantic model, dataclass or object with to_dict) as plain JSON data."""
     if run_config is None:
         return None
@@ -166,7 +166,7 @@ class PendingCheckpoint:
     ) -> None:
         self.store = store
         self.training_info = _plain_training_info(training_info)
-        self.run_config = _plain_run_config(run_config)
+        self.run_config = plain_config(run_config)
         self.metadata = dict(metadata or {})
         try:
             json.dumps(self.metadata)
