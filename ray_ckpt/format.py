@@ -523,8 +523,10 @@ def read_safetensors(
     keys: Iterable[str] | None = None,
     expected_checksum: str | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Read tensors from a safetensors file into torch (one read of the data, tensors are views).
+    """Read tensors from a safetensors file into torch (one sequential read of the data).
 
+    Every tensor gets a buffer of its own (storage offset 0, as safetensors' own loader gives):
+    some torch APIs, e.g. ``torch.set_rng_state``, ignore a view's storage offset.
     With ``keys`` only those tensors are read. With ``expected_checksum`` (whole-file reads
     only) the bytes are checked and a mismatch raises CorruptCheckpointError naming the file.
     """
@@ -533,21 +535,33 @@ def read_safetensors(
     out: dict[str, torch.Tensor] = {}
     if keys is None:
         data_size = file_size - header.data_start
-        buf = torch.empty(data_size, dtype=torch.uint8)
-        if data_size:
-            _readinto(f, buf, name=name)
-        if expected_checksum is not None:
-            checksum = Checksum()
+        checksum = Checksum() if expected_checksum is not None else None
+        if checksum is not None:
             checksum.update(header.header_bytes)
-            checksum.update(buf.numpy())
-            if checksum.hexdigest() != expected_checksum:
-                raise CorruptCheckpointError(
-                    f"{name}: checksum mismatch (expected {expected_checksum}, got {checksum.hexdigest()})", path=name
-                )
+        raw: dict[str, torch.Tensor] = {}
+        position = 0  # the file is read in order; bytes no tensor claims are hashed all the same
+        spans = sorted((e["data_offsets"][0], e["data_offsets"][1], k) for k, e in header.entries.items())
+        for begin, end, key in [*spans, (data_size, data_size, None)]:
+            if begin > position:
+                gap = torch.empty(begin - position, dtype=torch.uint8)
+                _readinto(f, gap, name=name)
+                if checksum is not None:
+                    checksum.update(gap.numpy())
+            if key is None:
+                break
+            buf = torch.empty(end - begin, dtype=torch.uint8)
+            if end > begin:
+                _readinto(f, buf, name=name)
+                if checksum is not None:
+                    checksum.update(buf.numpy())
+            raw[key] = buf
+            position = end
+        if checksum is not None and checksum.hexdigest() != expected_checksum:
+            raise CorruptCheckpointError(
+                f"{name}: checksum mismatch (expected {expected_checksum}, got {checksum.hexdigest()})", path=name
+            )
         for key in wanted:
-            entry = header.entries[key]
-            begin, end = entry["data_offsets"]
-            out[key] = _view(buf[begin:end], entry)
+            out[key] = _view(raw[key], header.entries[key])
         return out
     for key in wanted:
         entry = header.entries[key]
