@@ -387,6 +387,40 @@ def test_reads_files_written_by_safetensors_itself(tmp_path: Path) -> None:
     assert header.metadata == {"format": "pt", "k": "v"}
 
 
+def test_loaded_tensors_own_their_storage(tmp_path: Path) -> None:
+    """Like safetensors' loader: no views into one big buffer (torch.set_rng_state ignores offsets)."""
+    rng = torch.get_rng_state()
+    expected = torch.rand(3)
+    state = {"pad": torch.ones(3, dtype=torch.int8), "rng": rng, "w": torch.randn(4, 4)}
+    path = tmp_path / "own.safetensors"
+    write_file(path, state)
+    with open(path, "rb") as f:
+        out = read_safetensors(f, name="own", file_size=path.stat().st_size, expected_checksum=_checksum(path))
+    for key, t in out.items():
+        assert t.storage_offset() == 0, key
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), key
+    torch.set_rng_state(out["rng"])
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_bytes_between_tensors_are_checksummed(tmp_path: Path) -> None:
+    """A file from elsewhere may leave gaps between tensors: the checksum still covers every byte."""
+    blob = _file_with_header(
+        {
+            "a": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]},
+            "b": {"dtype": "U8", "shape": [2], "data_offsets": [4, 6]},
+        },
+        b"\x01\x02\xaa\xbb\x03\x04\xcc",
+    )
+    c = Checksum()
+    c.update(blob)
+    out = read_safetensors(io.BytesIO(blob), name="gap", file_size=len(blob), expected_checksum=c.hexdigest())
+    assert out["a"].tolist() == [1, 2] and out["b"].tolist() == [3, 4]
+    tampered = blob[:-1] + b"\x00"  # a trailing byte no tensor claims
+    with pytest.raises(CorruptCheckpointError, match="gap: checksum mismatch"):
+        read_safetensors(io.BytesIO(tampered), name="gap", file_size=len(blob), expected_checksum=c.hexdigest())
+
+
 def test_partial_read_by_keys(tmp_path: Path) -> None:
     state = {f"k{i}": torch.full((i + 1,), float(i)) for i in range(5)}
     flat, _ = write_file(tmp_path / "p.safetensors", state)
