@@ -66,10 +66,12 @@ class Architecture:
         try:
             raw = json.loads(data)
             class_path = raw["class_path"]
-            config = raw.get("config") or {}
+            config = {} if raw.get("config") is None else raw["config"]
             config_class = raw.get("config_class")
             if not isinstance(class_path, str) or not isinstance(config, dict):
                 raise ValueError("class_path must be a string and config an object")
+            if config_class is not None and not isinstance(config_class, str):
+                raise ValueError("config_class must be a string or null")
         except (ValueError, KeyError, TypeError) as exc:
             raise CorruptCheckpointError(f"{name}: malformed: {exc}", path=name) from exc
         return cls(class_path, config, config_class)
