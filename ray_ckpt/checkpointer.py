@@ -29,6 +29,9 @@ from ray_ckpt.store import TRAINER_TENSORS, CheckpointStore, StepWriter, step_di
 logger = logging.getLogger(__name__)
 
 ACTOR_NAME_PREFIX = "ray_ckpt:"
+# Ray collects a named, non-detached actor once no handle is left; the process that started a
+# checkpointer keeps one here so the run's master lives as long as its driver (or until shutdown).
+_STARTED: dict[tuple[str | None, str], Any] = {}
 
 
 def actor_name(run_name: str) -> str:
@@ -493,7 +496,8 @@ class Checkpointer:
         import resource
 
         return {
-            "pending": sorted(self._pending),
+            "pending": sorted(s for s, p in self._pending.items() if p.slot_held),
+            "queued": sorted(s for s, p in self._pending.items() if not p.slot_held),
             "indexed": len(self.index),
             "latest": self.index.latest().step if len(self.index) else None,
             "max_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
@@ -552,6 +556,9 @@ class CheckpointerHandle:
 
     def shutdown(self) -> None:
         """Stop the actor for good (no restart)."""
+        for key, actor in list(_STARTED.items()):
+            if actor == self.actor:
+                del _STARTED[key]
         ray.kill(self.actor, no_restart=True)
 
 
@@ -583,6 +590,7 @@ def start_checkpointer(
     options.update(actor_options)
     actor = ray.remote(Checkpointer).options(**options).remote(config)
     ray.get(actor.ping.remote())
+    _STARTED[(namespace, options["name"])] = actor
     return CheckpointerHandle(actor, config.run_name, config)
 
 
