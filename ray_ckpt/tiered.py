@@ -261,7 +261,12 @@ class TieredCheckpointStore:
             )
         self._copy_eval_metrics(step)
         record = {"step": step, "uri": uri, "uploaded": time.time()}
-        self.local.storage.write_atomic(f"{step_dir(step)}/{UPLOADED_FILE}", json.dumps(record).encode())
+        try:
+            current = self.local.read_manifest(step)
+        except CheckpointNotFoundError:
+            current = None
+        if current is not None and current.files == manifest.files:  # not deleted or re-saved meanwhile
+            self.local.storage.write_atomic(f"{step_dir(step)}/{UPLOADED_FILE}", json.dumps(record).encode())
         remote.apply_retention()
         self.local.apply_retention()
         return uri
