@@ -109,8 +109,10 @@ def merge_ranks(states: dict[int, RankState]) -> tuple[dict[str, int], list[list
             first = states[owners[key]].tensors[key]
             same = (first.dtype, tuple(first.shape), first.nbytes) == (meta.dtype, tuple(meta.shape), meta.nbytes)
             if not same or first.digest != meta.digest:
-                detail = "the bytes differ" if same else (
-                    f"{first.dtype}{list(first.shape)} vs {meta.dtype}{list(meta.shape)}"
+                detail = (
+                    "the bytes differ"
+                    if same
+                    else (f"{first.dtype}{list(first.shape)} vs {meta.dtype}{list(meta.shape)}")
                 )
                 raise ValueError(
                     f"key {key!r}: ranks {owners[key]} and {rank} both hold it with different contents ({detail})"
@@ -155,14 +157,18 @@ class Checkpointer:
 
         tags = {"run": self.config.run_name}
         self._m_save_s = metrics.Histogram(
-            "ray_ckpt_save_seconds", "Seconds from a step's first report to its commit",
-            boundaries=[0.1, 0.5, 1, 2, 5, 10, 30, 60, 300], tag_keys=("run",),
+            "ray_ckpt_save_seconds",
+            "Seconds from a step's first report to its commit",
+            boundaries=[0.1, 0.5, 1, 2, 5, 10, 30, 60, 300],
+            tag_keys=("run",),
         )
         self._m_bytes = metrics.Counter("ray_ckpt_bytes_written", "Checkpoint bytes committed", tag_keys=("run",))
         self._m_pending = metrics.Gauge("ray_ckpt_pending_saves", "Steps waiting or being written", tag_keys=("run",))
         self._m_query = metrics.Histogram(
-            "ray_ckpt_query_seconds", "Index query latency inside the actor",
-            boundaries=[0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05], tag_keys=("run",),
+            "ray_ckpt_query_seconds",
+            "Index query latency inside the actor",
+            boundaries=[0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05],
+            tag_keys=("run",),
         )
         for m in (self._m_save_s, self._m_bytes, self._m_pending, self._m_query):
             m.set_default_tags(tags)
@@ -200,7 +206,9 @@ class Checkpointer:
             asyncio.get_running_loop().create_task(self._finish(pending))
         return {"step": step, "accepted": True}
 
-    async def plan_direct(self, step: int, rank: int, world_size: int, state: RankState, overwrite: bool = False) -> list[ShardSpec]:
+    async def plan_direct(
+        self, step: int, rank: int, world_size: int, state: RankState, overwrite: bool = False
+    ) -> list[ShardSpec]:
         """Direct mode, phase 1: wait for every rank's tensor list; return this rank's shards."""
         pending = await self._join(step, rank, world_size, "direct", overwrite)
         if rank in pending.planned:
@@ -249,7 +257,9 @@ class Checkpointer:
             info = self.index.get(step) or self._recent.get(step)
             if info is not None:
                 return info
-            raise SaveAbortedError(self._aborted.get(step, f"step {step}: no save in progress (checkpointer restarted?)"))
+            raise SaveAbortedError(
+                self._aborted.get(step, f"step {step}: no save in progress (checkpointer restarted?)")
+            )
         return await asyncio.shield(pending.done)
 
     async def _join(self, step: int, rank: int, world_size: int, mode: str, overwrite: bool) -> _PendingStep:
@@ -362,8 +372,13 @@ class Checkpointer:
         self._m_bytes.inc(info.files_size)
         logger.info(
             "commit run=%s step=%d world_size=%d mode=%s bytes=%d seconds=%.3f deleted=%s",
-            self.config.run_name, info.step, info.world_size, pending.mode, info.files_size,
-            time.monotonic() - pending.started, deleted,
+            self.config.run_name,
+            info.step,
+            info.world_size,
+            pending.mode,
+            info.files_size,
+            time.monotonic() - pending.started,
+            deleted,
         )
         _, committed = self._loop_state()
         async with committed:
@@ -377,7 +392,9 @@ class Checkpointer:
             metadata.update(pending.reports[rank].metadata)
         return metrics, metadata
 
-    def _write_gathered(self, pending: _PendingStep, arrays: dict[int, tuple[dict, dict]]) -> tuple[CheckpointInfo, list[int]]:
+    def _write_gathered(
+        self, pending: _PendingStep, arrays: dict[int, tuple[dict, dict]]
+    ) -> tuple[CheckpointInfo, list[int]]:
         states = {r: rep.model for r, rep in pending.reports.items()}
         owners, groups = merge_ranks(states)
         buffers = {
@@ -393,7 +410,9 @@ class Checkpointer:
             for shard in shards:
                 writer.write_shard(shard, buffers)
             self._write_model_index(writer, pending, states, shards, sum(b.nbytes for b in buffers.values()))
-            trainer_report = next((pending.reports[r] for r in sorted(pending.reports) if pending.reports[r].trainer), None)
+            trainer_report = next(
+                (pending.reports[r] for r in sorted(pending.reports) if pending.reports[r].trainer), None
+            )
             if trainer_report is not None and trainer_report.trainer is not None:
                 tstate = trainer_report.trainer
                 tarrays = arrays[trainer_report.rank][1]
@@ -406,7 +425,12 @@ class Checkpointer:
             return self._commit(writer, pending)
 
     def _write_model_index(
-        self, writer: StepWriter, pending: _PendingStep, states: dict[int, RankState], shards: list[ShardSpec], total: int
+        self,
+        writer: StepWriter,
+        pending: _PendingStep,
+        states: dict[int, RankState],
+        shards: list[ShardSpec],
+        total: int,
     ) -> None:
         aliases: dict[str, str] = {}
         for rank in sorted(states, reverse=True):
@@ -425,7 +449,9 @@ class Checkpointer:
             missing = expected - set(writer.files)
             if missing:
                 raise SaveAbortedError(f"step {pending.step}: shards {sorted(missing)} were never written")
-            total = sum(m.nbytes for r, st in pending.planned.items() for k, m in st.tensors.items() if pending.owners[k] == r)  # type: ignore[index]
+            total = sum(
+                m.nbytes for r, st in pending.planned.items() for k, m in st.tensors.items() if pending.owners[k] == r
+            )  # type: ignore[index]
             self._write_model_index(writer, pending, pending.planned, pending.plan, total)
             writer.trainer_state = TRAINER_TENSORS in writer.files
             return self._commit(writer, pending)
@@ -468,7 +494,9 @@ class Checkpointer:
     async def info(self, step: int) -> CheckpointInfo | None:
         return self.index.get(step)
 
-    async def wait_for_checkpoint(self, after_step: int | None = None, timeout: float | None = None) -> CheckpointInfo | None:
+    async def wait_for_checkpoint(
+        self, after_step: int | None = None, timeout: float | None = None
+    ) -> CheckpointInfo | None:
         """The latest checkpoint newer than ``after_step``, waiting up to ``timeout`` seconds for one."""
         _, committed = self._loop_state()
 

@@ -140,7 +140,7 @@ def run_demo(config: CheckpointConfig, steps: int = 40, workers: int = 2, evalua
     """Train, checkpoint and evaluate a run on the current Ray cluster; returns the final top-k."""
     handle = ray_ckpt.start_checkpointer(config)
     handle.register("ray_ckpt.demo.DemoNet", {"dim": DIM, "hidden": HIDDEN, "towers": workers})
-    start = (handle.latest().step if handle.latest() else 0)
+    start = handle.latest().step if handle.latest() else 0
     save_every = config.save_interval_steps
     final_step = start + steps - (steps % save_every)
     trainers = [DemoTrainer.remote(config.run_name, r, workers) for r in range(workers)]

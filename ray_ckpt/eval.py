@@ -152,7 +152,11 @@ class EvalClient:
         return self._call("report_eval", step, dict(metrics))
 
     def follow(
-        self, evaluate: Callable[[int, dict[str, Any]], dict[str, float]], *, max_checkpoints: int, timeout: float = 60.0
+        self,
+        evaluate: Callable[[int, dict[str, Any]], dict[str, float]],
+        *,
+        max_checkpoints: int,
+        timeout: float = 60.0,
     ) -> list[int]:
         """Evaluate each new checkpoint as it commits (lease, load, evaluate, report)."""
         seen: int | None = None

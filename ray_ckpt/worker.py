@@ -44,7 +44,9 @@ def _train_context() -> tuple[int, int] | None:
 
 def _describe(flat: FlatState, with_digests: bool) -> RankState:
     tensors = {
-        key: TensorMeta(buf.dtype, tuple(buf.shape), buf.nbytes, xxhash.xxh3_64_hexdigest(buf.data) if with_digests else None)
+        key: TensorMeta(
+            buf.dtype, tuple(buf.shape), buf.nbytes, xxhash.xxh3_64_hexdigest(buf.data) if with_digests else None
+        )
         for key, buf in flat.tensors.items()
     }
     return RankState(tensors, dict(flat.aliases), flat.structure)
@@ -52,7 +54,9 @@ def _describe(flat: FlatState, with_digests: bool) -> RankState:
 
 def _copy(flat: FlatState) -> FlatState:
     return FlatState(
-        {k: TensorBuffer(b.dtype, b.shape, b.data.copy()) for k, b in flat.tensors.items()}, flat.aliases, flat.structure
+        {k: TensorBuffer(b.dtype, b.shape, b.data.copy()) for k, b in flat.tensors.items()},
+        flat.aliases,
+        flat.structure,
     )
 
 

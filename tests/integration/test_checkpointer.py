@@ -73,7 +73,12 @@ def test_partitioned_and_replicated_keys_commit_once(tmp_path: Path, run_name: s
     config = make_config(tmp_path, run_name, write_mode=write_mode)
     handle = ray_ckpt.start_checkpointer(config)
     ranks = [Rank.remote(run_name, r, 2) for r in range(2)]
-    infos = ray.get([w.save.remote(1, shared_and_own(r), {"loss": 0.5 + r}, trainer_state={"epoch": 3, "m": torch.ones(2)}) for r, w in enumerate(ranks)])
+    infos = ray.get(
+        [
+            w.save.remote(1, shared_and_own(r), {"loss": 0.5 + r}, trainer_state={"epoch": 3, "m": torch.ones(2)})
+            for r, w in enumerate(ranks)
+        ]
+    )
     assert {i.step for i in infos} == {1} and infos[0].world_size == 2
     assert infos[0].metrics["loss"] == 0.5  # rank 0 wins on a metric both report
     store = CheckpointStore(config=config)
@@ -88,7 +93,9 @@ def test_partitioned_and_replicated_keys_commit_once(tmp_path: Path, run_name: s
     # each replicated key is stored once across all shards
     import json
 
-    index = json.loads((tmp_path / "store" / run_name / "checkpoints/step_000000001/model.safetensors.index.json").read_text())
+    index = json.loads(
+        (tmp_path / "store" / run_name / "checkpoints/step_000000001/model.safetensors.index.json").read_text()
+    )
     assert sorted(index["weight_map"]) == sorted(expected)
     assert handle.latest().step == 1
     handle.shutdown()
@@ -101,7 +108,12 @@ def test_gather_and_direct_write_byte_identical_checkpoints(tmp_path: Path, run_
         config = make_config(tmp_path, name, write_mode=mode, max_shard_size="3KB")
         handle = ray_ckpt.start_checkpointer(config)
         ranks = [Rank.remote(name, r, 2) for r in range(2)]
-        ray.get([w.save.remote(7, shared_and_own(r), {"loss": 1.0}, trainer_state={"opt": {"lr": 0.1}}) for r, w in enumerate(ranks)])
+        ray.get(
+            [
+                w.save.remote(7, shared_and_own(r), {"loss": 1.0}, trainer_state={"opt": {"lr": 0.1}})
+                for r, w in enumerate(ranks)
+            ]
+        )
         step_dir = tmp_path / "store" / name / "checkpoints" / "step_000000007"
         trees[mode] = files_of(step_dir)
         handle.shutdown()
@@ -130,7 +142,9 @@ def test_conflicting_replicated_key_aborts_naming_the_key(tmp_path: Path, run_na
 
 
 @pytest.mark.parametrize("write_mode", ["gather", "direct"])
-def test_missing_rank_aborts_after_timeout_and_next_step_commits(tmp_path: Path, run_name: str, write_mode: str) -> None:
+def test_missing_rank_aborts_after_timeout_and_next_step_commits(
+    tmp_path: Path, run_name: str, write_mode: str
+) -> None:
     config = make_config(tmp_path, run_name, save_timeout_s=2.0, write_mode=write_mode)
     handle = ray_ckpt.start_checkpointer(config)
     ranks = [Rank.remote(run_name, r, 2) for r in range(2)]
