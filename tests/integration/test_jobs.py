@@ -1,0 +1,252 @@
+"""Ray Jobs: submit cluster/train_job.py with ``ray job submit`` to a separate local head.
+
+The head (``ray start --head`` on loopback with its own ``--temp-dir``, every port chosen free,
+token auth with a private token) is a second Ray instance beside the test session's own
+``ray.init(address="local")``. It is stopped precisely: ``ray start`` runs in a new process
+session, so its daemons share one process group; that group, plus anything whose command line
+names this test's private directory (job drivers, workers), is terminated. ``ray stop`` is never
+used: it kills every Ray process of the user, the session's Ray and other users' runs included.
+
+``ray start --temp-dir`` writes ``ray_current_cluster`` into that temp dir, not into
+/tmp/ray, so a plain ``ray.init()`` elsewhere cannot attach to this head (asserted below), and
+``RAY_ADDRESS`` is only ever set in the subprocesses' environment.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from ray_ckpt import CheckpointStore
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
+
+REPO = Path(__file__).resolve().parents[2]
+RAY_BIN = os.path.join(os.path.dirname(sys.executable), "ray")
+DEFAULT_ADDRESS_FILE = "/tmp/ray/ray_current_cluster"
+JOB_TIMEOUT_S = 150.0
+
+
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct free TCP ports on loopback (held open together so they differ)."""
+    sockets = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+        return [int(s.getsockname()[1]) for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _file_state(path: str) -> tuple[bool, float | None, str | None]:
+    """Whether a file exists, its mtime and content (to show we did not touch it)."""
+    try:
+        return True, os.path.getmtime(path), Path(path).read_text()
+    except FileNotFoundError:
+        return False, None, None
+
+
+class LocalHead:
+    """A ``ray start --head`` instance owned by this test, with its own temp dir, ports and token."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.temp_dir = os.path.join(root, "ray")
+        os.makedirs(self.temp_dir)
+        (
+            self.gcs_port,
+            self.dashboard_port,
+            self.client_port,
+            self.agent_http_port,
+            self.agent_grpc_port,
+            self.metrics_port,
+            self.runtime_env_port,
+        ) = _free_ports(7)
+        self.address = f"http://127.0.0.1:{self.dashboard_port}"
+        token_path = os.path.join(root, "auth_token")
+        with open(token_path, "w") as f:
+            f.write(uuid.uuid4().hex + uuid.uuid4().hex)
+        os.chmod(token_path, 0o600)
+        hidden = ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_API_SERVER_ADDRESS")
+        self.env = {k: v for k, v in os.environ.items() if k not in hidden}
+        self.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=token_path, RAY_USAGE_STATS_ENABLED="0")
+        self.pgid: int | None = None
+        self.start_output = ""
+
+    def start(self) -> None:
+        cmd = [
+            RAY_BIN, "start", "--head",
+            "--node-ip-address=127.0.0.1",
+            f"--port={self.gcs_port}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={self.dashboard_port}",
+            f"--ray-client-server-port={self.client_port}",
+            f"--dashboard-agent-listen-port={self.agent_http_port}",
+            f"--dashboard-agent-grpc-port={self.agent_grpc_port}",
+            f"--metrics-export-port={self.metrics_port}",
+            f"--runtime-env-agent-port={self.runtime_env_port}",
+            "--num-cpus=2",
+            f"--temp-dir={self.temp_dir}",
+            "--include-dashboard=true",
+            "--disable-usage-stats",
+        ]
+        proc = subprocess.Popen(
+            cmd, env=self.env, cwd=self.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True,  # its daemons inherit this process group: that is what we stop later
+        )
+        self.pgid = proc.pid
+        try:
+            self.start_output, _ = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            self.start_output, _ = proc.communicate()
+            raise AssertionError(f"`ray start --head` hung for 120s:\n{self.start_output[-3000:]}") from None
+        if proc.returncode != 0:
+            output = self.start_output[-3000:]
+            raise AssertionError(f"`ray start --head` failed ({proc.returncode}):\n{output}\n{self.logs()}")
+
+    def ray(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        """Run the ray CLI against this head."""
+        return subprocess.run(
+            [RAY_BIN, *args], env=self.env, cwd=self.root, capture_output=True, text=True, timeout=timeout
+        )
+
+    def wait_for_job_server(self, timeout: float = 90) -> None:
+        """Poll ``ray job list`` until the job server (dashboard + agent) answers."""
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            last = self.ray("job", "list", "--address", self.address, timeout=30)
+            if last.returncode == 0:
+                return
+            time.sleep(1)
+        error = last.stderr[-2000:] if last else ""
+        raise AssertionError(f"job server at {self.address} never answered: {error}\n{self.logs()}")
+
+    def logs(self, names: tuple[str, ...] = ("dashboard.log", "dashboard_agent.log", "dashboard_JobHead.log")) -> str:
+        """The tails of the head's main log files (for failure messages)."""
+        out = []
+        logs = os.path.join(self.temp_dir, "session_latest", "logs")
+        for name in names:
+            path = os.path.join(logs, name)
+            if os.path.exists(path):
+                out.append(f"--- {name}\n" + Path(path).read_text(errors="replace")[-2000:])
+        return "\n".join(out)
+
+    def processes(self) -> list[int]:
+        """Live pids of this head: its process group, plus anything naming our private directory."""
+        found = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) == os.getpid():
+                continue
+            pid = int(entry)
+            try:
+                with open(f"/proc/{pid}/stat", "rb") as f:
+                    if f.read().rsplit(b")", 1)[1].split()[0] == b"Z":
+                        continue  # a zombie is dead already
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmdline = f.read().decode(errors="replace")
+                ours = (self.pgid is not None and os.getpgid(pid) == self.pgid) or self.root + "/" in cmdline
+            except (FileNotFoundError, ProcessLookupError, PermissionError, IndexError):
+                continue
+            if ours:
+                found.append(pid)
+        return found
+
+    def _signal(self, pids: list[int], sig: int) -> None:
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def stop(self, grace_s: float = 20) -> list[int]:
+        """Terminate exactly this head's processes (SIGTERM, then SIGKILL); returns survivors' pids."""
+        self._signal(self.processes(), signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while self.processes() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        self._signal(self.processes(), signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while self.processes() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return self.processes()
+
+
+def _job_status(head: LocalHead, job_id: str) -> str:
+    """The job's status as `ray job status` prints it (terminal states as words, others verbatim)."""
+    out = head.ray("job", "status", job_id, "--address", head.address)
+    text = out.stdout + out.stderr
+    final = re.search(r"Job '[^']+' (succeeded|failed|was stopped)", text)
+    if final:
+        return {"succeeded": "SUCCEEDED", "failed": "FAILED", "was stopped": "STOPPED"}[final.group(1)]
+    match = re.search(r"Status for job '[^']+': (?:JobStatus\.)?(\w+)", text)
+    return match.group(1) if match else f"UNKNOWN ({text[-500:]})"
+
+
+def test_ray_job_submit_runs_the_training_job_and_commits_checkpoints(run_name: str) -> None:
+    """`ray job submit` of cluster/train_job.py on a local head commits checkpoints and the index."""
+    import ray
+
+    before = _file_state(DEFAULT_ADDRESS_FILE)
+    root = tempfile.mkdtemp(prefix="rck-", dir="/tmp")
+    head = LocalHead(root)
+    try:
+        head.start()
+        # `ray start --temp-dir` records its address in that temp dir, never in /tmp/ray
+        assert Path(head.temp_dir, "ray_current_cluster").read_text().strip().endswith(f":{head.gcs_port}")
+        assert _file_state(DEFAULT_ADDRESS_FILE) == before
+        assert "RAY_ADDRESS" not in os.environ
+        head.wait_for_job_server()
+
+        storage = os.path.join(root, "ckpt")
+        job_id = f"ray-ckpt-{run_name}"
+        submit = head.ray(
+            "job", "submit", "--address", head.address, "--submission-id", job_id, "--no-wait", "--",
+            sys.executable, str(REPO / "cluster" / "train_job.py"),
+            "--storage", storage, "--run-name", run_name, "--steps", "4",
+        )
+        assert submit.returncode == 0, submit.stdout + submit.stderr + head.logs()
+
+        deadline = time.monotonic() + JOB_TIMEOUT_S
+        status = _job_status(head, job_id)
+        while status not in ("SUCCEEDED", "FAILED", "STOPPED") and time.monotonic() < deadline:
+            time.sleep(2)
+            status = _job_status(head, job_id)
+        logs = head.ray("job", "logs", job_id, "--address", head.address)
+        assert status == "SUCCEEDED", f"job {job_id}: {status}\n{logs.stdout[-4000:]}{logs.stderr[-2000:]}"
+        assert "Top checkpoints of run" in logs.stdout
+
+        store = CheckpointStore(storage, run_name=run_name)
+        infos = store.list()
+        assert [i.step for i in infos] == [2, 4]  # save_interval_steps=2 over 4 steps
+        assert all(i.world_size == 2 for i in infos)
+        assert os.path.exists(os.path.join(storage, run_name, "index.parquet"))
+        for info in infos:
+            store.verify(info.step)
+            assert "eval/return" in info.metrics  # the job's eval actor followed the run
+        assert set(store.load(4)) >= {"proj.weight", "towers.0.1.weight", "towers.1.1.weight"}
+    finally:
+        survivors = head.stop()
+        shutil.rmtree(root, ignore_errors=True)
+    assert not survivors, f"head processes survived: {survivors}"
+    assert not head.processes()
+    assert _file_state(DEFAULT_ADDRESS_FILE) == before
+
+    # the session's own Ray was left alone
+    assert ray.is_initialized()
+    assert ray.get(ray.remote(lambda: 41 + 1).remote(), timeout=60) == 42
