@@ -59,7 +59,11 @@ class Storage:
     ) -> None:
         self.uri = normalize_storage_uri(uri)
         self.storage_options = dict(storage_options or {})
-        self.fs, root = fsspec.core.url_to_fs(self.uri, **self.storage_options)
+        # No listings cache: other processes commit, overwrite and delete checkpoints, and a cached
+        # listing (s3fs fills it from every ls/glob, with sizes and ETags) would hide new markers
+        # and report stale sizes, or fail reads of replaced objects. The user may still opt in.
+        fs_options = {"use_listings_cache": False, **self.storage_options}
+        self.fs, root = fsspec.core.url_to_fs(self.uri, **fs_options)
         self.root = root.rstrip("/") or "/"
         self.is_local = isinstance(self.fs, LocalFileSystem)
         self.retries = retries
