@@ -74,10 +74,19 @@ def s3_bucket(s3_endpoint: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]
 
     # s3fs caches filesystem instances (and their listings) by options: start every test clean.
     s3fs.S3FileSystem.clear_instance_cache()
+    import boto3
+
     options = s3_endpoint["storage_options"]
     bucket = f"test-{uuid.uuid4().hex[:16]}"
+    # boto3, not s3fs.mkdir: s3fs sends a LocationConstraint that us-east-1 refuses.
+    boto3.client(
+        "s3",
+        endpoint_url=s3_endpoint["url"],
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    ).create_bucket(Bucket=bucket)
     fs = s3fs.S3FileSystem(skip_instance_cache=True, **options)
-    fs.mkdir(bucket)
     try:
         yield f"s3://{bucket}", dict(options)
     finally:
