@@ -193,6 +193,17 @@ def fail_fast(store: TieredCheckpointStore) -> None:
     store.remote.storage.fs.retries = 1
 
 
+@pytest.fixture
+def closing() -> Any:
+    """Stores to close at teardown without waiting (no upload thread outlives a failed test)."""
+    stores: list[Any] = []
+    yield stores
+    for store in stores:
+        for event in getattr(store, "_test_events", ()):
+            event.set()
+        store.close(wait=False)
+
+
 def _raw_listing(endpoint: StoppableS3, prefix: str) -> list[str]:
     import s3fs
 
@@ -201,7 +212,7 @@ def _raw_listing(endpoint: StoppableS3, prefix: str) -> list[str]:
 
 
 def test_endpoint_stopped_mid_upload_retries_and_never_shows_a_partial_checkpoint(
-    stoppable_s3: StoppableS3, tmp_path: Path
+    stoppable_s3: StoppableS3, tmp_path: Path, closing: list[Any]
 ) -> None:
     s3 = stoppable_s3
     cfg = CheckpointConfig(
@@ -209,6 +220,7 @@ def test_endpoint_stopped_mid_upload_retries_and_never_shows_a_partial_checkpoin
         storage_options=s3.options, keep_last_n=2,
     )
     store = TieredCheckpointStore(cfg, upload_retries=6, upload_backoff_s=0.1, max_backoff_s=0.5)
+    closing.append(store)
     fail_fast(store)
     assert store.save_and_upload(1, state(1.0)).result(timeout=30).endswith("step_000000001")
 
@@ -226,6 +238,7 @@ def test_endpoint_stopped_mid_upload_retries_and_never_shows_a_partial_checkpoin
     # Attempt 2 of step 2 waits until the test has looked at the remote and lets it go.
     attempts: list[int] = []
     retry_waiting, go = threading.Event(), threading.Event()
+    store._test_events = [go]  # type: ignore[attr-defined]
     original_once = store._upload_once
 
     def gated_once(step: int) -> str:
@@ -274,7 +287,7 @@ def test_endpoint_stopped_mid_upload_retries_and_never_shows_a_partial_checkpoin
 
 
 def test_upload_that_keeps_failing_removes_nothing_local_and_resumes_later(
-    stoppable_s3: StoppableS3, tmp_path: Path
+    stoppable_s3: StoppableS3, tmp_path: Path, closing: list[Any]
 ) -> None:
     s3 = stoppable_s3
     cfg = CheckpointConfig(
@@ -282,6 +295,7 @@ def test_upload_that_keeps_failing_removes_nothing_local_and_resumes_later(
         storage_options=s3.options, keep_last_n=1,
     )
     store = TieredCheckpointStore(cfg, upload_retries=1, upload_backoff_s=0.05)
+    closing.append(store)
     fail_fast(store)
     s3.stop()
     store.save(1, state(1.0))
@@ -299,6 +313,7 @@ def test_upload_that_keeps_failing_removes_nothing_local_and_resumes_later(
     assert not [r for r in raw if r.endswith(MARKER_FILE)]
     # A new process resumes the uploads of every local step without a committed remote copy.
     resumed = TieredCheckpointStore(cfg, upload_backoff_s=0.05)
+    closing.append(resumed)
     assert sorted(resumed.wait_for_uploads(timeout=60)) == [1, 2]
     assert [(i.step, i.durability) for i in resumed.list()] == [(2, ["local", "remote"])]
     assert resumed.not_uploaded_steps() == set()
