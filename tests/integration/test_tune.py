@@ -256,3 +256,54 @@ def test_pbt_exploit_restores_the_donor_trial_weights_from_ray_ckpt(tmp_path: Pa
     assert steps_after == sorted(set(steps_after)) and steps_after[-1] == steps
     assert own.latest() is not None and own.latest().step == steps
     assert not torch.equal(own.load(steps)["weight"], own.load(2)["weight"])  # lr 0.0 before: only the clone moved it
+
+
+def test_pointer_checkpoints_round_trip_and_leave_secrets_out(tmp_path: Path) -> None:
+    """Pointers name the committed step, never carry credentials, and refuse what is not a pointer."""
+    import ray.train
+
+    from ray_ckpt.integrations import (
+        POINTER_FILE,
+        load_from_ray_checkpoint,
+        read_pointer,
+        report,
+        resume_step,
+        to_ray_checkpoint,
+    )
+
+    store = CheckpointStore(str(tmp_path / "ckpt"), run_name="r")
+    assert resume_step(store.config, None) == 0
+    info = store.save(3, {"w": torch.arange(4.0)}, trainer_state={"optimizer": {"lr": torch.tensor(0.5)}})
+    checkpoint = to_ray_checkpoint(info, store.config, directory=str(tmp_path / "p1"))
+    assert isinstance(checkpoint, ray.train.Checkpoint)
+    step, state, trainer_state = load_from_ray_checkpoint(checkpoint)
+    assert step == 3 and torch.equal(state["w"], torch.arange(4.0))
+    assert float(trainer_state["optimizer"]["lr"]) == 0.5
+    assert resume_step(store.config, 1) == 4  # another run's older step: numbering goes on past our latest
+
+    secret_config = store.config.replace(
+        storage_options={
+            "key": "AKIAEXAMPLE",
+            "secret": "hunter2",
+            "token": "tok-9f8e7d",
+            "anon": False,
+            "client_kwargs": {"endpoint_url": "http://127.0.0.1:9000", "aws_secret_access_key": "hunter2"},
+        }
+    )
+    pointer_dir = tmp_path / "p2"
+    pointer = read_pointer(to_ray_checkpoint(info, secret_config, directory=str(pointer_dir)))
+    raw = (pointer_dir / POINTER_FILE).read_text()
+    assert "hunter2" not in raw and "AKIAEXAMPLE" not in raw and "tok-9f8e7d" not in raw
+    assert pointer["storage_options"] == {"anon": False, "client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}
+    assert (pointer["run_name"], pointer["step"], pointer["uri"]) == ("r", 3, info.uri)
+    assert pointer["storage_uri"].startswith("file://")
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="not a ray-ckpt pointer"):
+        read_pointer(ray.train.Checkpoint.from_directory(str(tmp_path / "empty")))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / POINTER_FILE).write_text('{"format": "something-else"}')
+    with pytest.raises(ValueError, match="not a ray-ckpt pointer"):
+        read_pointer(ray.train.Checkpoint.from_directory(str(tmp_path / "other")))
+    with pytest.raises(RuntimeError, match="not inside a Ray Tune trial or a Ray Train worker"):
+        report({"loss": 1.0}, info, store.config)
