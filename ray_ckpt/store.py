@@ -783,8 +783,14 @@ class CheckpointStore:
             keep.update(r.step for r in records[-cfg.keep_last_n :])
         if cfg.keep_period:
             keep.update(r.step for r in records if r.step % cfg.keep_period == 0)
+        if cfg.keep_top_k and not cfg.metric_name:
+            logger.warning(
+                "retention: keep_top_k=%d but the run has no metric_name: no step is ever best, "
+                "steps are kept only by keep_last_n/keep_period/leases and the latest",
+                cfg.keep_top_k,
+            )
         if cfg.keep_top_k and cfg.metric_name:
-            keep.update(r.step for r in self.index.top_k(cfg.keep_top_k))
+            keep.update(r.step for r in self.index.top_k(cfg.keep_top_k, cfg.metric_name, cfg.mode))
             unranked = [r.step for r in records if rankable(r.metrics.get(cfg.metric_name)) is None]
             if unranked:
                 logger.info(
