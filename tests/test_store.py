@@ -650,6 +650,23 @@ def test_retention_logs_unranked_steps(tmp_run: Any, caplog: pytest.LogCaptureFi
     assert any("never best" in r.getMessage() and "[1]" in r.getMessage() for r in caplog.records)
 
 
+def test_keep_top_k_without_a_metric_says_so(tmp_run: Any, caplog: pytest.LogCaptureFixture) -> None:
+    store = tmp_run(keep_top_k=2)
+    caplog.set_level("INFO", logger="ray_ckpt.store")
+    for step in (1, 2, 3):
+        store.save(step, {"w": torch.ones(1)}, metrics={"loss": float(step)})
+    assert steps_of(store.list()) == [3]  # nothing is ranked without a metric: only the latest stays
+    assert any("no metric_name" in r.getMessage() for r in caplog.records)
+
+
+def test_retention_follows_a_changed_config(tmp_run: Any) -> None:
+    store = tmp_run(metric_name="loss", mode="min")
+    for step, loss in enumerate([0.1, 0.9, 0.5, 0.3], start=1):
+        store.save(step, {"w": torch.ones(1)}, metrics={"loss": loss})
+    store.config = store.config.replace(keep_top_k=1, mode="max")
+    assert store.retention_plan() == ([2, 4], [1, 3])
+
+
 # ---------------------------------------------------------------------------------------------
 # The run index snapshot.
 # ---------------------------------------------------------------------------------------------
