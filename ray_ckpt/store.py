@@ -841,14 +841,26 @@ class CheckpointStore:
         return removed
 
     def _age(self, path: str, now: float) -> float:
+        """Seconds since anything under ``path`` last changed (inf when unknown).
+
+        A directory counts as young while any file in it is: object stores have no directory
+        mtimes, and locally a shard still being streamed does not touch its directory's mtime.
+        """
+        fs, full = self.storage.fs, self.storage.full_path(path)
         try:
-            info = self.storage.fs.info(self.storage.full_path(path))
+            infos = [fs.info(full)]
+            if infos[0].get("type") == "directory":
+                infos += list(fs.find(full, withdirs=True, detail=True).values())
+        except (OSError, ValueError, TypeError):
+            return float("inf")
+        times = []
+        for info in infos:
             mtime = info.get("mtime") or info.get("LastModified") or info.get("created")
             if hasattr(mtime, "timestamp"):
                 mtime = mtime.timestamp()
-            return now - float(mtime) if mtime else float("inf")
-        except (OSError, ValueError, TypeError):
-            return float("inf")
+            if isinstance(mtime, (int, float)) and not isinstance(mtime, bool):
+                times.append(float(mtime))
+        return now - max(times) if times else float("inf")
 
     # -- leases -------------------------------------------------------------------------------
     def acquire_lease(self, step: int, ttl_s: float, holder: str = "") -> str:
