@@ -415,6 +415,11 @@ def test_uncommitted_step_is_invisible_and_collected(store: CheckpointStore) -> 
     assert leftover.exists()
     assert store.gc(older_than_s=3600) == ["checkpoints/step_000000001/.checkpoint.json.tmp-abc123"]
     assert leftover.exists()
+    # a directory is as young as its newest file (a shard still being streamed keeps it young)
+    for p in (*leftover.iterdir(), leftover, junk, *junk.iterdir()):
+        os.utime(p, (1_000_000, 1_000_000))
+    os.utime(next(leftover.iterdir()), None)
+    assert store.gc(older_than_s=3600, dry_run=True) == ["checkpoints/step_000000003"]
     removed = store.gc()
     assert sorted(removed) == ["checkpoints/step_000000002", "checkpoints/step_000000003"]
     assert on_disk_steps(store) == [1]
