@@ -74,6 +74,7 @@ class RunDir:
 
     @property
     def checkpoints_uri(self) -> str:
+        """The URI of the run's ``checkpoints/`` directory."""
         return self.storage.url("checkpoints")
 
     # -- config -------------------------------------------------------------------------------
@@ -99,6 +100,7 @@ class RunDir:
         return info
 
     def load(self, step: Selector = "latest", **kwargs: Any) -> dict[str, Any]:
+        """Load a checkpoint of the run (``latest`` by default)."""
         return self.store.load(step, **kwargs)
 
     def update_best(self) -> int | None:

@@ -105,6 +105,7 @@ class TieredCheckpointStore:
 
     @property
     def run_name(self) -> str:
+        """The run's name (the same on both tiers)."""
         return self.config.run_name
 
     @property
@@ -368,6 +369,7 @@ class TieredCheckpointStore:
         return index
 
     def latest(self) -> CheckpointInfo | None:
+        """The newest checkpoint on either tier (None when there is none)."""
         return self.index().latest()
 
     def best(self, metric: str | None = None, mode: str | None = None) -> CheckpointInfo | None:

@@ -94,22 +94,27 @@ class NeMoCheckpointManager:
 
     @property
     def enabled(self) -> bool:
+        """NeMo's ``enabled``: whether the trainer should checkpoint at all."""
         return self.config.enabled
 
     @property
     def metric_name(self) -> str | None:
+        """The training_info entry checkpoints are ranked by."""
         return self.config.metric_name
 
     @property
     def higher_is_better(self) -> bool:
+        """NeMo's name for ``mode == 'max'``."""
         return self.config.mode == "max"
 
     @property
     def keep_top_k(self) -> int | None:
+        """How many best checkpoints retention keeps."""
         return self.config.keep_top_k
 
     @property
     def save_period(self) -> int:
+        """NeMo's name for ``save_interval_steps``."""
         return self.config.save_interval_steps
 
     def should_save(self, step: int) -> bool:
