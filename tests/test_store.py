@@ -952,3 +952,18 @@ def test_config_object_and_overrides(tmp_path: Path) -> None:
     assert steps_of(store.list()) == [2, 3]
     file_store = CheckpointStore(f"file://{tmp_path}", run_name="cfgrun")
     assert steps_of(file_store.list()) == [2, 3]
+
+
+def test_hugging_face_loads_the_pt_format(tmp_run: Any, gpt2: Any) -> None:
+    import transformers
+    from transformers.trainer_utils import load_sharded_checkpoint
+
+    store = tmp_run(max_shard_size=20_000, checkpoint_format="pt")
+    sd = gpt2.state_dict()
+    store.save(1, sd)
+    assert len([p for p in sdir(store, 1).iterdir() if p.name.startswith("pytorch_model-")]) >= 4
+    model2 = transformers.GPT2LMHeadModel(gpt2.config).eval()
+    result = load_sharded_checkpoint(model2, str(sdir(store, 1)), strict=False, prefer_safe=False)
+    assert list(result.missing_keys) == ["lm_head.weight"]  # tied: stored once, as in the safetensors case
+    for key, value in model2.state_dict().items():
+        assert torch.equal(value, sd[key]), key
