@@ -156,7 +156,9 @@ scalars = st.one_of(
     st.text(max_size=8),
     st.binary(max_size=8),
 )
-keys = st.one_of(st.text(max_size=6), st.integers(-5, 5))
+keys = st.one_of(
+    st.text(max_size=6), st.integers(-5, 5), st.none(), st.booleans(), st.floats(allow_nan=False, allow_infinity=False)
+)
 values = st.recursive(
     st.one_of(scalars, tensors()),
     lambda children: st.one_of(
