@@ -14,7 +14,6 @@ from ray_ckpt import CheckpointStore
 from ray_ckpt.byo import PendingCheckpoint, checkpoint_files, read_training_info
 from ray_ckpt.errors import CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError
 from ray_ckpt.store import MARKER_FILE, step_dir
-from tests.test_tiered import s3_bucket_for
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
@@ -33,7 +32,7 @@ def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
     if request.param == "local":
         root, options = str(tmp_path / "runs"), {}
     else:
-        root, options = s3_bucket_for(request)
+        root, options = request.getfixturevalue("s3_bucket")
 
     def make(**kwargs: Any) -> CheckpointStore:
         return CheckpointStore(root, run_name="byo", storage_options=options, **kwargs)

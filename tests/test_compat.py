@@ -13,7 +13,6 @@ from ray_ckpt.compat import MettaCheckpointManager, NeMoCheckpointManager, confi
 from ray_ckpt.compat.metta import CheckpointManager
 from ray_ckpt.errors import ConfigError
 from ray_ckpt.mock_models import TinyPolicy
-from tests.test_tiered import s3_bucket_for
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -21,7 +20,7 @@ def storage(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, dict[s
     """``(storage root, storage options, is_remote)``: a local directory or a bucket on the loopback S3."""
     if request.param == "local":
         return str(tmp_path / "store"), {}, False
-    bucket, options = s3_bucket_for(request)
+    bucket, options = request.getfixturevalue("s3_bucket")
     return f"{bucket}/ckpts", options, True
 
 
@@ -102,7 +101,7 @@ def metta(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
     if request.param == "local":
         storage_uri, remote_uri, options = str(tmp_path / "train_dir"), None, {}
     else:
-        bucket, options = s3_bucket_for(request)
+        bucket, options = request.getfixturevalue("s3_bucket")
         if request.param == "s3":
             storage_uri, remote_uri = f"{bucket}/train_dir", None
         else:

@@ -13,7 +13,6 @@ import torch
 import ray_ckpt
 from ray_ckpt import CheckpointStore
 from ray_ckpt.errors import CheckpointNotFoundError, ConfigError
-from tests.test_tiered import s3_bucket_for
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -21,7 +20,7 @@ def directory(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, dict
     """A run directory (``<storage>/<run>``) and its storage options."""
     if request.param == "local":
         return str(tmp_path / "ckpts" / "agent"), {}
-    bucket, options = s3_bucket_for(request)
+    bucket, options = request.getfixturevalue("s3_bucket")
     return f"{bucket}/ckpts/agent", options
 
 

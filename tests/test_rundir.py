@@ -14,14 +14,13 @@ import torch
 from ray_ckpt import CheckpointStore
 from ray_ckpt.errors import CheckpointNotFoundError
 from ray_ckpt.rundir import BEST_POINTER, RunDir
-from tests.test_tiered import s3_bucket_for
 
 
 @pytest.fixture(params=["local", "s3"])
 def root(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, dict[str, Any]]:
     if request.param == "local":
         return str(tmp_path / "runs"), {}
-    bucket, options = s3_bucket_for(request)
+    bucket, options = request.getfixturevalue("s3_bucket")
     return f"{bucket}/runs", options
 
 

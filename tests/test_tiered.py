@@ -18,36 +18,6 @@ from ray_ckpt.store import MARKER_FILE, step_dir
 from ray_ckpt.tiered import UPLOADED_FILE, TieredCheckpointStore, UploadError
 
 
-def s3_bucket_for(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
-    """conftest's ``s3_bucket``: ``("s3://<bucket>", storage_options)`` on the loopback endpoint.
-
-    Its bucket creation sends ``LocationConstraint=us-east-1`` (s3fs adds the client's region),
-    which S3 and moto reject; until that is fixed there, make the bucket here on the same endpoint.
-    """
-    try:
-        return request.getfixturevalue("s3_bucket")
-    except OSError as exc:
-        if "location-constraint" not in str(exc).lower():
-            raise
-    import s3fs
-
-    options = dict(request.getfixturevalue("s3_endpoint")["storage_options"])
-    s3fs.S3FileSystem.clear_instance_cache()
-    fs = s3fs.S3FileSystem(skip_instance_cache=True, **options)
-    bucket = f"test-{uuid.uuid4().hex[:16]}"
-    fs.call_s3("create_bucket", Bucket=bucket)
-
-    def drop() -> None:
-        try:
-            fs.rm(bucket, recursive=True)
-        except Exception:  # best effort: the server goes away with the session anyway
-            pass
-        s3fs.S3FileSystem.clear_instance_cache()
-
-    request.addfinalizer(drop)
-    return f"s3://{bucket}", options
-
-
 def state(value: float) -> dict[str, torch.Tensor]:
     return {"w": torch.full((4, 4), value), "b": torch.arange(3, dtype=torch.float32) + value}
 
@@ -57,7 +27,7 @@ def remote(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, dict[st
     """The remote tier: another local directory, or a bucket prefix on the loopback S3 endpoint."""
     if request.param == "local":
         return f"file://{tmp_path / 'remote'}", {}
-    bucket, options = s3_bucket_for(request)
+    bucket, options = request.getfixturevalue("s3_bucket")
     return f"{bucket}/prefix", options
 
 
