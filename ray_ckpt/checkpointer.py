@@ -199,12 +199,7 @@ class Checkpointer:
         Blocks (back-pressure) while ``max_pending_saves`` steps are already in flight.
         """
         pending = await self._join(step, report.rank, report.world_size, "gather", overwrite)
-        if report.rank in pending.reports:
-            raise ValueError(f"step {step}: rank {report.rank} reported twice")
-        pending.reports[report.rank] = report
-        if len(pending.reports) == pending.world_size:
-            asyncio.get_running_loop().create_task(self._finish(pending))
-        return {"step": step, "accepted": True}
+        return self._accept(pending, report)
 
     async def plan_direct(
         self, step: int, rank: int, world_size: int, state: RankState, overwrite: bool = False
@@ -237,12 +232,16 @@ class Checkpointer:
         pending = self._pending.get(step)
         if pending is None:
             raise SaveAbortedError(self._aborted.get(step, f"step {step}: no save in progress"))
+        return self._accept(pending, report)
+
+    def _accept(self, pending: _PendingStep, report: RankReport) -> dict[str, Any]:
+        """Record a rank's report; the last rank in starts the commit."""
         if report.rank in pending.reports:
-            raise ValueError(f"step {step}: rank {report.rank} reported twice")
+            raise ValueError(f"step {pending.step}: rank {report.rank} reported twice")
         pending.reports[report.rank] = report
         if len(pending.reports) == pending.world_size:
             asyncio.get_running_loop().create_task(self._finish(pending))
-        return {"step": step, "accepted": True}
+        return {"step": pending.step, "accepted": True}
 
     async def abort_step(self, step: int, reason: str) -> None:
         """Abort a step from outside (e.g. a rank whose write failed)."""
