@@ -158,13 +158,24 @@ class Storage:
             return
         directory, name = posixpath.split(path)
         tmp = posixpath.join(directory, temp_name(name))
-        self.write_bytes(tmp, data)
+        try:
+            self.write_bytes(tmp, data)
+        except BaseException:
+            self._discard(tmp)  # e.g. ENOSPC mid-write: a partial temp file must not stay behind
+            raise
         try:
             os.replace(self.full_path(tmp), self.full_path(path))
         except OSError as exc:
             self.rm(tmp, missing_ok=True)
             raise StorageError(exc.errno or errno.EIO, f"rename failed for {self.url(path)}: {exc}") from exc
         self.fsync_dir(directory)
+
+    def _discard(self, path: str) -> None:
+        """Best-effort removal of a temp file after a failed write (never masks that failure)."""
+        try:
+            self.rm(path, missing_ok=True)
+        except OSError as exc:
+            logger.warning("storage: could not remove %s after a failed write: %s", path, exc)
 
     def fsync_dir(self, path: str = "") -> None:
         """fsync a directory so that renames and new entries in it are durable (local only)."""
