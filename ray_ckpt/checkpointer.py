@@ -347,8 +347,14 @@ class Checkpointer:
             if pending.mode == "gather":
                 arrays = {}
                 for rank, report in pending.reports.items():
-                    model = await report.model_ref[0] if report.model_ref else {}
-                    trainer = await report.trainer_ref[0] if report.trainer_ref else {}
+                    try:
+                        model = await report.model_ref[0] if report.model_ref else {}
+                        trainer = await report.trainer_ref[0] if report.trainer_ref else {}
+                    except ray.exceptions.ObjectLostError as exc:  # incl. OwnerDiedError: its node died
+                        raise SaveAbortedError(
+                            f"step {pending.step}: rank {rank}'s state was lost before the checkpointer fetched it "
+                            f"({type(exc).__name__}: the rank's process or node died); nothing was committed"
+                        ) from exc
                     arrays[rank] = (model, trainer)
                 info, deleted = await loop.run_in_executor(self._writer, self._write_gathered, pending, arrays)
             else:
