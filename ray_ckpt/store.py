@@ -284,7 +284,10 @@ class StepWriter:
 
     def __exit__(self, exc_type: Any, *_: Any) -> None:
         if exc_type is not None:
-            self.abort()
+            try:
+                self.abort()
+            except OSError as exc:  # e.g. the endpoint is down: keep the save's own error, gc() cleans up later
+                logger.warning("could not remove the aborted %s (gc() will): %s", self.dir, exc)
 
 
 def write_small_file(storage: Storage, directory: str, name: str, data: bytes) -> FileDigest:
