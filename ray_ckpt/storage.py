@@ -210,7 +210,7 @@ class Storage:
         """Open a file for reading (random access supported)."""
         f = self._call("open", path, lambda: self.fs.open(self.full_path(path), "rb", **kwargs))
         try:
-            yield f
+            yield f if self.is_local else _RetryingReader(self, path, f)  # type: ignore[misc]
         finally:
             f.close()
 
@@ -264,3 +264,39 @@ class Storage:
         )
         self._invalidate(src)
         self._invalidate(dst)
+
+
+class _RetryingReader:
+    """A remote file opened for reading whose reads get the storage's retries and StorageError.
+
+    Each read of an object-store file is a ranged GET that can be throttled or fail like any
+    other request; a failed read leaves the position unchanged, so it is simply retried there.
+    """
+
+    def __init__(self, storage: Storage, path: str, f: IO[bytes]) -> None:
+        self._storage = storage
+        self._path = path
+        self._f = f
+
+    def _at(self, position: int, fn: Callable[[], T]) -> T:
+        def attempt() -> T:
+            self._f.seek(position)
+            return fn()
+
+        return self._storage._call("read", self._path, attempt)
+
+    def read(self, size: int = -1) -> bytes:
+        return self._at(self._f.tell(), lambda: self._f.read(size))
+
+    def readinto(self, buffer: Any) -> int:
+        return self._at(self._f.tell(), lambda: self._f.readinto(buffer))  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
+
+    def __enter__(self) -> _RetryingReader:
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self._f.close()
+
