@@ -324,7 +324,7 @@ def s3_options(url: str) -> dict[str, Any]:
         "key": "testing",
         "secret": "testing",
         "client_kwargs": {"endpoint_url": url, "region_name": "us-east-1"},
-        "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 2, "read_timeout": 10},
+        "config_kwargs": {"retries": {"total_max_attempts": 1}, "connect_timeout": 2, "read_timeout": 10},
     }
 
 
@@ -446,6 +446,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
     """Reads a request whole, then injects a fault or relays it to the upstream server."""
 
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
         logger.debug("proxy: " + format, *args)
