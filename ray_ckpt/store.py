@@ -7,6 +7,7 @@ Layout (a contract; the CLI, eval workers and other tools read it directly)::
     <storage>/<run>/checkpoints/step_<step:09d>/{model*.safetensors, model.safetensors.index.json,
                                                  trainer_state.safetensors, trainer_state.json,
                                                  checkpoint.json}      # the marker, written LAST
+    <storage>/<run>/checkpoints/step_<step:09d>/.retiring          # while retention deletes the step
     <storage>/<run>/index.parquet
     <storage>/<run>/leases/step_<step:09d>.<lease_id>.json
 """
@@ -69,6 +70,7 @@ CHECKPOINTS_DIR = "checkpoints"
 LEASES_DIR = "leases"
 MARKER_FILE = "checkpoint.json"
 EVAL_FILE = "eval_metrics.json"
+RETIRING_FILE = ".retiring"  # retention's tombstone: the step is being deleted, no new leases
 INDEX_SNAPSHOT = "index.parquet"
 TRAINER_TENSORS = "trainer_state.safetensors"
 TRAINER_JSON = "trainer_state.json"
@@ -808,11 +810,27 @@ class CheckpointStore:
         """Delete the checkpoints no rule keeps; leased steps are protected. Returns the deleted."""
         leased = set(self.leased_steps()) if protected is None else set(protected)
         _, doomed = self.retention_plan(leased)
-        for step in doomed:
-            self.delete(step)
-        if doomed:
-            logger.info("retention deleted steps %s of %s", doomed, self.run_name)
-        return doomed
+        deleted = [step for step in doomed if self._retire(step)]
+        if deleted:
+            logger.info("retention deleted steps %s of %s", deleted, self.run_name)
+        return deleted
+
+    def _retire(self, step: int) -> bool:
+        """Delete a step retention doomed unless a lease on it appeared meanwhile; True if deleted.
+
+        The leases were read before deciding, and a reader may have leased the step since. So a
+        tombstone goes up first and the leases are read again: a lease written before the
+        tombstone is seen here (the step is kept), and a reader that leases after it sees the
+        tombstone and is refused (see :meth:`acquire_lease`). Either way no granted lease is lost.
+        """
+        tombstone = f"{step_dir(step)}/{RETIRING_FILE}"
+        self.storage.write_bytes(tombstone, b"")
+        if step in self.leased_steps():
+            self.storage.rm(tombstone, missing_ok=True)
+            logger.info("retention kept step %d of %s: it was leased while retention decided", step, self.run_name)
+            return False
+        self.delete(step)
+        return True
 
     def gc(self, *, dry_run: bool = False, older_than_s: float = 0.0) -> list[str]:
         """Remove leftovers of crashed saves: step dirs without a marker, temp files, expired leases.
@@ -827,7 +845,7 @@ class CheckpointStore:
             step = parse_step_dir(name)
             if step is not None and self.storage.exists(f"{path}/{MARKER_FILE}"):
                 for inner in self.storage.list_names(path):
-                    if is_temp_name(inner):
+                    if is_temp_name(inner) or inner == RETIRING_FILE:  # a tombstone outlives only a crash
                         removed.append(f"{path}/{inner}")
                 continue
             if older_than_s and self._age(path, now) < older_than_s:
@@ -871,9 +889,13 @@ class CheckpointStore:
         step = _validate_step(step)
         lease_id = uuid.uuid4().hex[:16]
         self._write_lease(step, lease_id, ttl_s, holder)
+        # Written first, checked second: retention either sees this lease or we see its tombstone.
         if not self.storage.exists(f"{step_dir(step)}/{MARKER_FILE}"):
             self.release_lease(step, lease_id)
             raise CheckpointNotFoundError(f"run {self.run_name!r} has no committed step {step} to lease")
+        if self.storage.exists(f"{step_dir(step)}/{RETIRING_FILE}"):
+            self.release_lease(step, lease_id)
+            raise CheckpointNotFoundError(f"step {step} of run {self.run_name!r} is being deleted by retention")
         return lease_id
 
     def renew_lease(self, step: int, lease_id: str, ttl_s: float, holder: str = "") -> None:
