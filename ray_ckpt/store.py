@@ -15,6 +15,7 @@ Layout (a contract; the CLI, eval workers and other tools read it directly)::
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import io
 import json
 import logging
@@ -23,7 +24,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -640,11 +641,16 @@ class CheckpointStore:
         if manifest.kind != "state_dict":
             raise ValueError(f"step {step} holds trainer-written files (kind {manifest.kind!r}); use its path instead")
         verify = self.config.verify_on_load if verify is None else verify
-        model = manifest.model
-        aliases: dict[str, str] = dict(model.get("aliases") or {})
-        index_name = model.get("index")
-        if not index_name:
+        if not manifest.model.get("index"):
             raise CorruptCheckpointError(f"{step_dir(step)}/{MARKER_FILE}: no model index recorded")
+        with self._unchanged(manifest):
+            return self._load_state(manifest, keys, verify)
+
+    def _load_state(self, manifest: Manifest, keys: Iterable[str] | None, verify: bool) -> dict[str, Any]:
+        """The tensors of a committed step's model (the body of :meth:`load`)."""
+        step, model = manifest.step, manifest.model
+        aliases: dict[str, str] = dict(model.get("aliases") or {})
+        index_name = model["index"]
         weight_map = parse_hf_index(self._read_file(manifest, index_name, verify=verify), name=f"{step_dir(step)}/{index_name}")
         keys = None if keys is None else list(keys)  # any iterable (a generator is read only once)
         wanted = None if keys is None else [aliases.get(k, k) for k in keys]
@@ -718,9 +724,36 @@ class CheckpointStore:
         if not manifest.trainer_state:
             return None
         verify = self.config.verify_on_load
-        payload = json.loads(self._read_file(manifest, TRAINER_JSON, verify=verify))
-        tensors = self._load_shard(manifest, TRAINER_TENSORS, None, verify=verify)
+        with self._unchanged(manifest):
+            payload = json.loads(self._read_file(manifest, TRAINER_JSON, verify=verify))
+            tensors = self._load_shard(manifest, TRAINER_TENSORS, None, verify=verify)
         return unflatten_state(tensors, payload.get("structure"), payload.get("aliases") or {})
+
+    @contextlib.contextmanager
+    def _unchanged(self, manifest: Manifest) -> Iterator[None]:
+        """Fail a read whose step was deleted or replaced while it ran (its files may be a mix).
+
+        A replacement (``overwrite=True``) deletes the marker before any new file appears, so a
+        read that saw a new file finds the marker missing or different afterwards. Checked after
+        the read, and on a corruption error (a replaced file fails its checksum).
+        """
+        try:
+            yield
+        except (CorruptCheckpointError, CheckpointNotFoundError):
+            self._check_unchanged(manifest)
+            raise
+        self._check_unchanged(manifest)
+
+    def _check_unchanged(self, manifest: Manifest) -> None:
+        step = manifest.step
+        try:
+            current = self.read_manifest(step)
+        except CheckpointNotFoundError:
+            raise CheckpointNotFoundError(f"step {step} of run {self.run_name!r} was deleted while being read") from None
+        if (current.created, current.files) != (manifest.created, manifest.files):
+            raise CheckpointNotFoundError(
+                f"step {step} of run {self.run_name!r} was replaced (overwritten) while being read; load it again"
+            )
 
     def verify(self, step: Selector = "latest") -> CheckpointInfo:
         """Check every file of a checkpoint: present, committed size, checksum, valid headers.
