@@ -7,9 +7,11 @@ file, every reader an open random-access file. Nothing here pickles.
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import json
 import math
 import struct
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -389,8 +391,27 @@ class Checksum:
         return f"{CHECKSUM_ALGORITHM}:{self._h.hexdigest()}"
 
 
+# Buffers at least this big are hashed on a helper thread while the caller writes/reads them:
+# xxhash and file I/O both release the GIL, so on two cores the checksum costs no wall time.
+PARALLEL_HASH_MIN = 1 << 20
+_hash_pool: concurrent.futures.ThreadPoolExecutor | None = None
+_hash_pool_lock = threading.Lock()
+
+
+def hash_pool() -> concurrent.futures.ThreadPoolExecutor:
+    """The shared threads that checksum big buffers alongside the I/O on them (created on first use)."""
+    global _hash_pool
+    with _hash_pool_lock:
+        if _hash_pool is None:
+            _hash_pool = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="ray-ckpt-hash")
+        return _hash_pool
+
+
 class HashingWriter:
-    """A write-only file wrapper that checksums and counts what passes through it."""
+    """A write-only file wrapper that checksums and counts what passes through it.
+
+    A big buffer is hashed on a helper thread while it is written (same bytes, same order).
+    """
 
     def __init__(self, f: IO[bytes]) -> None:
         self.f = f
@@ -399,8 +420,15 @@ class HashingWriter:
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
-        self.checksum.update(view)
-        self.f.write(view)
+        if view.nbytes >= PARALLEL_HASH_MIN:
+            hashed = hash_pool().submit(self.checksum.update, view)
+            try:
+                self.f.write(view)
+            finally:
+                hashed.result()  # the next update must follow this one
+        else:
+            self.checksum.update(view)
+            self.f.write(view)
         self.size += view.nbytes
         return view.nbytes
 
