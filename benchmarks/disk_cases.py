@@ -150,6 +150,7 @@ def run_disk_cases(
     store_steps: list[int] = []
     # Warm-up on a small state (imports, first-call costs), untimed, into separate paths.
     small = {k: v.reshape(-1)[:1024].clone() for k, v in state.items()}
+    os.makedirs(os.path.join(workdir, "warmup"), exist_ok=True)
     warm_store = CheckpointStore(os.path.join(workdir, "warmup"), run_name="bench")
     for save, prepare in _savers(small, os.path.join(workdir, "warmup"), warm_store, []).values():
         prepare()

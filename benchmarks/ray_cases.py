@@ -47,6 +47,7 @@ def start_ray(state_bytes: int, num_cpus: int = 4) -> None:
         namespace=NAMESPACE,
         include_dashboard=False,
         logging_level="WARNING",
+        log_to_driver=False,
         object_store_memory=max(512 << 20, 4 * state_bytes),
         runtime_env={"env_vars": {"PYTHONPATH": repo_root + os.pathsep + os.environ.get("PYTHONPATH", "")}},
     )
