@@ -1,13 +1,19 @@
 """Ray Tune on ray-ckpt: trials checkpoint through WorkerClient and report pointer checkpoints.
 
 Design: every trial is its own ray-ckpt *run* (``<prefix>-<trial_id>``) and starts its own
-checkpointer from inside the trial (``start_checkpointer`` finds it if it is still up). A
-trial's id survives retries and PBT restarts, so a restarted trial reconnects to the same run;
-run names never come from the trial config, because PBT copies the donor's config into the
-exploited trial. The checkpointer is owned by the trial actor, so it goes away with the trial
-and nothing outlives the experiment; a restarted trial gets a fresh one that rebuilds its index
-from storage. Tune only ever sees tiny pointer checkpoints, so a PBT exploit hands the exploited
-trial a pointer into the *donor's* run, and it loads the donor's weights from ray-ckpt storage.
+checkpointer from inside the trial; ``start_checkpointer`` finds it again if it is up. A trial's
+id survives retries and PBT restarts, so a restarted trial reconnects to the same run; run names
+never come from the trial config, because PBT copies the donor's config into the exploited trial.
+
+The checkpointers are *detached* and scheduled outside the trial's placement group, and the
+driver shuts them down after ``fit()``. Tune stops, restarts and (with ``reuse_actors``) recycles
+trial processes and removes a stopped trial's placement group: a checkpointer owned by the trial
+process, or captured into its placement group (Tune captures child actors by default), dies with
+it, and a restarted trial could find it by name just before it dies ("the checkpointer died
+during the save", "The actor is restarting").
+
+Tune only ever sees tiny pointer checkpoints, so a PBT exploit hands the exploited trial a pointer
+into the *donor's* run, and it loads the donor's weights from ray-ckpt storage.
 
 Training is deterministic (fixed data, full-batch SGD with momentum, one thread), which lets the
 tests compare bit for bit: a trial that fails once and resumes must end with exactly the weights
@@ -19,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -56,34 +61,32 @@ def _events(directory: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for p in sorted(directory.glob("*.jsonl")) for line in p.read_text().splitlines()]
 
 
-def _start_checkpointer(config: CheckpointConfig) -> Any:
-    """start_checkpointer, retried while a previous attempt's checkpointer (owned by a dead trial) goes away."""
+def _shutdown_checkpointers(prefix: str) -> list[str]:
+    """Kill the detached checkpointers of an experiment's trials (their names start with the run prefix)."""
     import ray
 
-    from ray_ckpt import start_checkpointer
+    from ray_ckpt.checkpointer import actor_name
 
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            return start_checkpointer(config)
-        except ray.exceptions.RayActorError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
+    names = [n for n in ray.util.list_named_actors() if n.startswith(actor_name(prefix))]
+    for name in names:
+        ray.kill(ray.get_actor(name), no_restart=True)
+    return names
 
 
 def _trainable(config: dict[str, Any]) -> None:
     """A Tune function trainable checkpointing every step through ray-ckpt."""
     from ray import tune
 
-    from ray_ckpt import WorkerClient
+    from ray_ckpt import WorkerClient, start_checkpointer
     from ray_ckpt.integrations import load_from_ray_checkpoint, read_pointer, report, resume_step
 
     torch.set_num_threads(1)
     trial_id = tune.get_context().get_trial_id()
     run_name = f"{config['run_prefix']}-{trial_id}"
     ckpt_config = CheckpointConfig(storage_uri=config["storage"], run_name=run_name, metric_name="loss", mode="min")
-    handle = _start_checkpointer(ckpt_config)
+    # DEFAULT scheduling: not inside the trial's placement group (Tune captures child actors into
+    # it, and removes it, killing whatever runs there, when the trial stops or fails)
+    handle = start_checkpointer(ckpt_config, detached=True, scheduling_strategy="DEFAULT")
     client = WorkerClient(run_name, rank=0, world_size=1, handle=handle)
 
     torch.manual_seed(0)
@@ -130,10 +133,11 @@ def _trainable(config: dict[str, Any]) -> None:
         report({**metrics, "step": step, "lr": config["lr"]}, info, ckpt_config)
 
 
-def _tuner(tmp_path: Path, param_space: dict[str, Any], **kwargs: Any) -> Any:
+def _fit(tmp_path: Path, param_space: dict[str, Any], **kwargs: Any) -> Any:
+    """Run a Tuner over ``_trainable``; the trials' checkpointers are shut down afterwards."""
     from ray import tune
 
-    return tune.Tuner(
+    tuner = tune.Tuner(
         _trainable,
         param_space=param_space,
         run_config=tune.RunConfig(
@@ -144,6 +148,12 @@ def _tuner(tmp_path: Path, param_space: dict[str, Any], **kwargs: Any) -> Any:
         ),
         **kwargs,
     )
+    try:
+        results = tuner.fit()
+    finally:
+        stopped = _shutdown_checkpointers(param_space["run_prefix"])
+    assert len(stopped) == len(results)  # one checkpointer per trial, found again on every restart
+    return results
 
 
 def test_tune_trials_checkpoint_through_ray_ckpt_and_resume_after_failure(tmp_path: Path, run_name: str) -> None:
@@ -155,7 +165,7 @@ def test_tune_trials_checkpoint_through_ray_ckpt_and_resume_after_failure(tmp_pa
     events = tmp_path / "events"
     events.mkdir()
     storage = str(tmp_path / "ckpt")
-    tuner = _tuner(
+    results = _fit(
         tmp_path,
         {
             "run_prefix": run_name,
@@ -165,10 +175,9 @@ def test_tune_trials_checkpoint_through_ray_ckpt_and_resume_after_failure(tmp_pa
             "lr": 0.05,
             "fail_at": tune.grid_search([None, 3]),
         },
-        tune_config=tune.TuneConfig(metric="loss", mode="min"),
+        tune_config=tune.TuneConfig(metric="loss", mode="min", reuse_actors=True),
         failure_config=tune.FailureConfig(max_failures=1),
     )
-    results = tuner.fit()
     assert len(results) == 2
     assert not results.errors, results.errors
 
@@ -220,7 +229,7 @@ def test_pbt_exploit_restores_the_donor_trial_weights_from_ray_ckpt(tmp_path: Pa
         hyperparam_mutations={"lr": [0.0, 0.05]},
         synch=True,
     )
-    tuner = _tuner(
+    results = _fit(
         tmp_path,
         {
             "run_prefix": run_name,
@@ -229,9 +238,8 @@ def test_pbt_exploit_restores_the_donor_trial_weights_from_ray_ckpt(tmp_path: Pa
             "steps": steps,
             "lr": tune.grid_search([0.05, 0.0]),  # 0.0 never learns: clearly the worse trial
         },
-        tune_config=tune.TuneConfig(metric="loss", mode="min", scheduler=pbt),
+        tune_config=tune.TuneConfig(metric="loss", mode="min", scheduler=pbt, reuse_actors=True),
     )
-    results = tuner.fit()
     assert len(results) == 2
     assert not results.errors, results.errors
 
