@@ -12,6 +12,11 @@ straight from ray-ckpt storage::
     checkpoint = ray.tune.get_checkpoint()                   # or ray.train.get_checkpoint()
     if checkpoint is not None:
         step, state, trainer_state = load_from_ray_checkpoint(checkpoint)
+
+Starting a checkpointer *inside* a Tune trial: pass ``scheduling_strategy="DEFAULT"`` (Tune
+captures child actors into the trial's placement group and kills them when it removes that group
+on a trial stop or failure) and ``detached=True`` if it must survive trial restarts (then shut it
+down when the experiment ends). A checkpointer started by the driver needs neither.
 """
 
 from __future__ import annotations
