@@ -12,7 +12,7 @@ import json
 import math
 import struct
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -564,26 +564,28 @@ def read_safetensors(
     if keys is None:
         data_size = file_size - header.data_start
         checksum = Checksum() if expected_checksum is not None else None
+        hasher = _OrderedHasher(checksum) if checksum is not None else None
         if checksum is not None:
             checksum.update(header.header_bytes)
+        on_chunk = hasher.update if hasher is not None else None
         raw: dict[str, torch.Tensor] = {}
         position = 0  # the file is read in order; bytes no tensor claims are hashed all the same
         spans = sorted((e["data_offsets"][0], e["data_offsets"][1], k) for k, e in header.entries.items())
-        for begin, end, key in [*spans, (data_size, data_size, None)]:
-            if begin > position:
-                gap = torch.empty(begin - position, dtype=torch.uint8)
-                _readinto(f, gap, name=name)
-                if checksum is not None:
-                    checksum.update(gap.numpy())
-            if key is None:
-                break
-            buf = torch.empty(end - begin, dtype=torch.uint8)
-            if end > begin:
-                _readinto(f, buf, name=name)
-                if checksum is not None:
-                    checksum.update(buf.numpy())
-            raw[key] = buf
-            position = end
+        try:
+            for begin, end, key in [*spans, (data_size, data_size, None)]:
+                if begin > position:
+                    gap = torch.empty(begin - position, dtype=torch.uint8)
+                    _readinto(f, gap, name=name, on_chunk=on_chunk)
+                if key is None:
+                    break
+                buf = torch.empty(end - begin, dtype=torch.uint8)
+                if end > begin:
+                    _readinto(f, buf, name=name, on_chunk=on_chunk)
+                raw[key] = buf
+                position = end
+        finally:
+            if hasher is not None:
+                hasher.finish()
         if checksum is not None and checksum.hexdigest() != expected_checksum:
             raise CorruptCheckpointError(
                 f"{name}: checksum mismatch (expected {expected_checksum}, got {checksum.hexdigest()})", path=name
@@ -610,15 +612,47 @@ def _view(raw: torch.Tensor, entry: dict[str, Any]) -> torch.Tensor:
     return raw.view(dtype).reshape(shape)
 
 
-def _readinto(f: IO[bytes], buf: torch.Tensor, *, name: str) -> None:
+READ_CHUNK = 64 << 20  # a checksummed read hands its bytes to the hasher in pieces this big
+
+
+class _OrderedHasher:
+    """Feeds a Checksum on a helper thread, strictly in order, while the caller reads the next bytes."""
+
+    def __init__(self, checksum: Checksum) -> None:
+        self.checksum = checksum
+        self._pending: concurrent.futures.Future | None = None
+
+    def update(self, data: Any) -> None:
+        self.finish()  # the previous piece first: xxh3 is a stream
+        if memoryview(data).nbytes >= PARALLEL_HASH_MIN:
+            self._pending = hash_pool().submit(self.checksum.update, data)
+        else:
+            self.checksum.update(data)
+
+    def finish(self) -> None:
+        """Wait for the piece being hashed (if any)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+
+def _readinto(
+    f: IO[bytes], buf: torch.Tensor, *, name: str, on_chunk: Callable[[memoryview], None] | None = None
+) -> None:
+    """Fill ``buf`` from ``f``; ``on_chunk`` gets each completed READ_CHUNK-sized piece (in order)."""
     view = memoryview(buf.numpy())
     total = 0
+    reported = 0
     while total < len(view):
-        n = f.readinto(view[total:]) if hasattr(f, "readinto") else None
+        limit = len(view) if on_chunk is None else min(len(view), reported + READ_CHUNK)
+        n = f.readinto(view[total:limit]) if hasattr(f, "readinto") else None
         if n is None:
-            chunk = f.read(len(view) - total)
+            chunk = f.read(limit - total)
             n = len(chunk)
             view[total : total + n] = chunk
         if not n:
             raise CorruptCheckpointError(f"{name}: truncated: expected {len(view)} data bytes, got {total}", path=name)
         total += n
+        if on_chunk is not None and total == limit:
+            on_chunk(view[reported:total])
+            reported = total
