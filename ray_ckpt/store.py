@@ -110,6 +110,14 @@ def _validate_metrics(metrics: Mapping[str, Any] | None, *, what: str = "metrics
     return out
 
 
+def _file_name(name: Any) -> str:
+    """A file name from a marker's ``files``: relative, inside the step directory, portable."""
+    parts = name.split("/") if isinstance(name, str) else []
+    if not parts or any(p in ("", ".", "..") or "\\" in p or "\x00" in p for p in parts):
+        raise ValueError(f"files: {name!r} is not a relative path inside the step directory")
+    return name
+
+
 @dataclass
 class Manifest:
     """The parsed commit marker of a step."""
@@ -151,7 +159,7 @@ class Manifest:
                 "format_version", "step", "created", "kind", "metrics", "world_size", "metadata",
                 "model", "trainer_state", "files",
             }
-            files = {str(k): FileDigest(int(v["size"]), str(v["checksum"])) for k, v in raw["files"].items()}
+            files = {_file_name(k): FileDigest(int(v["size"]), str(v["checksum"])) for k, v in raw["files"].items()}
             return cls(
                 step=int(raw["step"]),
                 created=float(raw["created"]),
