@@ -19,6 +19,7 @@ import contextlib
 import io
 import json
 import logging
+import pickle
 import posixpath
 import re
 import threading
@@ -718,7 +719,14 @@ class CheckpointStore:
                 data = self.storage.read_bytes(path)
                 if verify:
                     _check_digest(path, data, expected)
-                loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+                try:
+                    loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+                except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                    raise CorruptCheckpointError(
+                        f"{path}: not a weights-only torch file (refused, nothing unpickled beyond tensors): {first}",
+                        path=path,
+                    ) from exc
                 return loaded if keys is None else {k: loaded[k] for k in keys if k in loaded}
             with self.storage.open_read(path) as f:
                 return read_safetensors(f, name=path, file_size=size, keys=keys, expected_checksum=expected.checksum if verify else None)
