@@ -81,7 +81,7 @@ class Architecture:
         if allowed_prefixes is None:
             return
         for path in filter(None, (self.class_path, self.config_class)):
-            if not any(path.startswith(prefix) for prefix in allowed_prefixes):
+            if not any(_within(path, prefix) for prefix in allowed_prefixes):
                 raise ArchitectureNotAllowedError(
                     f"{ARCHITECTURE_FILE}: class {path!r} is outside allowed_architecture_prefixes "
                     f"{allowed_prefixes}; nothing was imported"
@@ -99,6 +99,14 @@ class Architecture:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"{ARCHITECTURE_FILE}: {self.class_path} did not build a torch.nn.Module")
         return model
+
+
+def _within(path: str, prefix: str) -> bool:
+    """Whether a dotted path lies under a prefix, matched on whole components.
+
+    ``"pkg"`` and ``"pkg."`` both allow ``pkg.models.Net`` but never ``pkg_evil.Net``.
+    """
+    return path == prefix.rstrip(".") or path.startswith(prefix if prefix.endswith(".") else prefix + ".")
 
 
 def import_class(path: str) -> Any:
