@@ -166,6 +166,8 @@ class CheckpointConfig:
             data = yaml.safe_load(Path(path).read_text())
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not a UTF-8 text file: {exc}") from exc
         if isinstance(data, dict) and isinstance(data.get("checkpoint"), dict):
             data = data["checkpoint"]
         try:
