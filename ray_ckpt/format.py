@@ -96,6 +96,8 @@ def to_buffer(value: torch.Tensor | np.ndarray | TensorBuffer, *, key: str = "?"
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{key}: expected a tensor, got {type(value).__name__}")
     tensor = value.detach()
+    if tensor.device.type == "meta":
+        raise TypeError(f"{key}: a meta tensor has no data to save (materialise it first, e.g. to_empty())")
     if tensor.is_sparse or tensor.layout != torch.strided:
         raise TypeError(f"{key}: sparse/non-strided tensors are not supported ({tensor.layout})")
     dtype = TORCH_TO_DTYPE.get(tensor.dtype)
