@@ -147,9 +147,9 @@ class LocalHead:
                 out.append(f"--- {name}\n" + Path(path).read_text(errors="replace")[-2000:])
         return "\n".join(out)
 
-    def processes(self) -> list[int]:
-        """Live pids of this head: its process group, plus anything naming our private directory."""
-        found = []
+    def processes(self) -> dict[int, str]:
+        """Live processes of this head (pid: command line): its process group, plus anything naming our directory."""
+        found = {}
         for entry in os.listdir("/proc"):
             if not entry.isdigit() or int(entry) == os.getpid():
                 continue
@@ -159,32 +159,40 @@ class LocalHead:
                     if f.read().rsplit(b")", 1)[1].split()[0] == b"Z":
                         continue  # a zombie is dead already
                 with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    cmdline = f.read().decode(errors="replace")
+                    cmdline = f.read().decode(errors="replace").replace("\0", " ")
                 ours = (self.pgid is not None and os.getpgid(pid) == self.pgid) or self.root + "/" in cmdline
             except (FileNotFoundError, ProcessLookupError, PermissionError, IndexError):
                 continue
             if ours:
-                found.append(pid)
+                found[pid] = cmdline
         return found
 
-    def _signal(self, pids: list[int], sig: int) -> None:
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
+    def _terminate(self, pids: list[int], grace_s: float) -> None:
+        """SIGTERM, wait up to ``grace_s``, then SIGKILL whatever is left of ``pids``."""
+        for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+            for pid in pids:
+                try:
+                    os.kill(pid, sig)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            deadline = time.monotonic() + wait_s
+            while time.monotonic() < deadline and any(p in self.processes() for p in pids):
+                time.sleep(0.2)
 
-    def stop(self, grace_s: float = 20) -> list[int]:
-        """Terminate exactly this head's processes (SIGTERM, then SIGKILL); returns survivors' pids."""
-        self._signal(self.processes(), signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        while self.processes() and time.monotonic() < deadline:
-            time.sleep(0.5)
-        self._signal(self.processes(), signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while self.processes() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        return self.processes()
+    def stop(self, grace_s: float = 10) -> list[int]:
+        """Terminate exactly this head's processes; returns the pids that survived.
+
+        In ``ray stop``'s order (raylet, then the other daemons and workers, GCS last), which takes
+        about 2 s; signalled all at once, raylet, GCS, monitor and runtime-env agent ignored
+        SIGTERM for the whole 20 s grace period.
+        """
+        procs = self.processes()
+        raylet = [p for p, cmd in procs.items() if "/raylet/raylet " in cmd]
+        gcs = [p for p, cmd in procs.items() if "/gcs/gcs_server " in cmd]
+        self._terminate(raylet, grace_s)
+        self._terminate([p for p in self.processes() if p not in gcs], grace_s)
+        self._terminate(list(self.processes()), grace_s)
+        return list(self.processes())
 
 
 def _job_status(head: LocalHead, job_id: str) -> str:
