@@ -5,10 +5,12 @@ Parquet snapshot. Knows nothing of the storage layout: records in, records out.
 from __future__ import annotations
 
 import bisect
+import contextlib
+import gc
 import io
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -151,8 +153,18 @@ class CheckpointIndex:
 
     # -- snapshot -----------------------------------------------------------------------------
     def to_table(self) -> pa.Table:
-        """The records as an Arrow table (one row per checkpoint)."""
+        """The records as an Arrow table (one row per checkpoint), built column by column."""
         records = self.list()
+        keys: list[str] = []
+        values: list[float] = []
+        offsets = [0]
+        for r in records:
+            for k, v in r.metrics.items():
+                if type(v) is float or _is_number(v):  # the common case first: _is_number costs 2 calls
+                    keys.append(k)
+                    values.append(float(v))
+            offsets.append(len(keys))
+        encode = json.JSONEncoder(default=str).encode  # one encoder: json.dumps builds one per call
         return pa.table(
             {
                 "step": pa.array([r.step for r in records], pa.int64()),
@@ -161,11 +173,10 @@ class CheckpointIndex:
                 "total_size": pa.array([r.total_size for r in records], pa.int64()),
                 "files_size": pa.array([r.files_size for r in records], pa.int64()),
                 "world_size": pa.array([r.world_size for r in records], pa.int32()),
-                "metrics": pa.array(
-                    [[(k, float(v)) for k, v in r.metrics.items() if _is_number(v)] for r in records],
-                    pa.map_(pa.string(), pa.float64()),
+                "metrics": pa.MapArray.from_arrays(
+                    pa.array(offsets, pa.int32()), pa.array(keys, pa.string()), pa.array(values, pa.float64())
                 ),
-                "metadata": pa.array([json.dumps(r.metadata, default=str) for r in records], pa.string()),
+                "metadata": pa.array([encode(r.metadata) if r.metadata else "{}" for r in records], pa.string()),
                 "durability": pa.array([r.durability for r in records], pa.list_(pa.string())),
             }
         )
@@ -177,27 +188,82 @@ class CheckpointIndex:
 
     @classmethod
     def records_from_parquet_bytes(cls, data: bytes) -> list[CheckpointInfo]:
-        """Parse a snapshot written by :meth:`to_parquet_bytes`."""
+        """Parse a snapshot written by :meth:`to_parquet_bytes`.
+
+        Column by column, with the cyclic GC paused and the metadata column decoded in one
+        ``json.loads``: a restarted checkpointer restores a million records in seconds, not a minute.
+        """
         table = pq.read_table(io.BytesIO(data))
-        cols = table.to_pydict()
-        return [
-            CheckpointInfo(
-                step=int(cols["step"][i]),
-                uri=cols["uri"][i],
-                metrics=dict(cols["metrics"][i] or []),
-                created=float(cols["created"][i]),
-                total_size=int(cols["total_size"][i]),
-                files_size=int(cols["files_size"][i]),
-                world_size=int(cols["world_size"][i]),
-                metadata=json.loads(cols["metadata"][i] or "{}"),
-                durability=list(cols["durability"][i] or []),
-            )
-            for i in range(table.num_rows)
-        ]
+        if table.num_rows == 0:
+            return []
+
+        def column(name: str) -> pa.Array:
+            return table.column(name).combine_chunks()  # one chunk whose offsets start at 0
+
+        def bounds(array: pa.Array) -> Iterator[tuple[int, int]]:
+            offsets = array.offsets.to_pylist()
+            return zip(offsets, offsets[1:], strict=False)
+
+        with _gc_paused():
+            metrics_col, durability_col = column("metrics"), column("durability")
+            keys, values = metrics_col.keys.to_pylist(), metrics_col.items.to_pylist()
+            metrics = [dict(zip(keys[a:b], values[a:b], strict=True)) for a, b in bounds(metrics_col)]
+            flat = durability_col.values.to_pylist()
+            durability = [flat[a:b] for a, b in bounds(durability_col)]
+            metadata = _json_column(column("metadata").to_pylist())
+            return [
+                CheckpointInfo(
+                    step=int(step),
+                    uri=uri,
+                    metrics=m,
+                    created=float(created),
+                    total_size=int(total_size),
+                    files_size=int(files_size),
+                    world_size=int(world_size),
+                    metadata=meta,
+                    durability=durable,
+                )
+                for step, uri, m, created, total_size, files_size, world_size, meta, durable in zip(
+                    column("step").to_pylist(),
+                    column("uri").to_pylist(),
+                    metrics,
+                    column("created").to_pylist(),
+                    column("total_size").to_pylist(),
+                    column("files_size").to_pylist(),
+                    column("world_size").to_pylist(),
+                    metadata,
+                    durability,
+                    strict=True,
+                )
+            ]
 
     def extend(self, records: Iterable[CheckpointInfo]) -> None:
         for record in records:
             self.add(record)
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cyclic GC while building many objects (it would rescan the heap over and over)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _json_column(texts: list[str | None]) -> list[Any]:
+    """Decode a column of JSON texts (null/empty -> {}): one json.loads over all rows, else row by row."""
+    texts = [text or "{}" for text in texts]
+    try:
+        decoded = json.loads("[" + ",".join(texts) + "]")
+        if len(decoded) == len(texts):
+            return decoded
+    except ValueError:
+        pass
+    return [json.loads(text) for text in texts]  # raises on the malformed row
 
 
 def _is_number(value: Any) -> bool:
