@@ -1,15 +1,18 @@
 """Ray Jobs: submit cluster/train_job.py with ``ray job submit`` to a separate local head.
 
-The head (``ray start --head`` on loopback with its own ``--temp-dir``, every port chosen free,
-token auth with a private token) is a second Ray instance beside the test session's own
-``ray.init(address="local")``. It is stopped precisely: ``ray start`` runs in a new process
-session, so its daemons share one process group; that group, plus anything whose command line
-names this test's private directory (job drivers, workers), is terminated. ``ray stop`` is never
-used: it kills every Ray process of the user, the session's Ray and other users' runs included.
+The head (``ray start --head`` with its dashboard and job server on loopback, its own
+``--temp-dir``, every port chosen free, token auth with a private token) is a second Ray instance
+beside the test session's own ``ray.init(address="local")``. (Its GCS listens on the machine's
+address: Ray resolves a loopback ``--node-ip-address`` to that address on purpose.)
+
+It is stopped precisely: ``ray start`` runs in a new process session, so its daemons share one
+process group; that group, plus anything whose command line names this test's private directory
+(job drivers, workers), is terminated. ``ray stop`` is never used: it kills every Ray process of
+the user, the session's Ray and other users' runs included.
 
 ``ray start --temp-dir`` writes ``ray_current_cluster`` into that temp dir, not into
 /tmp/ray, so a plain ``ray.init()`` elsewhere cannot attach to this head (asserted below), and
-``RAY_ADDRESS`` is only ever set in the subprocesses' environment.
+``RAY_ADDRESS`` is never set (the CLI gets ``--address``; it is even removed from its environment).
 """
 
 from __future__ import annotations
@@ -90,7 +93,6 @@ class LocalHead:
     def start(self) -> None:
         cmd = [
             RAY_BIN, "start", "--head",
-            "--node-ip-address=127.0.0.1",
             f"--port={self.gcs_port}",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={self.dashboard_port}",
