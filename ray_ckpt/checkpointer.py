@@ -24,7 +24,7 @@ from ray_ckpt.config import CheckpointConfig
 from ray_ckpt.errors import CheckpointExistsError, SaveAbortedError
 from ray_ckpt.format import FileDigest, FlatState, ShardSpec, TensorBuffer
 from ray_ckpt.index import CheckpointIndex, CheckpointInfo
-from ray_ckpt.store import TRAINER_TENSORS, CheckpointStore, StepWriter, step_dir
+from ray_ckpt.store import TRAINER_TENSORS, CheckpointStore, StepWriter, _validate_step, step_dir
 
 logger = logging.getLogger(__name__)
 
@@ -262,6 +262,7 @@ class Checkpointer:
         return await asyncio.shield(pending.done)
 
     async def _join(self, step: int, rank: int, world_size: int, mode: str, overwrite: bool) -> _PendingStep:
+        step = _validate_step(step)  # before any comparison: a str or negative step is refused by name
         if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
             raise ValueError(f"world_size: must be a positive integer, got {world_size!r}")
         if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
@@ -600,11 +601,15 @@ def start_checkpointer(
     name: str | None = None,
     namespace: str | None = None,
     detached: bool = False,
+    start_timeout_s: float = 120.0,
     **actor_options: Any,
 ) -> CheckpointerHandle:
     """Start (or find) the named checkpointer actor of ``config.run_name`` and wait until it is up.
 
-    It restarts up to ``config.max_restarts`` times, rebuilding its index from storage.
+    It restarts up to ``config.max_restarts`` times, rebuilding its index from storage. It is
+    scheduled outside the caller's placement group (a Tune trial's group dies with the trial and
+    would take the run's master with it). A non-detached checkpointer lives as long as the
+    process that started it; use ``detached=True`` when that process may exit first.
     ``actor_options`` go to ``.options()`` (e.g. ``resources`` or a scheduling strategy).
     """
     if not isinstance(config, CheckpointConfig):
@@ -617,12 +622,19 @@ def start_checkpointer(
         "max_task_retries": 0,
         "max_concurrency": 1000,
         "num_cpus": 0,
+        "scheduling_strategy": "DEFAULT",
     }
     if detached:
         options["lifetime"] = "detached"
     options.update(actor_options)
     actor = ray.remote(Checkpointer).options(**options).remote(config)
-    ray.get(actor.ping.remote())
+    try:
+        ray.get(actor.ping.remote(), timeout=start_timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        raise TimeoutError(
+            f"checkpointer {options['name']!r} did not come up within {start_timeout_s}s "
+            "(no node can place it? check its resources / scheduling_strategy)"
+        ) from None
     _STARTED[(namespace, options["name"])] = actor
     return CheckpointerHandle(actor, config.run_name, config)
 
