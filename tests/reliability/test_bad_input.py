@@ -391,3 +391,48 @@ def test_yaml_that_is_not_a_mapping_or_unreadable(tmp_path: Path) -> None:
     with pytest.raises((ConfigError, FileNotFoundError)) as excinfo:
         CheckpointConfig.from_yaml(tmp_path / "missing.yaml")
     assert "missing.yaml" in str(excinfo.value) or getattr(excinfo.value, "errno", None) == errno.ENOENT
+
+
+# ---------------------------------------------------------------------------------------------
+# Through the checkpointer actor: what a misbehaving worker can send it directly.
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.usefixtures("ray_session")
+def test_checkpointer_refuses_bad_reports_and_never_ranks_unrankable_metrics(tmp_path: Path, run_name: str) -> None:
+    import ray
+
+    import ray_ckpt
+    from ray_ckpt.checkpointer import RankReport
+
+    config = CheckpointConfig(storage_uri=str(tmp_path), run_name=run_name, metric_name="loss", save_timeout_s=20.0)
+    handle = ray_ckpt.start_checkpointer(config)
+    worker = ray_ckpt.WorkerClient(run_name, 0, 1)
+    worker.save(1, {"w": torch.ones(2)}, metrics={"loss": float("nan")}, blocking=True)
+    worker.save(2, {"w": torch.ones(2)}, metrics={"loss": -float("inf")}, blocking=True)
+    worker.save(3, {"w": torch.ones(2)}, blocking=True)  # no metric at all
+    assert [i.step for i in handle.list()] == [1, 2, 3]  # all kept
+    assert handle.best() is None and handle.top_k(3) == []  # none ranked
+    worker.save(4, {"w": torch.ones(2)}, metrics={"loss": 0.7}, blocking=True)
+    assert handle.best().step == 4
+
+    def report(step: Any, rank: Any, world_size: Any) -> Any:
+        empty = RankState({})
+        return ray.get(handle.actor.report.remote(step, RankReport(rank, world_size, empty), False))
+
+    for step, rank, world_size, names in [
+        (5, 2, 2, r"rank: 2 is outside \[0, 2\)"),
+        (5, -1, 2, r"rank: -1 is outside \[0, 2\)"),
+        (5, True, 2, r"rank: True"),
+        (5, 0, 0, r"world_size: must be a positive integer, got 0"),
+        (-1, 0, 1, r"step: must be a non-negative integer, got -1"),
+        ("5", 0, 1, r"step: must be a non-negative integer, got '5'"),
+        (5.0, 0, 1, r"step: must be a non-negative integer, got 5.0"),
+    ]:
+        with pytest.raises(ValueError, match=names):
+            report(step, rank, world_size)
+    for bad_step in (-1, "5", 2.5):
+        with pytest.raises(ValueError, match="step"):
+            worker.save(bad_step, {"w": torch.ones(2)}, blocking=True)
+    assert handle.stats()["pending"] == [] and handle.stats()["queued"] == []
+    assert [i.step for i in handle.list()] == [1, 2, 3, 4]
+    assert worker.save(5, {"w": torch.ones(2)}, blocking=True).result().step == 5
+    handle.shutdown()
