@@ -18,7 +18,7 @@ import xxhash
 
 from ray_ckpt.checkpointer import CheckpointerHandle, RankReport, RankState, TensorMeta, get_checkpointer
 from ray_ckpt.errors import SaveAbortedError
-from ray_ckpt.format import FlatState, TensorBuffer, flatten_state
+from ray_ckpt.format import FlatState, TensorBuffer, flatten_state, hash_pool
 from ray_ckpt.index import CheckpointInfo
 from ray_ckpt.store import (
     CheckpointStore,
@@ -50,6 +50,16 @@ def _describe(flat: FlatState, with_digests: bool) -> RankState:
         for key, buf in flat.tensors.items()
     }
     return RankState(tensors, dict(flat.aliases), flat.structure)
+
+
+def _digests(flat: FlatState) -> dict[str, str]:
+    """xxh3 of each tensor's bytes: ranks that hold the same key must hold the same bytes."""
+    return {key: xxhash.xxh3_64_hexdigest(buf.data) for key, buf in flat.tensors.items()}
+
+
+def _set_digests(state: RankState, digests: Mapping[str, str]) -> None:
+    for key, digest in digests.items():
+        state.tensors[key].digest = digest
 
 
 def _copy(flat: FlatState) -> FlatState:
@@ -158,7 +168,7 @@ class WorkerClient:
         report = RankReport(
             rank=self.rank,
             world_size=self.world_size,
-            model=_describe(flat, with_digests=self.world_size > 1),
+            model=_describe(flat, with_digests=False),  # digests (world_size > 1) off the critical path below
             trainer=_describe(trainer_flat, False) if trainer_flat is not None else None,
             metrics=_validate_metrics(metrics),
             metadata=dict(metadata or {}),
@@ -175,9 +185,14 @@ class WorkerClient:
     def _save_gather(
         self, step: int, flat: FlatState, trainer_flat: FlatState | None, report: RankReport, overwrite: bool
     ) -> SaveFuture:
+        # The digests are computed on a helper thread while ray.put copies the same bytes (both
+        # release the GIL); both finish before save() returns and training may change the tensors.
+        hashing = hash_pool().submit(_digests, flat) if self.world_size > 1 else None
         report.model_ref = [ray.put({k: b.data for k, b in flat.tensors.items()})]
         if trainer_flat is not None:
             report.trainer_ref = [ray.put({k: b.data for k, b in trainer_flat.tensors.items()})]
+        if hashing is not None:
+            _set_digests(report.model, hashing.result())
         actor = self.handle.actor
         _get(actor.report.remote(step, report, overwrite), step)  # waits here under back-pressure
         return SaveFuture(step, ref=actor.wait_committed.remote(step))
@@ -211,6 +226,8 @@ class WorkerClient:
         self, step: int, flat: FlatState, trainer_flat: FlatState | None, report: RankReport, overwrite: bool
     ) -> CheckpointInfo:
         actor = self.handle.actor
+        if self.world_size > 1:  # of the snapshot when not blocking: the loop does not wait for them
+            _set_digests(report.model, _digests(flat))
         shards = _get(actor.plan_direct.remote(step, self.rank, self.world_size, report.model, overwrite), step)
         try:
             if self._storage is None:
