@@ -205,7 +205,8 @@ def run_disk_cases(
     loaders: dict[str, Callable[[], Any]] = {
         "raw_read": lambda: raw_read(paths["raw"]),
         "torch_load": lambda: torch.load(paths["torch"], map_location="cpu", weights_only=True),
-        "safetensors_load": lambda: safetensors.torch.load_file(paths["safetensors"]),
+        "safetensors_load": lambda: safetensors.torch.load_file(paths["safetensors"], backend="pread"),
+        "safetensors_load_mmap": lambda: safetensors.torch.load_file(paths["safetensors"]),
         "dcp_load": lambda: dcp_load(f"{paths['dcp']}_t{best_k}", state),
         "store_load": lambda: store.load(step),
     }
@@ -235,7 +236,8 @@ def run_disk_cases(
             what = {
                 "raw_read": "sequential readinto of the raw file into one preallocated buffer",
                 "torch_load": "torch.load(weights_only=True), tensors in memory",
-                "safetensors_load": "safetensors.torch.load_file, tensors materialised",
+                "safetensors_load": "safetensors.torch.load_file(backend='pread'): tensors materialised in memory",
+                "safetensors_load_mmap": "safetensors.torch.load_file default (mmap): file-backed, each page touched",
                 "dcp_load": "torch.distributed.checkpoint load into freshly allocated tensors",
                 "store_load": "CheckpointStore.load (checksums verified, the default)",
             }[name]

@@ -24,6 +24,7 @@ from ray_ckpt.config import parse_size
 logger = logging.getLogger("benchmarks")
 
 GROUPS = ("disk", "index", "s3", "ray")
+LOADS = ("raw_read", "torch_load", "safetensors_load", "safetensors_load_mmap", "dcp_load", "store_load")
 # Every case a full run (all groups) produces; tests/test_benchmarks.py checks the JSON against it.
 CASES: dict[str, tuple[str, ...]] = {
     "disk": (
@@ -32,11 +33,7 @@ CASES: dict[str, tuple[str, ...]] = {
         "safetensors_save_fsync",
         "dcp_save",
         "store_save",
-        *(
-            f"{n}_{c}"
-            for c in ("warm", "cold")
-            for n in ("raw_read", "torch_load", "safetensors_load", "dcp_load", "store_load")
-        ),
+        *(f"{name}_{cache}" for cache in ("warm", "cold") for name in LOADS),
     ),
     "index": ("index_topk", "index_restart"),
     "s3": ("s3_store_save", "s3fs_put", "s3_store_load", "s3fs_get"),
@@ -74,8 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.size = args.size or "16MiB"
         args.repeat = 1
-        args.eval_actors = min(args.eval_actors, 4)
-        args.topk_duration = min(args.topk_duration, 2.0)
+        args.eval_actors = min(args.eval_actors, 2)
+        args.topk_duration = min(args.topk_duration, 1.0)
         args.index_records = min(args.index_records, 10_000)
     return args
 

@@ -53,7 +53,12 @@ def moto_endpoint() -> Iterator[dict[str, Any]]:
     no_proxy = ",".join(filter(None, [os.environ.get("NO_PROXY"), "127.0.0.1", "localhost"]))
     os.environ["NO_PROXY"] = os.environ["no_proxy"] = no_proxy
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-c", _SERVER, str(port)], stdin=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SERVER, str(port)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,  # one access-log line per request
+    )
     try:
         deadline = time.monotonic() + 60
         while True:
