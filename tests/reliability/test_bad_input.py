@@ -396,6 +396,7 @@ def test_yaml_that_is_not_a_mapping_or_unreadable(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # Through the checkpointer actor: what a misbehaving worker can send it directly.
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.usefixtures("ray_session")
 def test_checkpointer_refuses_bad_reports_and_never_ranks_unrankable_metrics(tmp_path: Path, run_name: str) -> None:
     import ray

@@ -125,6 +125,7 @@ def save_with_retries(worker: Any, step: int, state: dict[str, torch.Tensor], at
     raise AssertionError("unreachable")
 
 
+@pytest.mark.slow
 def test_killed_between_saves_and_a_second_time(tmp_path: Path, run_name: str) -> None:
     """Two kills in a row (max_restarts=2): saves in flight fail with SaveAbortedError only, their
     retries commit, and each restart indexes everything committed so far."""

@@ -17,7 +17,7 @@ import ray_ckpt
 from ray_ckpt import CheckpointConfig, CheckpointStore, SaveAbortedError
 from tests.reliability.faults import MARKER, temp_files
 
-pytestmark = pytest.mark.usefixtures("ray_session")
+pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.slow]
 
 TIMEOUT_S = 3.0
 
