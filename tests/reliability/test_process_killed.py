@@ -174,6 +174,7 @@ def test_sigkill_at_every_storage_event_of_a_save_never_loses_or_exposes_a_check
                 _check_after_kill(root, event, before + steps)
             except Exception as exc:  # collect every broken moment, then fail once
                 failures.append(f"{scenario}: {_describe(event)}: {type(exc).__name__}: {exc}")
+    assert not failures, "\n".join(failures)
     assert len(points) >= MIN_KILL_POINTS, f"only {len(points)} kill points"
     # The moments the issue names are among them.
     names = [(e.kind, Path(e.path).name) for e in points]
@@ -182,7 +183,6 @@ def test_sigkill_at_every_storage_event_of_a_save_never_loses_or_exposes_a_check
     assert ("rename-before", MARKER) in names and ("rename-after", MARKER) in names, "around the commit marker"
     assert any(k == "rm" and n == MARKER for k, n in names), "during retention's delete"
     assert any(k == "rename-before" and n == "index.parquet" for k, n in names), "while the index snapshot is replaced"
-    assert not failures, "\n".join(failures)
 
 
 def test_a_torn_marker_rename_is_all_or_nothing(tmp_path: Path, forks: ForkServer) -> None:
