@@ -193,7 +193,12 @@ class CheckpointIndex:
         Column by column, with the cyclic GC paused and the metadata column decoded in one
         ``json.loads``: a restarted checkpointer restores a million records in seconds, not a minute.
         """
-        table = pq.read_table(io.BytesIO(data))
+        # Read from an Arrow-owned copy: Arrow's worker threads must never hold the last reference
+        # to a Python object (bytes/BytesIO), or releasing it at interpreter exit takes the GIL
+        # during finalisation and the process aborts ("terminate called without an active exception").
+        owned = pa.allocate_buffer(len(data))
+        memoryview(owned).cast("B")[:] = data
+        table = pq.read_table(pa.BufferReader(owned))
         if table.num_rows == 0:
             return []
 
