@@ -1,0 +1,432 @@
+"""How a commit scales with world size and bytes, in gather and direct mode.
+
+    python -m benchmarks.scaling [--quick] [--nodes 2] [--out bench_out/scaling.json]
+
+Two sweeps, each for both write modes, on a private Ray (one local node, or with ``--nodes N`` a
+``ray.cluster_utils.Cluster`` with the checkpointer on its own node and the ranks spread over N
+others, so gathered bytes cross object stores):
+
+* world size 1 -> 2 -> 4 -> 8 -> 16 -> 32 ranks (small partitioned tensors plus replicated keys):
+  commit latency, the master's CPU seconds per commit, its memory (peak RSS over a fresh process,
+  shared-memory part apart), and what each rank sends it (report/plan bytes);
+* bytes per rank at a fixed world size: the per-byte cost of each mode.
+
+Every configuration's last step is loaded back and compared, tensor by tensor. Prints Markdown
+tables, writes every run to JSON. Others share this machine: each row carries the 1-minute load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import pickle
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import ray
+import torch
+
+import ray_ckpt
+from ray_ckpt import CheckpointConfig, CheckpointStore
+from ray_ckpt.checkpointer import RankReport
+from ray_ckpt.format import flatten_state
+from ray_ckpt.store import step_dir
+from ray_ckpt.worker import _describe
+
+logger = logging.getLogger("benchmarks.scaling")
+
+NAMESPACE = "ray_ckpt_scaling"
+MB = 1e6
+REPLICATED_BYTES = 256 * 1024  # every rank holds the same embedding (deduplicated by digest)
+
+
+# -- state --------------------------------------------------------------------------------------
+def rank_state(rank: int, per_rank_bytes: int, tensors: int = 4, step: int = 0) -> dict[str, torch.Tensor]:
+    """This rank's partition (``tensors`` fp32 tensors, ``per_rank_bytes`` in all) plus replicated keys."""
+    gen = torch.Generator().manual_seed(7)
+    state = {
+        "shared.embed.weight": torch.rand(REPLICATED_BYTES // 4, generator=gen),
+        "shared.norm.weight": torch.full((256,), 1.0 + step),
+    }
+    numel = max(1, per_rank_bytes // 4 // tensors)
+    for i in range(tensors):
+        state[f"layers.{rank}.{i}.weight"] = torch.full((numel,), float(rank * 1000 + i + step))
+    return state
+
+
+def expected_state(world_size: int, per_rank_bytes: int, step: int) -> dict[str, torch.Tensor]:
+    """What a step saved by ranks 0..world_size-1 must load as."""
+    out: dict[str, torch.Tensor] = {}
+    for rank in range(world_size):
+        out.update(rank_state(rank, per_rank_bytes, step=step))
+    return out
+
+
+def report_bytes(rank: int, world_size: int, per_rank_bytes: int) -> int:
+    """Pickled size of the metadata one rank sends the master per step (tensor names, shapes, digests)."""
+    flat = flatten_state(rank_state(rank, per_rank_bytes))
+    report = RankReport(rank=rank, world_size=world_size, model=_describe(flat, with_digests=world_size > 1))
+    return len(pickle.dumps(report))
+
+
+# -- actors -------------------------------------------------------------------------------------
+@ray.remote(num_cpus=0)
+class BenchRank:
+    """One rank; ``connect`` binds it to a run, ``save`` saves its state and waits for the commit."""
+
+    def __init__(self) -> None:
+        self.client: ray_ckpt.WorkerClient | None = None
+        self.state: dict[str, torch.Tensor] = {}
+        self.rank = 0
+        self.per_rank_bytes = 0
+
+    def connect(self, run_name: str, rank: int, world_size: int, per_rank_bytes: int) -> str:
+        self.client = ray_ckpt.WorkerClient(run_name, rank, world_size, namespace=NAMESPACE)
+        self.rank = rank
+        if per_rank_bytes != self.per_rank_bytes:
+            self.per_rank_bytes = per_rank_bytes
+            self.state = rank_state(rank, per_rank_bytes)
+        return ray.get_runtime_context().get_node_id()
+
+    def save(self, step: int) -> tuple[float, float]:
+        """(seconds until save() returned, seconds until the step committed)."""
+        assert self.client is not None
+        self.state["shared.norm.weight"].fill_(1.0 + step)
+        for i in range(4):
+            key = f"layers.{self.rank}.{i}.weight"
+            if key in self.state:
+                self.state[key].fill_(float(self.rank * 1000 + i + step))
+        started = time.perf_counter()
+        future = self.client.save(step, self.state, metrics={"loss": 1.0 / (step + 1)})
+        returned = time.perf_counter() - started
+        future.result(600)
+        return returned, time.perf_counter() - started
+
+
+def proc_stats(actor: Any, reset_peak: bool = False) -> dict[str, float]:
+    """The checkpointer process's memory (MB) and CPU seconds, read from /proc inside it.
+
+    ``reset_peak`` then restarts its peak-RSS counter (VmHWM) from the current RSS.
+    """
+
+    def read(_self: Any) -> dict[str, float]:
+        fields: dict[str, float] = {}
+        with open("/proc/self/status") as f:
+            for line in f:
+                name, _, value = line.partition(":")
+                if name in ("VmRSS", "VmHWM", "RssAnon", "RssShmem", "RssFile"):
+                    fields[name] = int(value.split()[0]) / 1024
+        with open("/proc/self/stat") as f:
+            parts = f.read().rsplit(")", 1)[1].split()
+        fields["cpu_s"] = (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
+        if reset_peak:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5\n")  # resets VmHWM to the current RSS (Linux >= 4.0)
+        return fields
+
+    return ray.get(actor.__ray_call__.remote(read), timeout=60)
+
+
+# -- cluster ------------------------------------------------------------------------------------
+@contextmanager
+def ray_backend(nodes: int, object_store_bytes: int) -> Iterator[tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """Yield (checkpointer actor options, per-rank actor options cycle) on a private Ray."""
+    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    runtime_env = {"env_vars": {"PYTHONPATH": repo_root + os.pathsep + os.environ.get("PYTHONPATH", "")}}
+    cluster = None
+    try:
+        if nodes <= 0:
+            ray.init(
+                address="local",
+                num_cpus=2,
+                namespace=NAMESPACE,
+                include_dashboard=False,
+                logging_level="WARNING",
+                log_to_driver=False,
+                object_store_memory=object_store_bytes,
+                runtime_env=runtime_env,
+            )
+            yield {}, [{}]
+            return
+        from ray.cluster_utils import Cluster
+
+        cluster = Cluster(
+            initialize_head=True,
+            head_node_args={
+                "num_cpus": 0,
+                "resources": {"master": 1},
+                "object_store_memory": object_store_bytes,
+                "include_dashboard": False,
+            },
+        )
+        for i in range(nodes):
+            cluster.add_node(
+                wait=False, num_cpus=0, resources={f"ranks_{i}": 1}, object_store_memory=object_store_bytes
+            )
+        cluster.wait_for_nodes()
+        ray.init(
+            address=cluster.address,
+            namespace=NAMESPACE,
+            logging_level="WARNING",
+            log_to_driver=False,
+            runtime_env=runtime_env,
+        )
+        yield {"resources": {"master": 0.01}}, [{"resources": {f"ranks_{i}": 0.01}} for i in range(nodes)]
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        if cluster is not None:
+            cluster.shutdown()
+
+
+class RankPool:
+    """Rank actors created on demand and reused across runs (starting one costs seconds of imports)."""
+
+    def __init__(self, placements: list[dict[str, Any]]) -> None:
+        self.placements = placements
+        self.actors: list[Any] = []
+
+    def take(self, count: int) -> list[Any]:
+        while len(self.actors) < count:
+            batch = [
+                BenchRank.options(**self.placements[i % len(self.placements)]).remote()
+                for i in range(len(self.actors), min(count, len(self.actors) + 4))  # 4 at a time: 2 cores
+            ]
+            ray.get([a.__ray_ready__.remote() for a in batch], timeout=600)
+            self.actors += batch
+        return self.actors[:count]
+
+
+# -- one configuration --------------------------------------------------------------------------
+def measure(
+    pool: RankPool,
+    master_options: dict[str, Any],
+    storage: str,
+    mode: str,
+    world_size: int,
+    per_rank_bytes: int,
+    repeats: int,
+) -> dict[str, Any]:
+    """A fresh checkpointer; one warm-up save, then ``repeats`` timed saves; the last one verified."""
+    run = f"scale-{mode}-{world_size}-{per_rank_bytes}-{uuid.uuid4().hex[:6]}"
+    config = CheckpointConfig(
+        storage_uri=storage,
+        run_name=run,
+        write_mode=mode,
+        metric_name="loss",
+        max_shard_size="64MB",
+        keep_last_n=2,
+        save_timeout_s=600.0,
+    )
+    handle = ray_ckpt.start_checkpointer(config, namespace=NAMESPACE, **master_options)
+    try:
+        ranks = pool.take(world_size)
+        ray.get([r.connect.remote(run, i, world_size, per_rank_bytes) for i, r in enumerate(ranks)], timeout=600)
+        ray.get([r.save.remote(0) for r in ranks], timeout=600)  # warm-up: first-call costs, directories
+        commits, returns, loads = [], [], []
+        idle = proc_stats(handle.actor, reset_peak=True)  # after the warm-up: the peak is the saves' own
+        cpu_before = idle["cpu_s"]
+        for step in range(1, repeats + 1):
+            loads.append(os.getloadavg()[0])
+            started = time.perf_counter()
+            results = ray.get([r.save.remote(step) for r in ranks], timeout=600)
+            commits.append(time.perf_counter() - started)
+            returns.append(max(ret for ret, _ in results))
+        after = proc_stats(handle.actor)
+        store = CheckpointStore(config=config)
+        loaded = store.load(repeats)
+        expected = expected_state(world_size, per_rank_bytes, repeats)
+        ok = loaded.keys() == expected.keys() and all(torch.equal(loaded[k], expected[k]) for k in expected)
+        if not ok:
+            raise AssertionError(f"{run}: step {repeats} does not load back as saved")
+        manifest = store.read_manifest(repeats)
+        marker = store.storage.read_bytes(f"{step_dir(repeats)}/checkpoint.json")
+        index_name = manifest.model.get("index", "")
+        index_bytes = manifest.files[index_name].size if index_name in manifest.files else 0
+        total = sum(t.numel() * t.element_size() for t in expected.values())
+    finally:
+        handle.shutdown()
+    return {
+        "mode": mode,
+        "world_size": world_size,
+        "per_rank_bytes": per_rank_bytes,
+        "checkpoint_bytes": total,
+        "files": len(manifest.files),
+        "commit_s": commits,
+        "commit_p50_s": statistics.median(commits),
+        "commit_min_s": min(commits),
+        "save_return_p50_s": statistics.median(returns),
+        "master_cpu_s_per_commit": (after["cpu_s"] - cpu_before) / repeats,
+        "master_idle_rss_mb": idle["VmRSS"],
+        "master_peak_rss_mb": after["VmHWM"],
+        "master_peak_delta_mb": after["VmHWM"] - idle["VmRSS"],
+        "master_rss_shmem_mb": after.get("RssShmem", 0.0),
+        "manifest_bytes": len(marker),
+        "hf_index_bytes": index_bytes,
+        "report_bytes_per_rank": report_bytes(0, world_size, per_rank_bytes),
+        "load_1m": loads,
+    }
+
+
+def fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least-squares (slope, intercept) of ys over xs."""
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    var = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / var if var else 0.0
+    return slope, my - slope * mx
+
+
+# -- report -------------------------------------------------------------------------------------
+def world_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| mode | ranks | MB | commit p50 s | commit min s | save() returns p50 ms | master CPU s/commit "
+        "| master peak RSS MB (Δ over warm idle) | master shm MB | manifest KB | report B/rank | files | load 1m |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['mode']} | {r['world_size']} | {r['checkpoint_bytes'] / MB:.1f} | {r['commit_p50_s']:.3f} "
+            f"| {r['commit_min_s']:.3f} | {r['save_return_p50_s'] * 1e3:.1f} | {r['master_cpu_s_per_commit']:.3f} "
+            f"| {r['master_peak_rss_mb']:.0f} (+{r['master_peak_delta_mb']:.0f}) | {r['master_rss_shmem_mb']:.0f} "
+            f"| {r['manifest_bytes'] / 1e3:.1f} | {r['report_bytes_per_rank']} | {r['files']} "
+            f"| {statistics.median(r['load_1m']):.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def bytes_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| mode | ranks | MB/rank | MB | commit p50 s | commit min s | GB/s (min) | master CPU s/commit "
+        "| master peak Δ MB | load 1m |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        gbps = r["checkpoint_bytes"] / r["commit_min_s"] / 1e9
+        lines.append(
+            f"| {r['mode']} | {r['world_size']} | {r['per_rank_bytes'] / MB:.0f} | {r['checkpoint_bytes'] / MB:.0f} "
+            f"| {r['commit_p50_s']:.3f} | {r['commit_min_s']:.3f} | {gbps:.2f} | {r['master_cpu_s_per_commit']:.3f} "
+            f"| {r['master_peak_delta_mb']:.0f} | {statistics.median(r['load_1m']):.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def fits_table(world: list[dict[str, Any]], sized: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+    lines = [
+        "| mode | per rank: ms/rank (fit, min) | master CPU ms/rank | fixed s | per byte: s/GB (fit, min) "
+        "| master CPU s/GB | master peak MB/GB |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    fits: dict[str, Any] = {}
+    for mode in ("gather", "direct"):
+        w = [r for r in world if r["mode"] == mode]
+        s = [r for r in sized if r["mode"] == mode]
+        if not w or not s:
+            continue
+        per_rank, fixed = fit([r["world_size"] for r in w], [r["commit_min_s"] for r in w])
+        cpu_rank, _ = fit([r["world_size"] for r in w], [r["master_cpu_s_per_commit"] for r in w])
+        gbs = [r["checkpoint_bytes"] / 1e9 for r in s]
+        per_gb, _ = fit(gbs, [r["commit_min_s"] for r in s])
+        cpu_gb, _ = fit(gbs, [r["master_cpu_s_per_commit"] for r in s])
+        mem_gb, _ = fit(gbs, [r["master_peak_delta_mb"] for r in s])
+        fits[mode] = {
+            "s_per_rank": per_rank,
+            "fixed_s": fixed,
+            "master_cpu_s_per_rank": cpu_rank,
+            "s_per_gb": per_gb,
+            "master_cpu_s_per_gb": cpu_gb,
+            "master_peak_mb_per_gb": mem_gb,
+        }
+        lines.append(
+            f"| {mode} | {per_rank * 1e3:.1f} | {cpu_rank * 1e3:.2f} | {fixed:.3f} | {per_gb:.2f} | {cpu_gb:.2f} "
+            f"| {mem_gb:.0f} |"
+        )
+    return "\n".join(lines), fits
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.scaling", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="world sizes up to 8, two byte sizes, 2 repeats")
+    p.add_argument("--nodes", type=int, default=0, help="rank nodes of a local multi-node Cluster (0: one node)")
+    p.add_argument("--world-sizes", default="1,2,4,8,16,32")
+    p.add_argument("--rank-bytes", type=float, default=1.0, help="MB per rank in the world-size sweep")
+    p.add_argument("--bytes-world-size", type=int, default=4, help="ranks in the per-byte sweep")
+    p.add_argument("--bytes-per-rank", default="1,8,32,64", help="MB per rank in the per-byte sweep")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--storage", default=None, help="storage URI (default: a temp dir, removed afterwards)")
+    p.add_argument("--out", default="bench_out/scaling.json")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run both sweeps; print the tables; write the JSON."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    world_sizes = [int(x) for x in args.world_sizes.split(",")]
+    sizes = [int(float(x) * MB) for x in args.bytes_per_rank.split(",")]
+    repeats = args.repeats
+    if args.quick:
+        world_sizes, sizes, repeats = [w for w in world_sizes if w <= 8], sizes[:2], min(repeats, 2)
+    workdir = args.storage or tempfile.mkdtemp(prefix="ray-ckpt-scaling-")
+    object_store = max(512 << 20, int(3 * args.bytes_world_size * max(sizes)))
+    world: list[dict[str, Any]] = []
+    sized: list[dict[str, Any]] = []
+    started = time.time()
+    try:
+        with ray_backend(args.nodes, object_store) as (master_options, placements):
+            pool = RankPool(placements)
+            for mode in ("gather", "direct"):
+                for ws in world_sizes:
+                    row = measure(pool, master_options, workdir, mode, ws, int(args.rank_bytes * MB), repeats)
+                    logger.info("world %s ws=%d commit p50 %.3fs", mode, ws, row["commit_p50_s"])
+                    world.append(row)
+                for size in sizes:
+                    row = measure(pool, master_options, workdir, mode, args.bytes_world_size, size, repeats)
+                    logger.info("bytes %s %d MB/rank commit p50 %.3fs", mode, size // MB, row["commit_p50_s"])
+                    sized.append(row)
+    finally:
+        if args.storage is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    fits_md, fits = fits_table(world, sized)
+    document = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": sys.version.split()[0],
+            "ray": ray.__version__,
+            "torch": torch.__version__,
+            "nodes": args.nodes,
+            "storage": "local disk (temp dir)" if args.storage is None else args.storage,
+        },
+        "started": started,
+        "seconds": time.time() - started,
+        "world_sweep": world,
+        "bytes_sweep": sized,
+        "fits": fits,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(document, f, indent=2)
+    layout = "one node" if args.nodes <= 0 else f"{args.nodes + 1} nodes (master on its own node)"
+    print(f"\n## Commit latency and master cost vs world size ({layout}, {args.rank_bytes:g} MB/rank)\n")
+    print(world_table(world))
+    print(f"\n## Per-byte cost ({args.bytes_world_size} ranks)\n")
+    print(bytes_table(sized))
+    print("\n## Fitted costs (from the min of each configuration)\n")
+    print(fits_md)
+    print(f"\n{os.cpu_count()} CPUs, {layout}; JSON: {args.out}; {document['seconds']:.0f}s")
+    return document
+
+
+if __name__ == "__main__":
+    main()
