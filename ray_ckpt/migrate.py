@@ -136,9 +136,13 @@ def _migrate_one(
     if dry_run:
         item.detail = f"-> {store.step_uri(ckpt.step)}"
         return item
-    if ckpt.architecture is not None:
-        store.write_architecture(ckpt.architecture.class_path, ckpt.architecture.config)
     metadata = {**ckpt.metadata, "migrated_by": "ray-ckpt migrate"}
+    if ckpt.architecture is not None:
+        if _rebuilds(ckpt):
+            store.write_architecture(ckpt.architecture.class_path, ckpt.architecture.config)
+        else:
+            metadata["model_class"] = ckpt.architecture.class_path
+            item.detail = "model_architecture.json not written (the class's constructor arguments are unknown); "
     try:
         info = store.save(
             ckpt.step, ckpt.state_dict, ckpt.metrics, ckpt.trainer_state, metadata, overwrite=True
@@ -150,6 +154,24 @@ def _migrate_one(
         item.detail = f"trainer state dropped ({exc}); "
     item.detail += f"-> {info.uri}"
     return item
+
+
+def _rebuilds(ckpt: LegacyCheckpoint) -> bool:
+    """Whether the recorded architecture builds a model whose tensors match the checkpoint's.
+
+    A pickled module says its class but not its constructor arguments; recording an
+    architecture that builds a differently shaped model would break ``instantiate`` later.
+    """
+    assert ckpt.architecture is not None
+    try:
+        built = ckpt.architecture.build().state_dict()
+    except Exception as exc:  # any constructor failure means it cannot be rebuilt
+        logger.info("%s: %s does not rebuild: %s", ckpt.location, ckpt.architecture.class_path, exc)
+        return False
+    return set(built) == set(ckpt.state_dict) and all(
+        tuple(built[k].shape) == tuple(ckpt.state_dict[k].shape) and built[k].dtype == ckpt.state_dict[k].dtype
+        for k in built
+    )
 
 
 def _same_content(store: CheckpointStore, ckpt: LegacyCheckpoint) -> bool:
