@@ -19,6 +19,7 @@ import contextlib
 import io
 import json
 import logging
+import math
 import pickle
 import posixpath
 import re
@@ -111,6 +112,20 @@ def _validate_metrics(metrics: Mapping[str, Any] | None, *, what: str = "metrics
     return out
 
 
+_NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def metrics_to_json(metrics: Mapping[str, float]) -> dict[str, float | str]:
+    """Metrics as strict JSON: NaN/inf become the strings "NaN"/"Infinity"/"-Infinity"."""
+    return {k: v if math.isfinite(v) else ("NaN" if math.isnan(v) else ("Infinity" if v > 0 else "-Infinity"))
+            for k, v in metrics.items()}
+
+
+def metrics_from_json(raw: Mapping[str, Any]) -> dict[str, float]:
+    """Inverse of :func:`metrics_to_json` (also reads bare NaN/Infinity written by older versions)."""
+    return {str(k): _NON_FINITE[v] if isinstance(v, str) and v in _NON_FINITE else float(v) for k, v in raw.items()}
+
+
 def _file_name(name: Any) -> str:
     """A file name from a marker's ``files``: relative, inside the step directory, portable."""
     parts = name.split("/") if isinstance(name, str) else []
@@ -140,7 +155,7 @@ class Manifest:
             "step": self.step,
             "created": self.created,
             "kind": self.kind,
-            "metrics": self.metrics,
+            "metrics": metrics_to_json(self.metrics),
             "world_size": self.world_size,
             "metadata": self.metadata,
             "model": self.model,
@@ -164,7 +179,7 @@ class Manifest:
             return cls(
                 step=int(raw["step"]),
                 created=float(raw["created"]),
-                metrics={str(k): float(v) for k, v in (raw.get("metrics") or {}).items()},
+                metrics=metrics_from_json(raw.get("metrics") or {}),
                 world_size=int(raw.get("world_size", 1)),
                 metadata=dict(raw.get("metadata") or {}),
                 files=files,
@@ -561,8 +576,8 @@ class CheckpointStore:
             if step not in steps or step not in self.index:
                 continue
             try:
-                metrics = json.loads(self.storage.read_bytes(path))
-            except (FileNotFoundError, ValueError):
+                metrics = metrics_from_json(json.loads(self.storage.read_bytes(path)))
+            except (FileNotFoundError, ValueError, TypeError):
                 continue
             info = self.index.get(step)
             if info is not None and any(info.metrics.get(k) != v for k, v in metrics.items()):
@@ -583,7 +598,7 @@ class CheckpointStore:
     def _read_info(self, step: int) -> CheckpointInfo:
         info = self._info_from_manifest(self.read_manifest(step))
         try:
-            info.metrics.update(json.loads(self.storage.read_bytes(f"{step_dir(step)}/{EVAL_FILE}")))
+            info.metrics.update(metrics_from_json(json.loads(self.storage.read_bytes(f"{step_dir(step)}/{EVAL_FILE}"))))
         except FileNotFoundError:
             pass
         return info
@@ -1000,11 +1015,11 @@ class CheckpointStore:
             self.read_manifest(step)
             path = f"{step_dir(step)}/{EVAL_FILE}"
             try:
-                current = json.loads(self.storage.read_bytes(path))
+                current = metrics_from_json(json.loads(self.storage.read_bytes(path)))
             except FileNotFoundError:
                 current = {}
             current.update(checked)
-            self.storage.write_atomic(path, json.dumps(current).encode())
+            self.storage.write_atomic(path, json.dumps(metrics_to_json(current), allow_nan=False).encode())
             self.refresh()
             if step in self.index:
                 self.index.update_metrics(step, checked)

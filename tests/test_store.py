@@ -967,3 +967,21 @@ def test_hugging_face_loads_the_pt_format(tmp_run: Any, gpt2: Any) -> None:
     assert list(result.missing_keys) == ["lm_head.weight"]  # tied: stored once, as in the safetensors case
     for key, value in model2.state_dict().items():
         assert torch.equal(value, sd[key]), key
+
+
+def test_non_finite_metrics_are_written_as_strict_json(tmp_path: Path) -> None:
+    """checkpoint.json and eval_metrics.json are read by other tools: no bare NaN/Infinity."""
+    store = CheckpointStore(str(tmp_path), run_name="strict", metric_name="loss")
+    store.save(1, {"w": torch.ones(1)}, metrics={"loss": float("nan"), "up": float("inf"), "ok": 0.5})
+    store.report_eval(1, {"eval/down": float("-inf")})
+    step = tmp_path / "strict" / "checkpoints" / "step_000000001"
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    for name in ("checkpoint.json", "eval_metrics.json"):
+        json.loads((step / name).read_text(), parse_constant=refuse)
+    metrics = CheckpointStore(str(tmp_path), run_name="strict").info(1).metrics
+    assert math.isnan(metrics["loss"]) and metrics["up"] == math.inf and metrics["eval/down"] == -math.inf
+    assert metrics["ok"] == 0.5
+    assert store.best() is None  # never ranked
