@@ -603,9 +603,10 @@ def _common() -> argparse.ArgumentParser:
     return common
 
 
-def _ranking_args(parser: argparse.ArgumentParser, *, retention: bool = True) -> None:
-    parser.add_argument("--metric", help="rank by this metric (default: what the run recorded)")
-    parser.add_argument("--mode", choices=("max", "min"), help="whether higher or lower is better")
+def _ranking_args(parser: argparse.ArgumentParser, *, ranking: bool = True, retention: bool = True) -> None:
+    if ranking:
+        parser.add_argument("--metric", help="rank by this metric (default: what the run recorded)")
+        parser.add_argument("--mode", choices=("max", "min"), help="whether higher or lower is better")
     if retention:
         parser.add_argument("--keep-top-k", type=int, help="retention: keep the K best")
         parser.add_argument("--keep-last-n", type=int, help="retention: keep the N newest")
@@ -664,6 +665,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", required=True)
     p.add_argument("--mode", choices=("max", "min"), help="which way is best (default: the run's, else min)")
     p.add_argument("-o", "--output", required=True, help="output image (PNG)")
+    _ranking_args(p, ranking=False)
     p.set_defaults(func=cmd_plot)
     return parser
 

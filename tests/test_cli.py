@@ -1,0 +1,239 @@
+"""The ray-ckpt command line, run in-process through main() and once as a real process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from ray_ckpt import CheckpointManager, CheckpointStore
+from ray_ckpt.cli import main, parse_storage_options
+from ray_ckpt.mock_models import TinyPolicy
+
+LOSSES = {1: 0.9, 2: 0.2, 3: 0.6, 4: 0.4, 5: 0.7, 6: 0.8}
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def run(tmp_path: Path) -> str:
+    """A run of six checkpoints ranked by loss (min), keeping the top 2 (+ the latest)."""
+    uri = str(tmp_path / "runs" / "exp")
+    model = TinyPolicy()
+    with CheckpointManager(uri, max_to_keep=None, best_fn="loss", async_save=False) as mgr:
+        mgr.store.write_architecture(model, {"obs_dim": 4, "hidden": 8, "num_actions": 2})
+        for step, loss in LOSSES.items():
+            mgr.save(step, {"model": model, "epoch": step}, metrics={"loss": loss, "reward": 10 * step})
+    return uri
+
+
+def test_ls_human_and_json(run: str, capsys: pytest.CaptureFixture[str]) -> None:
+    store = CheckpointStore(os.path.dirname(run), "exp")
+    store.acquire_lease(3, ttl_s=60)
+    code, out, err = run_cli(capsys, "ls", run)
+    assert code == 0 and err == ""
+    assert "6 checkpoint(s); ranked by loss (min)" in out
+    lines = {line.split()[0]: line for line in out.splitlines()[3:]}
+    assert "best" in lines["2"] and "leased" in lines["3"] and "loss=0.9" in lines["1"]
+    code, out, _ = run_cli(capsys, "ls", run, "--json", "--keep-top-k", "2")
+    data = json.loads(out)
+    marks = {c["step"]: (c["kept"], c["best"], c["leased"]) for c in data["checkpoints"]}
+    # top-2 by loss are 2 and 4, the latest (6) is always kept, and 3 is leased
+    assert marks == {
+        1: (False, False, False), 2: (True, True, False), 3: (True, False, True),
+        4: (True, False, False), 5: (False, False, False), 6: (True, False, False),
+    }
+    assert data["checkpoints"][0]["files_size"] > 0 and data["checkpoints"][0]["metrics"]["reward"] == 10
+
+
+def test_best(run: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(capsys, "best", run, "-k", "3", "--json")
+    assert code == 0 and [r["step"] for r in json.loads(out)] == [2, 4, 3]
+    code, out, _ = run_cli(capsys, "best", run, "--metric", "reward", "--mode", "max")
+    assert code == 0 and out.splitlines()[2].split()[:3] == ["1", "6", "60"]
+
+
+def test_best_needs_a_metric_when_the_run_records_none(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    CheckpointStore(str(tmp_path), "plain").save(1, {"w": torch.ones(1)}, {"loss": 1.0})
+    code, out, err = run_cli(capsys, "best", str(tmp_path / "plain"))
+    assert code == 2 and out == "" and "--metric" in err and len(err.strip().splitlines()) == 1
+    code, out, _ = run_cli(capsys, "best", str(tmp_path / "plain"), "--metric", "loss")
+    assert code == 0 and "step_000000001" in out
+
+
+def test_inspect_run_checkpoint(run: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(capsys, "inspect", f"{run}:best")
+    assert code == 0
+    assert "run / step   exp / 2" in out and "ray_ckpt.mock_models.TinyPolicy" in out
+    assert "loss=0.2" in out
+    assert any(line.split()[:3] == ["body.weight", "F32", "8x4"] for line in out.splitlines())
+    code, out, _ = run_cli(capsys, "inspect", f"{run}/checkpoints/step_000000004", "--json")
+    data = json.loads(out)
+    assert data["step"] == 4 and data["metrics"]["loss"] == 0.4
+    assert {t["key"]: (t["dtype"], t["shape"], t["nbytes"]) for t in data["tensors"]}["head.weight"] == (
+        "F32", [2, 8], 64
+    )
+    assert data["architecture"]["config"] == {"obs_dim": 4, "hidden": 8, "num_actions": 2}
+    assert "model.safetensors" in data["files"]
+
+
+def test_inspect_legacy_and_mock(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    save_file({"a": torch.zeros(2, 3, dtype=torch.float16)}, str(tmp_path / "pol_7.safetensors"))
+    (tmp_path / "pol_7.metrics.json").write_text(json.dumps({"score": 3}))
+    code, out, _ = run_cli(capsys, "inspect", str(tmp_path / "pol_7.safetensors"), "--json")
+    data = json.loads(out)
+    assert code == 0 and data["tensors"][0]["shape"] == [2, 3] and data["tensors"][0]["dtype"] == "F16"
+    assert data["metrics"] == {"score": 3.0}
+    torch.save({"x": torch.ones(5)}, tmp_path / "r:v2.pt")
+    code, out, _ = run_cli(capsys, "inspect", str(tmp_path / "r:v2.pt"))
+    assert code == 0 and "r / 2" in out and "legacy (metta)" in out
+    code, out, _ = run_cli(capsys, "inspect", "mock://tiny", "--json")
+    assert code == 0 and json.loads(out)["architecture"]["class_path"] == "ray_ckpt.mock_models.TinyPolicy"
+
+
+def test_verify_ok_then_corrupt(run: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(capsys, "verify", run)
+    assert code == 0 and "6 ok, 0 corrupt" in out
+    shard = Path(run) / "checkpoints" / "step_000000003" / "model.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF  # flip a bit of a tensor: same size, different checksum
+    shard.write_bytes(bytes(data))
+    code, out, _ = run_cli(capsys, "verify", run, "--json")
+    result = json.loads(out)
+    assert code == 1 and not result["ok"]
+    bad = [r for r in result["results"] if not r["ok"]]
+    assert [r["step"] for r in bad] == [3] and "checksum mismatch" in bad[0]["error"]
+    assert run_cli(capsys, "verify", f"{run}:v4")[0] == 0
+    code, out, _ = run_cli(capsys, "verify", f"{run}:v3")
+    assert code == 1 and "CORRUPT" in out and "model.safetensors" in out
+
+
+def test_verify_reports_an_unreadable_marker(run: str, capsys: pytest.CaptureFixture[str]) -> None:
+    (Path(run) / "checkpoints" / "step_000000005" / "checkpoint.json").write_text("{not json")
+    code, out, _ = run_cli(capsys, "verify", run)
+    assert code == 1 and "step_000000005" in out and "1 corrupt" in out
+
+
+def test_gc_dry_run_then_real(run: str, capsys: pytest.CaptureFixture[str]) -> None:
+    leftover = Path(run) / "checkpoints" / "step_000000099"
+    leftover.mkdir()
+    (leftover / "model.safetensors").write_bytes(b"partial")
+    code, out, _ = run_cli(capsys, "gc", run, "--dry-run", "--keep-last-n", "2", "--json")
+    data = json.loads(out)
+    assert code == 0 and data["leftovers"] == ["checkpoints/step_000000099"]
+    # keep the last 2 (5, 6); the run records no keep_top_k, so 1-4 would go: gc only shows that
+    assert data["retention_would_delete"] == [1, 2, 3, 4]
+    assert leftover.exists()
+    code, out, _ = run_cli(capsys, "gc", run)
+    assert code == 0 and "removed 1 uncommitted leftover(s)" in out and "would delete nothing" in out
+    assert not leftover.exists()
+    assert len(CheckpointStore(os.path.dirname(run), "exp").list()) == 6
+
+
+def test_migrate_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src, dst = tmp_path / "old", tmp_path / "runs"
+    src.mkdir()
+    torch.save({"w": torch.ones(2)}, src / "agent:v3.pt")
+    torch.save({"w": torch.zeros(2)}, src / "agent:v7.pt")
+    code, out, _ = run_cli(capsys, "migrate", str(src), str(dst), "--dry-run")
+    assert code == 0 and not dst.exists()
+    assert [line.split("  ")[0].strip() for line in out.splitlines()[:2]] == ["would migrate"] * 2
+    code, out, _ = run_cli(capsys, "migrate", str(src), str(dst))
+    assert code == 0 and "2 migrated" in out
+    assert [line.split()[0] for line in out.splitlines()[:2]] == ["migrated"] * 2
+    assert [i.step for i in CheckpointStore(str(dst), "agent").list()] == [3, 7]
+    code, out, _ = run_cli(capsys, "migrate", str(src), str(dst), "--json")
+    assert code == 0 and {i["action"] for i in json.loads(out)["items"]} == {"skipped"}
+    (src / "junk.pt").write_bytes(b"junk")
+    code, out, _ = run_cli(capsys, "migrate", str(src), str(dst))
+    assert code == 1 and "failed" in out and "junk.pt" in out
+
+
+def test_plot(run: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    output = tmp_path / "loss.png"
+    code, out, _ = run_cli(capsys, "plot", run, "--metric", "loss", "-o", str(output), "--keep-top-k", "2")
+    assert code == 0 and "best step 2" in out
+    assert output.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and output.stat().st_size > 5000
+    code, _, err = run_cli(capsys, "plot", run, "--metric", "nope", "-o", str(output))
+    assert code == 1 and "nope" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "needle"),
+    [
+        (["ls", "{tmp}/missing"], 1, "no run at"),
+        (["inspect", "{tmp}/missing:latest"], 1, "no run"),
+        (["ls", "s3://"], 2, "no run name"),
+        (["best", "{tmp}/r:sometimes"], 2, "bad selector"),
+        (["inspect", "{tmp}/corrupt.pt"], 1, "corrupt.pt"),
+        (["verify", "{tmp}/corrupt.pt"], 1, None),
+        (["inspect", "{tmp}/pickled.pt"], 1, "trust_pickle"),
+        (["ls", "mock://tiny"], 2, "run URI"),
+    ],
+)
+def test_errors_are_one_line_without_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], code: int, needle: str | None
+) -> None:
+    (tmp_path / "corrupt.pt").write_bytes(b"\x80\x02garbage")
+    torch.save(TinyPolicy(), tmp_path / "pickled.pt")
+    got, out, err = run_cli(capsys, *[a.format(tmp=tmp_path) for a in argv])
+    assert got == code
+    if needle is None:  # verify reports corruption as its result, not as an error
+        assert "CORRUPT" in out and "corrupt.pt" in out
+        return
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and needle in err
+
+
+def test_usage_error_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["frobnicate"]) == 2
+    assert main([]) == 2
+    assert main(["best", "x", "-k", "zero"]) == 2
+
+
+def test_parse_storage_options() -> None:
+    options = parse_storage_options(
+        ["key=abc", "client_kwargs.endpoint_url=http://127.0.0.1:9000", "anon=false", "client_kwargs.retries=3"],
+        env='{"secret": "s", "key": "from-env"}',
+    )
+    assert options == {
+        "secret": "s", "key": "abc", "anon": False,
+        "client_kwargs": {"endpoint_url": "http://127.0.0.1:9000", "retries": 3},
+    }
+
+
+def test_ls_on_s3_with_storage_options(s3_bucket: tuple[str, dict[str, Any]], capsys: pytest.CaptureFixture[str],
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    bucket, options = s3_bucket
+    store = CheckpointStore(f"{bucket}/runs", "exp", options)
+    store.save(3, {"w": torch.ones(2)}, {"loss": 0.5})
+    kwargs = options["client_kwargs"]
+    code, out, err = run_cli(
+        capsys, "ls", f"{bucket}/runs/exp", "--json",
+        "--storage-option", f"key={options['key']}", "--storage-option", f"secret={options['secret']}",
+        "--storage-option", f"client_kwargs.endpoint_url={kwargs['endpoint_url']}",
+        "--storage-option", f"client_kwargs.region_name={kwargs['region_name']}",
+    )
+    assert code == 0, err
+    assert [c["step"] for c in json.loads(out)["checkpoints"]] == [3]
+    monkeypatch.setenv("RAY_CKPT_STORAGE_OPTIONS", json.dumps(options))
+    code, out, _ = run_cli(capsys, "inspect", f"{bucket}/runs/exp:latest", "--json")
+    assert code == 0 and json.loads(out)["tensors"][0]["key"] == "w"
+
+
+def test_console_script_in_a_real_process(run: str) -> None:
+    script = Path(sys.executable).with_name("ray-ckpt")
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "ray_ckpt.cli"]
+    done = subprocess.run([*cmd, "ls", run, "--json"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert len(json.loads(done.stdout)["checkpoints"]) == 6
