@@ -8,6 +8,8 @@ StorageError naming the path.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import errno
 import logging
 import os
@@ -31,6 +33,138 @@ T = TypeVar("T")
 TEMP_MARKER = ".tmp-"
 # Errors that no retry can fix: fail at once.
 _PERMANENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT}
+
+
+S3_PART_SIZE = 32 << 20  # a multipart part (S3's minimum is 5 MiB); doubles every 1000 parts
+S3_PARTS_IN_FLIGHT = 4  # parts uploading at once: at most (1 + this) parts of memory per open file
+
+
+def _is_s3(fs: Any) -> bool:
+    """Whether ``fs`` is s3fs's S3FileSystem (checked by module, so s3fs is never imported here)."""
+    return type(fs).__module__.startswith("s3fs")
+
+
+class ConcurrentS3Writer:
+    """A write-only S3 object uploaded as a multipart upload whose parts go up concurrently.
+
+    s3fs's own file object uploads one part at a time (the writer waits for each) and copies the
+    bytes through a BytesIO. This one copies each byte once into a part buffer, keeps up to
+    ``S3_PARTS_IN_FLIGHT`` part uploads running on s3fs's event loop, and sends an object smaller
+    than one part as a single PUT. The object appears only when :meth:`close` completes the
+    upload; an exception inside ``with`` (or :meth:`abort`) cancels it, leaving nothing behind.
+    """
+
+    def __init__(self, fs: Any, path: str, part_size: int = S3_PART_SIZE, in_flight: int = S3_PARTS_IN_FLIGHT) -> None:
+        self.fs = fs
+        self.path = path
+        self.bucket, self.key, _ = fs.split_path(path)
+        self.part_size = part_size
+        self.in_flight = in_flight
+        self.closed = False
+        self._part = bytearray(part_size)
+        self._fill = 0
+        self._upload_id: str | None = None
+        self._pending: list[tuple[int, concurrent.futures.Future]] = []
+        self._etags: dict[int, str] = {}
+        self._next_part = 1
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        """Buffer ``data`` (copied), starting a part upload each time a part fills."""
+        if self.closed:
+            raise ValueError(f"write to a closed file: {self.path}")
+        view = memoryview(data).cast("B")
+        pos = 0
+        while pos < view.nbytes:
+            take = min(view.nbytes - pos, len(self._part) - self._fill)
+            self._part[self._fill : self._fill + take] = view[pos : pos + take]
+            self._fill += take
+            pos += take
+            if self._fill == len(self._part):
+                self._send_part()
+        return view.nbytes
+
+    def flush(self) -> None:
+        """Nothing to do: parts go up as they fill, the rest on close."""
+
+    def _submit(self, method: str, **kwargs: Any) -> concurrent.futures.Future:
+        return asyncio.run_coroutine_threadsafe(self.fs._call_s3(method, **kwargs), self.fs.loop)
+
+    def _send_part(self) -> None:
+        if self._upload_id is None:
+            mpu = self.fs.call_s3("create_multipart_upload", Bucket=self.bucket, Key=self.key)
+            self._upload_id = mpu["UploadId"]
+        while len(self._pending) >= self.in_flight:
+            self._reap(*self._pending.pop(0))
+        body = self._part
+        if self._fill < len(body):
+            del body[self._fill :]  # the last part: shrink in place, no copy
+        number = self._next_part
+        future = self._submit(
+            "upload_part", Bucket=self.bucket, Key=self.key, UploadId=self._upload_id, PartNumber=number, Body=body
+        )
+        self._pending.append((number, future))
+        self._next_part += 1
+        size = min(self.part_size << ((self._next_part - 1) // 1000), 5 << 30)  # S3 allows 10000 parts
+        self._part = bytearray(size)
+        self._fill = 0
+
+    def _reap(self, number: int, future: concurrent.futures.Future) -> None:
+        self._etags[number] = future.result()["ETag"]
+
+    def close(self) -> None:
+        """Upload what is left and complete the upload (a single PUT for a small object)."""
+        if self.closed:
+            return
+        try:
+            if self._upload_id is None:
+                self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=bytes(self._part[: self._fill]))
+            else:
+                if self._fill:
+                    self._send_part()
+                while self._pending:
+                    self._reap(*self._pending.pop(0))
+                parts = [{"PartNumber": n, "ETag": self._etags[n]} for n in sorted(self._etags)]
+                self.fs.call_s3(
+                    "complete_multipart_upload",
+                    Bucket=self.bucket,
+                    Key=self.key,
+                    UploadId=self._upload_id,
+                    MultipartUpload={"Parts": parts},
+                )
+        except BaseException:
+            self.abort()
+            raise
+        self.closed = True
+        self._part = bytearray()
+        self.fs.invalidate_cache(self.path)
+
+    def abort(self) -> None:
+        """Cancel the upload: wait out the parts in flight, then abort it (best effort)."""
+        self.closed = True
+        self._part = bytearray()
+        for _, future in self._pending:
+            try:
+                future.result()
+            except Exception:  # the upload is being abandoned anyway
+                pass
+        self._pending = []
+        if self._upload_id is not None:
+            try:
+                self.fs.call_s3("abort_multipart_upload", Bucket=self.bucket, Key=self.key, UploadId=self._upload_id)
+            except Exception as exc:  # the bucket's lifecycle rules clean up what this misses
+                logger.warning("could not abort the multipart upload of %s: %s", self.path, exc)
+
+    def __enter__(self) -> ConcurrentS3Writer:
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
 
 
 def temp_name(name: str) -> str:
@@ -135,7 +269,7 @@ class Storage:
         def attempt() -> T:
             if self.is_local:
                 os.makedirs(posixpath.dirname(full), exist_ok=True)
-            with self.fs.open(full, "wb") as f:
+            with self._open_for_write(full) as f:
                 result = writer(f)
                 if durable and self.is_local:
                     f.flush()
@@ -143,6 +277,12 @@ class Storage:
             return result
 
         return self._call("write", path, attempt)
+
+    def _open_for_write(self, full: str) -> Any:
+        """A file to write ``full``: concurrent multipart uploads on S3, fsspec's file elsewhere."""
+        if _is_s3(self.fs):
+            return ConcurrentS3Writer(self.fs, full)
+        return self.fs.open(full, "wb")
 
     def write_bytes(self, path: str, data: bytes, *, durable: bool = True) -> None:
         """Write a whole file (fsync'd when local)."""
