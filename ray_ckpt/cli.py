@@ -24,7 +24,7 @@ from ray_ckpt.errors import (
     CorruptCheckpointError,
     RayCkptError,
 )
-from ray_ckpt.format import read_safetensors_header
+from ray_ckpt.format import parse_hf_index, read_safetensors_header
 from ray_ckpt.store import CHECKPOINTS_DIR, MARKER_FILE, TRAINER_TENSORS, CheckpointStore, parse_step_dir, step_dir
 from ray_ckpt.uri import ParsedURI, parse_uri
 
@@ -277,8 +277,6 @@ def _inspect_run(args: argparse.Namespace, parsed: ParsedURI) -> dict[str, Any]:
     index_name = manifest.model.get("index")
     fmt = manifest.model.get("format", "safetensors")
     if index_name and fmt == "safetensors":
-        from ray_ckpt.format import parse_hf_index
-
         weight_map = parse_hf_index(store.storage.read_bytes(f"{step_dir(step)}/{index_name}"), name=index_name)
         for file_name in sorted(set(weight_map.values())):
             path = f"{step_dir(step)}/{file_name}"

@@ -8,6 +8,8 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import ray_ckpt
 from ray_ckpt import CheckpointNotFoundError, CheckpointStore, ConfigError
@@ -182,3 +184,28 @@ def test_load_from_uri_on_s3(s3_bucket: tuple[str, dict[str, Any]]) -> None:
     assert artifact.uri == f"{bucket}/runs/run1/checkpoints/step_000000005"
     assert isinstance(artifact.instantiate(), TinyPolicy)
     assert ray_ckpt.load_from_uri(f"{bucket}/runs/run1:latest", storage_options=options).step == 6
+
+
+_names = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_\-+=@,]{0,20}", fullmatch=True)
+_selectors = st.one_of(
+    st.none(), st.sampled_from(["latest", "best"]), st.integers(0, 10**12).map(lambda n: f"v{n}"),
+    st.integers(0, 10**12).map(lambda n: f"step_{n:09d}"),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    prefix=st.sampled_from(["/data/runs", "file:///data/runs", "s3://bucket", "s3://bucket/a/b", "memory://m"]),
+    name=_names,
+    selector=_selectors,
+)
+def test_uri_round_trip_property(prefix: str, name: str, selector: str | None) -> None:
+    uri = f"{prefix}/{name}" + (f":{selector}" if selector else "")
+    normalized = ray_ckpt.normalize_uri(uri)
+    assert ray_ckpt.normalize_uri(normalized) == normalized
+    run, step = ray_ckpt.key_and_version(uri)
+    assert run == name
+    expected = int(selector.split("_")[-1].lstrip("v")) if selector and selector not in ("latest", "best") else None
+    assert step == expected
+    parsed = parse_uri(normalized)
+    assert parsed.run_uri == parsed.location and parsed.location.endswith(f"/{name}")
