@@ -230,12 +230,13 @@ def _read_json(storage: Storage, name: str) -> dict[str, Any] | None:
     return data
 
 
-def _numeric_leaves(data: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+def numeric_leaves(data: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """Every finite number in a nested mapping, keyed by its ``/``-joined path (metrics from JSON)."""
     out: dict[str, float] = {}
     for key, value in data.items():
         path = f"{prefix}{key}"
         if isinstance(value, Mapping):
-            out.update(_numeric_leaves(value, f"{path}/"))
+            out.update(numeric_leaves(value, f"{path}/"))
         elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value)):
             out[path] = float(value)
     return out
@@ -279,7 +280,7 @@ def _read_safetensors_bundle(storage: Storage, name: str, location: str) -> Lega
     extra = _read_json(storage, _stem(name) + ".metrics.json") or {}
     step_value = next((extra[k] for k in _STEP_KEYS if k in extra), None)
     run, step = _run_and_step(name, storage, extra.get("run_name"), step_value)
-    metrics = {k: v for k, v in _numeric_leaves(extra).items() if k != "step"}
+    metrics = {k: v for k, v in numeric_leaves(extra).items() if k != "step"}
     metadata: dict[str, Any] = {"legacy_format": FORMAT_SAFETENSORS, "source": location}
     if header.metadata:
         metadata["safetensors_metadata"] = dict(header.metadata)
@@ -331,9 +332,9 @@ def _read_torch_file(storage: Storage, name: str, location: str, fmt: str, *, tr
     run_value = meta.get("run_name") or meta.get("run") or ckpt.metadata.get("run_name")
     ckpt.run_name, ckpt.step = _run_and_step(name, storage, run_value, step_value)
     if companion is not None:
-        ckpt.metrics.update(_numeric_leaves({k: v for k, v in meta.items() if not isinstance(v, Mapping)}))
+        ckpt.metrics.update(numeric_leaves({k: v for k, v in meta.items() if not isinstance(v, Mapping)}))
         if isinstance(meta.get("evals"), Mapping):
-            ckpt.metrics.update(_numeric_leaves(meta["evals"], "evals/"))
+            ckpt.metrics.update(numeric_leaves(meta["evals"], "evals/"))
         ckpt.metadata["legacy_metadata"] = meta
     return ckpt
 
