@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ray_ckpt.architecture import Architecture
-from ray_ckpt.errors import CheckpointNotFoundError, ConfigError
+from ray_ckpt.errors import CheckpointNotFoundError, ConfigError, CorruptCheckpointError
 from ray_ckpt.store import CheckpointStore
 from ray_ckpt.uri import MOCK_SCHEME, ParsedURI, parse_uri
 
@@ -61,9 +61,19 @@ class CheckpointArtifact:
 
 
 def recorded_policy(store: CheckpointStore) -> dict[str, Any]:
-    """The ranking/retention policy the run's writer recorded in its latest checkpoint ({} if none)."""
+    """The ranking/retention policy the run's writer recorded in its latest checkpoint ({} if none).
+
+    Every commit marker records the writer's policy; older runs may carry it in the metadata.
+    """
     latest = store.latest()
-    policy = (latest.metadata or {}).get(POLICY_KEY) if latest is not None else None
+    policy = None
+    if latest is not None:
+        policy = (latest.metadata or {}).get(POLICY_KEY)
+        if not isinstance(policy, dict):
+            try:
+                policy = store.read_manifest(latest.step).extra.get("policy")
+            except (CheckpointNotFoundError, CorruptCheckpointError):
+                policy = None
     if not isinstance(policy, dict):
         return {}
     return {k: policy[k] for k in _POLICY_FIELDS if k in policy}

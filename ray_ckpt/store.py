@@ -288,7 +288,7 @@ class StepWriter:
             model=self.model,
             trainer_state=self.trainer_state,
             kind=kind,
-            extra=dict(extra or {}),
+            extra={"policy": self.store.policy(), **dict(extra or {})},
         )
         try:
             json.dumps(manifest.metadata)
@@ -399,6 +399,18 @@ class CheckpointStore:
     @property
     def uri(self) -> str:
         return self.storage.uri
+
+    def policy(self) -> dict[str, Any]:
+        """The ranking and retention settings, recorded in every commit marker so that any later
+        reader (CLI, load_from_uri) ranks and retains as the writer did."""
+        cfg = self.config
+        return {
+            "metric_name": cfg.metric_name,
+            "mode": cfg.mode,
+            "keep_top_k": cfg.keep_top_k,
+            "keep_last_n": cfg.keep_last_n,
+            "keep_period": cfg.keep_period,
+        }
 
     def step_uri(self, step: int) -> str:
         return self.storage.url(step_dir(step))

@@ -209,3 +209,16 @@ def test_uri_round_trip_property(prefix: str, name: str, selector: str | None) -
     assert step == expected
     parsed = parse_uri(normalized)
     assert parsed.run_uri == parsed.location and parsed.location.endswith(f"/{name}")
+
+
+def test_best_selector_uses_the_policy_any_writer_recorded(tmp_path: Path) -> None:
+    """A plain store (not the manager) records its metric/mode in each marker; :best needs no flags."""
+    store = CheckpointStore(str(tmp_path), run_name="ranked", metric_name="score", mode="max", keep_last_n=5)
+    for step, score in [(1, 0.2), (2, 0.9), (3, 0.4)]:
+        store.save(step, {"w": torch.full((2,), float(step))}, metrics={"score": score})
+    artifact = ray_ckpt.load_from_uri(f"{tmp_path}/ranked:best")
+    assert artifact.step == 2
+    from ray_ckpt.artifact import open_run
+
+    reader = open_run(f"{tmp_path}/ranked")
+    assert reader.config.metric_name == "score" and reader.config.mode == "max" and reader.config.keep_last_n == 5
