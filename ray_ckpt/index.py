@@ -141,11 +141,26 @@ class CheckpointIndex:
             return []
         ranking = self._rankings.get((metric, mode))
         if ranking is None:
-            ranking = sorted(
-                e for e in (_ranking_entry(i, metric, mode) for i in self._records.values()) if e is not None
-            )
+            ranking = self._build_ranking(metric, mode)
             self._rankings[(metric, mode)] = ranking
         return [self._records[-neg_step] for _, neg_step in ranking[:k]]
+
+    def _build_ranking(self, metric: str, mode: str) -> list[tuple[float, int]]:
+        """The sorted (key, -step) entries of every rankable record (one pass, floats on a fast path)."""
+        sign = 1.0 if mode == "min" else -1.0
+        entries = []
+        with _gc_paused():
+            for step, info in self._records.items():
+                value = info.metrics.get(metric)
+                if type(value) is float:
+                    if value - value == 0.0:  # finite: NaN and +-inf give NaN
+                        entries.append((sign * value, -step))
+                    continue
+                entry = _ranking_entry(info, metric, mode)
+                if entry is not None:
+                    entries.append(entry)
+            entries.sort()
+        return entries
 
     def best(self, metric: str | None = None, mode: str | None = None) -> CheckpointInfo | None:
         found = self.top_k(1, metric, mode)
@@ -243,8 +258,16 @@ class CheckpointIndex:
             ]
 
     def extend(self, records: Iterable[CheckpointInfo]) -> None:
-        for record in records:
-            self.add(record)
+        """Add many records; into an empty index (a restart) in bulk: one sort, not n insertions."""
+        if self._records:
+            for record in records:
+                self.add(record)
+            return
+        with _gc_paused():
+            for record in records:
+                self._records[record.step] = record  # a later duplicate replaces, as add() does
+            self._steps = sorted(self._records)
+            self._rankings.clear()  # rebuilt on the next query
 
 
 @contextlib.contextmanager
