@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import random
 import time
 
@@ -97,3 +98,40 @@ def test_100k_records_restore_quickly_and_exactly() -> None:
     assert again == recs
     # a loose bound (shared, loaded machine): exactness at scale is the point; benchmarks/index_scale.py times it
     assert elapsed < 20, elapsed
+
+
+def odd_records(n: int, seed: int) -> list[CheckpointInfo]:
+    """Records with every kind of metric value: floats, ints, bools, NaN, inf, missing; duplicate steps."""
+    rng = random.Random(seed)
+    kinds = [lambda: rng.random(), lambda: rng.randint(-3, 3), lambda: True, lambda: float("nan"), lambda: -math.inf]
+    out = []
+    for _ in range(n):
+        metrics = {"loss": rng.choice(kinds)()} if rng.random() < 0.8 else {}
+        if rng.random() < 0.5:
+            metrics["acc"] = rng.choice([-0.0, 0.0, 1.0, rng.random()])
+        out.append(CheckpointInfo(step=rng.randint(0, n // 2), uri="u", metrics=metrics))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_bulk_extend_and_ranking_match_one_by_one(seed: int) -> None:
+    recs = odd_records(2000, seed)
+    bulk, one_by_one = CheckpointIndex("loss", "min"), CheckpointIndex("loss", "min")
+    bulk.top_k(3)  # a ranking built on the empty index must not survive the bulk load
+    bulk.extend(recs)
+    for record in recs:
+        one_by_one.add(record)
+    assert bulk.steps() == one_by_one.steps() and bulk.list() == one_by_one.list()
+    for metric in ("loss", "acc"):
+        for mode in ("min", "max"):
+            expected = sorted(
+                (r for r in one_by_one.list() if r.metric(metric) is not None),
+                key=lambda r: ((r.metric(metric) if mode == "min" else -r.metric(metric)), -r.step),
+            )
+            assert bulk.top_k(10**6, metric, mode) == expected, (metric, mode)
+    # the bulk-built index keeps its rankings up to date afterwards
+    bulk.add(CheckpointInfo(step=10**9, uri="u", metrics={"loss": -1e9}))
+    bulk.remove(recs[0].step)
+    one_by_one.add(CheckpointInfo(step=10**9, uri="u", metrics={"loss": -1e9}))
+    one_by_one.remove(recs[0].step)
+    assert bulk.top_k(50) == one_by_one.top_k(50) and bulk.top_k(1)[0].step == 10**9
