@@ -38,9 +38,9 @@ import torch
 
 import ray_ckpt
 from ray_ckpt import CheckpointConfig, CheckpointStore
-from ray_ckpt.checkpointer import RankReport
-from ray_ckpt.format import flatten_state
-from ray_ckpt.store import step_dir
+from ray_ckpt.checkpointer import RankReport, RankState, TensorMeta, merge_ranks
+from ray_ckpt.format import FileDigest, flatten_state, hf_index_bytes, plan_shards
+from ray_ckpt.store import Manifest, step_dir
 from ray_ckpt.worker import _describe
 
 logger = logging.getLogger("benchmarks.scaling")
@@ -271,11 +271,80 @@ def measure(
         "master_peak_rss_mb": after["VmHWM"],
         "master_peak_delta_mb": after["VmHWM"] - idle["VmRSS"],
         "master_rss_shmem_mb": after.get("RssShmem", 0.0),
+        "master_anon_delta_mb": after.get("RssAnon", 0.0) - idle.get("RssAnon", 0.0),
         "manifest_bytes": len(marker),
         "hf_index_bytes": index_bytes,
         "report_bytes_per_rank": report_bytes(0, world_size, per_rank_bytes),
         "load_1m": loads,
     }
+
+
+def metadata_projection(ranks: int, tensors_per_rank: int, bytes_per_rank: int, max_shard_size: int) -> dict[str, Any]:
+    """The master's direct-mode metadata work for a big job, in-process (no Ray, no I/O), best of 3.
+
+    ``ranks`` RankStates of ``tensors_per_rank`` tensors (plus 2 replicated keys every rank holds):
+    merge them (ownership, replica checks), plan the shards, build the HF index and the commit
+    marker; and the pickled size of what each rank sends (report) and gets back (its plan).
+    """
+    tensor_bytes = bytes_per_rank // tensors_per_rank
+    states = {}
+    for rank in range(ranks):
+        tensors = {
+            f"model.layers.{rank}.mlp.experts.{i}.down_proj.weight": TensorMeta(
+                "bfloat16", (tensor_bytes // 2,), tensor_bytes, f"{rank:08x}{i:08x}"
+            )
+            for i in range(tensors_per_rank)
+        }
+        tensors["model.embed_tokens.weight"] = TensorMeta("bfloat16", (1024, 1024), 2 << 20, "e" * 16)
+        tensors["model.norm.weight"] = TensorMeta("bfloat16", (1024,), 2048, "f" * 16)
+        states[rank] = RankState(tensors)
+    timings: dict[str, list[float]] = {"merge": [], "plan": [], "hf_index": [], "manifest": []}
+    for _ in range(3):
+        started = time.perf_counter()
+        owners, groups = merge_ranks(states)
+        timings["merge"].append(time.perf_counter() - started)
+        started = time.perf_counter()
+        shards = plan_shards(groups, max_shard_size)
+        timings["plan"].append(time.perf_counter() - started)
+        total = sum(m.nbytes for r, st in states.items() for k, m in st.tensors.items() if owners[k] == r)
+        started = time.perf_counter()
+        hf_index = hf_index_bytes(shards, total)
+        timings["hf_index"].append(time.perf_counter() - started)
+        started = time.perf_counter()
+        files = {s.name: FileDigest(max_shard_size, "0123456789abcdef") for s in shards}
+        manifest = Manifest(1, time.time(), {"loss": 1.0}, ranks, {}, files, {"total_size": total}, True)
+        marker = manifest.to_json_bytes()
+        timings["manifest"].append(time.perf_counter() - started)
+    mine = [s for s in shards if owners[s.keys[0]] == 1]
+    return {
+        "ranks": ranks,
+        "tensors_per_rank": tensors_per_rank,
+        "bytes_per_rank": bytes_per_rank,
+        "checkpoint_bytes": total,
+        "shards": len(shards),
+        "report_bytes_per_rank": len(pickle.dumps(RankReport(1, ranks, states[1]))),
+        "plan_bytes_per_rank": len(pickle.dumps(mine)),
+        "hf_index_bytes": len(hf_index),
+        "manifest_bytes": len(marker),
+        **{f"{name}_s": min(values) for name, values in timings.items()},
+    }
+
+
+def projection_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| ranks | tensors/rank | GB/rank | checkpoint TB | shards | report KB/rank | plan KB/rank | HF index MB "
+        "| manifest KB | merge s | plan s | HF index s | manifest s |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['ranks']} | {r['tensors_per_rank']} | {r['bytes_per_rank'] / 1e9:.0f} "
+            f"| {r['checkpoint_bytes'] / 1e12:.2f} "
+            f"| {r['shards']} | {r['report_bytes_per_rank'] / 1e3:.1f} | {r['plan_bytes_per_rank'] / 1e3:.1f} "
+            f"| {r['hf_index_bytes'] / 1e6:.2f} | {r['manifest_bytes'] / 1e3:.0f} | {r['merge_s']:.3f} "
+            f"| {r['plan_s']:.3f} | {r['hf_index_s']:.3f} | {r['manifest_s']:.3f} |"
+        )
+    return "\n".join(lines)
 
 
 def fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
@@ -291,14 +360,16 @@ def fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
 def world_table(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| mode | ranks | MB | commit p50 s | commit min s | save() returns p50 ms | master CPU s/commit "
-        "| master peak RSS MB (Δ over warm idle) | master shm MB | manifest KB | report B/rank | files | load 1m |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| master peak RSS MB (Δ over warm idle) | master anon Δ MB | master shm MB | manifest KB | report B/rank "
+        "| files | load 1m |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['mode']} | {r['world_size']} | {r['checkpoint_bytes'] / MB:.1f} | {r['commit_p50_s']:.3f} "
             f"| {r['commit_min_s']:.3f} | {r['save_return_p50_s'] * 1e3:.1f} | {r['master_cpu_s_per_commit']:.3f} "
-            f"| {r['master_peak_rss_mb']:.0f} (+{r['master_peak_delta_mb']:.0f}) | {r['master_rss_shmem_mb']:.0f} "
+            f"| {r['master_peak_rss_mb']:.0f} (+{r['master_peak_delta_mb']:.0f}) | {r['master_anon_delta_mb']:.0f} "
+            f"| {r['master_rss_shmem_mb']:.0f} "
             f"| {r['manifest_bytes'] / 1e3:.1f} | {r['report_bytes_per_rank']} | {r['files']} "
             f"| {statistics.median(r['load_1m']):.1f} |"
         )
@@ -308,15 +379,16 @@ def world_table(rows: list[dict[str, Any]]) -> str:
 def bytes_table(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| mode | ranks | MB/rank | MB | commit p50 s | commit min s | GB/s (min) | master CPU s/commit "
-        "| master peak Δ MB | load 1m |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| master peak Δ MB | master anon Δ MB | master shm MB | load 1m |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         gbps = r["checkpoint_bytes"] / r["commit_min_s"] / 1e9
         lines.append(
             f"| {r['mode']} | {r['world_size']} | {r['per_rank_bytes'] / MB:.0f} | {r['checkpoint_bytes'] / MB:.0f} "
             f"| {r['commit_p50_s']:.3f} | {r['commit_min_s']:.3f} | {gbps:.2f} | {r['master_cpu_s_per_commit']:.3f} "
-            f"| {r['master_peak_delta_mb']:.0f} | {statistics.median(r['load_1m']):.1f} |"
+            f"| {r['master_peak_delta_mb']:.0f} | {r['master_anon_delta_mb']:.0f} | {r['master_rss_shmem_mb']:.0f} "
+            f"| {statistics.median(r['load_1m']):.1f} |"
         )
     return "\n".join(lines)
 
@@ -365,6 +437,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--storage", default=None, help="storage URI (default: a temp dir, removed afterwards)")
     p.add_argument("--out", default="bench_out/scaling.json")
+    p.add_argument("--project-ranks", default="32,1000", help="rank counts of the in-process metadata projection")
+    p.add_argument("--project-tensors", type=int, default=300, help="tensors per rank in the projection")
+    p.add_argument("--project-gb", type=float, default=10.0, help="GB per rank in the projection")
+    p.add_argument("--projection-only", action="store_true", help="only the in-process metadata projection")
     return p.parse_args(argv)
 
 
@@ -377,6 +453,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     repeats = args.repeats
     if args.quick:
         world_sizes, sizes, repeats = [w for w in world_sizes if w <= 8], sizes[:2], min(repeats, 2)
+    projection = [
+        metadata_projection(int(n), args.project_tensors, int(args.project_gb * 1e9), 5 * 10**9)
+        for n in args.project_ranks.split(",")
+    ]
+    if args.projection_only:
+        print("\n## Master metadata work in direct mode (in-process projection, 5 GB shards)\n")
+        print(projection_table(projection))
+        return {"projection": projection}
     workdir = args.storage or tempfile.mkdtemp(prefix="ray-ckpt-scaling-")
     object_store = max(512 << 20, int(3 * args.bytes_world_size * max(sizes)))
     world: list[dict[str, Any]] = []
@@ -413,6 +497,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "world_sweep": world,
         "bytes_sweep": sized,
         "fits": fits,
+        "projection": projection,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
@@ -424,6 +509,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(bytes_table(sized))
     print("\n## Fitted costs (from the min of each configuration)\n")
     print(fits_md)
+    print("\n## Master metadata work in direct mode (in-process projection, 5 GB shards)\n")
+    print(projection_table(projection))
     print(f"\n{os.cpu_count()} CPUs, {layout}; JSON: {args.out}; {document['seconds']:.0f}s")
     return document
 
