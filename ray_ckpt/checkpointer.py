@@ -30,6 +30,7 @@ from ray_ckpt.store import TRAINER_TENSORS, CheckpointStore, StepWriter, _valida
 logger = logging.getLogger(__name__)
 
 ACTOR_NAME_PREFIX = "ray_ckpt:"
+MAX_CONCURRENT_CALLS = 100_000  # open calls the master serves at once (~65 KB of its memory each)
 # Ray collects a named, non-detached actor once no handle is left; the process that started a
 # checkpointer keeps one here so the run's master lives as long as its driver (or until shutdown).
 _STARTED: dict[tuple[str | None, str], Any] = {}
@@ -626,7 +627,10 @@ def start_checkpointer(
         "get_if_exists": True,
         "max_restarts": config.max_restarts,
         "max_task_retries": 0,
-        "max_concurrency": 1000,
+        # Every rank keeps calls open on the master (plan_direct until all ranks joined, a
+        # wait_committed per pending save): Ray's default of 1000 concurrent calls on an async
+        # actor would stall every step of a ~1000-rank run until save_timeout_s aborted it.
+        "max_concurrency": MAX_CONCURRENT_CALLS,
         "num_cpus": 0,
         "scheduling_strategy": "DEFAULT",
     }
