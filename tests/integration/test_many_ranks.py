@@ -109,3 +109,59 @@ def test_32_ranks_commit_and_load(tmp_path: Path, run_name: str, ranks: list[Any
     assert replicated.isdisjoint(others)  # written with rank 0's group, not by any other rank
     assert handle.stats()["pending"] == [] and handle.latest().step == 2
     handle.shutdown()
+
+
+SIMULATED_RANKS = 1200  # more than Ray's default of 1000 concurrent calls on an async actor
+
+
+@pytest.mark.parametrize("write_mode", ["gather", "direct"])
+def test_more_ranks_than_the_actor_default_concurrency(tmp_path: Path, run_name: str, write_mode: str) -> None:
+    """1,200 ranks, simulated from the driver (one RankReport each, no processes): every rank holds
+    a call open on the master (gather: wait_committed; direct: plan_direct), so a master that serves
+    at most 1000 calls at once would never see the last ranks and abort the step."""
+    from ray_ckpt.checkpointer import RankReport, RankState, TensorMeta
+    from ray_ckpt.format import FlatState, flatten_state
+    from ray_ckpt.store import step_dir
+    from ray_ckpt.worker import write_shard_file
+
+    world = SIMULATED_RANKS
+    config = CheckpointConfig(
+        storage_uri=str(tmp_path / "store"),
+        run_name=run_name,
+        write_mode=write_mode,
+        max_shard_size="1MB",
+        save_timeout_s=90.0,
+    )
+    handle = ray_ckpt.start_checkpointer(config)
+    actor = handle.actor
+    states = {r: rank_state(r, 1) for r in range(world)}
+    own = {r: {k: v for k, v in s.items() if k.startswith("layers.")} for r, s in states.items()}
+
+    def report(rank: int) -> tuple[RankReport, FlatState]:
+        flat = flatten_state(own[rank])
+        meta = {k: TensorMeta(b.dtype, tuple(b.shape), b.nbytes) for k, b in flat.tensors.items()}
+        return RankReport(rank=rank, world_size=world, model=RankState(meta)), flat
+
+    waits = []
+    if write_mode == "gather":
+        for rank in range(world):
+            rep, flat = report(rank)
+            rep.model_ref = [ray.put({k: b.data for k, b in flat.tensors.items()})]
+            ray.get(actor.report.remote(1, rep), timeout=120)  # accepted (a WorkerClient waits for this too)
+            waits.append(actor.wait_committed.remote(1))
+    else:
+        reports = {rank: report(rank) for rank in range(world)}
+        plans = [actor.plan_direct.remote(1, r, world, reports[r][0].model) for r in range(world)]
+        storage = CheckpointStore(config=config).storage
+        for rank, shards in enumerate(ray.get(plans, timeout=180)):
+            rep, flat = reports[rank]
+            rep.files = {s.name: write_shard_file(storage, step_dir(1), s, flat.tensors, "safetensors") for s in shards}
+            ray.get(actor.report_direct.remote(1, rep), timeout=120)
+            waits.append(actor.wait_committed.remote(1))
+    infos = ray.get(waits, timeout=180)
+    assert {(i.step, i.world_size) for i in infos} == {(1, world)}
+    loaded = CheckpointStore(config=config).load(1)
+    expected = {k: v for r in range(world) for k, v in own[r].items()}
+    assert loaded.keys() == expected.keys()
+    assert all(torch.equal(loaded[k], v) for k, v in expected.items())
+    handle.shutdown()
