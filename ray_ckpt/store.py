@@ -56,7 +56,6 @@ from ray_ckpt.format import (
     read_safetensors,
     read_safetensors_header,
     structure_keys,
-    to_buffer,
     to_tensor,
     unflatten_state,
     write_safetensors,
@@ -117,8 +116,10 @@ _NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
 def metrics_to_json(metrics: Mapping[str, float]) -> dict[str, float | str]:
     """Metrics as strict JSON: NaN/inf become the strings "NaN"/"Infinity"/"-Infinity"."""
-    return {k: v if math.isfinite(v) else ("NaN" if math.isnan(v) else ("Infinity" if v > 0 else "-Infinity"))
-            for k, v in metrics.items()}
+    return {
+        k: v if math.isfinite(v) else ("NaN" if math.isnan(v) else ("Infinity" if v > 0 else "-Infinity"))
+        for k, v in metrics.items()
+    }
 
 
 def metrics_from_json(raw: Mapping[str, Any]) -> dict[str, float]:
@@ -172,8 +173,16 @@ class Manifest:
             if raw.get("format_version", 0) > FORMAT_VERSION:
                 raise ValueError(f"format_version {raw['format_version']} is newer than this ray-ckpt understands")
             known = {
-                "format_version", "step", "created", "kind", "metrics", "world_size", "metadata",
-                "model", "trainer_state", "files",
+                "format_version",
+                "step",
+                "created",
+                "kind",
+                "metrics",
+                "world_size",
+                "metadata",
+                "model",
+                "trainer_state",
+                "files",
             }
             files = {_file_name(k): FileDigest(int(v["size"]), str(v["checksum"])) for k, v in raw["files"].items()}
             return cls(
@@ -236,11 +245,18 @@ class StepWriter:
         self.files[name] = digest
 
     def write_model_index(
-        self, shards: list[ShardSpec], total_size: int, *, structure: Any = None, aliases: Mapping[str, str] | None = None
+        self,
+        shards: list[ShardSpec],
+        total_size: int,
+        *,
+        structure: Any = None,
+        aliases: Mapping[str, str] | None = None,
     ) -> None:
         """Write the HF ``*.index.json`` and remember what the marker says of the model."""
         fmt = self.store.config.checkpoint_format
-        name = index_file_name("model", "safetensors") if fmt == "safetensors" else index_file_name("pytorch_model", "bin")
+        name = (
+            index_file_name("model", "safetensors") if fmt == "safetensors" else index_file_name("pytorch_model", "bin")
+        )
         self._write_small(name, hf_index_bytes(shards, total_size))
         self.model = {
             "format": fmt,
@@ -380,7 +396,9 @@ class CheckpointStore:
             overrides["run_name"] = run_name
         if storage_options is not None:
             overrides["storage_options"] = storage_options
-        self.config = (config or CheckpointConfig()).replace(**overrides) if overrides else (config or CheckpointConfig())
+        self.config = (
+            (config or CheckpointConfig()).replace(**overrides) if overrides else (config or CheckpointConfig())
+        )
         base = Storage(self.config.storage_uri, self.config.storage_options)
         self.storage = Storage(posixpath.join(base.uri, self.config.run_name), self.config.storage_options)
         self.index = CheckpointIndex(self.config.metric_name, self.config.mode)
@@ -444,7 +462,11 @@ class CheckpointStore:
                 writer.write_trainer_state(trainer_flat)
             info = writer.commit(metrics=checked_metrics, metadata=metadata)
         logger.info(
-            "committed step %d of %s: %d bytes in %.3fs", step, self.run_name, info.files_size, time.perf_counter() - started
+            "committed step %d of %s: %d bytes in %.3fs",
+            step,
+            self.run_name,
+            info.files_size,
+            time.perf_counter() - started,
         )
         self.apply_retention()
         return info
@@ -460,7 +482,9 @@ class CheckpointStore:
         snapshot = _snapshot(state_dict, flat)
         trainer_state = kwargs.pop("trainer_state", None)
         trainer_snapshot = (
-            _snapshot(trainer_state, flatten_state(trainer_state, what="trainer_state")) if trainer_state is not None else None
+            _snapshot(trainer_state, flatten_state(trainer_state, what="trainer_state"))
+            if trainer_state is not None
+            else None
         )
         with self._lock:
             if self._executor is None:
@@ -503,7 +527,9 @@ class CheckpointStore:
         self.refresh()
         if step in self.index:
             if not overwrite:
-                raise CheckpointExistsError(f"step {step} of run {self.run_name!r} is already committed; pass overwrite=True")
+                raise CheckpointExistsError(
+                    f"step {step} of run {self.run_name!r} is already committed; pass overwrite=True"
+                )
             self.delete(step)
         latest = self.index.latest()
         if latest is not None and step < latest.step and not overwrite:
@@ -560,7 +586,9 @@ class CheckpointStore:
         except FileNotFoundError:
             return False
         except Exception as exc:  # a damaged snapshot is rebuilt from the markers
-            logger.warning("index snapshot of %s unreadable (%s); rebuilding from checkpoint.json files", self.run_name, exc)
+            logger.warning(
+                "index snapshot of %s unreadable (%s); rebuilding from checkpoint.json files", self.run_name, exc
+            )
             return False
         for record in records:  # the run may have been copied or moved since the snapshot was written
             record.uri = self.step_uri(record.step)
@@ -687,7 +715,9 @@ class CheckpointStore:
         step, model = manifest.step, manifest.model
         aliases: dict[str, str] = dict(model.get("aliases") or {})
         index_name = model["index"]
-        weight_map = parse_hf_index(self._read_file(manifest, index_name, verify=verify), name=f"{step_dir(step)}/{index_name}")
+        weight_map = parse_hf_index(
+            self._read_file(manifest, index_name, verify=verify), name=f"{step_dir(step)}/{index_name}"
+        )
         keys = None if keys is None else list(keys)  # any iterable (a generator is read only once)
         wanted = None if keys is None else [aliases.get(k, k) for k in keys]
         if wanted is not None:
@@ -702,10 +732,18 @@ class CheckpointStore:
         tensors: dict[str, torch.Tensor] = {}
         for fname, file_keys in files.items():
             whole = wanted is None
-            loaded = self._load_shard(manifest, fname, None if whole else file_keys, verify=verify and whole, fmt=model.get("format", "safetensors"))
+            loaded = self._load_shard(
+                manifest,
+                fname,
+                None if whole else file_keys,
+                verify=verify and whole,
+                fmt=model.get("format", "safetensors"),
+            )
             missing = [k for k in (file_keys or []) if k not in loaded]
             if missing:
-                raise CorruptCheckpointError(f"{step_dir(step)}/{fname}: missing tensors {missing[:5]} listed in {index_name}")
+                raise CorruptCheckpointError(
+                    f"{step_dir(step)}/{fname}: missing tensors {missing[:5]} listed in {index_name}"
+                )
             tensors.update({k: loaded[k] for k in file_keys or loaded})
         if wanted is not None:
             return {k: tensors[aliases.get(k, k)] for k in keys}  # type: ignore[union-attr]
@@ -756,7 +794,9 @@ class CheckpointStore:
                     ) from exc
                 return loaded if keys is None else {k: loaded[k] for k in keys if k in loaded}
             with self.storage.open_read(path) as f:
-                return read_safetensors(f, name=path, file_size=size, keys=keys, expected_checksum=expected.checksum if verify else None)
+                return read_safetensors(
+                    f, name=path, file_size=size, keys=keys, expected_checksum=expected.checksum if verify else None
+                )
         except FileNotFoundError as exc:
             raise self._missing(manifest.step, name) from exc
 
@@ -792,7 +832,9 @@ class CheckpointStore:
         try:
             current = self.read_manifest(step)
         except CheckpointNotFoundError:
-            raise CheckpointNotFoundError(f"step {step} of run {self.run_name!r} was deleted while being read") from None
+            raise CheckpointNotFoundError(
+                f"step {step} of run {self.run_name!r} was deleted while being read"
+            ) from None
         if (current.created, current.files) != (manifest.created, manifest.files):
             raise CheckpointNotFoundError(
                 f"step {step} of run {self.run_name!r} was replaced (overwritten) while being read; load it again"
