@@ -41,7 +41,7 @@ from ray_ckpt import CheckpointConfig, CheckpointStore
 from ray_ckpt.checkpointer import RankReport, RankState, TensorMeta, merge_ranks
 from ray_ckpt.format import FileDigest, flatten_state, hf_index_bytes, plan_shards
 from ray_ckpt.store import Manifest, step_dir
-from ray_ckpt.worker import _describe
+from ray_ckpt.worker import _describe, write_shard_file
 
 logger = logging.getLogger("benchmarks.scaling")
 
@@ -279,6 +279,101 @@ def measure(
     }
 
 
+def simulate(
+    master_options: dict[str, Any], storage: str, mode: str, world: int, tensors: int = 4, steps: int = 3
+) -> dict[str, Any]:
+    """``world`` ranks simulated by this driver (calls only, no rank processes): the master's own cost.
+
+    Every rank's calls are in flight at once, as with real ranks; the ranks' own work (ray.put,
+    writing their shards in direct mode) happens outside the timed part, so the latency is the
+    master's: accept/plan ``world`` calls, merge, fetch (gather) or stat (direct) and commit.
+    """
+    run = f"sim-{mode}-{world}-{uuid.uuid4().hex[:6]}"
+    config = CheckpointConfig(
+        storage_uri=storage, run_name=run, write_mode=mode, max_shard_size="64MB", keep_last_n=2, save_timeout_s=600.0
+    )
+    handle = ray_ckpt.start_checkpointer(config, namespace=NAMESPACE, **master_options)
+    actor = handle.actor
+    flats = {
+        r: flatten_state({f"layers.{r}.{i}.weight": torch.full((1024,), float(r)) for i in range(tensors)})
+        for r in range(world)
+    }
+    metas = {
+        r: RankState({k: TensorMeta(b.dtype, tuple(b.shape), b.nbytes) for k, b in f.tensors.items()})
+        for r, f in flats.items()
+    }
+    store = CheckpointStore(config=config)
+    latencies, cpus, loads = [], [], []
+    try:
+        for step in range(steps + 1):  # step 0 warms up
+            stats = proc_stats(actor, reset_peak=True)
+            loads.append(os.getloadavg()[0])
+            if mode == "gather":
+                refs = {r: ray.put({k: b.data for k, b in f.tensors.items()}) for r, f in flats.items()}
+                started = time.perf_counter()
+                accepted = [
+                    actor.report.remote(step, RankReport(r, world, metas[r], model_ref=[refs[r]])) for r in range(world)
+                ]
+                waits = [actor.wait_committed.remote(step) for _ in range(world)]
+                ray.get(accepted + waits, timeout=600)
+                elapsed = time.perf_counter() - started
+            else:
+                started = time.perf_counter()
+                plans = ray.get([actor.plan_direct.remote(step, r, world, metas[r]) for r in range(world)], timeout=600)
+                planned = time.perf_counter()
+                reports = []
+                for r, shards in enumerate(plans):  # the ranks' own (parallel) work: not timed
+                    files = {
+                        s.name: write_shard_file(store.storage, step_dir(step), s, flats[r].tensors, "safetensors")
+                        for s in shards
+                    }
+                    reports.append(RankReport(r, world, metas[r], files=files))
+                resumed = time.perf_counter()
+                done = [actor.report_direct.remote(step, rep) for rep in reports]
+                waits = [actor.wait_committed.remote(step) for _ in range(world)]
+                ray.get(done + waits, timeout=600)
+                elapsed = (planned - started) + (time.perf_counter() - resumed)
+            after = proc_stats(actor)
+            if step:
+                latencies.append(elapsed)
+                cpus.append(after["cpu_s"] - stats["cpu_s"])
+        manifest = store.read_manifest(steps)
+        marker = store.storage.read_bytes(f"{step_dir(steps)}/checkpoint.json")
+        if len(manifest.files) < world:
+            raise AssertionError(f"{run}: {len(manifest.files)} files for {world} ranks")
+    finally:
+        handle.shutdown()
+    return {
+        "mode": mode,
+        "world_size": world,
+        "tensors_per_rank": tensors,
+        "files": len(manifest.files),
+        "commit_s": latencies,
+        "commit_min_s": min(latencies),
+        "commit_p50_s": statistics.median(latencies),
+        "master_cpu_s_per_commit": statistics.median(cpus),
+        "master_peak_delta_mb": after["VmHWM"] - stats["VmRSS"],
+        "manifest_bytes": len(marker),
+        "load_1m": loads,
+    }
+
+
+def simulated_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| mode | ranks (simulated) | files | commit p50 s | commit min s | master CPU s/commit | master CPU ms/rank "
+        "| master peak Δ MB | manifest KB | load 1m |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['mode']} | {r['world_size']} | {r['files']} | {r['commit_p50_s']:.3f} | {r['commit_min_s']:.3f} "
+            f"| {r['master_cpu_s_per_commit']:.3f} | {r['master_cpu_s_per_commit'] / r['world_size'] * 1e3:.2f} "
+            f"| {r['master_peak_delta_mb']:.0f} | {r['manifest_bytes'] / 1e3:.1f} "
+            f"| {statistics.median(r['load_1m']):.1f} |"
+        )
+    return "\n".join(lines)
+
+
 def metadata_projection(ranks: int, tensors_per_rank: int, bytes_per_rank: int, max_shard_size: int) -> dict[str, Any]:
     """The master's direct-mode metadata work for a big job, in-process (no Ray, no I/O), best of 3.
 
@@ -441,6 +536,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--project-tensors", type=int, default=300, help="tensors per rank in the projection")
     p.add_argument("--project-gb", type=float, default=10.0, help="GB per rank in the projection")
     p.add_argument("--projection-only", action="store_true", help="only the in-process metadata projection")
+    p.add_argument("--simulate", default="32,128,512,1000,2000", help="simulated rank counts ('' to skip)")
+    p.add_argument("--simulate-only", action="store_true", help="only the simulated-ranks sweep")
     return p.parse_args(argv)
 
 
@@ -465,11 +562,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     object_store = max(512 << 20, int(3 * args.bytes_world_size * max(sizes)))
     world: list[dict[str, Any]] = []
     sized: list[dict[str, Any]] = []
+    simulated: list[dict[str, Any]] = []
+    sim_sizes = [int(x) for x in args.simulate.split(",") if x]
+    if args.quick:
+        sim_sizes = [n for n in sim_sizes if n <= 128]
     started = time.time()
     try:
         with ray_backend(args.nodes, object_store) as (master_options, placements):
-            pool = RankPool(placements)
             for mode in ("gather", "direct"):
+                for n in sim_sizes:
+                    row = simulate(master_options, workdir, mode, n)
+                    logger.info("simulated %s ranks=%d commit p50 %.3fs", mode, n, row["commit_p50_s"])
+                    simulated.append(row)
+            pool = RankPool(placements)
+            for mode in () if args.simulate_only else ("gather", "direct"):
                 for ws in world_sizes:
                     row = measure(pool, master_options, workdir, mode, ws, int(args.rank_bytes * MB), repeats)
                     logger.info("world %s ws=%d commit p50 %.3fs", mode, ws, row["commit_p50_s"])
@@ -498,17 +604,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "bytes_sweep": sized,
         "fits": fits,
         "projection": projection,
+        "simulated": simulated,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(document, f, indent=2)
     layout = "one node" if args.nodes <= 0 else f"{args.nodes + 1} nodes (master on its own node)"
-    print(f"\n## Commit latency and master cost vs world size ({layout}, {args.rank_bytes:g} MB/rank)\n")
-    print(world_table(world))
-    print(f"\n## Per-byte cost ({args.bytes_world_size} ranks)\n")
-    print(bytes_table(sized))
-    print("\n## Fitted costs (from the min of each configuration)\n")
-    print(fits_md)
+    print(f"\n## The master alone: ranks simulated by the driver ({layout}, 4 tensors of 4 KB per rank)\n")
+    print(simulated_table(simulated))
+    if world:
+        print(f"\n## Commit latency and master cost vs world size ({layout}, {args.rank_bytes:g} MB/rank)\n")
+        print(world_table(world))
+        print(f"\n## Per-byte cost ({args.bytes_world_size} ranks)\n")
+        print(bytes_table(sized))
+        print("\n## Fitted costs (from the min of each configuration)\n")
+        print(fits_md)
     print("\n## Master metadata work in direct mode (in-process projection, 5 GB shards)\n")
     print(projection_table(projection))
     print(f"\n{os.cpu_count()} CPUs, {layout}; JSON: {args.out}; {document['seconds']:.0f}s")
