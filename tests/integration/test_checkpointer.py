@@ -309,10 +309,16 @@ def test_restarted_checkpointer_rebuilds_its_index(tmp_path: Path, run_name: str
     ev.report_eval(2, {"eval/score": 9.0})
     pid_before = ray.get(handle.actor.__ray_call__.remote(lambda self: os.getpid()))
     ray.kill(handle.actor, no_restart=False)
-    # the same eval client (and handle) carry on once the actor is back
+    # ray.kill is asynchronous: wait for the new incarnation (calls fail while it restarts)
+    deadline, pid_after = time.monotonic() + 120, pid_before
+    while pid_after == pid_before and time.monotonic() < deadline:
+        try:
+            pid_after = ray.get(handle.actor.__ray_call__.remote(lambda self: os.getpid()), timeout=10)
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):
+            time.sleep(0.5)
+    assert pid_after != pid_before
+    # the same eval client (and handle) carry on with the restarted actor, index rebuilt from storage
     assert [i.step for i in ev.list()] == [1, 2, 3]
     assert ev.best().step == 2
-    pid_after = ray.get(handle.actor.__ray_call__.remote(lambda self: os.getpid()))
-    assert pid_after != pid_before
     assert solo.save(4, {"w": torch.ones(4)}, blocking=True).result().step == 4
     assert ray_ckpt.get_checkpointer(run_name).latest().step == 4
