@@ -1,6 +1,6 @@
 """Shared fixtures: a real S3 endpoint (moto's HTTP server on loopback), fresh buckets, stores.
 
-No Ray here (tests/integration/conftest.py owns the Ray fixtures).
+Also the Ray fixtures (`ray_session`, `run_name`): Ray starts only when a test asks for it.
 """
 
 from __future__ import annotations
@@ -131,3 +131,18 @@ def memory_uri() -> Iterator[str]:
         fs.rm(prefix.removeprefix("memory://"), recursive=True)
     except FileNotFoundError:
         pass
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[str]:
+    """The session's one local Ray (started on first use only); yields its namespace."""
+    from tests.ray_session import RAY_NAMESPACE, ensure_ray
+
+    ensure_ray()
+    yield RAY_NAMESPACE
+
+
+@pytest.fixture
+def run_name() -> str:
+    """A unique run name (so named checkpointer actors never collide between tests)."""
+    return f"run-{uuid.uuid4().hex[:10]}"

@@ -1,14 +1,13 @@
-"""Fixtures of the reliability suite: the session's Ray, unique run names, a stoppable loopback S3
-server and the S3 credentials environment (faults themselves live in tests/reliability/faults.py)."""
+"""Fixtures of the reliability suite: a stoppable loopback S3 server and the S3 credentials
+environment. The session's Ray and run names come from tests/conftest.py; the faults themselves
+live in tests/reliability/faults.py."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 
 import pytest
 
-from tests.ray_session import RAY_NAMESPACE, ensure_ray
 from tests.reliability.faults import MotoServer
 
 _FAKE_AWS_ENV = {
@@ -18,19 +17,6 @@ _FAKE_AWS_ENV = {
     "NO_PROXY": "127.0.0.1,localhost",
     "no_proxy": "127.0.0.1,localhost",
 }
-
-
-@pytest.fixture(scope="session")
-def ray_session() -> Iterator[str]:
-    """The session's local Ray (the one ray.init of the test session); yields its namespace."""
-    ensure_ray()
-    yield RAY_NAMESPACE
-
-
-@pytest.fixture
-def run_name() -> str:
-    """A unique run name (named checkpointer actors never collide between tests)."""
-    return f"rel-{uuid.uuid4().hex[:10]}"
 
 
 @pytest.fixture
