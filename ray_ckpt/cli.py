@@ -601,6 +601,13 @@ def _common() -> argparse.ArgumentParser:
     return common
 
 
+def _checkpoint_selector_args(p: argparse.ArgumentParser) -> None:
+    """Options of commands that address one checkpoint (``:best`` ranking, legacy pickles)."""
+    p.add_argument("--metric", help="rank :best by this metric")
+    p.add_argument("--mode", choices=("max", "min"))
+    p.add_argument("--trust-pickle", action="store_true", help="allow unpickling legacy .pt files")
+
+
 def _ranking_args(parser: argparse.ArgumentParser, *, ranking: bool = True, retention: bool = True) -> None:
     if ranking:
         parser.add_argument("--metric", help="rank by this metric (default: what the run recorded)")
@@ -632,16 +639,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", parents=[common], help="keys, shapes, dtypes, sizes, metrics, architecture")
     p.add_argument("ckpt_uri", metavar="CKPT_URI")
-    p.add_argument("--metric", help="rank :best by this metric")
-    p.add_argument("--mode", choices=("max", "min"))
-    p.add_argument("--trust-pickle", action="store_true", help="allow unpickling legacy .pt files")
+    _checkpoint_selector_args(p)
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("verify", parents=[common], help="checksums and structure; exit 1 on any corruption")
     p.add_argument("uri", metavar="RUN_URI|CKPT_URI")
-    p.add_argument("--metric", help="rank :best by this metric")
-    p.add_argument("--mode", choices=("max", "min"))
-    p.add_argument("--trust-pickle", action="store_true", help="allow unpickling legacy .pt files")
+    _checkpoint_selector_args(p)
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("gc", parents=[common], help="remove uncommitted leftovers; show what retention would delete")
