@@ -420,8 +420,7 @@ class Checkpointer:
         pending.writer = writer
         with writer:
             shards = writer.plan(groups)
-            for shard in shards:
-                writer.write_shard(shard, buffers)
+            writer.write_shards(shards, buffers)
             self._write_model_index(writer, pending, states, shards, sum(b.nbytes for b in buffers.values()))
             trainer_report = next(
                 (pending.reports[r] for r in sorted(pending.reports) if pending.reports[r].trainer), None

@@ -77,6 +77,9 @@ INDEX_SNAPSHOT = "index.parquet"
 TRAINER_TENSORS = "trainer_state.safetensors"
 TRAINER_JSON = "trainer_state.json"
 FORMAT_VERSION = 1
+# Shard files written at once on a local disk: concurrent write()+fsync streams keep this VM's disk
+# busier than one stream does (direct mode, where each rank writes its own shard, gets the same).
+SHARD_WRITERS = 2
 _STEP_RE = re.compile(r"^step_(\d{9,})$")
 
 Selector = int | str
@@ -230,6 +233,17 @@ class StepWriter:
         self.files[shard.name] = digest
         return digest
 
+    def write_shards(self, shards: list[ShardSpec], buffers: Mapping[str, TensorBuffer]) -> None:
+        """Write every shard; on a local disk up to SHARD_WRITERS at once (parallel writes and fsyncs)."""
+        if len(shards) < 2 or not self.store.storage.is_local:
+            for shard in shards:
+                self.write_shard(shard, buffers)
+            return
+        workers = min(SHARD_WRITERS, len(shards))
+        with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="ray-ckpt-shard") as pool:
+            for future in [pool.submit(self.write_shard, shard, buffers) for shard in shards]:
+                future.result()  # the first error; leaving the pool still waits for the other writes
+
     def add_file(self, name: str, digest: FileDigest) -> None:
         """Record a file some other process wrote into the step directory (direct mode).
 
@@ -269,8 +283,7 @@ class StepWriter:
     def write_state(self, flat: FlatState) -> None:
         """Plan, write every shard of a flattened state and its index (single-process save)."""
         shards = self.plan([[(k, b.nbytes) for k, b in flat.tensors.items()]])
-        for shard in shards:
-            self.write_shard(shard, flat.tensors)
+        self.write_shards(shards, flat.tensors)
         self.write_model_index(shards, flat.total_size, structure=flat.structure, aliases=flat.aliases)
 
     def write_trainer_state(self, flat: FlatState) -> None:
