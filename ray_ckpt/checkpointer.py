@@ -24,7 +24,7 @@ import ray
 from ray_ckpt.config import CheckpointConfig
 from ray_ckpt.errors import CheckpointExistsError, SaveAbortedError
 from ray_ckpt.format import FileDigest, FlatState, ShardSpec, TensorBuffer
-from ray_ckpt.index import CheckpointIndex, CheckpointInfo
+from ray_ckpt.index import CheckpointIndex, CheckpointInfo, IndexDelta, IndexFeed
 from ray_ckpt.store import TRAINER_TENSORS, CheckpointStore, StepWriter, _validate_step, step_dir
 
 logger = logging.getLogger(__name__)
@@ -136,6 +136,8 @@ class Checkpointer:
         self.store.refresh()
         self.index = CheckpointIndex(config.metric_name, config.mode)
         self.index.extend(self.store.index.list())
+        self.feed = IndexFeed(self.index)  # every index change goes through it: eval clients follow it
+        self._index_changed: asyncio.Future | None = None
         logger.info(
             "checkpointer for run %s up: %d checkpoints indexed from storage in %.3fs (gc removed %d leftovers)",
             config.run_name,
@@ -375,12 +377,13 @@ class Checkpointer:
         else:
             pending.done.set_result(info)
         self._release(pending)
-        self.index.add(info)
+        self.feed.add(info)
         self._recent[info.step] = info
         while len(self._recent) > 1000:
             self._recent.pop(next(iter(self._recent)))
         for step in deleted:
-            self.index.remove(step)
+            self.feed.remove(step)
+        self._notify_index_changed()
         self._m_save_s.observe(time.monotonic() - pending.started)
         self._m_bytes.inc(info.files_size)
         logger.info(
@@ -528,8 +531,29 @@ class Checkpointer:
         loop = asyncio.get_running_loop()
         info = await loop.run_in_executor(self._meta, self.store.report_eval, step, metrics)
         if step in self.index:
-            info = self.index.update_metrics(step, dict(metrics))
+            info = self.feed.update_metrics(step, dict(metrics))
+            self._notify_index_changed()
         return info
+
+    async def watch_index(self, epoch: str | None, version: int, timeout_s: float = 10.0) -> IndexDelta:
+        """Long poll for index followers: the changes after (``epoch``, ``version``).
+
+        Waits up to ``timeout_s`` for a change when the follower is current, so an idle follower
+        costs one open call, and a commit reaches every follower in one round trip.
+        """
+        if epoch == self.feed.epoch and version == self.feed.version and timeout_s > 0:
+            if self._index_changed is None:
+                self._index_changed = asyncio.get_running_loop().create_future()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._index_changed), timeout_s)
+            except asyncio.TimeoutError:
+                pass
+        return self.feed.changes_since(epoch, version)
+
+    def _notify_index_changed(self) -> None:
+        if self._index_changed is not None and not self._index_changed.done():
+            self._index_changed.set_result(None)
+        self._index_changed = None
 
     async def stats(self) -> dict[str, Any]:
         """Pending steps and index size (for tests, benchmarks and operators)."""
@@ -547,8 +571,8 @@ class Checkpointer:
         """Re-read the index from storage (e.g. after an out-of-band change)."""
         loop = asyncio.get_running_loop()
         store_index = await loop.run_in_executor(self._meta, self.store.refresh)
-        self.index = CheckpointIndex(self.config.metric_name, self.config.mode)
-        self.index.extend(store_index.list())
+        self.feed.reset(store_index.list())
+        self._notify_index_changed()
         return len(self.index)
 
 

@@ -18,7 +18,7 @@ import torch
 
 from ray_ckpt.checkpointer import CheckpointerHandle, get_checkpointer
 from ray_ckpt.errors import CheckpointNotFoundError
-from ray_ckpt.index import CheckpointInfo
+from ray_ckpt.index import CheckpointIndex, CheckpointInfo, IndexReplica
 from ray_ckpt.store import CheckpointStore, Selector
 
 logger = logging.getLogger(__name__)
@@ -61,11 +61,90 @@ class Lease:
         self.release()
 
 
+class IndexFollower:
+    """A live copy of the checkpointer's index inside an evaluation process.
+
+    A daemon thread long-polls ``watch_index`` and applies each delta, so a commit or a reported
+    score reaches the copy one round trip later and queries are answered in-process: they cost
+    the master nothing and never queue behind other processes for CPU. While the master is
+    unreachable (restarting) the copy reports itself disconnected and callers go to the master.
+    """
+
+    def __init__(self, actor: Any, metric_name: str | None, mode: str, poll_s: float = 10.0) -> None:
+        self.actor = actor
+        self.poll_s = poll_s
+        self.replica = IndexReplica(metric_name, mode)
+        self.connected = False
+        self._changed = threading.Condition()
+        self._stop = threading.Event()
+        self.sync()  # the first copy on the caller's thread; raises if the master is unreachable
+        self._thread = threading.Thread(target=self._follow, name="ray-ckpt-index-follower", daemon=True)
+        self._thread.start()
+
+    def _apply(self, delta: Any) -> None:
+        with self._changed:
+            self.replica.apply(delta)
+            self.connected = True
+            self._changed.notify_all()
+
+    def _fetch(self, timeout_s: float) -> Any:
+        with self._changed:
+            epoch, version = self.replica.epoch, self.replica.version
+        return ray.get(self.actor.watch_index.remote(epoch, version, timeout_s))
+
+    def sync(self) -> None:
+        """Bring the copy up to date now (after this process changed the index, say)."""
+        self._apply(self._fetch(0.0))
+
+    def _follow(self) -> None:
+        while not self._stop.is_set():
+            try:
+                delta = self._fetch(self.poll_s)
+            except Exception as exc:  # the master restarting, or gone: callers fall back to it meanwhile
+                with self._changed:
+                    self.connected = False
+                    self._changed.notify_all()
+                if not isinstance(exc, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)):
+                    logger.warning("index follower: %s: %s", type(exc).__name__, exc)
+                self._stop.wait(0.5)
+                continue
+            self._apply(delta)
+
+    def read(self, query: Callable[[CheckpointIndex], T]) -> tuple[bool, T | None]:
+        """``(True, query(index))`` on the current copy, or ``(False, None)`` while disconnected."""
+        with self._changed:
+            if not self.connected:
+                return False, None
+            return True, query(self.replica.index)
+
+    def wait_for(self, ready: Callable[[CheckpointIndex], T | None], timeout: float | None) -> tuple[bool, T | None]:
+        """Wait until ``ready(index)`` is not None: ``(True, value)``, ``(True, None)`` on timeout,
+        or ``(False, None)`` as soon as the copy is disconnected."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._changed:
+            while self.connected:
+                value = ready(self.replica.index)
+                if value is not None:
+                    return True, value
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return True, None
+                self._changed.wait(remaining)
+            return False, None
+
+    def close(self) -> None:
+        """Stop following (the thread ends after its open poll returns)."""
+        self._stop.set()
+        with self._changed:
+            self.connected = False
+
+
 class EvalClient:
     """An evaluation worker's view of a run.
 
-    Queries go to the checkpointer (served from memory); loads read storage directly.
-    Queries retry for up to ``retry_s`` while a restarting checkpointer comes back.
+    Queries are answered from an :class:`IndexFollower` (a live in-process copy of the
+    checkpointer's index) when ``follow_index`` is on, else by the checkpointer; loads read
+    storage directly. Calls retry for up to ``retry_s`` while a restarting checkpointer comes back.
     """
 
     def __init__(
@@ -76,8 +155,12 @@ class EvalClient:
         storage_options: dict[str, Any] | None = None,
         handle: CheckpointerHandle | None = None,
         retry_s: float = 60.0,
+        follow_index: bool = True,
     ) -> None:
         self.run_name = run_name
+        self.follow_index = follow_index
+        self._follower: IndexFollower | None = None
+        self._follower_lock = threading.Lock()
         self.handle = handle or get_checkpointer(run_name, namespace)
         self.retry_s = retry_s
         config = self.handle.config
@@ -100,22 +183,64 @@ class EvalClient:
             except ray.exceptions.RayTaskError as exc:
                 raise exc.as_instanceof_cause() from None
 
+    def follower(self) -> IndexFollower | None:
+        """The live index copy (started on first use), or None when off or the master is unreachable."""
+        if not self.follow_index:
+            return None
+        with self._follower_lock:
+            if self._follower is None:
+                try:
+                    self._follower = IndexFollower(self.handle.actor, self.config.metric_name, self.config.mode)
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+                    logger.info("index follower not started (%s); asking the checkpointer", type(exc).__name__)
+                    return None
+            return self._follower
+
+    def _query(self, method: str, *args: Any) -> Any:
+        follower = self.follower()
+        if follower is not None:
+            answered, value = follower.read(lambda index: getattr(index, method)(*args))
+            if answered:
+                return value
+        return self._call(method, *args)
+
+    def close(self) -> None:
+        """Stop following the index: later queries go to the checkpointer."""
+        with self._follower_lock:
+            self.follow_index = False
+            if self._follower is not None:
+                self._follower.close()
+                self._follower = None
+
     # -- queries --------------------------------------------------------------------------------
     def top_k(self, k: int, metric: str | None = None, mode: str | None = None) -> list[CheckpointInfo]:
         """The k best checkpoints, best first."""
-        return self._call("top_k", k, metric, mode)
+        return self._query("top_k", k, metric, mode)
 
     def best(self, metric: str | None = None, mode: str | None = None) -> CheckpointInfo | None:
-        return self._call("best", metric, mode)
+        return self._query("best", metric, mode)
 
     def latest(self) -> CheckpointInfo | None:
-        return self._call("latest")
+        return self._query("latest")
 
     def list(self) -> list[CheckpointInfo]:
-        return self._call("list")
+        return self._query("list")
 
     def wait_for_checkpoint(self, after_step: int | None = None, timeout: float | None = None) -> CheckpointInfo | None:
         """Block until a checkpoint newer than ``after_step`` commits (None on timeout)."""
+        follower = self.follower()
+        if follower is not None:
+            started = time.monotonic()
+
+            def newer(index: CheckpointIndex) -> CheckpointInfo | None:
+                latest = index.latest()
+                return latest if latest is not None and (after_step is None or latest.step > after_step) else None
+
+            answered, info = follower.wait_for(newer, timeout)
+            if answered:
+                return info
+            if timeout is not None:
+                timeout = max(0.0, timeout - (time.monotonic() - started))
         return self._call("wait_for_checkpoint", after_step, timeout)
 
     # -- loading --------------------------------------------------------------------------------
@@ -127,9 +252,12 @@ class EvalClient:
             return info.step
         return self.store.resolve(step)
 
-    def load(self, step: Selector = "latest", keys: Iterable[str] | None = None) -> dict[str, Any]:
-        """Load a checkpoint's state dict from storage (not through the actor)."""
-        return self.store.load(self._resolve(step), keys)
+    def load(
+        self, step: Selector = "latest", keys: Iterable[str] | None = None, *, mmap: bool = False
+    ) -> dict[str, Any]:
+        """Load a checkpoint's state dict from storage (not through the actor); ``mmap`` as in
+        :meth:`CheckpointStore.load` (local storage: tensors map the files, nothing copied)."""
+        return self.store.load(self._resolve(step), keys, mmap=mmap)
 
     def load_model(self, step: Selector = "best", strict: bool = True) -> torch.nn.Module:
         """Build the run's model from model_architecture.json with a checkpoint's weights."""
@@ -148,8 +276,16 @@ class EvalClient:
             yield lease.step, self.store.load(lease.step)
 
     def report_eval(self, step: int, metrics: dict[str, float]) -> CheckpointInfo:
-        """Join evaluation metrics to a checkpoint's record; they can rank top_k and retention."""
-        return self._call("report_eval", step, dict(metrics))
+        """Join evaluation metrics to a checkpoint's record; they can rank top_k and retention.
+
+        This client's next query sees them (its index copy is synced before returning).
+        """
+        info = self._call("report_eval", step, dict(metrics))
+        follower = self.follower()
+        if follower is not None:
+            with contextlib.suppress(ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                follower.sync()
+        return info
 
     def follow(
         self,

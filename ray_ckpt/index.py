@@ -10,6 +10,8 @@ import gc
 import io
 import json
 import math
+import uuid
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -268,6 +270,108 @@ class CheckpointIndex:
                 self._records[record.step] = record  # a later duplicate replaces, as add() does
             self._steps = sorted(self._records)
             self._rankings.clear()  # rebuilt on the next query
+
+
+@dataclass
+class IndexDelta:
+    """What a follower needs to catch up with an :class:`IndexFeed`.
+
+    Either every record (``reset``: a new follower, one too far behind, or a restarted master) or
+    the current record of each step changed after version ``base``, and the steps removed since.
+    """
+
+    epoch: str
+    base: int
+    version: int
+    upserts: list[CheckpointInfo]
+    removed: list[int]
+    reset: bool = False
+
+
+class IndexFeed:
+    """Numbers every change to a :class:`CheckpointIndex` so followers can keep a replica by deltas.
+
+    Changes go through the feed (``add``, ``remove``, ``update_metrics``, ``reset``); a follower
+    asks for :meth:`changes_since` its (epoch, version). The log keeps the last ``history``
+    changed steps; a follower further behind gets every record instead.
+    """
+
+    def __init__(self, index: CheckpointIndex, history: int = 10_000) -> None:
+        self.index = index
+        self.epoch = uuid.uuid4().hex
+        self.version = 0
+        self._log: deque[tuple[int, int]] = deque(maxlen=max(1, history))  # (version, step changed)
+
+    def _changed(self, step: int) -> None:
+        self.version += 1
+        self._log.append((self.version, step))
+
+    def add(self, info: CheckpointInfo) -> None:
+        self.index.add(info)
+        self._changed(info.step)
+
+    def remove(self, step: int) -> CheckpointInfo | None:
+        removed = self.index.remove(step)
+        if removed is not None:
+            self._changed(step)
+        return removed
+
+    def update_metrics(self, step: int, metrics: dict[str, float]) -> CheckpointInfo:
+        info = self.index.update_metrics(step, metrics)
+        self._changed(step)
+        return info
+
+    def reset(self, records: Iterable[CheckpointInfo]) -> None:
+        """Replace every record (a re-read from storage): followers start over from a full copy."""
+        self.index.clear()
+        self.index.extend(records)
+        self.epoch = uuid.uuid4().hex
+        self.version = 0
+        self._log.clear()
+
+    def changes_since(self, epoch: str | None, version: int) -> IndexDelta:
+        """The delta that brings a follower at (``epoch``, ``version``) up to date."""
+        oldest = self._log[0][0] if self._log else self.version + 1
+        if epoch != self.epoch or version > self.version or version < oldest - 1:
+            return IndexDelta(self.epoch, version, self.version, self.index.list(), [], reset=True)
+        changed: set[int] = set()
+        for logged_version, step in reversed(self._log):
+            if logged_version <= version:
+                break
+            changed.add(step)
+        upserts = [info for info in (self.index.get(s) for s in sorted(changed)) if info is not None]
+        removed = sorted(s for s in changed if s not in self.index)
+        return IndexDelta(self.epoch, version, self.version, upserts, removed)
+
+
+class IndexReplica:
+    """A follower's copy of a master's index, kept current by applying :class:`IndexDelta` s."""
+
+    def __init__(self, metric_name: str | None = None, mode: str = "min") -> None:
+        self.index = CheckpointIndex(metric_name, mode)
+        self.epoch: str | None = None
+        self.version = -1
+
+    def apply(self, delta: IndexDelta) -> bool:
+        """Apply a delta; False (and nothing changed) when it is older than what the replica has."""
+        if delta.reset:
+            if delta.epoch == self.epoch and delta.version <= self.version:
+                return False
+            self.index.clear()
+            self.index.extend(delta.upserts)
+        else:
+            if delta.epoch != self.epoch or delta.version <= self.version:
+                return False
+            if delta.base > self.version:
+                raise ValueError(
+                    f"index delta from version {delta.base} cannot apply to a replica at version {self.version}"
+                )
+            for step in delta.removed:
+                self.index.remove(step)
+            for info in delta.upserts:
+                self.index.add(info)
+        self.epoch, self.version = delta.epoch, delta.version
+        return True
 
 
 @contextlib.contextmanager

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ray_ckpt import CheckpointIndex, CheckpointInfo
-from ray_ckpt.index import rankable
+from ray_ckpt.index import IndexFeed, IndexReplica, rankable
 
 
 def info(step: int, **metrics: float) -> CheckpointInfo:
@@ -234,3 +234,94 @@ def test_top_k_matches_a_full_sort(ops: list, k: int, mode: str) -> None:
     assert steps(index.top_k(k)) == [-neg for _, neg in ranked[:k]]
     assert index.steps() == sorted(model)
     assert (index.latest().step if model else None) == (max(model) if model else None)
+
+
+# -- IndexFeed / IndexReplica: followers keep a copy by deltas ---------------------------------
+def feed_of(*records: CheckpointInfo, history: int = 100) -> IndexFeed:
+    index = CheckpointIndex("loss", "min")
+    index.extend(records)
+    return IndexFeed(index, history=history)
+
+
+def same(replica: IndexReplica, feed: IndexFeed) -> bool:
+    return replica.index.list() == feed.index.list() and replica.version == feed.version
+
+
+def test_new_follower_gets_every_record_then_only_changes() -> None:
+    feed = feed_of(info(1, loss=3.0), info(2, loss=2.0))
+    replica = IndexReplica("loss", "min")
+    first = feed.changes_since(replica.epoch, replica.version)
+    assert first.reset and steps(first.upserts) == [1, 2]
+    assert replica.apply(first) and same(replica, feed)
+    feed.add(info(3, loss=1.0))
+    feed.update_metrics(1, {"loss": 0.5})
+    feed.remove(2)
+    feed.update_metrics(1, {"loss": 0.25})  # changed twice: sent once, as it is now
+    delta = feed.changes_since(replica.epoch, replica.version)
+    assert not delta.reset
+    assert steps(delta.upserts) == [1, 3] and delta.removed == [2]
+    assert delta.upserts[0].metrics == {"loss": 0.25}
+    assert replica.apply(delta) and same(replica, feed)
+    assert steps(replica.index.top_k(2)) == [1, 3]
+    assert feed.changes_since(replica.epoch, replica.version).upserts == []
+
+
+def test_follower_behind_the_history_or_of_another_epoch_gets_a_reset() -> None:
+    feed = feed_of(info(1, loss=1.0), history=3)
+    replica = IndexReplica("loss", "min")
+    replica.apply(feed.changes_since(None, -1))
+    for step in range(2, 8):
+        feed.add(info(step, loss=float(step)))
+    delta = feed.changes_since(replica.epoch, replica.version)
+    assert delta.reset and steps(delta.upserts) == list(range(1, 8))
+    assert replica.apply(delta) and same(replica, feed)
+    feed.reset([info(10, loss=0.1)])  # re-read from storage: a new epoch, versions start over
+    delta = feed.changes_since(replica.epoch, replica.version)
+    assert delta.reset and replica.apply(delta)
+    assert steps(replica.index.list()) == [10] and replica.epoch == feed.epoch
+
+
+def test_stale_and_out_of_order_deltas_are_ignored_or_refused() -> None:
+    feed = feed_of(info(1, loss=1.0))
+    replica = IndexReplica("loss", "min")
+    replica.apply(feed.changes_since(None, -1))
+    base = replica.version
+    feed.add(info(2, loss=2.0))
+    older = feed.changes_since(replica.epoch, base)
+    feed.add(info(3, loss=3.0))
+    newer = feed.changes_since(replica.epoch, base)
+    assert replica.apply(newer)
+    assert not replica.apply(older)  # a slower poll answered after a newer one: nothing changes
+    assert same(replica, feed)
+    feed.add(info(4, loss=4.0))
+    gap = feed.changes_since(feed.epoch, feed.version - 1)  # based on a version the replica never had
+    other = IndexReplica("loss", "min")
+    other.apply(feed_of().changes_since(None, -1))
+    other.epoch, other.version = feed.epoch, 0
+    with pytest.raises(ValueError, match="cannot apply"):
+        other.apply(gap)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["add", "remove", "score", "sync"]), st.integers(1, 12), st.floats(-5, 5)),
+        max_size=60,
+    ),
+    st.integers(1, 8),
+)
+def test_replica_matches_the_feed_after_any_changes(ops: list[tuple[str, int, float]], history: int) -> None:
+    feed = feed_of(history=history)
+    replica = IndexReplica("loss", "min")
+    for op, step, value in ops:
+        if op == "add":
+            feed.add(info(step, loss=value))
+        elif op == "remove":
+            feed.remove(step)
+        elif op == "score" and step in feed.index:
+            feed.update_metrics(step, {"loss": value})
+        elif op == "sync":
+            replica.apply(feed.changes_since(replica.epoch, replica.version))
+    replica.apply(feed.changes_since(replica.epoch, replica.version))
+    assert same(replica, feed)
+    assert replica.index.top_k(5) == feed.index.top_k(5)

@@ -322,3 +322,34 @@ def test_restarted_checkpointer_rebuilds_its_index(tmp_path: Path, run_name: str
     assert ev.best().step == 2
     assert solo.save(4, {"w": torch.ones(4)}, blocking=True).result().step == 4
     assert ray_ckpt.get_checkpointer(run_name).latest().step == 4
+
+
+def eventually(check: Any, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
+def test_eval_clients_follow_the_index_in_process(tmp_path: Path, run_name: str) -> None:
+    config = make_config(tmp_path, run_name, metric_name="eval/score", mode="max", keep_last_n=2)
+    handle = ray_ckpt.start_checkpointer(config)
+    solo = ray_ckpt.WorkerClient(run_name, 0, 1)
+    scorer, watcher = ray_ckpt.EvalClient(run_name), ray_ckpt.EvalClient(run_name)
+    assert watcher.latest() is None and watcher.follower() is not None
+    solo.save(1, {"w": torch.ones(2)}, blocking=True)
+    found = watcher.wait_for_checkpoint(None, timeout=30)  # the commit is pushed to the copy
+    assert found is not None and found.step == 1
+    scorer.report_eval(1, {"eval/score": 5.0})
+    assert scorer.best().step == 1  # the reporter sees its own score at once
+    eventually(lambda: watcher.best() is not None)  # the other client once the change reaches it
+    assert watcher.best().metrics["eval/score"] == 5.0
+    for step in (2, 3):
+        solo.save(step, {"w": torch.ones(2) * step}, blocking=True)
+    eventually(lambda: [i.step for i in watcher.list()] == [2, 3])  # retention's deletions too
+    assert watcher.best() is None  # the scored step is gone
+    assert watcher.list() == handle.list() and watcher.follower().connected
+    direct = ray_ckpt.EvalClient(run_name, follow_index=False)  # no copy: every query asks the master
+    assert direct.follower() is None and direct.list() == handle.list()
+    watcher.close()
+    assert [i.step for i in watcher.list()] == [2, 3]  # closed: answered by the master again
