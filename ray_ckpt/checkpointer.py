@@ -457,9 +457,7 @@ class Checkpointer:
         writer = pending.writer
         assert writer is not None and pending.plan is not None
         with writer:
-            for report in pending.reports.values():
-                for name, digest in (report.files or {}).items():
-                    writer.add_file(name, digest)
+            writer.add_files({name: d for rep in pending.reports.values() for name, d in (rep.files or {}).items()})
             expected = {s.name for s in pending.plan}
             missing = expected - set(writer.files)
             if missing:

@@ -10,6 +10,8 @@ import base64
 import concurrent.futures
 import json
 import math
+import mmap
+import os
 import struct
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -603,6 +605,43 @@ def read_safetensors(
         if end > begin:
             _readinto(f, buf, name=name)
         out[key] = _view(buf, entry)
+    return out
+
+
+def map_safetensors(
+    path: str, *, name: str, keys: Iterable[str] | None = None, expected_checksum: str | None = None
+) -> dict[str, torch.Tensor]:
+    """Tensors backed by a private memory map of a local safetensors file (nothing copied).
+
+    Pages come from the page cache when first touched and are shared with every process that
+    maps the file; writes to the tensors stay private (copy-on-write). With ``expected_checksum``
+    every byte is hashed first (which brings every page in), else nothing is read until used.
+    """
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        header = read_safetensors_header(f, name=name, file_size=size)
+        flags = mmap.MAP_PRIVATE | (getattr(mmap, "MAP_POPULATE", 0) if expected_checksum else 0)
+        mapped = mmap.mmap(f.fileno(), size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    if expected_checksum is not None:
+        checksum = Checksum()
+        with memoryview(mapped) as view:
+            for start in range(0, size, READ_CHUNK):
+                checksum.update(view[start : start + READ_CHUNK])
+        if checksum.hexdigest() != expected_checksum:
+            mapped.close()
+            raise CorruptCheckpointError(
+                f"{name}: checksum mismatch (expected {expected_checksum}, got {checksum.hexdigest()})", path=name
+            )
+    out: dict[str, torch.Tensor] = {}
+    for key in list(header.entries) if keys is None else [k for k in keys if k in header.entries]:
+        entry = header.entries[key]
+        begin, end = entry["data_offsets"]
+        raw = (
+            torch.frombuffer(mapped, dtype=torch.uint8, count=end - begin, offset=header.data_start + begin)
+            if end > begin
+            else torch.empty(0, dtype=torch.uint8)
+        )
+        out[key] = _view(raw, entry)  # each tensor holds the mapping open; it closes with the last one
     return out
 
 

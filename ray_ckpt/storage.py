@@ -366,6 +366,19 @@ class Storage:
         """Size of a file in bytes."""
         return int(self._call("stat", path, lambda: self.fs.size(self.full_path(path))))
 
+    def file_sizes(self, path: str = "") -> dict[str, int]:
+        """Name -> size of the files directly under ``path``, from one listing; {} when it does not exist."""
+        full = self.full_path(path)
+        try:
+            entries = self._call("list", path, lambda: self.fs.ls(full, detail=True, refresh=True))
+        except FileNotFoundError:
+            return {}
+        return {
+            posixpath.basename(str(e["name"]).rstrip("/")): int(e.get("size") or 0)
+            for e in entries
+            if e.get("type") == "file"
+        }
+
     def list_names(self, path: str = "") -> list[str]:
         """Names (not paths) of the entries directly under ``path``; [] when it does not exist."""
         full = self.full_path(path)

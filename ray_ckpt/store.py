@@ -51,6 +51,7 @@ from ray_ckpt.format import (
     flatten_state,
     hf_index_bytes,
     index_file_name,
+    map_safetensors,
     parse_hf_index,
     plan_shards,
     read_safetensors,
@@ -245,18 +246,30 @@ class StepWriter:
                 future.result()  # the first error; leaving the pool still waits for the other writes
 
     def add_file(self, name: str, digest: FileDigest) -> None:
-        """Record a file some other process wrote into the step directory (direct mode).
+        """Record a file some other process wrote into the step directory (direct mode)."""
+        self.add_files({name: digest})
 
-        The file must exist with the reported size; its checksum is taken as reported.
+    def add_files(self, files: Mapping[str, FileDigest]) -> None:
+        """Record files other processes wrote into the step directory (direct mode).
+
+        Each must exist with the reported size (one listing per directory, not a stat per file:
+        on an object store that is one request for a thousand ranks' shards); checksums are
+        taken as reported.
         """
-        path = f"{self.dir}/{name}"
-        try:
-            size = self.store.storage.size(path)
-        except FileNotFoundError as exc:
-            raise CorruptCheckpointError(f"{name}: reported written but missing from {self.dir}", path=name) from exc
-        if size != digest.size:
-            raise CorruptCheckpointError(f"{name}: size {size} differs from the reported {digest.size}", path=name)
-        self.files[name] = digest
+        by_dir: dict[str, list[str]] = {}
+        for name in files:
+            by_dir.setdefault(posixpath.dirname(name), []).append(name)
+        for sub, names in by_dir.items():
+            sizes = self.store.storage.file_sizes(f"{self.dir}/{sub}" if sub else self.dir)
+            for name in names:
+                size = sizes.get(posixpath.basename(name))
+                if size is None:
+                    raise CorruptCheckpointError(f"{name}: reported written but missing from {self.dir}", path=name)
+                if size != files[name].size:
+                    raise CorruptCheckpointError(
+                        f"{name}: size {size} differs from the reported {files[name].size}", path=name
+                    )
+        self.files.update(files)
 
     def write_model_index(
         self,
@@ -706,13 +719,22 @@ class CheckpointStore:
         return _validate_step(selector)
 
     def load(
-        self, step: Selector = "latest", keys: Iterable[str] | None = None, *, verify: bool | None = None
+        self,
+        step: Selector = "latest",
+        keys: Iterable[str] | None = None,
+        *,
+        verify: bool | None = None,
+        mmap: bool = False,
     ) -> dict[str, Any]:
         """Load a checkpoint's state dict (tensors on CPU), or only ``keys`` of it.
 
         With ``verify_on_load`` every file read whole is checksummed; a mismatch raises
-        CorruptCheckpointError naming the file.
+        CorruptCheckpointError naming the file. With ``mmap`` (local storage only) the tensors
+        are copy-on-write maps of the files: no copy is made, pages are read when first used and
+        shared with other processes mapping the same checkpoint.
         """
+        if mmap and not self.storage.is_local:
+            raise ValueError(f"mmap=True needs local storage; run {self.run_name!r} is on {self.storage.uri!r}")
         step = self.resolve(step)
         manifest = self.read_manifest(step)
         if manifest.kind != "state_dict":
@@ -721,9 +743,11 @@ class CheckpointStore:
         if not manifest.model.get("index"):
             raise CorruptCheckpointError(f"{step_dir(step)}/{MARKER_FILE}: no model index recorded")
         with self._unchanged(manifest):
-            return self._load_state(manifest, keys, verify)
+            return self._load_state(manifest, keys, verify, mmap=mmap)
 
-    def _load_state(self, manifest: Manifest, keys: Iterable[str] | None, verify: bool) -> dict[str, Any]:
+    def _load_state(
+        self, manifest: Manifest, keys: Iterable[str] | None, verify: bool, *, mmap: bool = False
+    ) -> dict[str, Any]:
         """The tensors of a committed step's model (the body of :meth:`load`)."""
         step, model = manifest.step, manifest.model
         aliases: dict[str, str] = dict(model.get("aliases") or {})
@@ -751,6 +775,7 @@ class CheckpointStore:
                 None if whole else file_keys,
                 verify=verify and whole,
                 fmt=model.get("format", "safetensors"),
+                mmap=mmap,
             )
             missing = [k for k in (file_keys or []) if k not in loaded]
             if missing:
@@ -783,7 +808,14 @@ class CheckpointStore:
         return CorruptCheckpointError(f"{step_dir(step)}/{name}: missing", path=f"{step_dir(step)}/{name}")
 
     def _load_shard(
-        self, manifest: Manifest, name: str, keys: list[str] | None, *, verify: bool, fmt: str = "safetensors"
+        self,
+        manifest: Manifest,
+        name: str,
+        keys: list[str] | None,
+        *,
+        verify: bool,
+        fmt: str = "safetensors",
+        mmap: bool = False,
     ) -> dict[str, torch.Tensor]:
         path = self._file_path(manifest, name)
         expected = manifest.files[name]
@@ -794,11 +826,12 @@ class CheckpointStore:
                     f"{path}: size {size} differs from the committed {expected.size} (truncated or replaced)", path=path
                 )
             if fmt == "pt":
-                data = self.storage.read_bytes(path)
+                data = self.storage.read_bytes(path) if verify or not mmap else b""
                 if verify:
                     _check_digest(path, data, expected)
                 try:
-                    loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+                    source = self.storage.local_path(path) if mmap else io.BytesIO(data)
+                    loaded = torch.load(source, map_location="cpu", weights_only=True, mmap=mmap)
                 except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
                     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                     raise CorruptCheckpointError(
@@ -806,6 +839,13 @@ class CheckpointStore:
                         path=path,
                     ) from exc
                 return loaded if keys is None else {k: loaded[k] for k in keys if k in loaded}
+            if mmap:
+                return map_safetensors(
+                    self.storage.local_path(path),
+                    name=path,
+                    keys=keys,
+                    expected_checksum=expected.checksum if verify else None,
+                )
             with self.storage.open_read(path) as f:
                 return read_safetensors(
                     f, name=path, file_size=size, keys=keys, expected_checksum=expected.checksum if verify else None

@@ -261,3 +261,13 @@ def test_remote_permanent_errors_are_not_retried(memory_uri: str, code: int) -> 
         storage.write_stream("full.bin", full)
     assert attempts == [1]
     assert excinfo.value.errno == code
+
+
+def test_file_sizes_lists_direct_files_once(tmp_path: Path) -> None:
+    storage = Storage(str(tmp_path / "root"))
+    storage.write_bytes("d/a.bin", b"abc")
+    storage.write_bytes("d/b.bin", b"")
+    storage.write_bytes("d/sub/c.bin", b"12345")
+    assert storage.file_sizes("d") == {"a.bin": 3, "b.bin": 0}
+    assert storage.file_sizes("d/sub") == {"c.bin": 5}
+    assert storage.file_sizes("missing") == {}

@@ -812,8 +812,14 @@ def test_allowed_prefixes_also_cover_the_config_class(tmp_run: Any) -> None:
 
 @pytest.mark.parametrize(
     "content",
-    [b"nope", b"{}", b"[]", b'{"class_path": 3}', b'{"class_path": "a.B", "config": []}',
-     b'{"class_path": "a.B", "config_class": 3}'],
+    [
+        b"nope",
+        b"{}",
+        b"[]",
+        b'{"class_path": 3}',
+        b'{"class_path": "a.B", "config": []}',
+        b'{"class_path": "a.B", "config_class": 3}',
+    ],
 )
 def test_malformed_architecture_file(tmp_run: Any, content: bytes) -> None:
     store = tmp_run()
@@ -987,3 +993,53 @@ def test_non_finite_metrics_are_written_as_strict_json(tmp_path: Path) -> None:
     assert math.isnan(metrics["loss"]) and metrics["up"] == math.inf and metrics["eval/down"] == -math.inf
     assert metrics["ok"] == 0.5
     assert store.best() is None  # never ranked
+
+
+# ---------------------------------------------------------------------------------------------
+# load(mmap=True): tensors map the committed files (copy-on-write), nothing copied.
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", ["safetensors", "pt"])
+def test_mmap_load_matches_a_read_and_writes_stay_private(tmp_run: Any, fmt: str) -> None:
+    store = tmp_run(checkpoint_format=fmt, max_shard_size=600)
+    saved = {**state(3), "empty": torch.zeros(0), "half": torch.arange(5, dtype=torch.float16)}
+    store.save(1, saved)
+    files = {p: p.read_bytes() for p in sdir(store, 1).iterdir()}
+    mapped = store.load(1, mmap=True)
+    assert_same(mapped, store.load(1))
+    assert_same(store.load(1, ["layer2.weight", "half"], mmap=True), {k: saved[k] for k in ("layer2.weight", "half")})
+    mapped["layer0.weight"].add_(100.0)  # copy-on-write: the file and other loads keep the saved bytes
+    assert_same(store.load(1), saved)
+    assert {p: p.read_bytes() for p in sdir(store, 1).iterdir()} == files
+    assert torch.equal(mapped["layer0.weight"], saved["layer0.weight"] + 100.0)
+
+
+def test_mmap_load_checks_the_checksum_and_needs_local_storage(tmp_run: Any) -> None:
+    store = tmp_run(max_shard_size=600)
+    store.save(1, state(4))
+    victim = shard_files(store, 1)[-1]
+    flip_byte(victim)
+    with pytest.raises(CorruptCheckpointError, match=victim.name):
+        store.load(1, mmap=True)
+    assert store.load(1, mmap=True, verify=False).keys() == state(4).keys()  # unverified: mapped as is
+    remote = CheckpointStore("memory://mmap-test", run_name="r")
+    remote.save(1, state(0))
+    with pytest.raises(ValueError, match="mmap=True needs local storage"):
+        remote.load(1, mmap=True)
+
+
+def test_add_files_checks_other_writers_files_by_name_and_size(store: CheckpointStore) -> None:
+    from ray_ckpt.format import FileDigest
+
+    writer = store.begin_step(7)
+    store.storage.write_bytes(f"{writer.dir}/model-a.safetensors", b"x" * 10)
+    store.storage.write_bytes(f"{writer.dir}/extra/notes.txt", b"hi")
+    writer.add_files(
+        {"model-a.safetensors": FileDigest(10, "xxh3_64:0"), "extra/notes.txt": FileDigest(2, "xxh3_64:1")}
+    )
+    assert set(writer.files) == {"model-a.safetensors", "extra/notes.txt"}
+    with pytest.raises(CorruptCheckpointError, match="model-b.safetensors: reported written but missing"):
+        writer.add_files({"model-b.safetensors": FileDigest(3, "xxh3_64:2")})
+    with pytest.raises(CorruptCheckpointError, match="model-a.safetensors: size 10 differs from the reported 11"):
+        writer.add_file("model-a.safetensors", FileDigest(11, "xxh3_64:0"))
+    writer.abort()
+    assert store.list() == []
