@@ -230,7 +230,10 @@ class StepWriter:
 
     def write_shard(self, shard: ShardSpec, buffers: Mapping[str, TensorBuffer]) -> FileDigest:
         """Write one shard file from in-memory buffers (streamed, no extra copy)."""
-        digest = write_shard_file(self.store.storage, self.dir, shard, buffers, self.store.config.checkpoint_format)
+        config = self.store.config
+        digest = write_shard_file(
+            self.store.storage, self.dir, shard, buffers, config.checkpoint_format, direct_io=config.direct_io
+        )
         self.files[shard.name] = digest
         return digest
 
@@ -381,15 +384,24 @@ def write_trainer_state_files(storage: Storage, directory: str, flat: FlatState)
 
 
 def write_shard_file(
-    storage: Storage, directory: str, shard: ShardSpec, buffers: Mapping[str, TensorBuffer], fmt: str = "safetensors"
+    storage: Storage,
+    directory: str,
+    shard: ShardSpec,
+    buffers: Mapping[str, TensorBuffer],
+    fmt: str = "safetensors",
+    *,
+    direct_io: bool = True,
 ) -> FileDigest:
-    """Write one shard into ``directory`` (used by the store and by ranks in direct mode)."""
+    """Write one shard into ``directory`` (used by the store and by ranks in direct mode).
+
+    With ``direct_io`` a big safetensors shard on a local disk bypasses the page cache."""
     missing = [k for k in shard.keys if k not in buffers]
     if missing:
         raise KeyError(f"{shard.name}: no buffer for keys {missing[:5]}")
     path = f"{directory}/{shard.name}"
     if fmt == "safetensors":
-        return storage.write_stream(path, lambda f: write_safetensors(f, buffers, shard.keys))
+        size = sum(buffers[k].nbytes for k in shard.keys) if direct_io else 0
+        return storage.write_stream(path, lambda f: write_safetensors(f, buffers, shard.keys), size_hint=size)
 
     def write_pt(f: Any) -> FileDigest:
         out = HashingWriter(f)

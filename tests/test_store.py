@@ -1043,3 +1043,19 @@ def test_add_files_checks_other_writers_files_by_name_and_size(store: Checkpoint
         writer.add_file("model-a.safetensors", FileDigest(11, "xxh3_64:0"))
     writer.abort()
     assert store.list() == []
+
+
+def test_direct_io_and_page_cache_writes_give_identical_files(tmp_run: Any) -> None:
+    """A shard above DIRECT_IO_MIN is written with O_DIRECT (an odd size: padded, then truncated)."""
+    from ray_ckpt.storage import DIRECT_IO_MIN
+
+    g = torch.Generator().manual_seed(5)
+    sd = {"big": torch.randn(DIRECT_IO_MIN // 4 + 1001, generator=g), "small": torch.arange(3.0)}
+    direct, buffered = tmp_run("direct"), tmp_run("buffered", direct_io=False)
+    for store in (direct, buffered):
+        store.save(1, sd)
+        assert_same(store.load(1), sd)
+        store.verify(1)
+    assert (sdir(direct, 1) / "model.safetensors").read_bytes() == (
+        sdir(buffered, 1) / "model.safetensors"
+    ).read_bytes()
