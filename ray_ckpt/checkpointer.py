@@ -15,11 +15,13 @@ import functools
 import gc
 import logging
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import ray
+import xxhash
 
 from ray_ckpt.config import CheckpointConfig
 from ray_ckpt.errors import CheckpointExistsError, SaveAbortedError
@@ -34,6 +36,28 @@ MAX_CONCURRENT_CALLS = 100_000  # open calls the master serves at once (~65 KB o
 # Ray collects a named, non-detached actor once no handle is left; the process that started a
 # checkpointer keeps one here so the run's master lives as long as its driver (or until shutdown).
 _STARTED: dict[tuple[str | None, str], Any] = {}
+
+
+# Per checkpointer actor, the newest index position (epoch, version) a call from this process
+# saw acknowledged (a commit): an index follower in this process answers only once it has it.
+_SEEN_POSITIONS: dict[Any, tuple[str, int]] = {}
+_SEEN_LOCK = threading.Lock()
+
+
+def note_index_position(actor: Any, position: tuple[str, int] | None) -> None:
+    """Remember that this process saw ``actor``'s index reach ``position``."""
+    if position is None:
+        return
+    with _SEEN_LOCK:
+        seen = _SEEN_POSITIONS.get(actor)
+        if seen is None or tuple(position) > seen:
+            _SEEN_POSITIONS[actor] = (position[0], position[1])
+
+
+def seen_index_position(actor: Any) -> tuple[str, int] | None:
+    """The newest index position of ``actor`` this process saw acknowledged (None: none yet)."""
+    with _SEEN_LOCK:
+        return _SEEN_POSITIONS.get(actor)
 
 
 def actor_name(run_name: str) -> str:
@@ -123,6 +147,28 @@ def merge_ranks(states: dict[int, RankState]) -> tuple[dict[str, int], list[list
     return owners, groups
 
 
+def check_replicated_bytes(
+    states: dict[int, RankState], owners: dict[str, int], arrays: dict[int, dict[str, Any]]
+) -> None:
+    """Gather mode: every copy of a key held by several ranks must have the owner's bytes.
+
+    Compared here, from the ranks' object-store buffers, so ranks need not hash their state on
+    the training loop's path. ValueError names the key and the ranks.
+    """
+    owner_digest: dict[str, int] = {}
+    for rank in sorted(states):
+        for key in states[rank].tensors:
+            owner = owners[key]
+            if owner == rank:
+                continue
+            if key not in owner_digest:
+                owner_digest[key] = xxhash.xxh3_64_intdigest(arrays[owner][key])
+            if xxhash.xxh3_64_intdigest(arrays[rank][key]) != owner_digest[key]:
+                raise ValueError(
+                    f"key {key!r}: ranks {owner} and {rank} both hold it with different contents (the bytes differ)"
+                )
+
+
 class Checkpointer:
     """Master rank of a run (use :func:`ray_ckpt.start_checkpointer` to create it)."""
 
@@ -136,6 +182,8 @@ class Checkpointer:
         self.store.refresh()
         self.index = CheckpointIndex(config.metric_name, config.mode)
         self.index.extend(self.store.index.list())
+        if config.metric_name:
+            self.index.top_k(1)  # sort the run's ranking now (1M records: ~1 s), not in the first query
         self.feed = IndexFeed(self.index)  # every index change goes through it: eval clients follow it
         self._index_changed: asyncio.Future | None = None
         logger.info(
@@ -149,7 +197,8 @@ class Checkpointer:
         self._meta = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="ray-ckpt-meta")
         self._pending: dict[int, _PendingStep] = {}
         self._aborted: dict[int, str] = {}
-        self._recent: dict[int, CheckpointInfo] = {}  # committed steps, even if retention dropped them
+        # committed steps, even if retention dropped them, with the index position of their commit
+        self._recent: dict[int, tuple[CheckpointInfo, tuple[str, int]]] = {}
         self._slots: asyncio.Semaphore | None = None
         self._committed: asyncio.Condition | None = None
         self._architecture_written = False
@@ -260,15 +309,24 @@ class Checkpointer:
 
     async def wait_committed(self, step: int) -> CheckpointInfo:
         """Wait for a step to commit; raises the abort reason when it was aborted."""
+        info, _ = await self.wait_committed_at(step)
+        return info
+
+    async def wait_committed_at(self, step: int) -> tuple[CheckpointInfo, tuple[str, int] | None]:
+        """:meth:`wait_committed`, plus the index position (epoch, version) that includes the commit.
+
+        Clients note it so that a query from the same process reads its own commit.
+        """
         pending = self._pending.get(step)
-        if pending is None:
-            info = self.index.get(step) or self._recent.get(step)
-            if info is not None:
-                return info
-            raise SaveAbortedError(
-                self._aborted.get(step, f"step {step}: no save in progress (checkpointer restarted?)")
-            )
-        return await asyncio.shield(pending.done)
+        if pending is not None:
+            await asyncio.shield(pending.done)
+        recent = self._recent.get(step)
+        if recent is not None:
+            return recent
+        info = self.index.get(step)
+        if info is not None:
+            return info, (self.feed.epoch, self.feed.version)
+        raise SaveAbortedError(self._aborted.get(step, f"step {step}: no save in progress (checkpointer restarted?)"))
 
     async def _join(self, step: int, rank: int, world_size: int, mode: str, overwrite: bool) -> _PendingStep:
         step = _validate_step(step)  # before any comparison: a str or negative step is refused by name
@@ -372,18 +430,18 @@ class Checkpointer:
         except Exception as exc:
             self._abort(pending, exc)
             return
+        self.feed.add(info)
+        for step in deleted:
+            self.feed.remove(step)
+        self._notify_index_changed()
+        self._recent[info.step] = (info, (self.feed.epoch, self.feed.version))
+        while len(self._recent) > 1000:
+            self._recent.pop(next(iter(self._recent)))
         if pending.done.done():  # aborted (timed out) while writing: the commit stands, report it
             self._aborted.pop(pending.step, None)
         else:
             pending.done.set_result(info)
         self._release(pending)
-        self.feed.add(info)
-        self._recent[info.step] = info
-        while len(self._recent) > 1000:
-            self._recent.pop(next(iter(self._recent)))
-        for step in deleted:
-            self.feed.remove(step)
-        self._notify_index_changed()
         self._m_save_s.observe(time.monotonic() - pending.started)
         self._m_bytes.inc(info.files_size)
         logger.info(
@@ -413,6 +471,7 @@ class Checkpointer:
     ) -> tuple[CheckpointInfo, list[int]]:
         states = {r: rep.model for r, rep in pending.reports.items()}
         owners, groups = merge_ranks(states)
+        check_replicated_bytes(states, owners, {r: model for r, (model, _) in arrays.items()})
         buffers = {
             key: TensorBuffer(m.dtype, tuple(m.shape), arrays[owners[key]][0][key])
             for r, state in states.items()

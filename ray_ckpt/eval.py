@@ -16,9 +16,9 @@ from typing import Any, TypeVar
 import ray
 import torch
 
-from ray_ckpt.checkpointer import CheckpointerHandle, get_checkpointer
+from ray_ckpt.checkpointer import CheckpointerHandle, get_checkpointer, seen_index_position
 from ray_ckpt.errors import CheckpointNotFoundError
-from ray_ckpt.index import CheckpointIndex, CheckpointInfo, IndexReplica
+from ray_ckpt.index import CheckpointIndex, CheckpointInfo, IndexReplica, position_reached
 from ray_ckpt.store import CheckpointStore, Selector
 
 logger = logging.getLogger(__name__)
@@ -98,6 +98,11 @@ class IndexFollower:
 
     def _follow(self) -> None:
         while not self._stop.is_set():
+            if not ray.is_initialized():  # Ray shut down: a call now would start a new local cluster
+                with self._changed:
+                    self.connected = False
+                    self._changed.notify_all()
+                return
             try:
                 delta = self._fetch(self.poll_s)
             except Exception as exc:  # the master restarting, or gone: callers fall back to it meanwhile
@@ -110,9 +115,20 @@ class IndexFollower:
                 continue
             self._apply(delta)
 
-    def read(self, query: Callable[[CheckpointIndex], T]) -> tuple[bool, T | None]:
-        """``(True, query(index))`` on the current copy, or ``(False, None)`` while disconnected."""
+    def read(
+        self, query: Callable[[CheckpointIndex], T], at_least: tuple[str, int] | None = None, wait_s: float = 5.0
+    ) -> tuple[bool, T | None]:
+        """``(True, query(index))`` on the copy, once it includes position ``at_least`` (waiting up
+        to ``wait_s`` for it); ``(False, None)`` while disconnected or still behind."""
+        deadline = time.monotonic() + wait_s
         with self._changed:
+            while self.connected and at_least is not None:
+                if position_reached((self.replica.epoch, self.replica.version), at_least):
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False, None
+                self._changed.wait(remaining)
             if not self.connected:
                 return False, None
             return True, query(self.replica.index)
@@ -199,7 +215,9 @@ class EvalClient:
     def _query(self, method: str, *args: Any) -> Any:
         follower = self.follower()
         if follower is not None:
-            answered, value = follower.read(lambda index: getattr(index, method)(*args))
+            # a commit this process saw acknowledged is in the answer (read your own writes)
+            at_least = seen_index_position(self.handle.actor)
+            answered, value = follower.read(lambda index: getattr(index, method)(*args), at_least)
             if answered:
                 return value
         return self._call(method, *args)

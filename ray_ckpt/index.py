@@ -10,6 +10,7 @@ import gc
 import io
 import json
 import math
+import time
 import uuid
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -288,6 +289,21 @@ class IndexDelta:
     reset: bool = False
 
 
+def new_epoch() -> str:
+    """A feed epoch: unique, and later epochs sort after earlier ones (time first)."""
+    return f"{time.time_ns():020d}-{uuid.uuid4().hex[:12]}"
+
+
+def position_reached(have: tuple[str | None, int], want: tuple[str, int]) -> bool:
+    """Whether a replica at ``have`` (epoch, version) includes every change up to ``want``.
+
+    A later epoch (a master restarted since) was read whole from storage: it includes ``want``.
+    """
+    if have[0] is None or have[0] < want[0]:
+        return False
+    return have[0] > want[0] or have[1] >= want[1]
+
+
 class IndexFeed:
     """Numbers every change to a :class:`CheckpointIndex` so followers can keep a replica by deltas.
 
@@ -298,7 +314,7 @@ class IndexFeed:
 
     def __init__(self, index: CheckpointIndex, history: int = 10_000) -> None:
         self.index = index
-        self.epoch = uuid.uuid4().hex
+        self.epoch = new_epoch()
         self.version = 0
         self._log: deque[tuple[int, int]] = deque(maxlen=max(1, history))  # (version, step changed)
 
@@ -325,7 +341,7 @@ class IndexFeed:
         """Replace every record (a re-read from storage): followers start over from a full copy."""
         self.index.clear()
         self.index.extend(records)
-        self.epoch = uuid.uuid4().hex
+        self.epoch = new_epoch()
         self.version = 0
         self._log.clear()
 

@@ -17,9 +17,16 @@ import numpy as np
 import ray
 import xxhash
 
-from ray_ckpt.checkpointer import CheckpointerHandle, RankReport, RankState, TensorMeta, get_checkpointer
+from ray_ckpt.checkpointer import (
+    CheckpointerHandle,
+    RankReport,
+    RankState,
+    TensorMeta,
+    get_checkpointer,
+    note_index_position,
+)
 from ray_ckpt.errors import SaveAbortedError
-from ray_ckpt.format import FlatState, TensorBuffer, flatten_state, hash_pool
+from ray_ckpt.format import FlatState, TensorBuffer, flatten_state
 from ray_ckpt.index import CheckpointInfo
 from ray_ckpt.store import (
     CheckpointStore,
@@ -88,17 +95,20 @@ def _same_sizes(a: FlatState, b: FlatState) -> bool:
 class SaveFuture:
     """The outcome of one ``WorkerClient.save``: ``result()`` gives the committed CheckpointInfo."""
 
-    def __init__(self, step: int, *, ref: Any = None, future: concurrent.futures.Future | None = None) -> None:
+    def __init__(
+        self, step: int, *, ref: Any = None, future: concurrent.futures.Future | None = None, actor: Any = None
+    ) -> None:
         self.step = step
-        self._ref = ref
+        self._ref = ref  # of the checkpointer's wait_committed_at
         self._future = future
+        self._actor = actor
 
     def result(self, timeout: float | None = None) -> CheckpointInfo:
         """Wait for the commit; raises SaveAbortedError (or the rank's error) if it failed."""
         try:
             if self._future is not None:
                 return self._future.result(timeout)
-            return ray.get(self._ref, timeout=timeout)
+            return _committed(self._actor, ray.get(self._ref, timeout=timeout))
         except ray.exceptions.GetTimeoutError:
             raise TimeoutError(f"step {self.step}: not committed within {timeout}s") from None
         except ray.exceptions.RayActorError as exc:
@@ -204,17 +214,14 @@ class WorkerClient:
     def _save_gather(
         self, step: int, flat: FlatState, trainer_flat: FlatState | None, report: RankReport, overwrite: bool
     ) -> SaveFuture:
-        # The digests are computed on a helper thread while ray.put copies the same bytes (both
-        # release the GIL); both finish before save() returns and training may change the tensors.
-        hashing = hash_pool().submit(_digests, flat) if self.world_size > 1 else None
+        # ray.put is the snapshot (one copy into the object store); replicated keys are compared
+        # by the checkpointer, which has every rank's bytes: nothing else holds the training loop.
         report.model_ref = [ray.put({k: b.data for k, b in flat.tensors.items()})]
         if trainer_flat is not None:
             report.trainer_ref = [ray.put({k: b.data for k, b in trainer_flat.tensors.items()})]
-        if hashing is not None:
-            _set_digests(report.model, hashing.result())
         actor = self.handle.actor
         _get(actor.report.remote(step, report, overwrite), step)  # waits here under back-pressure
-        return SaveFuture(step, ref=actor.wait_committed.remote(step))
+        return SaveFuture(step, ref=actor.wait_committed_at.remote(step), actor=actor)
 
     def _save_direct(
         self,
@@ -262,7 +269,14 @@ class WorkerClient:
                 self._storage = CheckpointStore(config=self.config).storage
             directory = step_dir(step)
             files = {
-                s.name: write_shard_file(self._storage, directory, s, flat.tensors, self.config.checkpoint_format)
+                s.name: write_shard_file(
+                    self._storage,
+                    directory,
+                    s,
+                    flat.tensors,
+                    self.config.checkpoint_format,
+                    direct_io=self.config.direct_io,
+                )
                 for s in shards
             }
             if trainer_flat is not None:
@@ -272,13 +286,20 @@ class WorkerClient:
             raise
         report.files = files
         _get(actor.report_direct.remote(step, report), step)
-        return _get(actor.wait_committed.remote(step), step)
+        return _committed(actor, _get(actor.wait_committed_at.remote(step), step))
 
     def wait(self, timeout: float | None = None) -> list[CheckpointInfo]:
         """Wait for every pending save of this worker; returns their CheckpointInfos."""
         results = [f.result(timeout) for f in self._futures]
         self._futures = []
         return results
+
+
+def _committed(actor: Any, result: tuple[CheckpointInfo, tuple[str, int] | None]) -> CheckpointInfo:
+    """A commit's info; its index position is noted so this process's queries will include it."""
+    info, position = result
+    note_index_position(actor, position)
+    return info
 
 
 def _get(ref: Any, step: int) -> Any:

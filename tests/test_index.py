@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ray_ckpt import CheckpointIndex, CheckpointInfo
-from ray_ckpt.index import IndexFeed, IndexReplica, rankable
+from ray_ckpt.index import IndexFeed, IndexReplica, new_epoch, position_reached, rankable
 
 
 def info(step: int, **metrics: float) -> CheckpointInfo:
@@ -325,3 +325,12 @@ def test_replica_matches_the_feed_after_any_changes(ops: list[tuple[str, int, fl
     replica.apply(feed.changes_since(replica.epoch, replica.version))
     assert same(replica, feed)
     assert replica.index.top_k(5) == feed.index.top_k(5)
+
+
+def test_position_reached_orders_epochs_then_versions() -> None:
+    old, new = new_epoch(), new_epoch()
+    assert old < new
+    assert position_reached((old, 5), (old, 5)) and position_reached((old, 6), (old, 5))
+    assert not position_reached((old, 4), (old, 5))
+    assert position_reached((new, 0), (old, 99))  # a restarted master read everything from storage
+    assert not position_reached((old, 99), (new, 0)) and not position_reached((None, -1), (old, 0))

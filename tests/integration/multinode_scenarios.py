@@ -158,6 +158,15 @@ def pid_of(actor: Any) -> int:
     return ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=60)
 
 
+def restarted_pid(actor: Any, pid_before: int) -> int | None:
+    """The actor's pid once a new incarnation answers (None while it is down or still the old one)."""
+    try:
+        pid = ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=10)
+    except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):
+        return None
+    return pid if pid != pid_before else None
+
+
 def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
     """Poll ``predicate`` every 50 ms; AssertionError naming ``what`` on timeout."""
     deadline = time.monotonic() + timeout_s
@@ -450,8 +459,9 @@ def scenario_checkpointer_node_failure(storage: str) -> dict[str, Any]:
         dead_after = kill_node(cluster, nodes["node_a"])
         started = time.monotonic()
         in_flight = ray.get(ranks[0].outcome.remote(60), timeout=90)
-        steps_after = [i.step for i in ev.list()]  # retries while the actor restarts
+        wait_until(lambda: restarted_pid(handle.actor, before["pid"]) is not None, 120, "the checkpointer's restart")
         back_after = time.monotonic() - started
+        steps_after = [i.step for i in ev.list()]
         after = {
             "node": node_of(handle.actor),
             "pid": pid_of(handle.actor),

@@ -123,8 +123,9 @@ def test_gather_and_direct_write_byte_identical_checkpoints(tmp_path: Path, run_
         assert trees["gather"][name] == trees["direct"][name], name
 
 
-def test_conflicting_replicated_key_aborts_naming_the_key(tmp_path: Path, run_name: str) -> None:
-    config = make_config(tmp_path, run_name)
+@pytest.mark.parametrize("write_mode", ["gather", "direct"])
+def test_conflicting_replicated_key_aborts_naming_the_key(tmp_path: Path, run_name: str, write_mode: str) -> None:
+    config = make_config(tmp_path, run_name, write_mode=write_mode)
     handle = ray_ckpt.start_checkpointer(config)
     ranks = [Rank.remote(run_name, r, 2) for r in range(2)]
     ray.get([w.save.remote(1, shared_and_own(r)) for r, w in enumerate(ranks)])
@@ -349,7 +350,10 @@ def test_eval_clients_follow_the_index_in_process(tmp_path: Path, run_name: str)
     eventually(lambda: [i.step for i in watcher.list()] == [2, 3])  # retention's deletions too
     assert watcher.best() is None  # the scored step is gone
     assert watcher.list() == handle.list() and watcher.follower().connected
+    for step in range(4, 10):  # a commit acknowledged to this process is in its very next query
+        solo.save(step, {"w": torch.ones(2)}, blocking=True)
+        assert watcher.latest().step == step
     direct = ray_ckpt.EvalClient(run_name, follow_index=False)  # no copy: every query asks the master
     assert direct.follower() is None and direct.list() == handle.list()
     watcher.close()
-    assert [i.step for i in watcher.list()] == [2, 3]  # closed: answered by the master again
+    assert [i.step for i in watcher.list()] == [8, 9]  # closed: answered by the master again

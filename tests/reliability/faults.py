@@ -151,8 +151,8 @@ def install_kill_switch(kill_at: int, trace_path: str | None) -> _KillSwitch:
     original_fsync = os.fsync
     original_replace = os.replace
 
-    def write_stream(self: Storage, path: str, writer: Any, *, durable: bool = True) -> Any:
-        return original_stream(self, path, lambda f: writer(_KillingFile(f, path, switch)), durable=durable)
+    def write_stream(self: Storage, path: str, writer: Any, **options: Any) -> Any:
+        return original_stream(self, path, lambda f: writer(_KillingFile(f, path, switch)), **options)
 
     def rm(self: Storage, path: str, *, recursive: bool = False, missing_ok: bool = False) -> None:
         if switch.tick("rm", path):

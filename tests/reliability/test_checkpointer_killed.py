@@ -54,6 +54,17 @@ def _pid(handle: Any) -> int:
     return ray.get(handle.actor.__ray_call__.remote(lambda self: os.getpid()))
 
 
+def _restarted_pid(handle: Any, pid_before: int, timeout: float = 120.0) -> int:
+    """The pid of the actor's next incarnation (ray.kill is asynchronous; calls fail meanwhile)."""
+    deadline, pid = time.monotonic() + timeout, pid_before
+    while pid == pid_before and time.monotonic() < deadline:
+        try:
+            pid = ray.get(handle.actor.__ray_call__.remote(lambda self: os.getpid()), timeout=10)
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):
+            time.sleep(0.5)
+    return pid
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("write_mode", "held_at"),
@@ -93,9 +104,9 @@ def test_checkpointer_killed_mid_save_restarts_and_the_retry_commits(
     with pytest.raises(SaveAbortedError, match=r"step 3.*(died|restarted)"):
         pending.result(timeout=90)
     # The restarted actor rebuilt its index from storage; the same eval client goes on.
+    assert _restarted_pid(handle, pid_before) != pid_before
     assert [i.step for i in evaluator.list()] == [1, 2]
     assert evaluator.best().step == 2
-    assert _pid(handle) != pid_before
     assert not step3.exists(), "the restarted checkpointer did not remove the partial step"
     assert [i.step for i in CheckpointStore(config=config).list()] == [1, 2]
 

@@ -59,10 +59,10 @@ def _enospc_on(monkeypatch: pytest.MonkeyPatch, matches: Callable[[str], bool], 
         def __getattr__(self, name: str) -> Any:
             return getattr(self.f, name)
 
-    def write_stream(self: Storage, path: str, writer: Any, *, durable: bool = True) -> Any:
+    def write_stream(self: Storage, path: str, writer: Any, **options: Any) -> Any:
         if not matches(path):
-            return original(self, path, writer, durable=durable)
-        return original(self, path, lambda f: writer(Full(f, path)), durable=durable)
+            return original(self, path, writer, **options)
+        return original(self, path, lambda f: writer(Full(f, path)), **options)
 
     monkeypatch.setattr(Storage, "write_stream", write_stream)
     return failed
