@@ -205,10 +205,12 @@ def run_disk_cases(
     loaders: dict[str, Callable[[], Any]] = {
         "raw_read": lambda: raw_read(paths["raw"]),
         "torch_load": lambda: torch.load(paths["torch"], map_location="cpu", weights_only=True),
+        "torch_load_mmap": lambda: torch.load(paths["torch"], map_location="cpu", weights_only=True, mmap=True),
         "safetensors_load": lambda: safetensors.torch.load_file(paths["safetensors"], backend="pread"),
         "safetensors_load_mmap": lambda: safetensors.torch.load_file(paths["safetensors"]),
         "dcp_load": lambda: dcp_load(f"{paths['dcp']}_t{best_k}", state),
         "store_load": lambda: store.load(step),
+        "store_load_mmap": lambda: store.load(step, mmap=True),
     }
     for name, load in loaders.items():  # correctness once, untimed: a fast loader of garbage is no win
         loaded = load()
@@ -236,10 +238,12 @@ def run_disk_cases(
             what = {
                 "raw_read": "sequential readinto of the raw file into one preallocated buffer",
                 "torch_load": "torch.load(weights_only=True), tensors in memory",
+                "torch_load_mmap": "torch.load(weights_only=True, mmap=True): file-backed, each page touched",
                 "safetensors_load": "safetensors.torch.load_file(backend='pread'): tensors materialised in memory",
                 "safetensors_load_mmap": "safetensors.torch.load_file default (mmap): file-backed, each page touched",
                 "dcp_load": "torch.distributed.checkpoint load into freshly allocated tensors",
                 "store_load": "CheckpointStore.load (checksums verified, the default)",
+                "store_load_mmap": "CheckpointStore.load(mmap=True): file-backed, checksums verified, pages touched",
             }[name]
             results.append(
                 throughput_case(

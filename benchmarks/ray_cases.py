@@ -107,21 +107,27 @@ class Sink:
 
 @ray.remote(num_cpus=0)
 class EvalProbe:
-    """An evaluation actor that polls top_k and records the latency it sees (Ray round trip included)."""
+    """An evaluation actor that polls top_k and records the latency it sees.
+
+    ``EvalClient.top_k`` (answered from the client's live index copy) or, with ``direct``, a
+    call to the checkpointer actor (a Ray round trip per query).
+    """
 
     def __init__(self, run_name: str) -> None:
         self.client = EvalClient(run_name, NAMESPACE)
+        self.direct = EvalClient(run_name, NAMESPACE, follow_index=False)
 
     def ready(self) -> bool:
-        return True
+        return self.client.follower() is not None
 
-    def run(self, start_at: float, duration_s: float, interval_s: float, k: int) -> list[float]:
+    def run(self, start_at: float, duration_s: float, interval_s: float, k: int, direct: bool = False) -> list[float]:
+        client = self.direct if direct else self.client
         while time.time() < start_at:
             time.sleep(0.005)
         latencies: list[float] = []
         while time.time() < start_at + duration_s:
             began = time.perf_counter()
-            self.client.top_k(k)
+            client.top_k(k)
             latencies.append(time.perf_counter() - began)
             if interval_s:
                 time.sleep(interval_s)
@@ -340,28 +346,33 @@ class RayBench:
         probes = [EvalProbe.remote(run) for _ in range(actors)]
         ray.get([p.ready.remote() for p in probes])
         startup = time.perf_counter() - started
-        start_at = time.time() + 1.0
-        pending = [p.run.remote(start_at, duration_s, interval_s, k) for p in probes]
-        saves = 0
-        while time.time() < start_at:
-            time.sleep(0.01)
-        while time.time() < start_at + duration_s:
-            self.save_all("gather")
-            saves += 1
-        latencies = [x for lat in ray.get(pending) for x in lat]
-        idle_at = time.time() + 0.5
-        idle = [
-            x
-            for lat in ray.get([p.run.remote(idle_at, min(duration_s, 3.0), interval_s, k) for p in probes])
-            for x in lat
-        ]
+
+        def during_saves(direct: bool) -> tuple[list[float], int]:
+            start_at = time.time() + 1.0
+            pending = [p.run.remote(start_at, duration_s, interval_s, k, direct) for p in probes]
+            saves = 0
+            while time.time() < start_at:
+                time.sleep(0.01)
+            while time.time() < start_at + duration_s:
+                self.save_all("gather")
+                saves += 1
+            return [x for lat in ray.get(pending) for x in lat], saves
+
+        def idle(direct: bool) -> list[float]:
+            idle_at = time.time() + 0.5
+            runs = [p.run.remote(idle_at, min(duration_s, 3.0), interval_s, k, direct) for p in probes]
+            return [x for lat in ray.get(runs) for x in lat]
+
+        latencies, saves = during_saves(direct=False)
+        actor_latencies, actor_saves = during_saves(direct=True)
+        idle_latencies, idle_actor = idle(direct=False), idle(direct=True)
         for p in probes:
             ray.kill(p)
         return CaseResult(
             "topk_concurrent",
             "ray",
-            f"top_k({k}) round trip from {actors} eval actors (one query per {interval_s * 1e3:.0f} ms each) "
-            "while saves run",
+            f"EvalClient.top_k({k}) in {actors} eval actors (one query per {interval_s * 1e3:.0f} ms each, "
+            "answered from each client's live index copy) while saves run",
             metrics={
                 "p50_ms": percentile(latencies, 50) * 1e3,
                 "p99_ms": percentile(latencies, 99) * 1e3,
@@ -372,8 +383,14 @@ class RayBench:
                 "actors": actors,
                 "interval_s": interval_s,
                 "max_ms": max(latencies) * 1e3,
-                "idle_p50_ms": percentile(idle, 50) * 1e3,
-                "idle_p99_ms": percentile(idle, 99) * 1e3,
+                "idle_p50_ms": percentile(idle_latencies, 50) * 1e3,
+                "idle_p99_ms": percentile(idle_latencies, 99) * 1e3,
+                "actor_call_p50_ms": percentile(actor_latencies, 50) * 1e3,
+                "actor_call_p99_ms": percentile(actor_latencies, 99) * 1e3,
+                "actor_call_max_ms": max(actor_latencies) * 1e3,
+                "actor_call_saves_during": actor_saves,
+                "actor_call_idle_p50_ms": percentile(idle_actor, 50) * 1e3,
+                "actor_call_idle_p99_ms": percentile(idle_actor, 99) * 1e3,
                 "probe_startup_s": startup,
                 "qps": len(latencies) / duration_s,
             },

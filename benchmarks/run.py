@@ -24,7 +24,16 @@ from ray_ckpt.config import parse_size
 logger = logging.getLogger("benchmarks")
 
 GROUPS = ("disk", "index", "s3", "ray")
-LOADS = ("raw_read", "torch_load", "safetensors_load", "safetensors_load_mmap", "dcp_load", "store_load")
+LOADS = (
+    "raw_read",
+    "torch_load",
+    "torch_load_mmap",
+    "safetensors_load",
+    "safetensors_load_mmap",
+    "dcp_load",
+    "store_load",
+    "store_load_mmap",
+)
 # Every case a full run (all groups) produces; tests/test_benchmarks.py checks the JSON against it.
 CASES: dict[str, tuple[str, ...]] = {
     "disk": (
