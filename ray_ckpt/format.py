@@ -620,13 +620,15 @@ def map_safetensors(
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         header = read_safetensors_header(f, name=name, file_size=size)
-        flags = mmap.MAP_PRIVATE | (getattr(mmap, "MAP_POPULATE", 0) if expected_checksum else 0)
-        mapped = mmap.mmap(f.fileno(), size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        # no MAP_POPULATE: on a writable private map it copies every page (0.48 s per GiB here)
+        mapped = mmap.mmap(f.fileno(), size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
     if expected_checksum is not None:
         checksum = Checksum()
+        mapped.madvise(mmap.MADV_SEQUENTIAL)  # read ahead hard while hashing (a cold file)
         with memoryview(mapped) as view:
             for start in range(0, size, READ_CHUNK):
                 checksum.update(view[start : start + READ_CHUNK])
+        mapped.madvise(mmap.MADV_NORMAL)
         if checksum.hexdigest() != expected_checksum:
             mapped.close()
             raise CorruptCheckpointError(

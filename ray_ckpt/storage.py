@@ -41,7 +41,7 @@ S3_PARTS_IN_FLIGHT = 4  # parts uploading at once: at most (1 + this) parts of m
 
 
 DIRECT_IO_MIN = 64 << 20  # local files expected at least this big are written with O_DIRECT
-DIRECT_IO_CHUNK = 16 << 20  # one write(); staging buffers are this big
+DIRECT_IO_CHUNK = 4 << 20  # one pwrite(); DIRECT_IO_IN_FLIGHT staging buffers this big per open file
 DIRECT_IO_IN_FLIGHT = 4  # writes running at once (the disk serves several streams faster than one)
 
 
