@@ -104,7 +104,11 @@ class IndexFollower:
                     self._changed.notify_all()
                 return
             try:
-                delta = self._fetch(self.poll_s)
+                self._apply(self._fetch(self.poll_s))
+            except ValueError as exc:  # a delta that does not fit the copy: start over from a full one
+                logger.warning("index follower: %s; fetching a full copy", exc)
+                with self._changed:
+                    self.replica.epoch = None
             except Exception as exc:  # the master restarting, or gone: callers fall back to it meanwhile
                 with self._changed:
                     self.connected = False
@@ -112,8 +116,6 @@ class IndexFollower:
                 if not isinstance(exc, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)):
                     logger.warning("index follower: %s: %s", type(exc).__name__, exc)
                 self._stop.wait(0.5)
-                continue
-            self._apply(delta)
 
     def read(
         self, query: Callable[[CheckpointIndex], T], at_least: tuple[str, int] | None = None, wait_s: float = 5.0
