@@ -66,6 +66,15 @@ def assert_trainer_state(step: int, loaded: Any) -> None:
 # ---------------------------------------------------------------------------------------------
 # Inspecting a local run directory.
 # ---------------------------------------------------------------------------------------------
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> None:
+    """Poll ``predicate`` every 50 ms; AssertionError naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
 def temp_files(run_dir: Path) -> list[str]:
     """Every temporary file or directory anywhere under a run (relative paths)."""
     return sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if TEMP_MARKER in p.name)

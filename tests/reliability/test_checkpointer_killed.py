@@ -21,7 +21,7 @@ import torch
 
 import ray_ckpt
 from ray_ckpt import CheckpointConfig, CheckpointStore, SaveAbortedError
-from tests.reliability.faults import MARKER, SHARD_LIMIT, assert_state, tensors_for
+from tests.reliability.faults import MARKER, SHARD_LIMIT, assert_state, tensors_for, wait_for
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -40,14 +40,6 @@ def hold_writes_to(checkpointer: Any, needle: str, gate_dir: str) -> None:
         return result
 
     storage.write_stream = write_stream
-
-
-def _wait_for(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def _pid(handle: Any) -> int:
@@ -90,7 +82,7 @@ def test_checkpointer_killed_mid_save_restarts_and_the_retry_commits(
     gate.mkdir()
     ray.get(handle.actor.__ray_call__.remote(hold_writes_to, held_at, str(gate)))
     pending = worker.save(3, tensors_for(3), metrics={"loss": 1.0 / 3})
-    _wait_for(lambda: (gate / "reached").exists(), 60, f"the save to reach {held_at}")
+    wait_for(lambda: (gate / "reached").exists(), 60, f"the save to reach {held_at}")
     step3 = tmp_path / "store" / run_name / "checkpoints" / "step_000000003"
     assert step3.exists() and not (step3 / MARKER).exists()  # really mid-save: files, no marker
 

@@ -15,7 +15,7 @@ import torch
 
 import ray_ckpt
 from ray_ckpt import CheckpointConfig, CheckpointStore, SaveAbortedError
-from tests.reliability.faults import MARKER, temp_files
+from tests.reliability.faults import MARKER, temp_files, wait_for
 
 pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.slow]
 
@@ -66,14 +66,6 @@ def survivor(ray_session: str) -> Any:
     return Rank.remote()
 
 
-def _wait_for(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 @pytest.mark.parametrize("write_mode", ["gather", "direct"])
 def test_worker_dies_before_reporting_step_aborts_and_next_step_commits(
     tmp_path: Path, run_name: str, write_mode: str, survivor: Any
@@ -100,7 +92,7 @@ def test_worker_dies_before_reporting_step_aborts_and_next_step_commits(
     started = time.monotonic()
     pending = ranks[0].save.remote(2)
     if write_mode == "direct":
-        _wait_for(gate.exists, 60, "rank 1 to write a shard")
+        wait_for(gate.exists, 60, "rank 1 to write a shard")
         assert (step2 / gate.read_text()).exists() and not (step2 / MARKER).exists()
         ray.kill(ranks[1])  # dies mid-write, before reporting
     with pytest.raises(SaveAbortedError, match=r"step 2: ranks \[1\] did not report within save_timeout_s"):
@@ -113,7 +105,7 @@ def test_worker_dies_before_reporting_step_aborts_and_next_step_commits(
     # Nothing visible; the partial step is removed (the abort's cleanup runs on the writer thread).
     assert [i.step for i in handle.list()] == [1]
     assert [i.step for i in CheckpointStore(config=config).list()] == [1]
-    _wait_for(lambda: not step2.exists(), 30, "the aborted step's directory to be removed")
+    wait_for(lambda: not step2.exists(), 30, "the aborted step's directory to be removed")
     assert temp_files(run_dir) == []
 
     # A replacement worker (as Ray Train would start) and the survivor commit the next step.
