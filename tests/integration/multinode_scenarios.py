@@ -442,7 +442,8 @@ def scenario_checkpointer_node_failure(storage: str) -> dict[str, Any]:
         connect([(r, i) for i, r in enumerate(ranks)], run, 2)
         for step in (1, 2, 3):
             ray.get([r.save.remote(step) for r in ranks], timeout=60)
-        ev = ray_ckpt.EvalClient(run, retry_s=90.0)  # in the driver, on the head node
+        # in the driver: no index follower, whose thread would race the cluster shutdown below (see eval.py)
+        ev = ray_ckpt.EvalClient(run, retry_s=90.0, follow_index=False)
         ray.get(evaluator.connect.remote(run), timeout=120)
         ev.report_eval(2, {"eval/score": 9.0})
         ev.report_eval(3, {"eval/score": 1.0})
