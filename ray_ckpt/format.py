@@ -12,6 +12,7 @@ import json
 import math
 import mmap
 import os
+import re
 import struct
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -23,6 +24,7 @@ import torch
 import xxhash
 
 from ray_ckpt.errors import CorruptCheckpointError
+from ray_ckpt.safejson import JsonObject, corrupt, parse_json
 
 # safetensors dtype names (the ones safetensors itself maps to torch).
 DTYPE_TO_TORCH: dict[str, torch.dtype] = {
@@ -51,6 +53,9 @@ DTYPE_SIZE: dict[str, int] = {k: torch.empty((), dtype=v).element_size() for k, 
 MAX_HEADER_SIZE = 100 * 1024 * 1024  # safetensors' own limit
 CHECKSUM_ALGORITHM = "xxh3_64"  # ~10+ GB/s on one core: far below disk time, unlike sha256
 INDEX_SUFFIX = ".index.json"
+MAX_DIM = 2**62  # a dimension beyond this cannot describe bytes on any disk
+RESERVED_KEY = "__metadata__"  # safetensors keeps the header's metadata under this name
+_PLAIN_FILE_RE = re.compile(r"[^/\\\x00]+")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,6 +181,10 @@ def flatten_state(state: Mapping[str, Any], *, what: str = "state_dict") -> Flat
     seen: dict[tuple[Any, ...], str] = {}
 
     def add_tensor(key: str, value: Any) -> None:
+        if key == RESERVED_KEY:
+            raise ValueError(
+                f"{what}: the key {RESERVED_KEY!r} is reserved by safetensors for the file's metadata; rename it"
+            )
         if isinstance(value, torch.Tensor):
             ident = _alias_id(value.detach())
             if ident is not None and ident in seen:
@@ -284,12 +293,67 @@ def unflatten_state(tensors: Mapping[str, torch.Tensor], structure: Any, aliases
         if tag == "__bytes__":
             return base64.b64decode(value)
         if tag == "__dtype__":
-            return getattr(torch, value)
+            dtype = getattr(torch, value, None)
+            if not isinstance(dtype, torch.dtype):  # never hand back another torch attribute
+                raise ValueError(f"structure: {value!r} is not a torch dtype")
+            return dtype
         if tag == "__device__":
             return torch.device(value)
         raise ValueError(f"unknown structure tag {tag!r}")
 
     return decode(structure)
+
+
+_KEY_TYPES = (str, int, float)  # dict keys a structure may hold (bool is an int)
+_SCALAR_KINDS = frozenset("biufc")  # numpy scalar kinds a structure may name (no object/void dtypes)
+
+
+def check_structure(structure: Any) -> None:
+    """Refuse a structure (read from storage) that :func:`unflatten_state` could not decode safely.
+
+    Raises ValueError naming the offending node; walks iteratively, so depth costs no recursion.
+    """
+    stack: list[tuple[Any, str]] = [(structure, "<root>")]
+    while stack:
+        node, path = stack.pop()
+        if node is None or isinstance(node, (bool, int, float, str)):
+            continue
+        if isinstance(node, list):
+            stack.extend((v, f"{path}[{i}]") for i, v in enumerate(node))
+            continue
+        if not isinstance(node, dict) or len(node) != 1:
+            raise ValueError(f"{path}: expected a JSON scalar, an array or a one-key tagged object")
+        ((tag, value),) = node.items()
+        ok = True
+        if tag == "__dict__":
+            ok = isinstance(value, list) and all(
+                isinstance(item, list) and len(item) == 2 and (item[0] is None or isinstance(item[0], _KEY_TYPES))
+                for item in value
+            )
+            if ok:
+                stack.extend((v, f"{path}.{k}") for k, v in value)
+        elif tag == "__tuple__":
+            ok = isinstance(value, list)
+            if ok:
+                stack.append((value, path))
+        elif tag in ("__tensor__", "__ndarray__", "__bytes__", "__device__"):
+            ok = isinstance(value, str)
+        elif tag == "__float__":
+            ok = value in ("nan", "inf", "-inf")
+        elif tag == "__dtype__":
+            ok = isinstance(value, str) and isinstance(getattr(torch, value, None), torch.dtype)
+        elif tag == "__npscalar__":
+            ok = isinstance(value, list) and len(value) == 2 and isinstance(value[0], str)
+            if ok:
+                try:
+                    ok = np.dtype(value[0]).kind in _SCALAR_KINDS
+                except (TypeError, ValueError):
+                    ok = False
+                stack.append((value[1], f"{path}.__npscalar__"))
+        else:
+            raise ValueError(f"{path}: unknown structure tag {tag!r}")
+        if not ok:
+            raise ValueError(f"{path}: malformed {tag} value {str(value)[:60]!r}")
 
 
 def structure_keys(structure: Any) -> Iterator[str]:
@@ -366,16 +430,14 @@ def hf_index_bytes(shards: list[ShardSpec], total_size: int) -> bytes:
 
 
 def parse_hf_index(data: bytes, *, name: str) -> dict[str, str]:
-    """The weight_map of an index file; CorruptCheckpointError naming the file if malformed."""
-    try:
-        index = json.loads(data)
-        weight_map = index["weight_map"]
-        if not isinstance(weight_map, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
-        ):
-            raise ValueError("weight_map must map tensor names to file names")
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CorruptCheckpointError(f"{name}: malformed index: {exc}", path=name) from exc
+    """The weight_map of an index file; CorruptCheckpointError naming the file if malformed.
+
+    Every file it names must be a plain file name beside the index (no directories, no ``..``).
+    """
+    weight_map = JsonObject.parse(data, name=name).dict("weight_map")
+    for key, fname in weight_map.items():
+        if not isinstance(fname, str) or not _PLAIN_FILE_RE.fullmatch(fname) or fname in (".", ".."):
+            raise corrupt(name, f"weight_map[{key!r}]: {fname!r} is not a file name beside the index")
     return weight_map
 
 
@@ -471,6 +533,12 @@ def safetensors_layout(
         offset += buf.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-(len(raw) + 8) % 8)
+    if len(raw) > MAX_HEADER_SIZE:
+        raise ValueError(
+            f"safetensors header of {len(keys)} tensors is {len(raw)} bytes, over safetensors' "
+            f"{MAX_HEADER_SIZE}-byte limit: no reader could open the file. Use a smaller max_shard_size "
+            "(more shards, fewer tensors each) or shorter tensor names"
+        )
     return struct.pack("<Q", len(raw)) + raw, order
 
 
@@ -502,48 +570,49 @@ class SafetensorsHeader:
 
 def read_safetensors_header(f: IO[bytes], *, name: str, file_size: int) -> SafetensorsHeader:
     """Read and validate a header: sizes, dtypes, shapes and offsets within the file."""
-
-    def corrupt(msg: str) -> CorruptCheckpointError:
-        return CorruptCheckpointError(f"{name}: {msg}", path=name)
-
     prefix = f.read(8)
     if len(prefix) < 8:
-        raise corrupt(f"truncated: {file_size} bytes is too short for a safetensors header")
+        raise corrupt(name, f"truncated: {file_size} bytes is too short for a safetensors header")
     (length,) = struct.unpack("<Q", prefix)
-    if length > MAX_HEADER_SIZE or 8 + length > file_size:
-        raise corrupt(f"header length {length} exceeds the file ({file_size} bytes)")
+    if length > MAX_HEADER_SIZE:
+        raise corrupt(name, f"header length {length} is over safetensors' {MAX_HEADER_SIZE}-byte limit")
+    if 8 + length > file_size:
+        raise corrupt(name, f"header length {length} exceeds the file ({file_size} bytes)")
     raw = f.read(length)
     if len(raw) != length:
-        raise corrupt("truncated header")
-    try:
-        header = json.loads(raw)
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-    except ValueError as exc:
-        raise corrupt(f"invalid header JSON: {exc}") from exc
-    metadata = header.pop("__metadata__", None) or {}
+        raise corrupt(name, "truncated header")
+    doc = JsonObject(parse_json(raw, name=name), name=name)
+    header = dict(doc.raw)
+    metadata = doc.dict(RESERVED_KEY, {})
+    if not all(isinstance(v, str) for v in metadata.values()):
+        raise corrupt(name, f"{RESERVED_KEY}: values must be strings")
+    header.pop(RESERVED_KEY, None)
     data_size = file_size - 8 - length
     spans = []
-    for key, entry in header.items():
-        try:
-            dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-            itemsize = DTYPE_SIZE[dtype]
-            numel = math.prod(int(s) for s in shape)
-            if any(int(s) < 0 for s in shape):
-                raise ValueError("negative dimension")
-        except (KeyError, TypeError, ValueError) as exc:
-            raise corrupt(f"tensor {key!r}: malformed header entry {entry!r} ({exc})") from exc
-        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end):
-            raise corrupt(f"tensor {key!r}: bad data_offsets {[begin, end]}")
+    for key, entry in doc.objects():
+        if key == RESERVED_KEY:
+            continue
+        dtype = entry.str("dtype")
+        if dtype not in DTYPE_SIZE:
+            raise entry.error("dtype", f"unknown dtype {dtype!r}")
+        shape = entry.list("shape")
+        if not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_DIM for d in shape):
+            raise entry.error("shape", f"expected non-negative integer dimensions, got {str(shape)[:60]}")
+        offsets = entry.list("data_offsets")
+        if len(offsets) != 2 or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets):
+            raise entry.error("data_offsets", f"expected [begin, end], got {str(offsets)[:60]}")
+        begin, end = offsets
+        if not 0 <= begin <= end:
+            raise corrupt(name, f"tensor {key!r}: bad data_offsets {[begin, end]}")
         if end > data_size:
-            raise corrupt(f"tensor {key!r}: data_offsets end {end} past the end of the data ({data_size} bytes)")
-        if end - begin != numel * itemsize:
-            raise corrupt(f"tensor {key!r}: {end - begin} bytes do not match shape {shape} of {dtype}")
+            raise corrupt(name, f"tensor {key!r}: data_offsets end {end} past the end of the data ({data_size} bytes)")
+        if end - begin != math.prod(shape) * DTYPE_SIZE[dtype]:
+            raise corrupt(name, f"tensor {key!r}: {end - begin} bytes do not match shape {shape} of {dtype}")
         spans.append((begin, end, key))
     spans.sort()
     for (_, prev_end, prev_key), (begin, _, key) in zip(spans, spans[1:], strict=False):
         if begin < prev_end:
-            raise corrupt(f"tensors {prev_key!r} and {key!r} overlap")
+            raise corrupt(name, f"tensors {prev_key!r} and {key!r} overlap")
     return SafetensorsHeader(header, metadata, 8 + length, prefix + raw)
 
 

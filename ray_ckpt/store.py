@@ -46,8 +46,10 @@ from ray_ckpt.format import (
     FileDigest,
     FlatState,
     HashingWriter,
+    SafetensorsHeader,
     ShardSpec,
     TensorBuffer,
+    check_structure,
     flatten_state,
     hf_index_bytes,
     index_file_name,
@@ -62,6 +64,7 @@ from ray_ckpt.format import (
     write_safetensors,
 )
 from ray_ckpt.index import CheckpointIndex, CheckpointInfo, rankable
+from ray_ckpt.safejson import MAX_STEP, JsonObject, parse_json
 from ray_ckpt.storage import Storage, is_temp_name
 
 if TYPE_CHECKING:
@@ -81,7 +84,14 @@ FORMAT_VERSION = 1
 # Shard files written at once on a local disk: concurrent write()+fsync streams keep this VM's disk
 # busier than one stream does (direct mode, where each rank writes its own shard, gets the same).
 SHARD_WRITERS = 2
+_LEASE_ID_RE = re.compile(r"[0-9A-Za-z_-]{1,64}")
 _STEP_RE = re.compile(r"^step_(\d{9,})$")
+MAX_WORLD_SIZE = 2**31 - 1
+MANIFEST_KINDS = frozenset({"state_dict", "files"})
+_MANIFEST_FIELDS = frozenset(
+    ("format_version", "step", "created", "kind", "metrics", "world_size")
+    + ("metadata", "model", "trainer_state", "files")
+)
 
 Selector = int | str
 
@@ -92,17 +102,25 @@ def step_dir(step: int) -> str:
 
 
 def parse_step_dir(name: str) -> int | None:
+    """The step of a ``step_<n>`` directory name; None for any other name or a step out of range."""
     match = _STEP_RE.match(name)
-    return int(match.group(1)) if match else None
+    if not match:
+        return None
+    step = int(match.group(1))
+    return step if step <= MAX_STEP else None
 
 
 def _validate_step(step: Any) -> int:
     if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
         raise ValueError(f"step: must be a non-negative integer, got {step!r}")
+    if step > MAX_STEP:
+        raise ValueError(f"step: must be below 2**63 (steps are int64 in the run index), got {step!r}")
     return int(step)
 
 
 def _validate_metrics(metrics: Mapping[str, Any] | None, *, what: str = "metrics") -> dict[str, float]:
+    """Metrics as plain floats: numpy/torch scalars converted; a value that is no number, or does
+    not fit a float (``10**400``), is refused naming the metric."""
     out: dict[str, float] = {}
     for key, value in (metrics or {}).items():
         if not isinstance(key, str):
@@ -111,8 +129,17 @@ def _validate_metrics(metrics: Mapping[str, Any] | None, *, what: str = "metrics
             value = value.item()
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"{what}: {key!r} must be a number, got {type(value).__name__} {value!r}")
-        out[key] = float(value)
+        try:
+            out[key] = float(value)
+        except OverflowError:
+            raise ValueError(f"{what}: {key!r} = {value} does not fit a float (64-bit)") from None
     return out
+
+
+def _validate_ttl(ttl_s: Any) -> float:
+    if isinstance(ttl_s, bool) or not isinstance(ttl_s, (int, float)) or not (math.isfinite(ttl_s) and ttl_s > 0):
+        raise ValueError(f"lease ttl_s: must be a finite number of seconds > 0, got {ttl_s!r}")
+    return float(ttl_s)
 
 
 _NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
@@ -126,16 +153,31 @@ def metrics_to_json(metrics: Mapping[str, float]) -> dict[str, float | str]:
     }
 
 
-def metrics_from_json(raw: Mapping[str, Any]) -> dict[str, float]:
-    """Inverse of :func:`metrics_to_json` (also reads bare NaN/Infinity written by older versions)."""
-    return {str(k): _NON_FINITE[v] if isinstance(v, str) and v in _NON_FINITE else float(v) for k, v in raw.items()}
+def metrics_from_json(raw: Any, *, name: str, where: str = "metrics") -> dict[str, float]:
+    """Inverse of :func:`metrics_to_json` (also reads bare NaN/Infinity written by older versions).
+
+    CorruptCheckpointError naming the file and the metric for anything but names -> numbers.
+    """
+    doc = JsonObject(raw, name=name, where=where)
+    out: dict[str, float] = {}
+    for key, value in doc.items():
+        if isinstance(value, str) and value in _NON_FINITE:
+            out[key] = _NON_FINITE[value]
+        else:
+            out[key] = doc.float(key, finite=False)
+    return out
+
+
+def read_metrics_file(data: bytes, *, name: str) -> dict[str, float]:
+    """A metrics sidecar (``eval_metrics.json``): one JSON object of names -> numbers."""
+    return metrics_from_json(parse_json(data, name=name), name=name, where="")
 
 
 def _file_name(name: Any) -> str:
-    """A file name from a marker's ``files``: relative, inside the step directory, portable."""
+    """A file name from a marker: relative, inside the step directory, portable."""
     parts = name.split("/") if isinstance(name, str) else []
     if not parts or any(p in ("", ".", "..") or "\\" in p or "\x00" in p for p in parts):
-        raise ValueError(f"files: {name!r} is not a relative path inside the step directory")
+        raise ValueError(f"{name!r} is not a relative path inside the step directory")
     return name
 
 
@@ -172,37 +214,60 @@ class Manifest:
 
     @classmethod
     def from_json_bytes(cls, data: bytes, *, name: str) -> Manifest:
-        try:
-            raw = json.loads(data)
-            if raw.get("format_version", 0) > FORMAT_VERSION:
-                raise ValueError(f"format_version {raw['format_version']} is newer than this ray-ckpt understands")
-            known = {
-                "format_version",
-                "step",
-                "created",
-                "kind",
-                "metrics",
-                "world_size",
-                "metadata",
-                "model",
-                "trainer_state",
-                "files",
-            }
-            files = {_file_name(k): FileDigest(int(v["size"]), str(v["checksum"])) for k, v in raw["files"].items()}
-            return cls(
-                step=int(raw["step"]),
-                created=float(raw["created"]),
-                metrics=metrics_from_json(raw.get("metrics") or {}),
-                world_size=int(raw.get("world_size", 1)),
-                metadata=dict(raw.get("metadata") or {}),
-                files=files,
-                model=dict(raw.get("model") or {}),
-                trainer_state=bool(raw.get("trainer_state")),
-                kind=str(raw.get("kind", "state_dict")),
-                extra={k: v for k, v in raw.items() if k not in known},
-            )
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise CorruptCheckpointError(f"{name}: malformed commit marker: {exc}", path=name) from exc
+        """Parse and check a marker: every field's type and range, every file name inside the step.
+
+        Raises CorruptCheckpointError naming the file and the field; nothing else.
+        """
+        doc = JsonObject.parse(data, name=name)
+        version = doc.int("format_version", 0, lo=0)
+        if version > FORMAT_VERSION:
+            raise doc.error("format_version", f"{version} is newer than this ray-ckpt understands")
+        files: dict[str, FileDigest] = {}
+        for fname, entry in doc.obj("files").objects():
+            try:
+                _file_name(fname)
+            except ValueError as exc:
+                raise doc.error("files", str(exc)) from None
+            files[fname] = FileDigest(entry.int("size", lo=0, hi=MAX_STEP), entry.str("checksum"))
+        kind = doc.str("kind", "state_dict")
+        if kind not in MANIFEST_KINDS:
+            raise doc.error("kind", f"{kind!r} is not one of {sorted(MANIFEST_KINDS)}")
+        return cls(
+            step=doc.int("step", lo=0, hi=MAX_STEP),
+            created=doc.float("created"),
+            metrics=metrics_from_json(doc.any("metrics") or {}, name=name),
+            world_size=doc.int("world_size", 1, lo=1, hi=MAX_WORLD_SIZE),
+            metadata=doc.dict("metadata", {}),
+            files=files,
+            model=_model_record(doc.obj("model", {}), files) if kind == "state_dict" else doc.dict("model", {}),
+            trainer_state=doc.bool("trainer_state", False),
+            kind=kind,
+            extra={k: v for k, v in doc.items() if k not in _MANIFEST_FIELDS},
+        )
+
+
+def _model_record(model: JsonObject, files: Mapping[str, FileDigest]) -> dict[str, Any]:
+    """The marker's ``model`` section, checked: its index a listed file, sizes and aliases typed."""
+    out = dict(model.raw)
+    if model.any("index") is not None:
+        index = model.str("index")
+        if index not in files:
+            raise model.error("index", f"{index!r} is not a file listed in the marker")
+        out["index"] = index
+    fmt = model.str("format", "safetensors")
+    if fmt not in ("safetensors", "pt"):
+        raise model.error("format", f"{fmt!r} is not 'safetensors' or 'pt'")
+    out["format"] = fmt
+    out["total_size"] = model.int("total_size", 0, lo=0, hi=MAX_STEP)
+    aliases = model.dict("aliases", {})
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()):
+        raise model.error("aliases", "expected an object of tensor names -> tensor names")
+    out["aliases"] = aliases
+    try:
+        check_structure(model.any("structure"))
+    except ValueError as exc:
+        raise model.error("structure", str(exc)) from None
+    return out
 
 
 class StepWriter:
@@ -444,9 +509,17 @@ class CheckpointStore:
         self._snapshot_loaded = False
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._pending: threading.BoundedSemaphore | None = None
+        self._warned: set[str] = set()  # damaged files already reported (one warning each)
 
     def __repr__(self) -> str:
         return f"CheckpointStore({self.storage.uri!r})"
+
+    def _ignore_damaged(self, exc: CorruptCheckpointError, what: str) -> None:
+        """Log one warning per damaged file that a reader skips, so the rest of the run goes on."""
+        key = exc.path or str(exc)
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.warning("run %s: %s; %s", self.run_name, exc, what)
 
     @property
     def run_name(self) -> str:
@@ -601,7 +674,7 @@ class CheckpointStore:
                 except (CheckpointNotFoundError, FileNotFoundError):
                     continue  # deleted between listing and reading
                 except CorruptCheckpointError as exc:
-                    logger.warning("ignoring step %d: %s", step, exc)
+                    self._ignore_damaged(exc, f"step {step} is skipped")
             self._refresh_eval_metrics(found)
             if stale and (len(self.index) or self.storage.exists(INDEX_SNAPSHOT)):
                 self._write_snapshot()
@@ -654,8 +727,11 @@ class CheckpointStore:
             if step not in steps or step not in self.index:
                 continue
             try:
-                metrics = metrics_from_json(json.loads(self.storage.read_bytes(path)))
-            except (FileNotFoundError, ValueError, TypeError):
+                metrics = read_metrics_file(self.storage.read_bytes(path), name=path)
+            except FileNotFoundError:
+                continue
+            except CorruptCheckpointError as exc:
+                self._ignore_damaged(exc, "its scores are ignored")
                 continue
             info = self.index.get(step)
             if info is not None and any(info.metrics.get(k) != v for k, v in metrics.items()):
@@ -675,11 +751,19 @@ class CheckpointStore:
 
     def _read_info(self, step: int) -> CheckpointInfo:
         info = self._info_from_manifest(self.read_manifest(step))
-        try:
-            info.metrics.update(metrics_from_json(json.loads(self.storage.read_bytes(f"{step_dir(step)}/{EVAL_FILE}"))))
-        except FileNotFoundError:
-            pass
+        info.metrics.update(self._read_eval_metrics(step))
         return info
+
+    def _read_eval_metrics(self, step: int) -> dict[str, float]:
+        """A step's eval_metrics.json ({} when absent; a damaged one is ignored with a warning)."""
+        path = f"{step_dir(step)}/{EVAL_FILE}"
+        try:
+            return read_metrics_file(self.storage.read_bytes(path), name=path)
+        except FileNotFoundError:
+            return {}
+        except CorruptCheckpointError as exc:
+            self._ignore_damaged(exc, "its scores are ignored")
+            return {}
 
     def _info_from_manifest(self, manifest: Manifest) -> CheckpointInfo:
         return CheckpointInfo(
@@ -752,8 +836,6 @@ class CheckpointStore:
         if manifest.kind != "state_dict":
             raise ValueError(f"step {step} holds trainer-written files (kind {manifest.kind!r}); use its path instead")
         verify = self.config.verify_on_load if verify is None else verify
-        if not manifest.model.get("index"):
-            raise CorruptCheckpointError(f"{step_dir(step)}/{MARKER_FILE}: no model index recorded")
         with self._unchanged(manifest):
             return self._load_state(manifest, keys, verify, mmap=mmap)
 
@@ -764,9 +846,7 @@ class CheckpointStore:
         step, model = manifest.step, manifest.model
         aliases: dict[str, str] = dict(model.get("aliases") or {})
         index_name = model["index"]
-        weight_map = parse_hf_index(
-            self._read_file(manifest, index_name, verify=verify), name=f"{step_dir(step)}/{index_name}"
-        )
+        weight_map = self._weight_map(manifest, verify=verify)
         keys = None if keys is None else list(keys)  # any iterable (a generator is read only once)
         wanted = None if keys is None else [aliases.get(k, k) for k in keys]
         if wanted is not None:
@@ -798,6 +878,77 @@ class CheckpointStore:
         if wanted is not None:
             return {k: tensors[aliases.get(k, k)] for k in keys}  # type: ignore[union-attr]
         return unflatten_state(tensors, model.get("structure"), aliases)
+
+    def _weight_map(self, manifest: Manifest, *, verify: bool) -> dict[str, str]:
+        """The model's index, checked against the marker (the checks load and verify share).
+
+        Every file the index names is a committed file of the step, and every tensor the state's
+        structure or its aliases refer to is indexed.
+        """
+        index_name = manifest.model.get("index")
+        directory = step_dir(manifest.step)
+        if not index_name:
+            raise CorruptCheckpointError(f"{directory}/{MARKER_FILE}: no model index recorded")
+        path = f"{directory}/{index_name}"
+        weight_map = parse_hf_index(self._read_file(manifest, index_name, verify=verify), name=path)
+        for fname in set(weight_map.values()):
+            self._file_path(manifest, fname)
+        _check_indexed(path, manifest.model.get("structure"), manifest.model.get("aliases") or {}, weight_map)
+        return weight_map
+
+    def tensor_headers(self, step: Selector = "latest") -> dict[str, SafetensorsHeader]:
+        """The validated safetensors header of every model shard of a step, by file name.
+
+        Only files the step's marker lists are opened, and each header must hold every tensor the
+        index maps to it (what ``ray-ckpt inspect`` shows and :meth:`verify` checks).
+        """
+        manifest = self.read_manifest(self.resolve(step))
+        if manifest.model.get("format", "safetensors") != "safetensors":
+            raise ValueError(f"step {manifest.step} is in {manifest.model.get('format')!r} format: no headers")
+        return self._check_shards(manifest, self._weight_map(manifest, verify=False))
+
+    def _check_shards(self, manifest: Manifest, weight_map: Mapping[str, str]) -> dict[str, SafetensorsHeader]:
+        """Each shard's header (or, for ``pt``, its weights-only contents) holds what the index lists."""
+        by_file: dict[str, list[str]] = {}
+        for key, fname in weight_map.items():
+            by_file.setdefault(fname, []).append(key)
+        headers: dict[str, SafetensorsHeader] = {}
+        fmt = manifest.model.get("format", "safetensors")
+        for fname, keys in sorted(by_file.items()):
+            path = self._file_path(manifest, fname)
+            if fmt == "safetensors":
+                headers[fname] = self._read_header(manifest, fname)
+                present: Iterable[str] = headers[fname].entries
+            else:
+                present = self._load_shard(manifest, fname, None, verify=False, fmt=fmt)
+            missing = [k for k in keys if k not in present]
+            if missing:
+                raise CorruptCheckpointError(
+                    f"{path}: missing tensors {missing[:5]} listed in {manifest.model.get('index')}", path=path
+                )
+        return headers
+
+    def _read_header(self, manifest: Manifest, name: str) -> SafetensorsHeader:
+        path = self._file_path(manifest, name)
+        try:
+            with self.storage.open_read(path) as f:
+                return read_safetensors_header(f, name=path, file_size=manifest.files[name].size)
+        except FileNotFoundError as exc:
+            raise self._missing(manifest.step, name) from exc
+
+    def _trainer_layout(self, manifest: Manifest, *, verify: bool) -> tuple[Any, dict[str, str]]:
+        """trainer_state.json's structure and aliases, checked (a damaged file names itself)."""
+        path = f"{step_dir(manifest.step)}/{TRAINER_JSON}"
+        doc = JsonObject.parse(self._read_file(manifest, TRAINER_JSON, verify=verify), name=path)
+        aliases = doc.dict("aliases", {})
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()):
+            raise doc.error("aliases", "expected an object of tensor names -> tensor names")
+        structure = doc.any("structure")
+        try:
+            check_structure(structure)
+        except ValueError as exc:
+            raise doc.error("structure", str(exc)) from None
+        return structure, aliases
 
     def _file_path(self, manifest: Manifest, name: str) -> str:
         if name not in manifest.files:
@@ -873,9 +1024,10 @@ class CheckpointStore:
             return None
         verify = self.config.verify_on_load
         with self._unchanged(manifest):
-            payload = json.loads(self._read_file(manifest, TRAINER_JSON, verify=verify))
+            structure, aliases = self._trainer_layout(manifest, verify=verify)
             tensors = self._load_shard(manifest, TRAINER_TENSORS, None, verify=verify)
-        return unflatten_state(tensors, payload.get("structure"), payload.get("aliases") or {})
+            _check_indexed(f"{step_dir(step)}/{TRAINER_TENSORS}", structure, aliases, tensors)
+        return unflatten_state(tensors, structure, aliases)
 
     @contextlib.contextmanager
     def _unchanged(self, manifest: Manifest) -> Iterator[None]:
@@ -906,9 +1058,12 @@ class CheckpointStore:
             )
 
     def verify(self, step: Selector = "latest") -> CheckpointInfo:
-        """Check every file of a checkpoint: present, committed size, checksum, valid headers.
+        """Check a checkpoint as strictly as :meth:`load` does, plus every file's checksum.
 
-        Raises CorruptCheckpointError naming the first bad file.
+        Every listed file present with its committed size and checksum; the model index, every
+        shard header (dtypes, shapes, offsets) and every tensor the index and the state's structure
+        name; the trainer state's structure against its tensors. Streams files (no whole-file
+        reads). Raises CorruptCheckpointError naming the first bad file.
         """
         step = self.resolve(step)
         manifest = self.read_manifest(step)
@@ -929,21 +1084,13 @@ class CheckpointStore:
                     f"{path}: checksum mismatch (expected {digest.checksum}, got {checksum.hexdigest()})", path=path
                 )
             if name.endswith(".safetensors"):
-                with self.storage.open_read(path) as f:
-                    read_safetensors_header(f, name=path, file_size=size)
+                self._read_header(manifest, name)
         if manifest.kind == "state_dict":
-            index_name = manifest.model.get("index")
-            if index_name:
-                weight_map = parse_hf_index(self._read_file(manifest, index_name, verify=False), name=index_name)
-                referenced = set(weight_map.values())
-                for fname in referenced:
-                    self._file_path(manifest, fname)
-            structure = manifest.model.get("structure")
-            if structure is not None and index_name:
-                aliases = manifest.model.get("aliases") or {}
-                for key in structure_keys(structure):
-                    if aliases.get(key, key) not in weight_map:
-                        raise CorruptCheckpointError(f"{index_name}: tensor {key!r} of the structure is not indexed")
+            self._check_shards(manifest, self._weight_map(manifest, verify=False))
+        if manifest.trainer_state:
+            structure, aliases = self._trainer_layout(manifest, verify=False)
+            header = self._read_header(manifest, TRAINER_TENSORS)
+            _check_indexed(f"{step_dir(step)}/{TRAINER_TENSORS}", structure, aliases, header.entries)
         return self._read_info(step)
 
     # -- deleting and retention ---------------------------------------------------------------
@@ -1083,44 +1230,51 @@ class CheckpointStore:
 
     def renew_lease(self, step: int, lease_id: str, ttl_s: float, holder: str = "") -> None:
         """Push a lease's expiry ``ttl_s`` seconds into the future."""
-        self._write_lease(step, lease_id, ttl_s, holder)
+        self._write_lease(_validate_step(step), lease_id, ttl_s, holder)
 
     def release_lease(self, step: int, lease_id: str) -> None:
-        self.storage.rm(f"{LEASES_DIR}/step_{step:09d}.{lease_id}.json", missing_ok=True)
+        self.storage.rm(_lease_path(step, lease_id), missing_ok=True)
 
     def _write_lease(self, step: int, lease_id: str, ttl_s: float, holder: str) -> None:
-        record = {"step": step, "lease_id": lease_id, "holder": holder, "expires": time.time() + float(ttl_s)}
-        self.storage.write_atomic(f"{LEASES_DIR}/step_{step:09d}.{lease_id}.json", json.dumps(record).encode())
+        path = _lease_path(step, lease_id)
+        expires = time.time() + _validate_ttl(ttl_s)
+        record = {"step": step, "lease_id": lease_id, "holder": str(holder), "expires": expires}
+        self.storage.write_atomic(path, json.dumps(record).encode())
+
+    def _lease_records(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Every readable lease record with its path; a damaged one is skipped with one warning."""
+        for name in self.storage.list_names(LEASES_DIR):
+            if is_temp_name(name) or not name.endswith(".json"):
+                continue
+            path = f"{LEASES_DIR}/{name}"
+            try:
+                doc = JsonObject.parse(self.storage.read_bytes(path), name=path)
+                record = {
+                    "step": doc.int("step", lo=0, hi=MAX_STEP),
+                    "lease_id": doc.str("lease_id", ""),
+                    "holder": doc.any("holder", ""),
+                    "expires": doc.float("expires"),
+                }
+            except FileNotFoundError:
+                continue
+            except CorruptCheckpointError as exc:
+                self._ignore_damaged(exc, "the lease is ignored")
+                continue
+            yield path, record
 
     def active_leases(self) -> list[dict[str, Any]]:
         """Lease records that have not expired."""
         now = time.time()
-        out = []
-        for name in self.storage.list_names(LEASES_DIR):
-            if is_temp_name(name) or not name.endswith(".json"):
-                continue
-            try:
-                record = json.loads(self.storage.read_bytes(f"{LEASES_DIR}/{name}"))
-            except (FileNotFoundError, ValueError):
-                continue
-            if float(record.get("expires", 0)) > now:
-                out.append(record)
-        return out
+        return [record for _, record in self._lease_records() if record["expires"] > now]
 
     def leased_steps(self) -> set[int]:
-        return {int(r["step"]) for r in self.active_leases()}
+        return {r["step"] for r in self.active_leases()}
 
     def expire_leases(self) -> int:
         """Delete expired lease records; returns how many."""
         now, removed = time.time(), 0
-        for name in self.storage.list_names(LEASES_DIR):
-            path = f"{LEASES_DIR}/{name}"
-            try:
-                record = json.loads(self.storage.read_bytes(path))
-                expired = float(record.get("expires", 0)) <= now
-            except (FileNotFoundError, ValueError):
-                continue
-            if expired:
+        for path, record in self._lease_records():
+            if record["expires"] <= now:
                 self.storage.rm(path, missing_ok=True)
                 removed += 1
         return removed
@@ -1133,10 +1287,7 @@ class CheckpointStore:
         with self._lock:
             self.read_manifest(step)
             path = f"{step_dir(step)}/{EVAL_FILE}"
-            try:
-                current = metrics_from_json(json.loads(self.storage.read_bytes(path)))
-            except FileNotFoundError:
-                current = {}
+            current = self._read_eval_metrics(step)  # a damaged sidecar is replaced by the scores given
             current.update(checked)
             self.storage.write_atomic(path, json.dumps(metrics_to_json(current), allow_nan=False).encode())
             self.refresh()
@@ -1147,7 +1298,12 @@ class CheckpointStore:
 
     # -- architecture -------------------------------------------------------------------------
     def write_architecture(self, model_or_class_path: Any, config: Any = None) -> Architecture:
-        """Write the run's model_architecture.json once; a later call must describe the same class."""
+        """Write the run's model_architecture.json once; a later call must describe the same class.
+
+        A live model or class (not a string) also trusts its module in this process, so that
+        ``instantiate`` allows it with ``allowed_architecture_prefixes=None`` (see
+        :mod:`ray_ckpt.architecture`).
+        """
         arch = Architecture.describe(model_or_class_path, config)
         try:
             existing = self.read_architecture()
@@ -1164,22 +1320,42 @@ class CheckpointStore:
         return arch
 
     def read_architecture(self) -> Architecture:
-        """The run's architecture; FileNotFoundError when none was written."""
+        """The run's architecture, validated but not imported; FileNotFoundError when none was written."""
         return Architecture.from_json_bytes(self.storage.read_bytes(ARCHITECTURE_FILE))
 
     def instantiate(self, step: Selector = "best", strict: bool = True) -> torch.nn.Module:
         """Build the model from model_architecture.json and load a checkpoint's weights into it.
 
         ``step="best"`` falls back to the latest checkpoint when the run ranks by no metric.
+        The class is checked against ``allowed_architecture_prefixes`` (None: the defaults plus
+        the modules trusted in this process) before any weights are read or anything is called.
         """
         arch = self.read_architecture()
-        arch.check_allowed(self.config.allowed_architecture_prefixes)
+        arch.resolve(self.config.allowed_architecture_prefixes)
         if step == "best" and self.best() is None:
             step = "latest"
         state = self.load(step)
         model = arch.build(self.config.allowed_architecture_prefixes)
         model.load_state_dict(state, strict=strict)
         return model
+
+
+def _lease_path(step: int, lease_id: str) -> str:
+    """A lease record's path; the id must be one :meth:`CheckpointStore.acquire_lease` made."""
+    if not isinstance(lease_id, str) or not _LEASE_ID_RE.fullmatch(lease_id):
+        raise ValueError(f"lease_id: expected an id acquire_lease returned, got {lease_id!r}")
+    return f"{LEASES_DIR}/step_{_validate_step(step):09d}.{lease_id}.json"
+
+
+def _check_indexed(path: str, structure: Any, aliases: Mapping[str, str], present: Iterable[str]) -> None:
+    """Every tensor a state's structure or aliases name is in ``present`` (CorruptCheckpointError)."""
+    have = set(present)
+    needed = set(aliases.values())
+    if structure is not None:
+        needed.update(aliases.get(k, k) for k in structure_keys(structure))
+    missing = sorted(needed - have)
+    if missing:
+        raise CorruptCheckpointError(f"{path}: tensors {missing[:5]} of the saved state are missing", path=path)
 
 
 def _check_digest(path: str, data: bytes, digest: FileDigest) -> None:
