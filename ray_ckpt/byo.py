@@ -37,6 +37,7 @@ import torch
 from ray_ckpt.errors import CorruptCheckpointError
 from ray_ckpt.format import Checksum, FileDigest
 from ray_ckpt.index import CheckpointInfo
+from ray_ckpt.safejson import JsonObject
 from ray_ckpt.storage import is_temp_name
 
 if TYPE_CHECKING:
@@ -338,4 +339,5 @@ def read_training_info(store: CheckpointStore, step: Selector = "latest") -> dic
     manifest = store.read_manifest(step)
     if TRAINING_INFO_FILE not in manifest.files:
         return None
-    return json.loads(store.storage.read_bytes(f"{step_dir(step)}/{TRAINING_INFO_FILE}"))
+    path = f"{step_dir(step)}/{TRAINING_INFO_FILE}"
+    return JsonObject.parse(store.storage.read_bytes(path), name=path).raw

@@ -30,7 +30,9 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 from ray_ckpt.config import CheckpointConfig
+from ray_ckpt.errors import CorruptCheckpointError
 from ray_ckpt.index import CheckpointInfo
+from ray_ckpt.safejson import parse_json
 from ray_ckpt.store import CheckpointStore
 from ray_ckpt.uri import normalize_storage_uri
 
@@ -168,9 +170,9 @@ def read_pointer(checkpoint: Any) -> dict[str, Any]:
     except FileNotFoundError as exc:
         raise ValueError(f"{name}: not a ray-ckpt pointer checkpoint (no {POINTER_FILE})") from exc
     try:
-        pointer = json.loads(raw)
-    except ValueError as exc:
-        raise ValueError(f"{name}/{POINTER_FILE}: invalid JSON: {exc}") from exc
+        pointer = parse_json(raw, name=f"{name}/{POINTER_FILE}")
+    except CorruptCheckpointError as exc:
+        raise ValueError(str(exc)) from exc
     if not isinstance(pointer, dict) or pointer.get("format") != POINTER_FORMAT:
         raise ValueError(f"{name}/{POINTER_FILE}: not a ray-ckpt pointer (format {pointer.get('format')!r})")
     if pointer.get("version", 0) > POINTER_VERSION:

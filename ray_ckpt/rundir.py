@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from ray_ckpt.byo import plain_config
-from ray_ckpt.errors import CheckpointNotFoundError
+from ray_ckpt.errors import CheckpointNotFoundError, CorruptCheckpointError
 from ray_ckpt.index import CheckpointInfo
+from ray_ckpt.safejson import JsonObject
 from ray_ckpt.storage import temp_name
 from ray_ckpt.store import MARKER_FILE, CheckpointStore, Selector, parse_step_dir, step_dir
 
@@ -86,7 +87,7 @@ class RunDir:
     def read_config(self) -> dict[str, Any] | None:
         """The run's config.json (None when none was written)."""
         try:
-            return json.loads(self.storage.read_bytes(CONFIG_FILE))
+            return JsonObject.parse(self.storage.read_bytes(CONFIG_FILE), name=CONFIG_FILE).raw
         except FileNotFoundError:
             return None
 
@@ -144,8 +145,8 @@ class RunDir:
             if self.storage.is_local:
                 target = os.readlink(self.storage.full_path(BEST_POINTER))
             else:
-                target = json.loads(self.storage.read_bytes(BEST_POINTER))["path"]
-        except (FileNotFoundError, KeyError, ValueError):
+                target = JsonObject.parse(self.storage.read_bytes(BEST_POINTER), name=BEST_POINTER).str("path")
+        except (FileNotFoundError, OSError, CorruptCheckpointError):
             return None
         step = parse_step_dir(target.rstrip("/").rsplit("/", 1)[-1])
         if step is None or not self.storage.exists(f"{step_dir(step)}/{MARKER_FILE}"):

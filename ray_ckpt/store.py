@@ -694,6 +694,8 @@ class CheckpointStore:
         try:
             data = self.storage.read_bytes(INDEX_SNAPSHOT)
             records = CheckpointIndex.records_from_parquet_bytes(data)
+            for record in records:
+                _check_record(record)
         except FileNotFoundError:
             return False
         except Exception as exc:  # a damaged snapshot is rebuilt from the markers
@@ -906,6 +908,10 @@ class CheckpointStore:
         if manifest.model.get("format", "safetensors") != "safetensors":
             raise ValueError(f"step {manifest.step} is in {manifest.model.get('format')!r} format: no headers")
         return self._check_shards(manifest, self._weight_map(manifest, verify=False))
+
+    def file_header(self, step: Selector, name: str) -> SafetensorsHeader:
+        """The validated header of one safetensors file the step's marker lists."""
+        return self._read_header(self.read_manifest(self.resolve(step)), name)
 
     def _check_shards(self, manifest: Manifest, weight_map: Mapping[str, str]) -> dict[str, SafetensorsHeader]:
         """Each shard's header (or, for ``pt``, its weights-only contents) holds what the index lists."""
@@ -1338,6 +1344,18 @@ class CheckpointStore:
         model = arch.build(self.config.allowed_architecture_prefixes)
         model.load_state_dict(state, strict=strict)
         return model
+
+
+def _check_record(record: CheckpointInfo) -> None:
+    """Refuse a snapshot record whose fields a reader could trip on (the snapshot is then rebuilt)."""
+    if not (isinstance(record.step, int) and 0 <= record.step <= MAX_STEP):
+        raise ValueError(f"step {record.step!r} out of range")
+    if not isinstance(record.metadata, dict) or not isinstance(record.metrics, dict):
+        raise ValueError(f"step {record.step}: metadata and metrics must be objects")
+    if not all(isinstance(k, str) and isinstance(v, float) for k, v in record.metrics.items()):
+        raise ValueError(f"step {record.step}: metrics must map names to numbers")
+    if record.world_size < 1 or record.total_size < 0 or record.files_size < 0:
+        raise ValueError(f"step {record.step}: negative sizes or world size")
 
 
 def _lease_path(step: int, lease_id: str) -> str:

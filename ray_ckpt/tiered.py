@@ -31,7 +31,7 @@ from ray_ckpt.config import CheckpointConfig
 from ray_ckpt.errors import CheckpointNotFoundError, CorruptCheckpointError, RayCkptError
 from ray_ckpt.format import Checksum, FileDigest
 from ray_ckpt.index import CheckpointIndex, CheckpointInfo
-from ray_ckpt.store import EVAL_FILE, MARKER_FILE, CheckpointStore, Selector, StepWriter, step_dir
+from ray_ckpt.store import MARKER_FILE, CheckpointStore, Selector, StepWriter, step_dir
 
 logger = logging.getLogger(__name__)
 
@@ -313,11 +313,9 @@ class TieredCheckpointStore:
 
     def _copy_eval_metrics(self, step: int) -> None:
         assert self.remote is not None
-        try:
-            metrics = json.loads(self.local.storage.read_bytes(f"{step_dir(step)}/{EVAL_FILE}"))
-        except FileNotFoundError:
-            return
-        self.remote.report_eval(step, metrics)
+        metrics = self.local._read_eval_metrics(step)
+        if metrics:
+            self.remote.report_eval(step, metrics)
 
     def _uploaded_marker(self, step: int) -> bool:
         return self.local.storage.exists(f"{step_dir(step)}/{UPLOADED_FILE}")

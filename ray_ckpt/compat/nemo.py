@@ -18,7 +18,6 @@ RL, ranking uses the numeric entries of ``training_info`` (``metric_name`` looke
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Mapping
@@ -29,6 +28,7 @@ from ray_ckpt.byo import TRAINING_INFO_FILE, PendingCheckpoint, read_training_in
 from ray_ckpt.config import CheckpointConfig
 from ray_ckpt.errors import CheckpointNotFoundError
 from ray_ckpt.index import CheckpointInfo
+from ray_ckpt.safejson import JsonObject
 from ray_ckpt.store import CheckpointStore, parse_step_dir, step_dir
 
 logger = logging.getLogger(__name__)
@@ -197,8 +197,8 @@ class NeMoCheckpointManager:
                 return read_training_info(self.store, step)
             except CheckpointNotFoundError:
                 pass
-        with open(Path(text) / TRAINING_INFO_FILE) as f:  # a directory outside this run
-            return json.load(f)
+        path = Path(text) / TRAINING_INFO_FILE  # a directory outside this run
+        return JsonObject.parse(path.read_bytes(), name=str(path)).raw
 
     def close(self) -> None:
         """Abort checkpoints begun but never finalized; finish background uploads."""
