@@ -17,6 +17,7 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,6 +101,25 @@ class RankReport:
     trainer_ref: list[ray.ObjectRef] | None = None
     # Direct mode: files this rank wrote into the step directory.
     files: dict[str, FileDigest] | None = None
+
+
+@dataclass(frozen=True)
+class DirectPlan:
+    """Direct mode: the shards one rank writes and the directory they go into.
+
+    The directory is the step's own, or a staging directory when the save replaces a committed
+    step (``overwrite=True``: the old version stays readable until the new one is swapped in).
+    Iterating yields the shards.
+    """
+
+    directory: str
+    shards: tuple[ShardSpec, ...]
+
+    def __iter__(self) -> Iterator[ShardSpec]:
+        return iter(self.shards)
+
+    def __len__(self) -> int:
+        return len(self.shards)
 
 
 @dataclass
@@ -261,7 +281,7 @@ class Checkpointer:
 
     async def plan_direct(
         self, step: int, rank: int, world_size: int, state: RankState, overwrite: bool = False
-    ) -> list[ShardSpec]:
+    ) -> DirectPlan:
         """Direct mode, phase 1: wait for every rank's tensor list; return this rank's shards."""
         pending = await self._join(step, rank, world_size, "direct", overwrite)
         if rank in pending.planned:
@@ -282,8 +302,9 @@ class Checkpointer:
         if pending.done.done() and pending.done.exception() is not None:
             raise pending.done.exception()  # type: ignore[misc]
         assert pending.plan is not None and pending.owners is not None
-        mine = [s for s in pending.plan if s.keys and pending.owners[s.keys[0]] == rank]
-        return mine
+        assert pending.writer is not None
+        mine = tuple(s for s in pending.plan if s.keys and pending.owners[s.keys[0]] == rank)
+        return DirectPlan(pending.writer.dir, mine)
 
     async def report_direct(self, step: int, report: RankReport) -> dict[str, Any]:
         """Direct mode, phase 2: a rank's files are written; commit once every rank is in."""
@@ -392,7 +413,7 @@ class Checkpointer:
         writer = pending.writer
         if writer is not None:
             self._writer.submit(writer.abort)
-        elif pending.mode == "direct":
+        elif pending.mode == "direct" and pending.step not in self.store.index:  # never a committed step
             self._writer.submit(self.store.storage.rm, step_dir(pending.step), recursive=True, missing_ok=True)
         self._release(pending)
 

@@ -71,6 +71,14 @@ class CheckpointConfig:
     # Big shards on a local disk are written with O_DIRECT (faster durable saves; the files are
     # then not in the page cache). False writes through the page cache.
     direct_io: bool = True
+    # A writer's first save removes step directories without a marker (a crashed save's
+    # leftovers) once nothing in them changed for this long; younger ones may be a save in flight.
+    leftover_grace_s: float = 3600.0
+    # Which modules model_architecture.json may name (the file is data, never a code path; rules
+    # in ray_ckpt.architecture). None: torch.nn, transformers and the modules of live classes
+    # this process described (write_architecture/register of a model or class, not a string).
+    # A list: exactly those prefixes, matched on whole dotted components (an explicit opt-in).
+    # The class must be a torch.nn.Module subclass; it is checked before anything is called.
     allowed_architecture_prefixes: list[str] | None = None
     storage_options: dict[str, Any] = field(default_factory=dict)
     # Orchestration (the checkpointer actor); ignored by the plain store.
@@ -109,6 +117,9 @@ class CheckpointConfig:
             )
         if self.write_mode not in ("gather", "direct"):
             raise ConfigError(f"write_mode: must be 'gather' or 'direct', got {self.write_mode!r}")
+        grace = self.leftover_grace_s
+        if isinstance(grace, bool) or not isinstance(grace, (int, float)) or not 0 <= grace < math.inf:
+            raise ConfigError(f"leftover_grace_s: must be a finite number of seconds >= 0, got {grace!r}")
         for name in ("save_timeout_s", "lease_ttl_s"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:

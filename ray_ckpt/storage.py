@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import ctypes
 import errno
 import logging
 import os
@@ -287,6 +288,24 @@ def is_temp_name(name: str) -> bool:
     return name.startswith(".") and TEMP_MARKER in name
 
 
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def _rename_exchange(a: str, b: str) -> bool:
+    """``renameat2(a, b, RENAME_EXCHANGE)``; False where the C library or the filesystem lacks it."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), a)
+
+
 class Storage:
     """A root URI plus the fsspec filesystem that serves it.
 
@@ -539,6 +558,27 @@ class Storage:
             "move", src, lambda: self.fs.mv(self.full_path(src), self.full_path(dst), recursive=True)
         )
         self._invalidate(src)
+        self._invalidate(dst)
+
+    def exchange(self, a: str, b: str) -> bool:
+        """Swap two local paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``).
+
+        What lets a committed step directory be replaced with no moment at which neither version
+        is in place. False where the platform or filesystem cannot (the caller falls back), and
+        always on object stores, which have no directories to swap.
+        """
+        if not self.is_local:
+            return False
+        full_a, full_b = self.full_path(a), self.full_path(b)
+        swapped = self._call("exchange", a, lambda: _rename_exchange(full_a, full_b))
+        if swapped:
+            self._invalidate(a)
+            self._invalidate(b)
+        return swapped
+
+    def copy(self, src: str, dst: str) -> None:
+        """Copy one file (server-side on object stores: no bytes pass through this process)."""
+        self._call("copy", src, lambda: self.fs.copy(self.full_path(src), self.full_path(dst)))
         self._invalidate(dst)
 
 

@@ -86,6 +86,7 @@ FORMAT_VERSION = 1
 SHARD_WRITERS = 2
 _LEASE_ID_RE = re.compile(r"[0-9A-Za-z_-]{1,64}")
 _STEP_RE = re.compile(r"^step_(\d{9,})$")
+_REPLACE_RE = re.compile(r"^\.step_(\d{9,})\.(replace|old)-([0-9a-f]{12})$")  # see staging_dir
 MAX_WORLD_SIZE = 2**31 - 1
 MANIFEST_KINDS = frozenset({"state_dict", "files"})
 _MANIFEST_FIELDS = frozenset(
@@ -99,6 +100,16 @@ Selector = int | str
 def step_dir(step: int) -> str:
     """Root-relative directory of a step."""
     return f"{CHECKPOINTS_DIR}/step_{step:09d}"
+
+
+def staging_dir(step: int, replace_id: str) -> str:
+    """Where a save that replaces committed ``step`` (overwrite=True) writes until it is swapped in."""
+    return f"{CHECKPOINTS_DIR}/.step_{step:09d}.replace-{replace_id}"
+
+
+def _retired_dir(step: int, replace_id: str) -> str:
+    """Where the old version of a replaced step waits for deletion when no atomic swap exists."""
+    return f"{CHECKPOINTS_DIR}/.step_{step:09d}.old-{replace_id}"
 
 
 def parse_step_dir(name: str) -> int | None:
@@ -279,12 +290,14 @@ class StepWriter:
     def __init__(self, store: CheckpointStore, step: int, *, overwrite: bool = False) -> None:
         self.store = store
         self.step = step
-        self.dir = step_dir(step)
         self.files: dict[str, FileDigest] = {}
         self.model: dict[str, Any] = {}
         self.trainer_state = False
         self.committed = False
-        store._prepare_step(step, overwrite=overwrite)
+        # Where the files go: the step's own directory, or, when this replaces a committed step
+        # (overwrite=True), a staging directory swapped in only once it is committed.
+        self.replace_id: str | None = store._prepare_step(step, overwrite=overwrite)
+        self.dir = step_dir(step) if self.replace_id is None else staging_dir(step, self.replace_id)
 
     # -- model shards -------------------------------------------------------------------------
     def plan(self, groups: Iterable[Iterable[tuple[str, int]]]) -> list[ShardSpec]:
@@ -398,7 +411,11 @@ class StepWriter:
             model=self.model,
             trainer_state=self.trainer_state,
             kind=kind,
-            extra={"policy": self.store.policy(), **dict(extra or {})},
+            extra={
+                "policy": self.store.policy(),
+                **({"replace_id": self.replace_id} if self.replace_id else {}),
+                **dict(extra or {}),
+            },
         )
         try:
             json.dumps(manifest.metadata)
@@ -406,6 +423,11 @@ class StepWriter:
             raise TypeError(f"metadata: not JSON serialisable: {exc}") from exc
         storage.write_atomic(f"{self.dir}/{MARKER_FILE}", manifest.to_json_bytes())
         storage.fsync_dir(CHECKPOINTS_DIR)
+        if self.replace_id is not None:
+            # The new version is complete and committed under its staging name: swap it in.
+            # Any crash from here on leaves the old or the new version (see swap_in_replacement).
+            swap_in_replacement(storage, self.step, self.replace_id)
+            self.dir = step_dir(self.step)
         self.committed = True
         info = self.store._info_from_manifest(manifest)
         self.store._on_commit(info)
@@ -425,6 +447,39 @@ class StepWriter:
                 self.abort()
             except OSError as exc:  # e.g. the endpoint is down: keep the save's own error, gc() cleans up later
                 logger.warning("could not remove the aborted %s (gc() will): %s", self.dir, exc)
+
+
+def swap_in_replacement(storage: Storage, step: int, replace_id: str) -> None:
+    """Put the committed staging copy of ``step`` in place of the committed old one.
+
+    A crash at any point leaves the old or the new version at the step's path, or the new one
+    committed under its staging name, which the next writer start (``gc``) swaps in:
+    - local disk: one atomic ``renameat2(RENAME_EXCHANGE)`` of the two directories; where that
+      is missing, the old directory is renamed aside, then the new one into place;
+    - object store (no renames): the old marker goes first (the step turns invisible), then the
+      old objects; the new ones are copied in server-side and the marker is copied last.
+    """
+    staged, target = staging_dir(step, replace_id), step_dir(step)
+    if storage.is_local:
+        if storage.exchange(staged, target):
+            storage.fsync_dir(CHECKPOINTS_DIR)
+            storage.rm(staged, recursive=True, missing_ok=True)  # the old version, now under that name
+            return
+        old = _retired_dir(step, replace_id)
+        if storage.exists(target):
+            storage.move(target, old)
+        storage.move(staged, target)
+        storage.fsync_dir(CHECKPOINTS_DIR)
+        storage.rm(old, recursive=True, missing_ok=True)
+        return
+    marker = f"{staged}/{MARKER_FILE}"
+    manifest = Manifest.from_json_bytes(storage.read_bytes(marker), name=marker)
+    storage.rm(f"{target}/{MARKER_FILE}", missing_ok=True)
+    storage.rm(target, recursive=True, missing_ok=True)
+    for name in sorted(manifest.files):
+        storage.copy(f"{staged}/{name}", f"{target}/{name}")
+    storage.copy(marker, f"{target}/{MARKER_FILE}")
+    storage.rm(staged, recursive=True, missing_ok=True)
 
 
 def write_small_file(storage: Storage, directory: str, name: str, data: bytes) -> FileDigest:
@@ -510,6 +565,7 @@ class CheckpointStore:
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._pending: threading.BoundedSemaphore | None = None
         self._warned: set[str] = set()  # damaged files already reported (one warning each)
+        self._writer_started = False  # the first save collects a crashed writer's leftovers
 
     def __repr__(self) -> str:
         return f"CheckpointStore({self.storage.uri!r})"
@@ -634,23 +690,32 @@ class CheckpointStore:
 
         return PendingCheckpoint(self, step, training_info=training_info, run_config=run_config, **kwargs)
 
-    def _prepare_step(self, step: int, *, overwrite: bool) -> None:
+    def _prepare_step(self, step: int, *, overwrite: bool) -> str | None:
+        """Check a new step may be written and make its directory; the replace id when it replaces
+        a committed step (written in a staging directory; the old one stays until the swap)."""
         self.refresh()
-        if step in self.index:
-            if not overwrite:
+        if not self._writer_started:
+            self._writer_started = True
+            self.gc(older_than_s=self.config.leftover_grace_s)  # a crashed earlier writer's leftovers
+        latest = self.index.latest()
+        if not overwrite:
+            if step in self.index:
                 raise CheckpointExistsError(
                     f"step {step} of run {self.run_name!r} is already committed; pass overwrite=True"
                 )
-            self.delete(step)
-        latest = self.index.latest()
-        if latest is not None and step < latest.step and not overwrite:
-            raise CheckpointExistsError(
-                f"step {step} is older than the latest committed step {latest.step} of run {self.run_name!r}; "
-                "pass overwrite=True to save it anyway"
-            )
+            if latest is not None and step < latest.step:
+                raise CheckpointExistsError(
+                    f"step {step} is older than the latest committed step {latest.step} of run {self.run_name!r}; "
+                    "pass overwrite=True to save it anyway"
+                )
+        if step in self.index:
+            replace_id = uuid.uuid4().hex[:12]
+            self.storage.makedirs(staging_dir(step, replace_id))
+            return replace_id
         directory = step_dir(step)
         self.storage.rm(directory, recursive=True, missing_ok=True)  # leftovers of a crashed save
         self.storage.makedirs(directory)
+        return None
 
     def _on_commit(self, info: CheckpointInfo) -> None:
         with self._lock:
@@ -1176,7 +1241,13 @@ class CheckpointStore:
         """
         removed: list[str] = []
         now = time.time()
-        for name in self.storage.list_names(CHECKPOINTS_DIR):
+        names = self.storage.list_names(CHECKPOINTS_DIR)
+        # Replacements first ("replace" sorts before "old"): a finished one may restore a step.
+        for name in sorted((n for n in names if _REPLACE_RE.match(n)), key=lambda n: n.split(".")[2]):
+            removed += self._recover_replacement(name, now, older_than_s, dry_run)
+        for name in names:
+            if _REPLACE_RE.match(name):
+                continue
             path = f"{CHECKPOINTS_DIR}/{name}"
             step = parse_step_dir(name)
             if step is not None and self.storage.exists(f"{path}/{MARKER_FILE}"):
@@ -1196,6 +1267,40 @@ class CheckpointStore:
         if removed:
             logger.info("gc %s %s", "would remove" if dry_run else "removed", removed)
         return removed
+
+    def _recover_replacement(self, name: str, now: float, older_than_s: float, dry_run: bool) -> list[str]:
+        """Finish or drop what an interrupted ``overwrite=True`` save left; the paths removed.
+
+        A staging copy committed for this very replacement is swapped in (the save had
+        committed it; only the swap was cut short); the old version left aside is removed once
+        the step's path holds a committed version again, or moved back if it does not.
+        """
+        match = _REPLACE_RE.match(name)
+        assert match is not None
+        step, kind, replace_id = int(match.group(1)), match.group(2), match.group(3)
+        path = f"{CHECKPOINTS_DIR}/{name}"
+        if older_than_s and self._age(path, now) < older_than_s:
+            return []  # a writer may be in the middle of it
+        marker = f"{path}/{MARKER_FILE}"
+        try:
+            manifest: Manifest | None = Manifest.from_json_bytes(self.storage.read_bytes(marker), name=marker)
+        except (FileNotFoundError, CorruptCheckpointError):
+            manifest = None
+        target_committed = self.storage.exists(f"{step_dir(step)}/{MARKER_FILE}")
+        if kind == "replace" and manifest is not None and manifest.extra.get("replace_id") == replace_id:
+            if not dry_run:
+                swap_in_replacement(self.storage, step, replace_id)
+                logger.warning("run %s: finished the interrupted replacement of step %d", self.run_name, step)
+            return [path]
+        if kind == "old" and manifest is not None and not target_committed:
+            if not dry_run:
+                self.storage.rm(step_dir(step), recursive=True, missing_ok=True)
+                self.storage.move(path, step_dir(step))
+                logger.warning("run %s: restored step %d from an interrupted replacement", self.run_name, step)
+            return [path]
+        if not dry_run:
+            self.storage.rm(path, recursive=True, missing_ok=True)
+        return [path]
 
     def _age(self, path: str, now: float) -> float:
         """Seconds since anything under ``path`` last changed (inf when unknown).

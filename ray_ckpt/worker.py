@@ -31,7 +31,6 @@ from ray_ckpt.index import CheckpointInfo
 from ray_ckpt.store import (
     CheckpointStore,
     _validate_metrics,
-    step_dir,
     write_shard_file,
     write_trainer_state_files,
 )
@@ -263,11 +262,11 @@ class WorkerClient:
         actor = self.handle.actor
         if self.world_size > 1:  # of the snapshot when not blocking: the loop does not wait for them
             _set_digests(report.model, _digests(flat))
-        shards = _get(actor.plan_direct.remote(step, self.rank, self.world_size, report.model, overwrite), step)
+        plan = _get(actor.plan_direct.remote(step, self.rank, self.world_size, report.model, overwrite), step)
         try:
             if self._storage is None:
                 self._storage = CheckpointStore(config=self.config).storage
-            directory = step_dir(step)
+            directory, shards = plan.directory, plan.shards
             files = {
                 s.name: write_shard_file(
                     self._storage,
