@@ -46,7 +46,12 @@ class CheckpointArtifact:
     _model: torch.nn.Module | None = field(default=None, repr=False)
 
     def instantiate(self, strict: bool = True) -> torch.nn.Module:
-        """Build the model from ``architecture`` and load ``state_dict`` into it (cached)."""
+        """Build the model from ``architecture`` and load ``state_dict`` into it (cached).
+
+        The class is checked against ``allowed_architecture_prefixes`` (None: the defaults plus
+        the modules trusted in this process; see :mod:`ray_ckpt.architecture`) before anything
+        is called.
+        """
         if self._model is not None:
             return self._model
         if self.architecture is None:
@@ -130,6 +135,9 @@ def load_from_uri(
 
     ``metric``/``mode`` rank ``:best`` when the run recorded no ranking of its own. Pickled
     legacy files load only with ``trust_pickle=True`` (unpickling runs arbitrary code).
+    A configured ``allowed_architecture_prefixes`` list refuses an architecture outside it here,
+    before the weights are read; with None (the defaults plus the modules trusted in this
+    process) the weights stay loadable and ``instantiate()`` refuses.
     """
     from ray_ckpt import legacy
 
@@ -163,7 +171,7 @@ def load_from_uri(
         architecture: Architecture | None = store.read_architecture()
     except FileNotFoundError:
         architecture = None
-    if architecture is not None:
+    if architecture is not None and store.config.allowed_architecture_prefixes is not None:
         architecture.check_allowed(store.config.allowed_architecture_prefixes)
     return CheckpointArtifact(
         state_dict=store.load(step),
@@ -182,11 +190,10 @@ def load_from_uri(
 def _mock_artifact(parsed: ParsedURI) -> CheckpointArtifact:
     from ray_ckpt.mock_models import MOCK_CONFIG, TinyPolicy, mock_state_dict
 
-    klass = f"{TinyPolicy.__module__}.{TinyPolicy.__qualname__}"
     step = parsed.step if parsed.step is not None else 0
     return CheckpointArtifact(
         state_dict=mock_state_dict(parsed.run_name),
-        architecture=Architecture(klass, dict(MOCK_CONFIG)),
+        architecture=Architecture.describe(TinyPolicy, dict(MOCK_CONFIG)),  # our own class: trusted
         metrics={},
         step=step,
         run_name=parsed.run_name,

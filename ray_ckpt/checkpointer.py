@@ -265,9 +265,23 @@ class Checkpointer:
         return True
 
     async def register(self, model_or_class_path: Any, config: Any = None) -> dict[str, Any]:
-        """Write model_architecture.json once per run (the master's job)."""
+        """Write model_architecture.json once per run (the master's job).
+
+        A live model or class trusts its module here (see :mod:`ray_ckpt.architecture`). With
+        ``allowed_architecture_prefixes=None`` the config this actor serves (``get_config``, which
+        eval clients build their store from) then allows the defaults plus that module, so eval
+        clients in other processes can build the registered class; a configured list is served
+        unchanged. Only this actor's lifetime remembers it: after a restart, register again or
+        configure the prefixes.
+        """
+        from ray_ckpt.architecture import served_prefixes
+
         loop = asyncio.get_running_loop()
         arch = await loop.run_in_executor(self._meta, self.store.write_architecture, model_or_class_path, config)
+        served = served_prefixes(self.config.allowed_architecture_prefixes, arch)
+        if served is not None and served != self.config.allowed_architecture_prefixes:
+            logger.info("run %s: serving allowed_architecture_prefixes %s", self.config.run_name, served)
+            self.config = self.config.replace(allowed_architecture_prefixes=served)
         return {"class_path": arch.class_path, "config": arch.config, "config_class": arch.config_class}
 
     # -- saving -------------------------------------------------------------------------------
@@ -675,8 +689,13 @@ class CheckpointerHandle:
         return self._config
 
     def register(self, model_or_class_path: Any, config: Any = None) -> dict[str, Any]:
-        """Record the run's model_architecture.json (once per run)."""
-        return ray.get(self.actor.register.remote(model_or_class_path, config))
+        """Record the run's model_architecture.json (once per run).
+
+        The cached config is dropped: the actor may now serve a wider architecture allow-list.
+        """
+        recorded = ray.get(self.actor.register.remote(model_or_class_path, config))
+        self._config = None
+        return recorded
 
     def top_k(self, k: int, metric: str | None = None, mode: str | None = None) -> list[CheckpointInfo]:
         return ray.get(self.actor.top_k.remote(k, metric, mode))

@@ -525,6 +525,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         trust_pickle=args.trust_pickle,
         storage_options=_storage_options(args),
         on_item=on_item,
+        allowed_architecture_prefixes=_allowed_architectures(args),
     )
     if as_json:
         print(json.dumps({"ok": report.ok, "items": [i.to_dict() for i in report.items]}, indent=2))
@@ -532,6 +533,18 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         counts = ", ".join(f"{n} {action}" for action, n in sorted(report.counts().items())) or "no legacy files"
         print(f"{'dry run: ' if args.dry_run else ''}{counts}")
     return EXIT_OK if report.ok else EXIT_ERROR
+
+
+def _allowed_architectures(args: argparse.Namespace) -> list[str] | None:
+    """``--allow-architecture`` prefixes: None (the defaults: torch.nn, transformers) when none given."""
+    prefixes = getattr(args, "allow_architecture", None)
+    if prefixes is None:
+        return None
+    if not all(p.strip(". ") for p in prefixes):
+        raise ConfigError(f"--allow-architecture: expected a module prefix such as mypkg.models, got {prefixes}")
+    from ray_ckpt.architecture import DEFAULT_ARCHITECTURE_PREFIXES
+
+    return [*DEFAULT_ARCHITECTURE_PREFIXES, *prefixes]
 
 
 def _xy(points: list[tuple[int, float]]) -> tuple[list[int], list[float]]:
@@ -659,6 +672,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="report what would happen; write nothing")
     p.add_argument("--replace", action="store_true", help="replace steps that were already migrated")
     p.add_argument("--trust-pickle", action="store_true", help="allow unpickling whole-model .pt files")
+    p.add_argument(
+        "--allow-architecture",
+        action="append",
+        metavar="PREFIX",
+        help="also allow model classes under this module prefix (repeatable) to be rebuilt and recorded in "
+        "model_architecture.json; default: torch.nn and transformers only",
+    )
     p.set_defaults(func=cmd_migrate)
 
     p = sub.add_parser("plot", parents=[common], help="a metric against step, kept and best checkpoints marked")

@@ -280,10 +280,29 @@ class EvalClient:
         return self.store.load(self._resolve(step), keys, mmap=mmap)
 
     def load_model(self, step: Selector = "best", strict: bool = True) -> torch.nn.Module:
-        """Build the run's model from model_architecture.json with a checkpoint's weights."""
+        """Build the run's model from model_architecture.json with a checkpoint's weights.
+
+        Through :meth:`CheckpointStore.instantiate`, under the rules of
+        :mod:`ray_ckpt.architecture`. With ``allowed_architecture_prefixes=None`` the allow-list
+        is asked of the checkpointer again first: a ``register`` of a live class after this
+        client started makes the master serve the defaults plus that class's module.
+        """
         if step == "best" and self.best() is None:
             step = "latest"
+        if self.store.config.allowed_architecture_prefixes is None:
+            self._adopt_served_architectures()
         return self.store.instantiate(self._resolve(step), strict=strict)
+
+    def _adopt_served_architectures(self) -> None:
+        """Take the architecture allow-list the checkpointer serves now (kept as is if unreachable)."""
+        try:
+            served = ray.get(self.handle.actor.get_config.remote(), timeout=10).allowed_architecture_prefixes
+        except Exception as exc:  # the master restarting: the allow-list stays the defaults
+            logger.info("architecture allow-list not refreshed (%s)", type(exc).__name__)
+            return
+        if served is not None:
+            self.config = self.config.replace(allowed_architecture_prefixes=served)
+            self.store.config = self.store.config.replace(allowed_architecture_prefixes=served)
 
     def lease(self, step: Selector, ttl_s: float | None = None) -> Lease:
         """Lease a checkpoint (use as ``with ev.lease(step): ...``)."""

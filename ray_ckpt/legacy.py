@@ -197,11 +197,15 @@ def load_legacy(
     trust_pickle: bool = False,
     allowed_architecture_prefixes: list[str] | None = None,
 ) -> Any:
-    """A legacy checkpoint file as a :class:`~ray_ckpt.artifact.CheckpointArtifact`."""
+    """A legacy checkpoint file as a :class:`~ray_ckpt.artifact.CheckpointArtifact`.
+
+    A configured ``allowed_architecture_prefixes`` list refuses here a pickled model whose class
+    is outside it, as :func:`~ray_ckpt.artifact.load_from_uri` does for runs.
+    """
     from ray_ckpt.artifact import CheckpointArtifact
 
     ckpt = read_legacy(location, storage_options=storage_options, trust_pickle=trust_pickle)
-    if ckpt.architecture is not None:
+    if ckpt.architecture is not None and allowed_architecture_prefixes is not None:
         ckpt.architecture.check_allowed(allowed_architecture_prefixes)
     return CheckpointArtifact(
         state_dict=ckpt.state_dict,
@@ -400,7 +404,8 @@ def _take_module(ckpt: LegacyCheckpoint, module: torch.nn.Module) -> None:
     ckpt.state_dict = dict(module.state_dict())
     ckpt.model = module
     try:
-        ckpt.architecture = Architecture.describe(module)
+        # The class came from a file, not from the caller's code: describing it trusts nothing.
+        ckpt.architecture = Architecture.describe(module, trust=False)
     except (TypeError, ValueError):
         klass = type(module)
         ckpt.architecture = Architecture(f"{klass.__module__}.{klass.__qualname__}", {})

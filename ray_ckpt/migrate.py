@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ray_ckpt.errors import ArchitectureNotAllowedError, CorruptCheckpointError
 from ray_ckpt.format import to_buffer
 from ray_ckpt.legacy import LegacyCheckpoint, find_legacy_files, read_legacy
 from ray_ckpt.store import CheckpointStore
@@ -82,11 +83,16 @@ def migrate(
     trust_pickle: bool = False,
     storage_options: dict[str, Any] | None = None,
     on_item: Callable[[MigrationItem], None] | None = None,
+    allowed_architecture_prefixes: list[str] | None = None,
 ) -> MigrationReport:
     """Migrate a legacy file or directory into runs under ``destination`` (a storage URI).
 
     ``dry_run`` reads and compares but writes nothing. ``on_item`` is called after each file
     (for progress output). A bad file is reported and skipped; the others still migrate.
+    A pickled model's class is recorded in ``model_architecture.json`` only when it is allowed
+    by ``allowed_architecture_prefixes`` (None: ``torch.nn``, ``transformers`` and the modules
+    trusted in this process; a class from a pickle is never trusted by itself) and rebuilds the
+    checkpoint's shapes; otherwise its name goes into the metadata as ``model_class``.
     """
     report = MigrationReport()
     stores: dict[str, CheckpointStore] = {}
@@ -96,7 +102,13 @@ def migrate(
         try:
             ckpt = read_legacy(location, storage_options=storage_options, trust_pickle=trust_pickle, cache=False)
             item = _migrate_one(
-                ckpt, destination, stores, dry_run=dry_run, replace=replace, storage_options=storage_options
+                ckpt,
+                destination,
+                stores,
+                dry_run=dry_run,
+                replace=replace,
+                storage_options=storage_options,
+                allowed_architecture_prefixes=allowed_architecture_prefixes,
             )
         except Exception as exc:  # one bad file must not stop the others; it is reported
             item = MigrationItem(location, FAILED, detail=f"{type(exc).__name__}: {exc}")
@@ -115,6 +127,7 @@ def _migrate_one(
     dry_run: bool,
     replace: bool,
     storage_options: dict[str, Any] | None,
+    allowed_architecture_prefixes: list[str] | None = None,
 ) -> MigrationItem:
     item = MigrationItem(ckpt.location, MIGRATED, ckpt.run_name, ckpt.step, ckpt.format)
     store = stores.get(ckpt.run_name)
@@ -138,11 +151,12 @@ def _migrate_one(
         return item
     metadata = {**ckpt.metadata, "migrated_by": "ray-ckpt migrate"}
     if ckpt.architecture is not None:
-        if _rebuilds(ckpt):
+        why_not = _why_not_rebuilt(ckpt, allowed_architecture_prefixes)
+        if why_not is None:
             store.write_architecture(ckpt.architecture.class_path, ckpt.architecture.config)
         else:
             metadata["model_class"] = ckpt.architecture.class_path
-            item.detail = "model_architecture.json not written (the class's constructor arguments are unknown); "
+            item.detail = f"model_architecture.json not written ({why_not}); "
     try:
         info = store.save(
             ckpt.step, ckpt.state_dict, ckpt.metrics, ckpt.trainer_state, metadata, overwrite=True
@@ -156,22 +170,33 @@ def _migrate_one(
     return item
 
 
-def _rebuilds(ckpt: LegacyCheckpoint) -> bool:
-    """Whether the recorded architecture builds a model whose tensors match the checkpoint's.
+def _why_not_rebuilt(ckpt: LegacyCheckpoint, allowed_architecture_prefixes: list[str] | None) -> str | None:
+    """None when the recorded architecture builds a model whose tensors match the checkpoint's,
+    else why not.
 
     A pickled module says its class but not its constructor arguments; recording an
-    architecture that builds a differently shaped model would break ``instantiate`` later.
+    architecture that builds a differently shaped model would break ``instantiate`` later. The
+    class is built under the allow-list rules of :mod:`ray_ckpt.architecture` (nothing outside
+    it is imported or called).
     """
     assert ckpt.architecture is not None
+    unknown_args = "the class's constructor arguments are unknown"
     try:
-        built = ckpt.architecture.build().state_dict()
+        built = ckpt.architecture.build(allowed_architecture_prefixes).state_dict()
+    except (ArchitectureNotAllowedError, CorruptCheckpointError) as exc:
+        logger.info("%s: %s not rebuilt: %s", ckpt.location, ckpt.architecture.class_path, exc)
+        return (
+            f"{ckpt.architecture.class_path} is not an allowed architecture; opt its prefix in with "
+            "allowed_architecture_prefixes (CLI: --allow-architecture)"
+        )
     except Exception as exc:  # any constructor failure means it cannot be rebuilt
         logger.info("%s: %s does not rebuild: %s", ckpt.location, ckpt.architecture.class_path, exc)
-        return False
-    return set(built) == set(ckpt.state_dict) and all(
+        return unknown_args
+    same = set(built) == set(ckpt.state_dict) and all(
         tuple(built[k].shape) == tuple(ckpt.state_dict[k].shape) and built[k].dtype == ckpt.state_dict[k].dtype
         for k in built
     )
+    return None if same else unknown_args
 
 
 def _same_content(store: CheckpointStore, ckpt: LegacyCheckpoint) -> bool:

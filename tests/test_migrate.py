@@ -115,10 +115,13 @@ def test_bad_files_are_reported_and_others_migrate(tmp_path: Path) -> None:
     assert not report.ok
 
     torch.save(TinyPolicy(), src / "default:v1.pt")
-    trusted = migrate(str(src), str(dst), trust_pickle=True)
+    # a class from a pickle is trusted by nothing: its module is opted in explicitly
+    allowed = ["ray_ckpt.mock_models"]
+    trusted = migrate(str(src), str(dst), trust_pickle=True, allowed_architecture_prefixes=allowed)
     actions = _actions(trusted)
     assert actions["whole:v3.pt"] == MIGRATED and actions["default:v1.pt"] == MIGRATED
-    model = ray_ckpt.load_from_uri(f"{dst}/default:v1").instantiate()  # architecture written by migrate
+    # architecture written by migrate
+    model = ray_ckpt.load_from_uri(f"{dst}/default:v1", allowed_architecture_prefixes=allowed).instantiate()
     assert isinstance(model, TinyPolicy)
     # TinyPolicy(obs_dim=5): the class alone would rebuild the wrong shapes, so no architecture is recorded
     whole = ray_ckpt.load_from_uri(f"{dst}/whole:v3")

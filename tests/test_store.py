@@ -759,7 +759,8 @@ def test_architecture_roundtrip_and_instantiate(tmp_run: Any) -> None:
 
 
 def test_instantiate_by_class_path_and_step(tmp_run: Any) -> None:
-    store = tmp_run(metric_name="loss")
+    # a class path given as a string trusts nothing: its module is opted in explicitly
+    store = tmp_run(metric_name="loss", allowed_architecture_prefixes=["tests.models"])
     store.write_architecture("tests.models.TinyMLP", {"d_in": 2, "hidden": 3, "d_out": 1})
     models = {}
     for step, loss in ((1, 0.1), (2, 0.9)):
