@@ -24,7 +24,8 @@ from ray_ckpt.errors import (
     CorruptCheckpointError,
     RayCkptError,
 )
-from ray_ckpt.format import parse_hf_index, read_safetensors_header
+from ray_ckpt.format import read_safetensors_header
+from ray_ckpt.safejson import parse_json
 from ray_ckpt.store import CHECKPOINTS_DIR, MARKER_FILE, TRAINER_TENSORS, CheckpointStore, parse_step_dir, step_dir
 from ray_ckpt.uri import ParsedURI, parse_uri
 
@@ -277,11 +278,7 @@ def _inspect_run(args: argparse.Namespace, parsed: ParsedURI) -> dict[str, Any]:
     index_name = manifest.model.get("index")
     fmt = manifest.model.get("format", "safetensors")
     if index_name and fmt == "safetensors":
-        weight_map = parse_hf_index(store.storage.read_bytes(f"{step_dir(step)}/{index_name}"), name=index_name)
-        for file_name in sorted(set(weight_map.values())):
-            path = f"{step_dir(step)}/{file_name}"
-            with store.storage.open_read(path) as f:
-                header = read_safetensors_header(f, name=path, file_size=store.storage.size(path))
+        for file_name, header in store.tensor_headers(step).items():  # only files the marker lists
             tensors += _tensor_rows_from_header(header.entries, file_name)
     elif manifest.kind == "state_dict":
         tensors = _tensor_rows(store.load(step), "")
@@ -289,9 +286,7 @@ def _inspect_run(args: argparse.Namespace, parsed: ParsedURI) -> dict[str, Any]:
         tensors.append({"key": alias, "dtype": "", "shape": [], "nbytes": 0, "file": f"(tied to {target})"})
     trainer: dict[str, Any] | None = None
     if manifest.trainer_state and TRAINER_TENSORS in manifest.files:
-        path = f"{step_dir(step)}/{TRAINER_TENSORS}"
-        with store.storage.open_read(path) as f:
-            header = read_safetensors_header(f, name=path, file_size=store.storage.size(path))
+        header = store.file_header(step, TRAINER_TENSORS)
         trainer = {
             "tensors": len(header.entries),
             "nbytes": sum(e["data_offsets"][1] - e["data_offsets"][0] for e in header.entries.values()),
@@ -351,7 +346,7 @@ def _inspect_file(args: argparse.Namespace, parsed: ParsedURI) -> dict[str, Any]
         metrics: dict[str, float] = {}
         metrics_name = name.rsplit(".", 1)[0] + ".metrics.json"
         if storage.exists(metrics_name):
-            metrics = numeric_leaves(json.loads(storage.read_bytes(metrics_name)))
+            metrics = numeric_leaves(parse_json(storage.read_bytes(metrics_name), name=metrics_name))
         metadata: dict[str, Any] = {"safetensors_metadata": header.metadata}
         step, run_name = None, parsed.run_name
     else:

@@ -543,14 +543,20 @@ def safetensors_layout(
 
 
 def write_safetensors(
-    f: IO[bytes], entries: Mapping[str, TensorBuffer], keys: list[str], metadata: Mapping[str, str] | None = None
+    f: IO[bytes],
+    entries: Mapping[str, TensorBuffer],
+    keys: list[str],
+    metadata: Mapping[str, str] | None = None,
+    *,
+    layout: tuple[bytes, list[str]] | None = None,
 ) -> FileDigest:
     """Stream a valid safetensors file of ``keys`` to ``f``: header, then each raw buffer.
 
     No second in-memory copy of the tensors is made; the checksum is computed on the way out.
+    ``layout`` is :func:`safetensors_layout`'s result when the caller checked it already.
     """
     out = HashingWriter(f)
-    header, order = safetensors_layout(entries, keys, metadata)
+    header, order = layout or safetensors_layout(entries, keys, metadata)
     out.write(header)
     for key in order:
         if entries[key].nbytes:

@@ -24,6 +24,7 @@ import torch
 from ray_ckpt.architecture import Architecture
 from ray_ckpt.errors import CorruptCheckpointError, RayCkptError
 from ray_ckpt.format import read_safetensors, read_safetensors_header
+from ray_ckpt.safejson import JsonObject
 from ray_ckpt.storage import Storage
 from ray_ckpt.uri import ParsedURI, is_legacy_file_name, parse_metta_file_name, validate_run_name
 
@@ -224,14 +225,9 @@ def load_legacy(
 
 def _read_json(storage: Storage, name: str) -> dict[str, Any] | None:
     try:
-        data = json.loads(storage.read_bytes(name))
+        return JsonObject.parse(storage.read_bytes(name), name=storage.url(name)).raw
     except FileNotFoundError:
         return None
-    except ValueError as exc:
-        raise CorruptCheckpointError(f"{storage.url(name)}: invalid JSON: {exc}", path=storage.url(name)) from exc
-    if not isinstance(data, dict):
-        raise CorruptCheckpointError(f"{storage.url(name)}: expected a JSON object", path=storage.url(name))
-    return data
 
 
 def numeric_leaves(data: Mapping[str, Any], prefix: str = "") -> dict[str, float]:

@@ -58,6 +58,7 @@ from ray_ckpt.format import (
     plan_shards,
     read_safetensors,
     read_safetensors_header,
+    safetensors_layout,
     structure_keys,
     to_tensor,
     unflatten_state,
@@ -520,8 +521,11 @@ def write_shard_file(
         raise KeyError(f"{shard.name}: no buffer for keys {missing[:5]}")
     path = f"{directory}/{shard.name}"
     if fmt == "safetensors":
+        layout = safetensors_layout(buffers, shard.keys)  # a header no reader could open is refused here
         size = sum(buffers[k].nbytes for k in shard.keys) if direct_io else 0
-        return storage.write_stream(path, lambda f: write_safetensors(f, buffers, shard.keys), size_hint=size)
+        return storage.write_stream(
+            path, lambda f: write_safetensors(f, buffers, shard.keys, layout=layout), size_hint=size
+        )
 
     def write_pt(f: Any) -> FileDigest:
         out = HashingWriter(f)

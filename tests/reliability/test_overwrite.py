@@ -64,7 +64,8 @@ store.save(1, {"w": torch.full((64,), 2.0), "extra": torch.arange(5.0)}, overwri
 
 
 def _child(uri: str, options: dict[str, Any], kill_at: int, no_exchange: bool) -> int:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")])}
+    path = os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path}
     args = [sys.executable, "-c", CHILD, uri, json.dumps(options), str(kill_at), "1" if no_exchange else "0"]
     return subprocess.run(args, env=env, timeout=120).returncode
 
