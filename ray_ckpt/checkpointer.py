@@ -566,9 +566,8 @@ class Checkpointer:
     def _commit(self, writer: StepWriter, pending: _PendingStep) -> tuple[CheckpointInfo, list[int]]:
         metrics, metadata = self._merged_metrics(pending)
         info = writer.commit(metrics=metrics, metadata=metadata, world_size=pending.world_size)
-        protected = self.store.leased_steps() | {s for s in self._pending if s != pending.step}
-        deleted = self.store.apply_retention(protected=protected)
-        return info, deleted
+        protected = {s for s in self._pending if s != pending.step}
+        return info, self.store.retain_after_commit(info.step, protected=protected)
 
     # -- queries (memory only; never wait for I/O) --------------------------------------------
     def _timed(self, started: float) -> None:

@@ -639,7 +639,7 @@ class CheckpointStore:
             info.files_size,
             time.perf_counter() - started,
         )
-        self.apply_retention()
+        self.retain_after_commit(step)
         return info
 
     def save_async(self, step: int, state_dict: Mapping[str, Any], **kwargs: Any) -> concurrent.futures.Future:
@@ -1219,6 +1219,19 @@ class CheckpointStore:
         if deleted:
             logger.info("retention deleted steps %s of %s", deleted, self.run_name)
         return deleted
+
+    def retain_after_commit(self, step: int, protected: Iterable[int] = ()) -> list[int]:
+        """Apply retention after ``step`` committed; the deleted steps.
+
+        The save has succeeded at this point, so a failure here (the storage went away) is a
+        warning, never the save's error: the next commit retries it.
+        """
+        try:
+            return self.apply_retention(protected=self.leased_steps() | set(protected))
+        except (OSError, CorruptCheckpointError) as exc:
+            logger.warning("run %s: retention after step %d failed (retried after the next commit): %s",
+                           self.run_name, step, exc)
+            return []
 
     def _retire(self, step: int) -> bool:
         """Delete a step retention doomed unless a lease on it appeared meanwhile; True if deleted.
