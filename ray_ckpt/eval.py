@@ -4,12 +4,14 @@ checkpoints, lease and load them straight from storage, and report scores back.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
@@ -23,6 +25,13 @@ from ray_ckpt.store import CheckpointStore, Selector
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+
+# How long a follower's thread waits inside one Ray call before it looks at its stop flag: the
+# longest a close() waits for the thread to be out of Ray.
+_STOP_CHECK_S = 0.2
+# The followers of this process whose threads may still call into Ray (see close_all_followers).
+_FOLLOWERS: set[IndexFollower] = set()
+_FOLLOWERS_LOCK = threading.Lock()
 
 
 class Lease:
@@ -79,24 +88,44 @@ class IndexFollower:
         self._stop = threading.Event()
         self.sync()  # the first copy on the caller's thread; raises if the master is unreachable
         self._thread = threading.Thread(target=self._follow, name="ray-ckpt-index-follower", daemon=True)
+        with _FOLLOWERS_LOCK:
+            _FOLLOWERS.add(self)
         self._thread.start()
 
     def _apply(self, delta: Any) -> None:
         with self._changed:
             self.replica.apply(delta)
-            self.connected = True
+            self.connected = not self._stop.is_set()  # a poll that returns after close() connects nothing
             self._changed.notify_all()
 
-    def _fetch(self, timeout_s: float) -> Any:
+    def _fetch(self, timeout_s: float, *, stoppable: bool = False) -> Any:
+        """One ``watch_index`` call; ``stoppable``: None as soon as close() is called meanwhile.
+
+        A stoppable call waits in slices of ``_STOP_CHECK_S`` so that close() (and so
+        :func:`close_all_followers`, which runs before ``ray.shutdown`` at exit) can be sure the
+        thread has left Ray before Ray goes away.
+        """
         with self._changed:
             epoch, version = self.replica.epoch, self.replica.version
-        return ray.get(self.actor.watch_index.remote(epoch, version, timeout_s))
+        ref = self.actor.watch_index.remote(epoch, version, timeout_s)
+        if stoppable:
+            while not ray.wait([ref], timeout=_STOP_CHECK_S)[0]:
+                if self._stop.is_set():
+                    return None
+        return ray.get(ref)
 
     def sync(self) -> None:
         """Bring the copy up to date now (after this process changed the index, say)."""
         self._apply(self._fetch(0.0))
 
     def _follow(self) -> None:
+        try:
+            self._follow_until_stopped()
+        finally:
+            with _FOLLOWERS_LOCK:
+                _FOLLOWERS.discard(self)
+
+    def _follow_until_stopped(self) -> None:
         while not self._stop.is_set():
             if not ray.is_initialized():  # Ray shut down: a call now would start a new local cluster
                 with self._changed:
@@ -104,7 +133,9 @@ class IndexFollower:
                     self._changed.notify_all()
                 return
             try:
-                self._apply(self._fetch(self.poll_s))
+                delta = self._fetch(self.poll_s, stoppable=True)
+                if delta is not None:
+                    self._apply(delta)
             except ValueError as exc:  # a delta that does not fit the copy: start over from a full one
                 logger.warning("index follower: %s; fetching a full copy", exc)
                 with self._changed:
@@ -150,11 +181,46 @@ class IndexFollower:
                 self._changed.wait(remaining)
             return False, None
 
-    def close(self) -> None:
-        """Stop following (the thread ends after its open poll returns)."""
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Stop following and wait up to ``timeout_s`` for the thread to leave Ray.
+
+        Once it returns (with the thread ended) the follower makes no more Ray calls, so Ray can
+        be shut down: a thread still inside a Ray call while ``ray.shutdown()`` tears the core
+        worker down kills the process (``_exit(1)`` or a segfault in ``_raylet.so``).
+        """
         self._stop.set()
         with self._changed:
             self.connected = False
+            self._changed.notify_all()
+        thread = self._thread
+        if thread is threading.current_thread() or not thread.is_alive():
+            return
+        thread.join(timeout_s)
+        if thread.is_alive() and timeout_s > 0:
+            logger.warning("index follower: thread still in a Ray call %.1fs after close()", timeout_s)
+
+
+def close_all_followers(timeout_s: float = 5.0) -> int:
+    """Stop every :class:`IndexFollower` of this process and wait for their threads to end.
+
+    Call it before ``ray.shutdown()`` in a process that used :class:`EvalClient` queries (their
+    followers are daemon threads blocked in Ray calls). It also runs at interpreter exit, before
+    Ray's own exit hook shuts Ray down (atexit hooks run last-registered first, and this module
+    registers after importing Ray). Returns how many followers were running.
+    """
+    with _FOLLOWERS_LOCK:
+        followers = list(_FOLLOWERS)
+    for follower in followers:  # all stop flags first: the joins below then overlap
+        follower._stop.set()
+    deadline = time.monotonic() + timeout_s
+    for follower in followers:
+        follower.close(max(0.0, deadline - time.monotonic()))
+    if followers:
+        logger.debug("closed %d index followers", len(followers))
+    return len(followers)
+
+
+atexit.register(close_all_followers)
 
 
 class EvalClient:
@@ -212,6 +278,9 @@ class EvalClient:
                 except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
                     logger.info("index follower not started (%s); asking the checkpointer", type(exc).__name__)
                     return None
+                # a client dropped without close() stops its follower's thread (which does not
+                # keep the client alive); no join there: a finalizer may run on any thread
+                weakref.finalize(self, self._follower.close, 0.0).atexit = False
             return self._follower
 
     def _query(self, method: str, *args: Any) -> Any:
@@ -225,7 +294,10 @@ class EvalClient:
         return self._call(method, *args)
 
     def close(self) -> None:
-        """Stop following the index: later queries go to the checkpointer."""
+        """Stop following the index: later queries go to the checkpointer.
+
+        Waits for the follower's thread to leave Ray, so ``ray.shutdown()`` may follow.
+        """
         with self._follower_lock:
             self.follow_index = False
             if self._follower is not None:

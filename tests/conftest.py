@@ -135,11 +135,19 @@ def memory_uri() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[str]:
-    """The session's one local Ray (started on first use only); yields its namespace."""
-    from tests.ray_session import RAY_NAMESPACE, ensure_ray
+    """The session's one local Ray (started on first use only); yields its namespace.
+
+    Shut down at the end of the session (index followers first, see
+    :func:`tests.ray_session.shutdown_ray`), so the test process exits with pytest's own status
+    instead of dying in Ray's exit hook.
+    """
+    from tests.ray_session import RAY_NAMESPACE, ensure_ray, shutdown_ray
 
     ensure_ray()
-    yield RAY_NAMESPACE
+    try:
+        yield RAY_NAMESPACE
+    finally:
+        shutdown_ray()
 
 
 @pytest.fixture
