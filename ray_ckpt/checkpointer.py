@@ -14,6 +14,7 @@ import concurrent.futures
 import functools
 import gc
 import logging
+import math
 import sys
 import threading
 import time
@@ -21,14 +22,22 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import ray
 import xxhash
 
 from ray_ckpt.config import CheckpointConfig
 from ray_ckpt.errors import CheckpointExistsError, SaveAbortedError
-from ray_ckpt.format import FileDigest, FlatState, ShardSpec, TensorBuffer
+from ray_ckpt.format import DTYPE_SIZE, RESERVED_KEY, FileDigest, FlatState, ShardSpec, TensorBuffer
 from ray_ckpt.index import CheckpointIndex, CheckpointInfo, IndexDelta, IndexFeed
-from ray_ckpt.store import TRAINER_TENSORS, CheckpointStore, StepWriter, _validate_step, step_dir
+from ray_ckpt.store import (
+    TRAINER_TENSORS,
+    CheckpointStore,
+    StepWriter,
+    _validate_metrics,
+    _validate_step,
+    step_dir,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +147,90 @@ class _PendingStep:
     done: asyncio.Future = field(default_factory=lambda: asyncio.get_event_loop().create_future())
     timeout_task: asyncio.Task | None = None
     slot_held: bool = False
+
+
+def check_rank_state(state: Any, what: str) -> None:
+    """ValueError naming the key when ``state`` describes tensors that could not be read back.
+
+    Every key must be a string (not safetensors' reserved ``__metadata__``), every dtype one of
+    :data:`~ray_ckpt.format.DTYPE_SIZE`, every shape a sequence of non-negative ints and every
+    ``nbytes`` exactly ``numel * itemsize``; every alias must name one of the rank's tensors.
+    The master checks this before it plans or writes anything: a checkpoint committed from a
+    description that does not fit its bytes would fail to load.
+    """
+    if not isinstance(state, RankState):
+        raise ValueError(f"{what}: expected a RankState, got {type(state).__name__}")
+    if not isinstance(state.tensors, dict):
+        raise ValueError(f"{what}: tensors must be a dict, got {type(state.tensors).__name__}")
+    for key, meta in state.tensors.items():
+        if not isinstance(key, str):
+            raise ValueError(f"{what}: key {key!r} is not a string ({type(key).__name__})")
+        if key == RESERVED_KEY:
+            raise ValueError(f"{what}: key {key!r} is reserved by safetensors for the file's metadata")
+        if not isinstance(meta, TensorMeta):
+            raise ValueError(f"{what}: key {key!r}: expected a TensorMeta, got {type(meta).__name__}")
+        if not isinstance(meta.dtype, str) or meta.dtype not in DTYPE_SIZE:
+            raise ValueError(f"{what}: key {key!r}: unknown dtype {meta.dtype!r} (known: {', '.join(DTYPE_SIZE)})")
+        shape = meta.shape
+        if not isinstance(shape, (tuple, list)) or any(
+            isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in shape
+        ):
+            raise ValueError(f"{what}: key {key!r}: shape {shape!r} is not a sequence of non-negative integers")
+        expected = math.prod(shape) * DTYPE_SIZE[meta.dtype]
+        if isinstance(meta.nbytes, bool) or not isinstance(meta.nbytes, int) or meta.nbytes != expected:
+            raise ValueError(
+                f"{what}: key {key!r}: declares {meta.nbytes!r} bytes, but {meta.dtype}{list(shape)} "
+                f"holds {expected} bytes"
+            )
+    if not isinstance(state.aliases, dict):
+        raise ValueError(f"{what}: aliases must be a dict, got {type(state.aliases).__name__}")
+    for alias, target in state.aliases.items():
+        if not isinstance(alias, str) or alias in state.tensors:
+            raise ValueError(f"{what}: alias {alias!r} is not a string key of its own")
+        if not isinstance(target, str) or target not in state.tensors:
+            raise ValueError(f"{what}: alias {alias!r} points to {target!r}, which is not one of the rank's tensors")
+
+
+def check_rank_bytes(state: RankState, arrays: Any, what: str) -> None:
+    """Gather mode: ValueError naming the key unless ``arrays`` holds each tensor's declared bytes.
+
+    ``arrays`` is what the rank put into the object store: ``{key: uint8 numpy array}``.
+    """
+    if not isinstance(arrays, dict):
+        raise ValueError(f"{what}: the bytes sent are a {type(arrays).__name__}, not a dict of arrays")
+    for key, meta in state.tensors.items():
+        data = arrays.get(key)
+        if not isinstance(data, np.ndarray):
+            sent = "no bytes were sent" if data is None else f"a {type(data).__name__} was sent, not an array"
+            raise ValueError(f"{what}: key {key!r}: {sent}")
+        if data.nbytes != meta.nbytes:
+            raise ValueError(
+                f"{what}: key {key!r}: {data.nbytes} bytes were sent for {meta.dtype}{list(meta.shape)} "
+                f"({meta.nbytes} bytes)"
+            )
+
+
+def check_rank_report(report: RankReport, mode: str) -> None:
+    """ValueError naming the key (or metric) when a rank's report cannot be committed as sent.
+
+    Checks the model and trainer descriptions (:func:`check_rank_state`) and the metrics, which
+    are replaced by their float values (numpy and torch scalars included) as the store takes them.
+    """
+    check_rank_state(report.model, "model")
+    if report.trainer is not None:
+        check_rank_state(report.trainer, "trainer_state")
+    try:
+        report.metrics = _validate_metrics(report.metrics, what="metrics")
+    except TypeError as exc:
+        raise ValueError(str(exc)) from None
+    if mode == "gather" and report.files:
+        raise ValueError("files: a gather-mode report carries bytes, not files")
+
+
+def _bad_report(step: int, rank: Any, exc: Exception) -> SaveAbortedError:
+    return SaveAbortedError(
+        f"step {step}: rank {rank}'s report is invalid: {exc}; the step was aborted and nothing was committed"
+    )
 
 
 def merge_ranks(states: dict[int, RankState]) -> tuple[dict[str, int], list[list[tuple[str, int]]]]:
@@ -288,16 +381,41 @@ class Checkpointer:
     async def report(self, step: int, report: RankReport, overwrite: bool = False) -> dict[str, Any]:
         """Accept one rank's share of a step (gather mode). Returns once accepted.
 
-        Blocks (back-pressure) while ``max_pending_saves`` steps are already in flight.
+        Blocks (back-pressure) while ``max_pending_saves`` steps are already in flight. A report
+        whose description does not fit its bytes (see :func:`check_rank_report`; the bytes
+        themselves are checked once fetched) aborts the step with SaveAbortedError naming the
+        rank and the key: nothing is committed, and the next step is unaffected.
         """
+        if not isinstance(report, RankReport):
+            raise TypeError(f"step {step}: expected a RankReport, got {type(report).__name__}")
+        try:
+            check_rank_report(report, "gather")
+            problem = None
+        except ValueError as exc:
+            problem = _bad_report(step, report.rank, exc)
         pending = await self._join(step, report.rank, report.world_size, "gather", overwrite)
+        if problem is not None:
+            self._abort(pending, problem)
+            raise problem
         return self._accept(pending, report)
 
     async def plan_direct(
         self, step: int, rank: int, world_size: int, state: RankState, overwrite: bool = False
     ) -> DirectPlan:
-        """Direct mode, phase 1: wait for every rank's tensor list; return this rank's shards."""
+        """Direct mode, phase 1: wait for every rank's tensor list; return this rank's shards.
+
+        A tensor list that does not describe readable tensors (see :func:`check_rank_state`)
+        aborts the step with SaveAbortedError naming the rank and the key.
+        """
+        try:
+            check_rank_state(state, "model")
+            problem = None
+        except ValueError as exc:
+            problem = _bad_report(step, rank, exc)
         pending = await self._join(step, rank, world_size, "direct", overwrite)
+        if problem is not None:
+            self._abort(pending, problem)
+            raise problem
         if rank in pending.planned:
             raise ValueError(f"step {step}: rank {rank} asked for a plan twice")
         pending.planned[rank] = state
@@ -321,10 +439,24 @@ class Checkpointer:
         return DirectPlan(pending.writer.dir, mine)
 
     async def report_direct(self, step: int, report: RankReport) -> dict[str, Any]:
-        """Direct mode, phase 2: a rank's files are written; commit once every rank is in."""
+        """Direct mode, phase 2: a rank's files are written; commit once every rank is in.
+
+        The report must come from a rank that planned the step and pass :func:`check_rank_report`;
+        else the step is aborted (SaveAbortedError naming the rank).
+        """
+        if not isinstance(report, RankReport):
+            raise TypeError(f"step {step}: expected a RankReport, got {type(report).__name__}")
         pending = self._pending.get(step)
         if pending is None:
             raise SaveAbortedError(self._aborted.get(step, f"step {step}: no save in progress"))
+        try:
+            check_rank_report(report, "direct")
+            if pending.planned.get(report.rank) is None:
+                raise ValueError("it reported files without asking for a plan")
+        except ValueError as exc:
+            problem = _bad_report(step, report.rank, exc)
+            self._abort(pending, problem)
+            raise problem from None
         return self._accept(pending, report)
 
     def _accept(self, pending: _PendingStep, report: RankReport) -> dict[str, Any]:
@@ -458,6 +590,12 @@ class Checkpointer:
                             f"step {pending.step}: rank {rank}'s state was lost before the checkpointer fetched it "
                             f"({type(exc).__name__}: the rank's process or node died); nothing was committed"
                         ) from exc
+                    try:
+                        check_rank_bytes(report.model, model, "model")
+                        if report.trainer is not None:
+                            check_rank_bytes(report.trainer, trainer, "trainer_state")
+                    except ValueError as exc:
+                        raise _bad_report(pending.step, rank, exc) from None
                     arrays[rank] = (model, trainer)
                 info, deleted = await loop.run_in_executor(self._writer, self._write_gathered, pending, arrays)
             else:
@@ -618,11 +756,16 @@ class Checkpointer:
         return self.index.latest()
 
     async def report_eval(self, step: int, metrics: dict[str, float]) -> CheckpointInfo:
-        """Join evaluation metrics to a checkpoint's record (persisted beside it)."""
+        """Join evaluation metrics to a checkpoint's record (persisted beside it).
+
+        The values are taken as floats first (numpy and torch scalars too; TypeError for anything
+        else), so the index served from memory ranks them exactly as the store does.
+        """
+        checked = _validate_metrics(metrics, what="eval metrics")
         loop = asyncio.get_running_loop()
-        info = await loop.run_in_executor(self._meta, self.store.report_eval, step, metrics)
+        info = await loop.run_in_executor(self._meta, self.store.report_eval, step, checked)
         if step in self.index:
-            info = self.feed.update_metrics(step, dict(metrics))
+            info = self.feed.update_metrics(step, checked)
             self._notify_index_changed()
         return info
 

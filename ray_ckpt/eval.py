@@ -21,7 +21,7 @@ import torch
 from ray_ckpt.checkpointer import CheckpointerHandle, get_checkpointer, seen_index_position
 from ray_ckpt.errors import CheckpointNotFoundError
 from ray_ckpt.index import CheckpointIndex, CheckpointInfo, IndexReplica, position_reached
-from ray_ckpt.store import CheckpointStore, Selector
+from ray_ckpt.store import CheckpointStore, Selector, _validate_metrics
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -389,9 +389,12 @@ class EvalClient:
     def report_eval(self, step: int, metrics: dict[str, float]) -> CheckpointInfo:
         """Join evaluation metrics to a checkpoint's record; they can rank top_k and retention.
 
-        This client's next query sees them (its index copy is synced before returning).
+        numpy and one-element torch scalars are taken as floats (as the store takes them); a value
+        that is not a number raises TypeError here, before anything is sent. This client's next
+        query sees them (its index copy is synced before returning).
         """
-        info = self._call("report_eval", step, dict(metrics))
+        checked = _validate_metrics(metrics, what=f"report_eval(step {step})")
+        info = self._call("report_eval", step, checked)
         follower = self.follower()
         if follower is not None:
             with contextlib.suppress(ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
