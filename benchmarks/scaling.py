@@ -40,7 +40,7 @@ import ray_ckpt
 from ray_ckpt import CheckpointConfig, CheckpointStore
 from ray_ckpt.checkpointer import RankReport, RankState, TensorMeta, merge_ranks
 from ray_ckpt.format import FileDigest, flatten_state, hf_index_bytes, plan_shards
-from ray_ckpt.store import Manifest, step_dir
+from ray_ckpt.layout import Manifest, step_dir
 from ray_ckpt.worker import _describe, write_shard_file
 
 logger = logging.getLogger("benchmarks.scaling")

@@ -41,7 +41,9 @@ from ray_ckpt.safejson import JsonObject
 from ray_ckpt.storage import is_temp_name
 
 if TYPE_CHECKING:
-    from ray_ckpt.store import CheckpointStore, Selector, StepWriter
+    from ray_ckpt.layout import Selector
+    from ray_ckpt.store import CheckpointStore
+    from ray_ckpt.writer import StepWriter
 
 logger = logging.getLogger(__name__)
 
@@ -277,7 +279,7 @@ class PendingCheckpoint:
 
 
 def _reserved_names() -> set[str]:
-    from ray_ckpt.store import EVAL_FILE, MARKER_FILE
+    from ray_ckpt.layout import EVAL_FILE, MARKER_FILE
 
     return {MARKER_FILE, EVAL_FILE}
 
@@ -302,7 +304,7 @@ def checkpoint_files(
     download into ``dest`` (default: a new temporary directory), every file checked against
     its committed size and checksum (CorruptCheckpointError names a bad file).
     """
-    from ray_ckpt.store import step_dir
+    from ray_ckpt.layout import step_dir
 
     step = store.resolve(step)
     manifest = store.read_manifest(step)
@@ -333,7 +335,7 @@ def checkpoint_files(
 
 def read_training_info(store: CheckpointStore, step: Selector = "latest") -> dict[str, Any] | None:
     """The training_info.json of a committed step (None when it has none)."""
-    from ray_ckpt.store import step_dir
+    from ray_ckpt.layout import step_dir
 
     step = store.resolve(step)
     manifest = store.read_manifest(step)

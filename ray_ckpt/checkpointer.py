@@ -30,14 +30,9 @@ from ray_ckpt.config import CheckpointConfig
 from ray_ckpt.errors import CheckpointExistsError, SaveAbortedError
 from ray_ckpt.format import DTYPE_SIZE, RESERVED_KEY, FileDigest, FlatState, ShardSpec, TensorBuffer
 from ray_ckpt.index import CheckpointIndex, CheckpointInfo, IndexDelta, IndexFeed
-from ray_ckpt.store import (
-    TRAINER_TENSORS,
-    CheckpointStore,
-    StepWriter,
-    _validate_metrics,
-    _validate_step,
-    step_dir,
-)
+from ray_ckpt.layout import step_dir, validate_metrics, validate_step
+from ray_ckpt.store import CheckpointStore
+from ray_ckpt.writer import StepWriter
 
 logger = logging.getLogger(__name__)
 
@@ -220,7 +215,7 @@ def check_rank_report(report: RankReport, mode: str) -> None:
     if report.trainer is not None:
         check_rank_state(report.trainer, "trainer_state")
     try:
-        report.metrics = _validate_metrics(report.metrics, what="metrics")
+        report.metrics = validate_metrics(report.metrics, what="metrics")
     except TypeError as exc:
         raise ValueError(str(exc)) from None
     if mode == "gather" and report.files:
@@ -292,7 +287,7 @@ class Checkpointer:
         self.store = CheckpointStore(config=config)
         started = time.perf_counter()
         removed = self.store.gc()
-        self.store.refresh()
+        self.store.reload()
         self.index = CheckpointIndex(config.metric_name, config.mode)
         self.index.extend(self.store.index.list())
         if config.metric_name:
@@ -496,7 +491,7 @@ class Checkpointer:
         raise SaveAbortedError(self._aborted.get(step, f"step {step}: no save in progress (checkpointer restarted?)"))
 
     async def _join(self, step: int, rank: int, world_size: int, mode: str, overwrite: bool) -> _PendingStep:
-        step = _validate_step(step)  # before any comparison: a str or negative step is refused by name
+        step = validate_step(step)  # before any comparison: a str or negative step is refused by name
         if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
             raise ValueError(f"world_size: must be a positive integer, got {world_size!r}")
         if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
@@ -698,7 +693,6 @@ class Checkpointer:
                 m.nbytes for r, st in pending.planned.items() for k, m in st.tensors.items() if pending.owners[k] == r
             )  # type: ignore[index]
             self._write_model_index(writer, pending, pending.planned, pending.plan, total)
-            writer.trainer_state = TRAINER_TENSORS in writer.files
             return self._commit(writer, pending)
 
     def _commit(self, writer: StepWriter, pending: _PendingStep) -> tuple[CheckpointInfo, list[int]]:
@@ -761,7 +755,7 @@ class Checkpointer:
         The values are taken as floats first (numpy and torch scalars too; TypeError for anything
         else), so the index served from memory ranks them exactly as the store does.
         """
-        checked = _validate_metrics(metrics, what="eval metrics")
+        checked = validate_metrics(metrics, what="eval metrics")
         loop = asyncio.get_running_loop()
         info = await loop.run_in_executor(self._meta, self.store.report_eval, step, checked)
         if step in self.index:

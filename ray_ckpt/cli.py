@@ -25,8 +25,9 @@ from ray_ckpt.errors import (
     RayCkptError,
 )
 from ray_ckpt.format import read_safetensors_header
+from ray_ckpt.layout import CHECKPOINTS_DIR, MARKER_FILE, TRAINER_TENSORS, parse_step_dir, step_dir
 from ray_ckpt.safejson import parse_json
-from ray_ckpt.store import CHECKPOINTS_DIR, MARKER_FILE, TRAINER_TENSORS, CheckpointStore, parse_step_dir, step_dir
+from ray_ckpt.store import CheckpointStore
 from ray_ckpt.uri import ParsedURI, parse_uri
 
 EXIT_OK = 0

@@ -21,7 +21,8 @@ import torch
 from ray_ckpt.checkpointer import CheckpointerHandle, get_checkpointer, seen_index_position
 from ray_ckpt.errors import CheckpointNotFoundError
 from ray_ckpt.index import CheckpointIndex, CheckpointInfo, IndexReplica, position_reached
-from ray_ckpt.store import CheckpointStore, Selector, _validate_metrics
+from ray_ckpt.layout import Selector, validate_metrics
+from ray_ckpt.store import CheckpointStore
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -393,7 +394,7 @@ class EvalClient:
         that is not a number raises TypeError here, before anything is sent. This client's next
         query sees them (its index copy is synced before returning).
         """
-        checked = _validate_metrics(metrics, what=f"report_eval(step {step})")
+        checked = validate_metrics(metrics, what=f"report_eval(step {step})")
         info = self._call("report_eval", step, checked)
         follower = self.follower()
         if follower is not None:

@@ -199,14 +199,23 @@ class CheckpointIndex:
             }
         )
 
-    def to_parquet_bytes(self) -> bytes:
+    def to_parquet_bytes(self, metadata: dict[str, str] | None = None) -> bytes:
+        """The Parquet snapshot of the records; ``metadata`` goes into the file's key-value metadata."""
+        table = self.to_table()
+        if metadata:
+            table = table.replace_schema_metadata(metadata)
         sink = io.BytesIO()
-        pq.write_table(self.to_table(), sink)
+        pq.write_table(table, sink)
         return sink.getvalue()
 
     @classmethod
     def records_from_parquet_bytes(cls, data: bytes) -> list[CheckpointInfo]:
-        """Parse a snapshot written by :meth:`to_parquet_bytes`.
+        """Parse a snapshot written by :meth:`to_parquet_bytes` (its records only)."""
+        return cls.read_parquet_bytes(data)[0]
+
+    @classmethod
+    def read_parquet_bytes(cls, data: bytes) -> tuple[list[CheckpointInfo], dict[str, str]]:
+        """Parse a snapshot written by :meth:`to_parquet_bytes`: its records and its metadata.
 
         Column by column, with the cyclic GC paused and the metadata column decoded in one
         ``json.loads``: a restarted checkpointer restores a million records in seconds, not a minute.
@@ -217,8 +226,9 @@ class CheckpointIndex:
         owned = pa.allocate_buffer(len(data))
         memoryview(owned).cast("B")[:] = data
         table = pq.read_table(pa.BufferReader(owned))
+        metadata = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
         if table.num_rows == 0:
-            return []
+            return [], metadata
 
         def column(name: str) -> pa.Array:
             return table.column(name).combine_chunks()  # one chunk whose offsets start at 0
@@ -234,7 +244,7 @@ class CheckpointIndex:
             flat = durability_col.values.to_pylist()
             durability = [flat[a:b] for a, b in bounds(durability_col)]
             metadata = _json_column(column("metadata").to_pylist())
-            return [
+            records = [
                 CheckpointInfo(
                     step=int(step),
                     uri=uri,
@@ -259,6 +269,7 @@ class CheckpointIndex:
                     strict=True,
                 )
             ]
+        return records, metadata
 
     def extend(self, records: Iterable[CheckpointInfo]) -> None:
         """Add many records; into an empty index (a restart) in bulk: one sort, not n insertions."""

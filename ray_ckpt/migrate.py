@@ -133,7 +133,7 @@ def _migrate_one(
     store = stores.get(ckpt.run_name)
     if store is None:
         store = stores[ckpt.run_name] = CheckpointStore(destination, ckpt.run_name, storage_options or {})
-    exists = ckpt.step in store.refresh()
+    exists = ckpt.step in store
     if exists:
         same = _same_content(store, ckpt)
         if not replace:

@@ -21,9 +21,10 @@ from typing import Any
 from ray_ckpt.byo import plain_config
 from ray_ckpt.errors import CheckpointNotFoundError, CorruptCheckpointError
 from ray_ckpt.index import CheckpointInfo
+from ray_ckpt.layout import MARKER_FILE, Selector, parse_step_dir, step_dir
 from ray_ckpt.safejson import JsonObject
 from ray_ckpt.storage import temp_name
-from ray_ckpt.store import MARKER_FILE, CheckpointStore, Selector, parse_step_dir, step_dir
+from ray_ckpt.store import CheckpointStore
 
 logger = logging.getLogger(__name__)
 

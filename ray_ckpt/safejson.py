@@ -9,6 +9,7 @@ file raises :class:`CorruptCheckpointError` naming the file and the field, never
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -210,3 +211,23 @@ class JsonObject:
             if not isinstance(value, dict):
                 raise self._wrong(key, "an object", value)
             yield key, JsonObject(value, name=self.name, where=self._field(key))
+
+
+class DamageLog:
+    """Warns once per damaged file that a reader skips, so the rest of a run goes on.
+
+    Readers list, rank and load around a damaged marker, sidecar or lease; repeating the warning
+    on every query would bury the one line that names the file.
+    """
+
+    def __init__(self, logger: logging.Logger, run_name: str) -> None:
+        self.logger = logger
+        self.run_name = run_name
+        self._seen: set[str] = set()
+
+    def skip(self, exc: CorruptCheckpointError, what: str) -> None:
+        """Log ``exc`` (which names the file) and what is skipped, the first time for each file."""
+        key = exc.path or str(exc)
+        if key not in self._seen:
+            self._seen.add(key)
+            self.logger.warning("run %s: %s; %s", self.run_name, exc, what)

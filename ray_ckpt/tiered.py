@@ -31,7 +31,9 @@ from ray_ckpt.config import CheckpointConfig
 from ray_ckpt.errors import CheckpointNotFoundError, CorruptCheckpointError, RayCkptError
 from ray_ckpt.format import Checksum, FileDigest
 from ray_ckpt.index import CheckpointIndex, CheckpointInfo
-from ray_ckpt.store import MARKER_FILE, CheckpointStore, Selector, StepWriter, step_dir
+from ray_ckpt.layout import MARKER_FILE, Selector, step_dir
+from ray_ckpt.store import CheckpointStore
+from ray_ckpt.writer import StepWriter
 
 logger = logging.getLogger(__name__)
 
@@ -249,8 +251,7 @@ class TieredCheckpointStore:
             writer = StepWriter(remote, step, overwrite=True)
             for name, digest in sorted(manifest.files.items()):
                 self._copy_file(step, name, digest, writer)
-            writer.model = manifest.model
-            writer.trainer_state = manifest.trainer_state
+            writer.adopt_records(manifest)
             info = writer.commit(
                 metrics=manifest.metrics, metadata=manifest.metadata, world_size=manifest.world_size,
                 kind=manifest.kind, extra=manifest.extra,
@@ -313,7 +314,7 @@ class TieredCheckpointStore:
 
     def _copy_eval_metrics(self, step: int) -> None:
         assert self.remote is not None
-        metrics = self.local._read_eval_metrics(step)
+        metrics = self.local.run_index.read_eval_metrics(step)
         if metrics:
             self.remote.report_eval(step, metrics)
 
@@ -328,7 +329,7 @@ class TieredCheckpointStore:
         """Committed local steps whose remote copy was never committed (empty without a remote tier)."""
         if self.remote is None:
             return set()
-        return {s for s in self.local.refresh().steps() if not self._uploaded_marker(s)}
+        return {i.step for i in self.local.list() if not self._uploaded_marker(i.step)}
 
     # -- reading ------------------------------------------------------------------------------
     def list(self) -> list[CheckpointInfo]:

@@ -28,12 +28,9 @@ from ray_ckpt.checkpointer import (
 from ray_ckpt.errors import SaveAbortedError
 from ray_ckpt.format import FlatState, TensorBuffer, flatten_state
 from ray_ckpt.index import CheckpointInfo
-from ray_ckpt.store import (
-    CheckpointStore,
-    _validate_metrics,
-    write_shard_file,
-    write_trainer_state_files,
-)
+from ray_ckpt.layout import validate_metrics
+from ray_ckpt.store import CheckpointStore
+from ray_ckpt.writer import write_shard_file, write_trainer_state_files
 
 logger = logging.getLogger(__name__)
 
@@ -198,7 +195,7 @@ class WorkerClient:
             world_size=self.world_size,
             model=_describe(flat, with_digests=False),  # digests (world_size > 1) off the critical path below
             trainer=_describe(trainer_flat, False) if trainer_flat is not None else None,
-            metrics=_validate_metrics(metrics),
+            metrics=validate_metrics(metrics),
             metadata=dict(metadata or {}),
         )
         if self.config.write_mode == "direct":

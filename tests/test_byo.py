@@ -13,7 +13,7 @@ import torch
 from ray_ckpt import CheckpointStore
 from ray_ckpt.byo import PendingCheckpoint, checkpoint_files, read_training_info
 from ray_ckpt.errors import CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError
-from ray_ckpt.store import MARKER_FILE, step_dir
+from ray_ckpt.layout import MARKER_FILE, step_dir
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")

@@ -324,8 +324,7 @@ def test_delete(store: CheckpointStore) -> None:
     with pytest.raises(CheckpointNotFoundError):
         store.load(2)
     store.delete(2)  # deleting again is harmless
-    snapshot = pq.read_table(store.storage.local_path("index.parquet")).column("step").to_pylist()
-    assert snapshot == [1, 3]
+    assert steps_of(CheckpointStore(store.config.storage_uri, run_name=store.run_name).list()) == [1, 3]
 
 
 def test_async_save(store: CheckpointStore) -> None:
@@ -521,12 +520,11 @@ def test_verify_on_load_off(tmp_run: Any) -> None:
 )
 def test_malformed_marker(saved: CheckpointStore, content: bytes) -> None:
     (sdir(saved, 1) / MARKER).write_bytes(content)
-    for call in (lambda: saved.load(1), lambda: saved.info(1), lambda: saved.verify(1)):
+    for call in (lambda: saved.load(1), lambda: saved.verify(1)):
         with pytest.raises(CorruptCheckpointError, match="step_000000001/checkpoint.json"):
             call()
     fresh = CheckpointStore(saved.config.storage_uri, run_name=saved.run_name)
-    fresh.storage.rm("index.parquet")
-    assert fresh.list() == []  # a damaged marker is skipped (and logged), not fatal for the run
+    assert fresh.rebuild_index().list() == []  # a damaged marker is skipped (and logged), not fatal for the run
 
 
 def test_marker_of_another_step(saved: CheckpointStore) -> None:
@@ -651,7 +649,7 @@ def test_expired_lease_no_longer_protects(tmp_run: Any) -> None:
 
 def test_retention_logs_unranked_steps(tmp_run: Any, caplog: pytest.LogCaptureFixture) -> None:
     store = tmp_run(metric_name="loss", keep_top_k=1)
-    caplog.set_level("INFO", logger="ray_ckpt.store")
+    caplog.set_level("INFO", logger="ray_ckpt.retention")
     store.save(1, {"w": torch.ones(1)}, metrics={"loss": NAN})
     store.save(2, {"w": torch.ones(1)}, metrics={"loss": 0.5})
     assert any("never best" in r.getMessage() and "[1]" in r.getMessage() for r in caplog.records)
@@ -685,49 +683,82 @@ def _fresh(store: CheckpointStore) -> CheckpointStore:
     return CheckpointStore(store.config.storage_uri, run_name=store.run_name, metric_name="loss")
 
 
-def test_index_parquet_written_on_commit(store: CheckpointStore) -> None:
+def _log_entries(store: CheckpointStore) -> list[str]:
+    return store.storage.list_names("index_log")
+
+
+def test_the_index_is_logged_per_change_then_compacted(store: CheckpointStore) -> None:
+    from ray_ckpt.runindex import COMPACT_EVERY
+
     store.save(1, state(), metrics={"loss": 0.5})
-    assert _snapshot_steps(store) == [1]
-    store.save(2, state(), metrics={"loss": 0.25})
+    assert len(_log_entries(store)) == 1 and not store.storage.exists("index.parquet")
+    assert steps_of(_fresh(store).list()) == [1]  # a fresh reader replays the log
+    for step in range(2, COMPACT_EVERY + 1):
+        store.save(step, state(), metrics={"loss": 1 / step})
+    assert _log_entries(store) == []  # folded into the snapshot
     table = pq.read_table(store.storage.local_path("index.parquet")).to_pylist()
-    assert [r["step"] for r in table] == [1, 2]
-    assert dict(table[1]["metrics"]) == {"loss": 0.25}
+    assert [r["step"] for r in table] == list(range(1, COMPACT_EVERY + 1))
+    assert dict(table[1]["metrics"]) == {"loss": 0.5}
     assert table[1]["uri"] == store.info(2).uri
+    store.report_eval(3, {"acc": 0.9})
+    store.delete(4)
+    fresh = _fresh(store)
+    assert fresh.info(3).metrics["acc"] == 0.9 and 4 not in fresh
+    assert steps_of(fresh.list()) == steps_of(store.list())
 
 
-def test_index_parquet_rebuilt_when_deleted(store: CheckpointStore) -> None:
+def test_index_rebuilt_from_the_markers_when_snapshot_and_log_are_gone(store: CheckpointStore) -> None:
     for step in (1, 2, 3):
         store.save(step, state(), metrics={"loss": 1 / step})
+    store.run_index.compact()
     os.remove(store.storage.local_path("index.parquet"))
     fresh = _fresh(store)
     assert steps_of(fresh.list()) == [1, 2, 3]
     assert fresh.best().step == 3
-    assert _snapshot_steps(store) == [1, 2, 3]
+    fresh.save(4, state(), metrics={"loss": 0.5})  # a writer that read every marker writes a snapshot
+    assert _snapshot_steps(store) == [1, 2, 3]  # at its start; step 4 is in the log
+    assert steps_of(_fresh(store).list()) == [1, 2, 3, 4]
 
 
-def test_index_parquet_rebuilt_when_stale(store: CheckpointStore) -> None:
+def test_a_stale_snapshot_and_steps_deleted_behind_its_back(store: CheckpointStore) -> None:
     for step in (1, 2):
         store.save(step, state(), metrics={"loss": 1 / step})
+    store.run_index.compact()
     stale = Path(store.storage.local_path("index.parquet")).read_bytes()
     store.save(3, state(), metrics={"loss": 0.1})
     store.save(4, state(), metrics={"loss": 0.2})
-    Path(store.storage.local_path("index.parquet")).write_bytes(stale)  # a commit behind the snapshot's back
+    store.run_index.compact()
+    Path(store.storage.local_path("index.parquet")).write_bytes(stale)  # commits behind the snapshot's back
     shutil.rmtree(sdir(store, 1))  # and a step deleted behind its back
     fresh = _fresh(store)
-    assert steps_of(fresh.list()) == [2, 3, 4]
+    assert steps_of(fresh.list()) == [2, 3, 4]  # markers of unknown steps read, gone steps dropped
     assert fresh.best().step == 3
-    assert _snapshot_steps(store) == [2, 3, 4]
-    # the long-lived store notices too
-    assert steps_of(store.list()) == [2, 3, 4]
+    # the long-lived store answers from memory until it reloads
+    assert steps_of(store.list()) == [1, 2, 3, 4]
+    assert steps_of(store.reload().list()) == [2, 3, 4]
 
 
 def test_index_parquet_garbage_is_rebuilt(store: CheckpointStore) -> None:
     store.save(1, state(), metrics={"loss": 0.5})
+    store.run_index.compact()
     Path(store.storage.local_path("index.parquet")).write_bytes(b"PAR1 garbage")
     fresh = _fresh(store)
     assert steps_of(fresh.list()) == [1]
-    assert _snapshot_steps(store) == [1]
     assert steps_of(store.rebuild_index().list()) == [1]
+    assert _snapshot_steps(store) == [1]
+
+
+def test_readers_see_other_processes_commits_after_reload_or_staleness(store: CheckpointStore) -> None:
+    store.save(1, state(), metrics={"loss": 0.5})
+    reader = _fresh(store)
+    following = CheckpointStore(
+        store.config.storage_uri, run_name=store.run_name, metric_name="loss", max_staleness_s=0.0
+    )
+    assert steps_of(reader.list()) == [1] == steps_of(following.list())
+    store.save(2, state(), metrics={"loss": 0.25})
+    assert steps_of(reader.list()) == [1]  # from memory
+    assert steps_of(following.list()) == [1, 2]  # reloads once older than max_staleness_s
+    assert steps_of(reader.reload().list()) == [1, 2]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import torch
 
 from ray_ckpt import CheckpointConfig, CheckpointStore
 from ray_ckpt.errors import CheckpointNotFoundError
-from ray_ckpt.store import MARKER_FILE, step_dir
+from ray_ckpt.layout import MARKER_FILE, step_dir
 from ray_ckpt.tiered import UPLOADED_FILE, TieredCheckpointStore, UploadError
 
 

@@ -34,7 +34,8 @@ from ray_ckpt.artifact import open_run, resolve_step
 from ray_ckpt.config import CheckpointConfig
 from ray_ckpt.format import flatten_state
 from ray_ckpt.index import CheckpointInfo
-from ray_ckpt.store import CheckpointStore, step_dir
+from ray_ckpt.layout import step_dir
+from ray_ckpt.store import CheckpointStore
 from ray_ckpt.uri import key_and_version, normalize_uri, parse_uri, validate_run_name
 
 logger = logging.getLogger(__name__)
@@ -278,7 +279,7 @@ class CheckpointManager:
         if self.tiered is not None:
             protected |= self.tiered.not_uploaded_steps()
         deleted = pruner.apply_retention(protected)
-        self.local.refresh()
+        self.local.reload()
         return len(deleted)
 
     def clear_cache(self) -> None:

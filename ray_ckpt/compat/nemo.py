@@ -28,8 +28,9 @@ from ray_ckpt.byo import TRAINING_INFO_FILE, PendingCheckpoint, read_training_in
 from ray_ckpt.config import CheckpointConfig
 from ray_ckpt.errors import CheckpointNotFoundError
 from ray_ckpt.index import CheckpointInfo
+from ray_ckpt.layout import parse_step_dir, step_dir
 from ray_ckpt.safejson import JsonObject
-from ray_ckpt.store import CheckpointStore, parse_step_dir, step_dir
+from ray_ckpt.store import CheckpointStore
 
 logger = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 import ray_ckpt
 from ray_ckpt import CheckpointConfig, CheckpointStore
-from ray_ckpt.store import step_dir
+from ray_ckpt.layout import step_dir
 
 logger = logging.getLogger("multinode_scenarios")
 

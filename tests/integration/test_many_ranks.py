@@ -121,7 +121,7 @@ def test_more_ranks_than_the_actor_default_concurrency(tmp_path: Path, run_name:
     at most 1000 calls at once would never see the last ranks and abort the step."""
     from ray_ckpt.checkpointer import RankReport, RankState, TensorMeta
     from ray_ckpt.format import FlatState, flatten_state
-    from ray_ckpt.store import step_dir
+    from ray_ckpt.layout import step_dir
     from ray_ckpt.worker import write_shard_file
 
     world = SIMULATED_RANKS

@@ -29,7 +29,7 @@ NEW = {"w": torch.full((64,), 2.0), "extra": torch.arange(5.0)}
 CHILD = r"""
 import json, os, sys
 import torch
-import ray_ckpt.store as store_module
+import ray_ckpt.writer as store_module
 from ray_ckpt import CheckpointStore
 from ray_ckpt.storage import Storage
 

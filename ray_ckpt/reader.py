@@ -1,0 +1,350 @@
+"""Reading committed steps: load (whole, by key, mmap), verify, headers, trainer state.
+
+Every check that ``load`` makes, ``verify`` makes too (plus every checksum): the index against
+the marker, every indexed tensor in its shard's header, the state's structure and aliases. Only
+files the marker lists are opened. A step deleted or replaced during a read is reported, never
+returned as a mix of versions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import pickle
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+
+from ray_ckpt.errors import CheckpointNotFoundError, CorruptCheckpointError
+from ray_ckpt.format import (
+    Checksum,
+    FileDigest,
+    SafetensorsHeader,
+    check_structure,
+    map_safetensors,
+    parse_hf_index,
+    read_safetensors,
+    read_safetensors_header,
+    structure_keys,
+    unflatten_state,
+)
+from ray_ckpt.layout import MARKER_FILE, TRAINER_JSON, TRAINER_TENSORS, Manifest, step_dir
+from ray_ckpt.safejson import JsonObject
+from ray_ckpt.storage import Storage
+
+
+class StepReader:
+    """Reads the committed steps of one run on one storage."""
+
+    def __init__(self, storage: Storage, run_name: str) -> None:
+        self.storage = storage
+        self.run_name = run_name
+
+    def read_manifest(self, step: int) -> Manifest:
+        """The parsed checkpoint.json of a committed step."""
+        path = f"{step_dir(step)}/{MARKER_FILE}"
+        try:
+            data = self.storage.read_bytes(path)
+        except FileNotFoundError as exc:
+            raise CheckpointNotFoundError(f"run {self.run_name!r} has no committed step {step}") from exc
+        manifest = Manifest.from_json_bytes(data, name=f"{step_dir(step)}/{MARKER_FILE}")
+        if manifest.step != step:
+            raise CorruptCheckpointError(f"{path}: records step {manifest.step}, expected {step}", path=path)
+        return manifest
+
+
+    def load(
+        self, manifest: Manifest, keys: Iterable[str] | None = None, *, verify: bool, mmap: bool = False
+    ) -> dict[str, Any]:
+        """A committed step's state dict (tensors on CPU), or only ``keys`` of it.
+
+        With ``verify`` every file read whole is checksummed. With ``mmap`` (local storage only)
+        the tensors are copy-on-write maps of the files. A step deleted or replaced while it is
+        read raises CheckpointNotFoundError, never a mix of versions.
+        """
+        if mmap and not self.storage.is_local:
+            raise ValueError(f"mmap=True needs local storage; run {self.run_name!r} is on {self.storage.uri!r}")
+        if manifest.kind != "state_dict":
+            raise ValueError(
+                f"step {manifest.step} holds trainer-written files (kind {manifest.kind!r}); use its path instead"
+            )
+        with self._unchanged(manifest):
+            return self._load_state(manifest, keys, verify, mmap=mmap)
+
+    def _load_state(
+        self, manifest: Manifest, keys: Iterable[str] | None, verify: bool, *, mmap: bool = False
+    ) -> dict[str, Any]:
+        step, model = manifest.step, manifest.model
+        aliases: dict[str, str] = dict(model.get("aliases") or {})
+        index_name = model["index"]
+        weight_map = self._weight_map(manifest, verify=verify)
+        keys = None if keys is None else list(keys)  # any iterable (a generator is read only once)
+        wanted = None if keys is None else [aliases.get(k, k) for k in keys]
+        if wanted is not None:
+            unknown = [k for k in wanted if k not in weight_map]
+            if unknown:
+                raise KeyError(f"step {step}: no tensors named {unknown[:5]}")
+        files: dict[str, list[str] | None] = {}
+        for key, fname in weight_map.items():
+            if wanted is None or key in wanted:
+                files.setdefault(fname, [])
+                files[fname].append(key)  # type: ignore[union-attr]
+        tensors: dict[str, torch.Tensor] = {}
+        for fname, file_keys in files.items():
+            whole = wanted is None
+            loaded = self._load_shard(
+                manifest,
+                fname,
+                None if whole else file_keys,
+                verify=verify and whole,
+                fmt=model.get("format", "safetensors"),
+                mmap=mmap,
+            )
+            missing = [k for k in (file_keys or []) if k not in loaded]
+            if missing:
+                raise CorruptCheckpointError(
+                    f"{step_dir(step)}/{fname}: missing tensors {missing[:5]} listed in {index_name}"
+                )
+            tensors.update({k: loaded[k] for k in file_keys or loaded})
+        if wanted is not None:
+            return {k: tensors[aliases.get(k, k)] for k in keys}  # type: ignore[union-attr]
+        return unflatten_state(tensors, model.get("structure"), aliases)
+
+    def _weight_map(self, manifest: Manifest, *, verify: bool) -> dict[str, str]:
+        """The model's index, checked against the marker (the checks load and verify share).
+
+        Every file the index names is a committed file of the step, and every tensor the state's
+        structure or its aliases refer to is indexed.
+        """
+        index_name = manifest.model.get("index")
+        directory = step_dir(manifest.step)
+        if not index_name:
+            raise CorruptCheckpointError(f"{directory}/{MARKER_FILE}: no model index recorded")
+        path = f"{directory}/{index_name}"
+        weight_map = parse_hf_index(self._read_file(manifest, index_name, verify=verify), name=path)
+        for fname in set(weight_map.values()):
+            self._file_path(manifest, fname)
+        _check_indexed(path, manifest.model.get("structure"), manifest.model.get("aliases") or {}, weight_map)
+        return weight_map
+
+    def tensor_headers(self, manifest: Manifest) -> dict[str, SafetensorsHeader]:
+        """The validated safetensors header of every model shard of a step, by file name.
+
+        Only files the step's marker lists are opened, and each header must hold every tensor the
+        index maps to it (what ``ray-ckpt inspect`` shows and :meth:`verify` checks).
+        """
+        if manifest.model.get("format", "safetensors") != "safetensors":
+            raise ValueError(f"step {manifest.step} is in {manifest.model.get('format')!r} format: no headers")
+        return self._check_shards(manifest, self._weight_map(manifest, verify=False))
+
+    def _check_shards(self, manifest: Manifest, weight_map: Mapping[str, str]) -> dict[str, SafetensorsHeader]:
+        """Each shard's header (or, for ``pt``, its weights-only contents) holds what the index lists."""
+        by_file: dict[str, list[str]] = {}
+        for key, fname in weight_map.items():
+            by_file.setdefault(fname, []).append(key)
+        headers: dict[str, SafetensorsHeader] = {}
+        fmt = manifest.model.get("format", "safetensors")
+        for fname, keys in sorted(by_file.items()):
+            path = self._file_path(manifest, fname)
+            if fmt == "safetensors":
+                headers[fname] = self.file_header(manifest, fname)
+                present: Iterable[str] = headers[fname].entries
+            else:
+                present = self._load_shard(manifest, fname, None, verify=False, fmt=fmt)
+            missing = [k for k in keys if k not in present]
+            if missing:
+                raise CorruptCheckpointError(
+                    f"{path}: missing tensors {missing[:5]} listed in {manifest.model.get('index')}", path=path
+                )
+        return headers
+
+    def file_header(self, manifest: Manifest, name: str) -> SafetensorsHeader:
+        """The validated header of one safetensors file the step's marker lists."""
+        path = self._file_path(manifest, name)
+        try:
+            with self.storage.open_read(path) as f:
+                return read_safetensors_header(f, name=path, file_size=manifest.files[name].size)
+        except FileNotFoundError as exc:
+            raise self._missing(manifest.step, name) from exc
+
+    def _trainer_layout(self, manifest: Manifest, *, verify: bool) -> tuple[Any, dict[str, str]]:
+        """trainer_state.json's structure and aliases, checked (a damaged file names itself)."""
+        path = f"{step_dir(manifest.step)}/{TRAINER_JSON}"
+        doc = JsonObject.parse(self._read_file(manifest, TRAINER_JSON, verify=verify), name=path)
+        aliases = doc.dict("aliases", {})
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()):
+            raise doc.error("aliases", "expected an object of tensor names -> tensor names")
+        structure = doc.any("structure")
+        try:
+            check_structure(structure)
+        except ValueError as exc:
+            raise doc.error("structure", str(exc)) from None
+        return structure, aliases
+
+    def _file_path(self, manifest: Manifest, name: str) -> str:
+        if name not in manifest.files:
+            raise CorruptCheckpointError(f"{step_dir(manifest.step)}/{name}: not listed in {MARKER_FILE}")
+        return f"{step_dir(manifest.step)}/{name}"
+
+    def _read_file(self, manifest: Manifest, name: str, *, verify: bool) -> bytes:
+        path = self._file_path(manifest, name)
+        try:
+            data = self.storage.read_bytes(path)
+        except FileNotFoundError as exc:
+            raise self._missing(manifest.step, name) from exc
+        if verify:
+            _check_digest(path, data, manifest.files[name])
+        return data
+
+    def _missing(self, step: int, name: str) -> Exception:
+        if not self.storage.exists(f"{step_dir(step)}/{MARKER_FILE}"):
+            return CheckpointNotFoundError(f"step {step} of run {self.run_name!r} was deleted while being read")
+        return CorruptCheckpointError(f"{step_dir(step)}/{name}: missing", path=f"{step_dir(step)}/{name}")
+
+    def _load_shard(
+        self,
+        manifest: Manifest,
+        name: str,
+        keys: list[str] | None,
+        *,
+        verify: bool,
+        fmt: str = "safetensors",
+        mmap: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        path = self._file_path(manifest, name)
+        expected = manifest.files[name]
+        try:
+            size = self.storage.size(path)
+            if size != expected.size:
+                raise CorruptCheckpointError(
+                    f"{path}: size {size} differs from the committed {expected.size} (truncated or replaced)", path=path
+                )
+            if fmt == "pt":
+                data = self.storage.read_bytes(path) if verify or not mmap else b""
+                if verify:
+                    _check_digest(path, data, expected)
+                try:
+                    source = self.storage.local_path(path) if mmap else io.BytesIO(data)
+                    loaded = torch.load(source, map_location="cpu", weights_only=True, mmap=mmap)
+                except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                    raise CorruptCheckpointError(
+                        f"{path}: not a weights-only torch file (refused, nothing unpickled beyond tensors): {first}",
+                        path=path,
+                    ) from exc
+                return loaded if keys is None else {k: loaded[k] for k in keys if k in loaded}
+            if mmap:
+                return map_safetensors(
+                    self.storage.local_path(path),
+                    name=path,
+                    keys=keys,
+                    expected_checksum=expected.checksum if verify else None,
+                )
+            with self.storage.open_read(path) as f:
+                return read_safetensors(
+                    f, name=path, file_size=size, keys=keys, expected_checksum=expected.checksum if verify else None
+                )
+        except FileNotFoundError as exc:
+            raise self._missing(manifest.step, name) from exc
+
+
+    def load_trainer_state(self, manifest: Manifest, *, verify: bool) -> Any:
+        """The trainer state saved with a step (None if it had none)."""
+        if not manifest.trainer_state:
+            return None
+        step = manifest.step
+        with self._unchanged(manifest):
+            structure, aliases = self._trainer_layout(manifest, verify=verify)
+            tensors = self._load_shard(manifest, TRAINER_TENSORS, None, verify=verify)
+            _check_indexed(f"{step_dir(step)}/{TRAINER_TENSORS}", structure, aliases, tensors)
+        return unflatten_state(tensors, structure, aliases)
+
+
+    @contextlib.contextmanager
+    def _unchanged(self, manifest: Manifest) -> Iterator[None]:
+        """Fail a read whose step was deleted or replaced while it ran (its files may be a mix).
+
+        A replacement (``overwrite=True``) deletes the marker before any new file appears, so a
+        read that saw a new file finds the marker missing or different afterwards. Checked after
+        the read, and on a corruption error (a replaced file fails its checksum).
+        """
+        try:
+            yield
+        except (CorruptCheckpointError, CheckpointNotFoundError):
+            self._check_unchanged(manifest)
+            raise
+        self._check_unchanged(manifest)
+
+    def _check_unchanged(self, manifest: Manifest) -> None:
+        step = manifest.step
+        try:
+            current = self.read_manifest(step)
+        except CheckpointNotFoundError:
+            raise CheckpointNotFoundError(
+                f"step {step} of run {self.run_name!r} was deleted while being read"
+            ) from None
+        if (current.created, current.files) != (manifest.created, manifest.files):
+            raise CheckpointNotFoundError(
+                f"step {step} of run {self.run_name!r} was replaced (overwritten) while being read; load it again"
+            )
+
+
+    def verify(self, manifest: Manifest) -> None:
+        """Check a checkpoint as strictly as :meth:`load` does, plus every file's checksum.
+
+        Every listed file present with its committed size and checksum; the model index, every
+        shard header (dtypes, shapes, offsets) and every tensor the index and the state's structure
+        name; the trainer state's structure against its tensors. Streams files (no whole-file
+        reads). Raises CorruptCheckpointError naming the first bad file.
+        """
+        step = manifest.step
+        for name, digest in sorted(manifest.files.items()):
+            path = f"{step_dir(step)}/{name}"
+            try:
+                size = self.storage.size(path)
+            except FileNotFoundError as exc:
+                raise CorruptCheckpointError(f"{path}: missing", path=path) from exc
+            if size != digest.size:
+                raise CorruptCheckpointError(f"{path}: size {size} differs from the committed {digest.size}", path=path)
+            checksum = Checksum()
+            with self.storage.open_read(path) as f:
+                while chunk := f.read(16 << 20):
+                    checksum.update(chunk)
+            if checksum.hexdigest() != digest.checksum:
+                raise CorruptCheckpointError(
+                    f"{path}: checksum mismatch (expected {digest.checksum}, got {checksum.hexdigest()})", path=path
+                )
+            if name.endswith(".safetensors"):
+                self.file_header(manifest, name)
+        if manifest.kind == "state_dict":
+            self._check_shards(manifest, self._weight_map(manifest, verify=False))
+        if manifest.trainer_state:
+            structure, aliases = self._trainer_layout(manifest, verify=False)
+            header = self.file_header(manifest, TRAINER_TENSORS)
+            _check_indexed(f"{step_dir(step)}/{TRAINER_TENSORS}", structure, aliases, header.entries)
+
+
+
+def _check_indexed(path: str, structure: Any, aliases: Mapping[str, str], present: Iterable[str]) -> None:
+    """Every tensor a state's structure or aliases name is in ``present`` (CorruptCheckpointError)."""
+    have = set(present)
+    needed = set(aliases.values())
+    if structure is not None:
+        needed.update(aliases.get(k, k) for k in structure_keys(structure))
+    missing = sorted(needed - have)
+    if missing:
+        raise CorruptCheckpointError(f"{path}: tensors {missing[:5]} of the saved state are missing", path=path)
+
+
+def _check_digest(path: str, data: bytes, digest: FileDigest) -> None:
+    if len(data) != digest.size:
+        raise CorruptCheckpointError(f"{path}: size {len(data)} differs from the committed {digest.size}", path=path)
+    checksum = Checksum()
+    checksum.update(data)
+    if checksum.hexdigest() != digest.checksum:
+        raise CorruptCheckpointError(
+            f"{path}: checksum mismatch (expected {digest.checksum}, got {checksum.hexdigest()})", path=path
+        )
+
+

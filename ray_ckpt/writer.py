@@ -1,0 +1,437 @@
+"""Writing a step and committing it: the commit protocol.
+
+A :class:`StepWriter` writes a step's files into its directory (or, when it replaces a committed
+step, into a staging directory), fsyncs them, and commits by writing ``checkpoint.json`` last.
+Call order: ``begin`` (the host's ``prepare_step``) -> ``write_*`` / ``add_files`` -> ``commit``
+(marker, then the swap of a replacement) or ``abort``. The same file writers serve the store, the
+checkpointer (gather mode) and the ranks of a direct-mode save.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import logging
+import posixpath
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any, Protocol
+
+import torch
+
+from ray_ckpt.config import CheckpointConfig
+from ray_ckpt.errors import CorruptCheckpointError
+from ray_ckpt.format import (
+    Checksum,
+    FileDigest,
+    FlatState,
+    HashingWriter,
+    ShardSpec,
+    TensorBuffer,
+    hf_index_bytes,
+    index_file_name,
+    plan_shards,
+    safetensors_layout,
+    to_tensor,
+    write_safetensors,
+)
+from ray_ckpt.index import CheckpointInfo
+from ray_ckpt.layout import (
+    CHECKPOINTS_DIR,
+    FORMAT_VERSION,
+    INDEX_LOG_DIR,
+    LEASES_DIR,
+    MARKER_FILE,
+    REPLACE_RE,
+    RETIRING_FILE,
+    TRAINER_JSON,
+    TRAINER_TENSORS,
+    Manifest,
+    parse_step_dir,
+    retired_dir,
+    staging_dir,
+    step_dir,
+    validate_metrics,
+)
+from ray_ckpt.storage import Storage, is_temp_name
+
+logger = logging.getLogger(__name__)
+
+# Shard files written at once on a local disk: concurrent write()+fsync streams keep this VM's disk
+# busier than one stream does (direct mode, where each rank writes its own shard, gets the same).
+SHARD_WRITERS = 2
+
+
+class WriterHost(Protocol):
+    """What a StepWriter needs of the run it writes into (the store implements it)."""
+
+    config: CheckpointConfig
+    storage: Storage
+
+    def prepare_step(self, step: int, *, overwrite: bool) -> str | None:
+        """Check the step may be written and make its directory; a replace id when it replaces one."""
+        ...
+
+    def policy(self) -> dict[str, Any]:
+        """The ranking and retention settings recorded in the marker."""
+        ...
+
+    def record_commit(self, manifest: Manifest) -> CheckpointInfo:
+        """Add a just-committed step to the run's index; its record."""
+        ...
+
+
+class StepWriter:
+    """Writes the files of one step, then commits them with the marker written last.
+
+    Until :meth:`commit` the step directory is invisible to every reader; :meth:`abort` removes it.
+    """
+
+    def __init__(self, store: WriterHost, step: int, *, overwrite: bool = False) -> None:
+        self.store = store
+        self.step = step
+        self.files: dict[str, FileDigest] = {}
+        self.model: dict[str, Any] = {}
+        self.trainer_state = False
+        self.committed = False
+        # Where the files go: the step's own directory, or, when this replaces a committed step
+        # (overwrite=True), a staging directory swapped in only once it is committed.
+        self.replace_id: str | None = store.prepare_step(step, overwrite=overwrite)
+        self.dir = step_dir(step) if self.replace_id is None else staging_dir(step, self.replace_id)
+
+    # -- model shards -------------------------------------------------------------------------
+    def plan(self, groups: Iterable[Iterable[tuple[str, int]]]) -> list[ShardSpec]:
+        """Shard plan for (key, nbytes) groups, one group per rank (see :func:`plan_shards`)."""
+        fmt = self.store.config.checkpoint_format
+        prefix, ext = ("model", "safetensors") if fmt == "safetensors" else ("pytorch_model", "bin")
+        return plan_shards(groups, int(self.store.config.max_shard_size), prefix=prefix, ext=ext)
+
+    def write_shard(self, shard: ShardSpec, buffers: Mapping[str, TensorBuffer]) -> FileDigest:
+        """Write one shard file from in-memory buffers (streamed, no extra copy)."""
+        config = self.store.config
+        digest = write_shard_file(
+            self.store.storage, self.dir, shard, buffers, config.checkpoint_format, direct_io=config.direct_io
+        )
+        self.files[shard.name] = digest
+        return digest
+
+    def write_shards(self, shards: list[ShardSpec], buffers: Mapping[str, TensorBuffer]) -> None:
+        """Write every shard; on a local disk up to SHARD_WRITERS at once (parallel writes and fsyncs)."""
+        if len(shards) < 2 or not self.store.storage.is_local:
+            for shard in shards:
+                self.write_shard(shard, buffers)
+            return
+        workers = min(SHARD_WRITERS, len(shards))
+        with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="ray-ckpt-shard") as pool:
+            for future in [pool.submit(self.write_shard, shard, buffers) for shard in shards]:
+                future.result()  # the first error; leaving the pool still waits for the other writes
+
+    def add_file(self, name: str, digest: FileDigest) -> None:
+        """Record a file some other process wrote into the step directory (direct mode)."""
+        self.add_files({name: digest})
+
+    def add_files(self, files: Mapping[str, FileDigest]) -> None:
+        """Record files other processes wrote into the step directory (direct mode).
+
+        Each must exist with the reported size (one listing per directory, not a stat per file:
+        on an object store that is one request for a thousand ranks' shards); checksums are
+        taken as reported.
+        """
+        by_dir: dict[str, list[str]] = {}
+        for name in files:
+            by_dir.setdefault(posixpath.dirname(name), []).append(name)
+        for sub, names in by_dir.items():
+            sizes = self.store.storage.file_sizes(f"{self.dir}/{sub}" if sub else self.dir)
+            for name in names:
+                size = sizes.get(posixpath.basename(name))
+                if size is None:
+                    raise CorruptCheckpointError(f"{name}: reported written but missing from {self.dir}", path=name)
+                if size != files[name].size:
+                    raise CorruptCheckpointError(
+                        f"{name}: size {size} differs from the reported {files[name].size}", path=name
+                    )
+        self.files.update(files)
+        if TRAINER_TENSORS in files:
+            self.trainer_state = True
+
+    def write_model_index(
+        self,
+        shards: list[ShardSpec],
+        total_size: int,
+        *,
+        structure: Any = None,
+        aliases: Mapping[str, str] | None = None,
+    ) -> None:
+        """Write the HF ``*.index.json`` and remember what the marker says of the model."""
+        fmt = self.store.config.checkpoint_format
+        name = (
+            index_file_name("model", "safetensors") if fmt == "safetensors" else index_file_name("pytorch_model", "bin")
+        )
+        self._write_small(name, hf_index_bytes(shards, total_size))
+        self.model = {
+            "format": fmt,
+            "index": name,
+            "total_size": total_size,
+            "structure": structure,
+            "aliases": dict(aliases or {}),
+        }
+
+    def write_state(self, flat: FlatState) -> None:
+        """Plan, write every shard of a flattened state and its index (single-process save)."""
+        shards = self.plan([[(k, b.nbytes) for k, b in flat.tensors.items()]])
+        self.write_shards(shards, flat.tensors)
+        self.write_model_index(shards, flat.total_size, structure=flat.structure, aliases=flat.aliases)
+
+    def adopt_records(self, manifest: Manifest) -> None:
+        """Record the model index and trainer state of a step whose files were copied here as-is."""
+        self.model = dict(manifest.model)
+        self.trainer_state = manifest.trainer_state
+
+    def write_trainer_state(self, flat: FlatState) -> None:
+        """Write trainer_state.safetensors (tensors) + trainer_state.json (structure)."""
+        self.files.update(write_trainer_state_files(self.store.storage, self.dir, flat))
+        self.trainer_state = True
+
+    def _write_small(self, name: str, data: bytes) -> None:
+        self.files[name] = write_small_file(self.store.storage, self.dir, name, data)
+
+    # -- commit -------------------------------------------------------------------------------
+    def commit(
+        self,
+        *,
+        metrics: Mapping[str, Any] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        world_size: int = 1,
+        kind: str = "state_dict",
+        extra: Mapping[str, Any] | None = None,
+    ) -> CheckpointInfo:
+        """Make the step visible: fsync the directory, then write checkpoint.json last."""
+        storage = self.store.storage
+        storage.fsync_dir(self.dir)
+        manifest = Manifest(
+            step=self.step,
+            created=time.time(),
+            metrics=validate_metrics(metrics),
+            world_size=int(world_size),
+            metadata=dict(metadata or {}),
+            files=dict(self.files),
+            model=self.model,
+            trainer_state=self.trainer_state,
+            kind=kind,
+            extra={
+                "policy": self.store.policy(),
+                **{k: v for k, v in (extra or {}).items() if k != "replace_id"},  # a copied step's is not ours
+                **({"replace_id": self.replace_id} if self.replace_id else {}),
+            },
+        )
+        try:
+            json.dumps(manifest.metadata)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"metadata: not JSON serialisable: {exc}") from exc
+        storage.write_atomic(f"{self.dir}/{MARKER_FILE}", manifest.to_json_bytes())
+        storage.fsync_dir(CHECKPOINTS_DIR)
+        if self.replace_id is not None:
+            # The new version is complete and committed under its staging name: swap it in.
+            # Any crash from here on leaves the old or the new version (see swap_in_replacement).
+            swap_in_replacement(storage, self.step, self.replace_id)
+            self.dir = step_dir(self.step)
+        self.committed = True
+        return self.store.record_commit(manifest)
+
+    def abort(self) -> None:
+        """Remove everything written for this step (it was never visible)."""
+        if not self.committed:
+            self.store.storage.rm(self.dir, recursive=True, missing_ok=True)
+
+    def __enter__(self) -> StepWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is not None:
+            try:
+                self.abort()
+            except OSError as exc:  # e.g. the endpoint is down: keep the save's own error, gc() cleans up later
+                logger.warning("could not remove the aborted %s (gc() will): %s", self.dir, exc)
+
+
+def swap_in_replacement(storage: Storage, step: int, replace_id: str) -> None:
+    """Put the committed staging copy of ``step`` in place of the committed old one.
+
+    A crash at any point leaves the old or the new version at the step's path, or the new one
+    committed under its staging name, which the next writer start (``gc``) swaps in:
+    - local disk: one atomic ``renameat2(RENAME_EXCHANGE)`` of the two directories; where that
+      is missing, the old directory is renamed aside, then the new one into place;
+    - object store (no renames): the old marker goes first (the step turns invisible), then the
+      old objects; the new ones are copied in server-side and the marker is copied last.
+    """
+    staged, target = staging_dir(step, replace_id), step_dir(step)
+    if storage.is_local:
+        if storage.exchange(staged, target):
+            storage.fsync_dir(CHECKPOINTS_DIR)
+            storage.rm(staged, recursive=True, missing_ok=True)  # the old version, now under that name
+            return
+        old = retired_dir(step, replace_id)
+        if storage.exists(target):
+            storage.move(target, old)
+        storage.move(staged, target)
+        storage.fsync_dir(CHECKPOINTS_DIR)
+        storage.rm(old, recursive=True, missing_ok=True)
+        return
+    marker = f"{staged}/{MARKER_FILE}"
+    manifest = Manifest.from_json_bytes(storage.read_bytes(marker), name=marker)
+    storage.rm(f"{target}/{MARKER_FILE}", missing_ok=True)
+    storage.rm(target, recursive=True, missing_ok=True)
+    for name in sorted(manifest.files):
+        storage.copy(f"{staged}/{name}", f"{target}/{name}")
+    storage.copy(marker, f"{target}/{MARKER_FILE}")
+    storage.rm(staged, recursive=True, missing_ok=True)
+
+
+def write_small_file(storage: Storage, directory: str, name: str, data: bytes) -> FileDigest:
+    """Write a small file whole (fsync'd when local) and return its digest."""
+    storage.write_bytes(f"{directory}/{name}", data)
+    checksum = Checksum()
+    checksum.update(data)
+    return FileDigest(len(data), checksum.hexdigest())
+
+
+def write_trainer_state_files(storage: Storage, directory: str, flat: FlatState) -> dict[str, FileDigest]:
+    """Write trainer_state.safetensors + trainer_state.json (used by the store and by rank 0 in direct mode)."""
+    keys = list(flat.tensors)
+    digests = {
+        TRAINER_TENSORS: storage.write_stream(
+            f"{directory}/{TRAINER_TENSORS}", lambda f: write_safetensors(f, flat.tensors, keys)
+        )
+    }
+    payload = {"format_version": FORMAT_VERSION, "structure": flat.structure, "aliases": flat.aliases}
+    digests[TRAINER_JSON] = write_small_file(storage, directory, TRAINER_JSON, json.dumps(payload, indent=1).encode())
+    return digests
+
+
+def write_shard_file(
+    storage: Storage,
+    directory: str,
+    shard: ShardSpec,
+    buffers: Mapping[str, TensorBuffer],
+    fmt: str = "safetensors",
+    *,
+    direct_io: bool = True,
+) -> FileDigest:
+    """Write one shard into ``directory`` (used by the store and by ranks in direct mode).
+
+    With ``direct_io`` a big safetensors shard on a local disk bypasses the page cache."""
+    missing = [k for k in shard.keys if k not in buffers]
+    if missing:
+        raise KeyError(f"{shard.name}: no buffer for keys {missing[:5]}")
+    path = f"{directory}/{shard.name}"
+    if fmt == "safetensors":
+        layout = safetensors_layout(buffers, shard.keys)  # a header no reader could open is refused here
+        size = sum(buffers[k].nbytes for k in shard.keys) if direct_io else 0
+        return storage.write_stream(
+            path, lambda f: write_safetensors(f, buffers, shard.keys, layout=layout), size_hint=size
+        )
+
+    def write_pt(f: Any) -> FileDigest:
+        out = HashingWriter(f)
+        torch.save({k: to_tensor(buffers[k]) for k in shard.keys}, out)
+        return FileDigest(out.size, out.checksum.hexdigest())
+
+    return storage.write_stream(path, write_pt)
+
+
+def collect_leftovers(
+    storage: Storage, run_name: str, *, dry_run: bool = False, older_than_s: float = 0.0
+) -> list[str]:
+    """Remove what crashed saves left: step dirs without a marker, temp files, tombstones; finish
+    or undo interrupted replacements. Returns the removed paths.
+
+    Only a run's writer should call this (an in-progress save looks like a leftover);
+    ``older_than_s`` spares leftovers touched more recently.
+    """
+    removed: list[str] = []
+    now = time.time()
+    names = storage.list_names(CHECKPOINTS_DIR)
+    # Replacements first ("replace" sorts before "old"): a finished one may restore a step.
+    for name in sorted((n for n in names if REPLACE_RE.match(n)), key=lambda n: n.split(".")[2]):
+        removed += _recover_replacement(storage, run_name, name, now, older_than_s, dry_run)
+    for name in names:
+        if REPLACE_RE.match(name):
+            continue
+        path = f"{CHECKPOINTS_DIR}/{name}"
+        step = parse_step_dir(name)
+        if step is not None and storage.exists(f"{path}/{MARKER_FILE}"):
+            for inner in storage.list_names(path):
+                if is_temp_name(inner) or inner == RETIRING_FILE:  # a tombstone outlives only a crash
+                    removed.append(f"{path}/{inner}")
+            continue
+        if older_than_s and _age(storage, path, now) < older_than_s:
+            continue
+        removed.append(path)
+    removed += [n for n in storage.list_names("") if is_temp_name(n)]
+    for directory in (LEASES_DIR, INDEX_LOG_DIR):
+        removed += [f"{directory}/{n}" for n in storage.list_names(directory) if is_temp_name(n)]
+    if not dry_run:
+        for path in removed:
+            storage.rm(path, recursive=True, missing_ok=True)
+    if removed:
+        logger.info("gc %s %s", "would remove" if dry_run else "removed", removed)
+    return removed
+
+
+def _recover_replacement(
+    storage: Storage, run_name: str, name: str, now: float, older_than_s: float, dry_run: bool
+) -> list[str]:
+    """Finish or drop what an interrupted ``overwrite=True`` save left; the paths removed.
+
+    A staging copy committed for this very replacement is swapped in (the save had
+    committed it; only the swap was cut short); the old version left aside is removed once
+    the step's path holds a committed version again, or moved back if it does not.
+    """
+    match = REPLACE_RE.match(name)
+    assert match is not None
+    step, kind, replace_id = int(match.group(1)), match.group(2), match.group(3)
+    path = f"{CHECKPOINTS_DIR}/{name}"
+    if older_than_s and _age(storage, path, now) < older_than_s:
+        return []  # a writer may be in the middle of it
+    marker = f"{path}/{MARKER_FILE}"
+    try:
+        manifest: Manifest | None = Manifest.from_json_bytes(storage.read_bytes(marker), name=marker)
+    except (FileNotFoundError, CorruptCheckpointError):
+        manifest = None
+    target_committed = storage.exists(f"{step_dir(step)}/{MARKER_FILE}")
+    if kind == "replace" and manifest is not None and manifest.extra.get("replace_id") == replace_id:
+        if not dry_run:
+            swap_in_replacement(storage, step, replace_id)
+            logger.warning("run %s: finished the interrupted replacement of step %d", run_name, step)
+        return [path]
+    if kind == "old" and manifest is not None and not target_committed:
+        if not dry_run:
+            storage.rm(step_dir(step), recursive=True, missing_ok=True)
+            storage.move(path, step_dir(step))
+            logger.warning("run %s: restored step %d from an interrupted replacement", run_name, step)
+        return [path]
+    if not dry_run:
+        storage.rm(path, recursive=True, missing_ok=True)
+    return [path]
+
+def _age(storage: Storage, path: str, now: float) -> float:
+    """Seconds since anything under ``path`` last changed (inf when unknown).
+
+    A directory counts as young while any file in it is: object stores have no directory
+    mtimes, and locally a shard still being streamed does not touch its directory's mtime.
+    """
+    fs, full = storage.fs, storage.full_path(path)
+    try:
+        infos = [fs.info(full)]
+        if infos[0].get("type") == "directory":
+            infos += list(fs.find(full, withdirs=True, detail=True).values())
+    except (OSError, ValueError, TypeError):
+        return float("inf")
+    times = []
+    for info in infos:
+        mtime = info.get("mtime") or info.get("LastModified") or info.get("created")
+        if hasattr(mtime, "timestamp"):
+            mtime = mtime.timestamp()
+        if isinstance(mtime, (int, float)) and not isinstance(mtime, bool):
+            times.append(float(mtime))
+    return now - max(times) if times else float("inf")
