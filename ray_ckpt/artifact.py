@@ -99,13 +99,26 @@ def open_run(
     if parsed.kind not in ("run", "step"):
         raise ConfigError(f"{parsed.location}: expected a run URI (<storage>/<run_name>), got a {parsed.kind}")
     options = {k: v for k, v in overrides.items() if v is not None}
-    store = CheckpointStore(parsed.storage_uri, parsed.run_name, storage_options or {}, **options)
+    # The policy options are applied together with the recorded policy: keep_top_k alone is
+    # only valid once the recorded metric_name joins it.
+    store = CheckpointStore(
+        parsed.storage_uri,
+        parsed.run_name,
+        storage_options or {},
+        **{k: v for k, v in options.items() if k not in _POLICY_FIELDS},
+    )
     if must_exist and not store.storage.exists(""):
         raise CheckpointNotFoundError(f"no run at {parsed.run_uri}")
     recorded = recorded_policy(store)
     if "metric_name" in options and recorded.get("metric_name") != options["metric_name"]:
         recorded.pop("mode", None)  # the recorded mode belongs to another metric
-    policy = {k: v for k, v in recorded.items() if k not in options}
+    policy = {**{k: v for k, v in recorded.items() if k not in options}, **options}
+    policy = {k: v for k, v in policy.items() if k in _POLICY_FIELDS}
+    if "keep_top_k" not in options and policy.get("keep_top_k") is not None and not policy.get("metric_name"):
+        # Written before keep_top_k needed a metric: it ranked nothing, so it kept the latest
+        # plus the other rules, which is what keep_last_n=0 keeps.
+        policy["keep_last_n"] = policy.get("keep_last_n") or 0
+        policy["keep_top_k"] = None
     if policy:
         store.config = store.config.replace(**policy)
         store.index.metric_name = store.config.metric_name

@@ -874,9 +874,12 @@ def start_checkpointer(
     would take the run's master with it). A non-detached checkpointer lives as long as the
     process that started it; use ``detached=True`` when that process may exit first.
     ``actor_options`` go to ``.options()`` (e.g. ``resources`` or a scheduling strategy).
+    A field the checkpointer ignores (``async_save``: use ``save(blocking=False)``; NeMo's
+    ``enabled``) is a ConfigError, raised before anything starts.
     """
     if not isinstance(config, CheckpointConfig):
         raise TypeError(f"config: expected CheckpointConfig, got {type(config).__name__}")
+    config.check_consumed("start_checkpointer")
     options: dict[str, Any] = {
         "name": name or actor_name(config.run_name),
         "namespace": namespace,

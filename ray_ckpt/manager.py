@@ -24,7 +24,7 @@ from ray_ckpt.config import CheckpointConfig
 from ray_ckpt.errors import CheckpointExistsError, CheckpointNotFoundError, ConfigError
 from ray_ckpt.storage import Storage
 from ray_ckpt.store import CheckpointStore
-from ray_ckpt.uri import ParsedURI, parse_uri
+from ray_ckpt.uri import ParsedURI, normalize_storage_uri, parse_uri
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,29 @@ def _join_state(model_state: Any, trainer_state: Any, layout: Mapping[str, Any])
     return {k: parts[k] for k in order + [k for k in parts if k not in order]}
 
 
+# The config fields CheckpointManager sets from its own arguments, and from which argument.
+_ARGUMENT_OF = {
+    "storage_uri": "directory_or_uri",
+    "run_name": "directory_or_uri",
+    "storage_options": "storage_options",
+    "metric_name": "best_fn",
+    "mode": "best_mode",
+    "keep_top_k": "max_to_keep",
+    "keep_last_n": "max_to_keep",
+    "keep_period": "keep_period",
+    "save_interval_steps": "save_interval_steps",
+    "async_save": "async_save",
+}
+
+
+def _replaced_by_arguments(config: CheckpointConfig, changes: Mapping[str, Any]) -> dict[str, tuple[Any, str]]:
+    """``{field: (the value the manager uses, its argument)}`` for ``check_consumed(replaced=...)``."""
+    replaced = {name: (value, _ARGUMENT_OF[name]) for name, value in changes.items()}
+    if normalize_storage_uri(config.storage_uri) == changes["storage_uri"]:
+        replaced.pop("storage_uri")  # the same location, spelled differently
+    return replaced
+
+
 class CheckpointManager:
     """Save every ``save_interval_steps`` steps, keep ``max_to_keep``, restore latest or any step.
 
@@ -75,6 +98,10 @@ class CheckpointManager:
     whether lower or higher is better); a string names a metric directly. With ``async_save``
     saves run on a background thread (the state is snapshotted first); errors surface at the
     next ``save``, ``wait`` or ``close``. Use as a context manager.
+
+    ``config`` supplies the other options (shard size, format, storage options, ...); a field it
+    sets that the manager ignores (the checkpointer's, tiering) or takes from its own arguments
+    (``max_to_keep``, ``best_fn``, ...) with another value is a ConfigError naming the field.
     """
 
     def __init__(
@@ -108,7 +135,12 @@ class CheckpointManager:
             "save_interval_steps": save_interval_steps,
             "async_save": async_save,
         }
-        self.store = CheckpointStore(parsed.storage_uri, parsed.run_name, storage_options, config=config, **options)
+        changes: dict[str, Any] = {"storage_uri": parsed.storage_uri, "run_name": parsed.run_name, **options}
+        if storage_options is not None:
+            changes["storage_options"] = storage_options
+        if config is not None:  # a field this manager ignores, or replaces from an argument, is an error
+            config.check_consumed("CheckpointManager", replaced=_replaced_by_arguments(config, changes))
+        self.store = CheckpointStore(config=(config or CheckpointConfig()).replace(**changes))
         self.max_to_keep = max_to_keep
         self._policy = {
             "metric_name": metric_name,

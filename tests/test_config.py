@@ -1,13 +1,16 @@
-"""CheckpointConfig: validation names the field, sizes, YAML loading, NeMo aliases."""
+"""CheckpointConfig: validation names the field, every error at once, groups, YAML, NeMo aliases,
+assignment, the JSON schema, and entry points refusing fields they ignore."""
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from ray_ckpt import CheckpointConfig, ConfigError
-from ray_ckpt.config import parse_size
+from ray_ckpt import CheckpointConfig, CheckpointStore, ConfigError
+from ray_ckpt.config import CONSUMERS, FIELD_GROUPS, GROUPS, RetentionOptions, parse_size
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -56,6 +59,10 @@ BAD_VALUES = [
     ("max_restarts", -2),
     ("remote_uri", 5),
     ("enabled", "true"),
+    ("leftover_grace_s", -1),
+    ("leftover_grace_s", float("nan")),
+    ("keep_checkpoints_without_metrics", "no"),
+    ("remote_storage_options", ["key", "value"]),
 ]
 
 
@@ -126,6 +133,8 @@ def test_valid_values_accepted() -> None:
         lease_ttl_s=0.5,
         max_restarts=-1,
         remote_uri="s3://b/p",
+        remote_storage_options={"anon": False},
+        keep_checkpoints_without_metrics=False,
         enabled=False,
     )
     assert cfg.allowed_architecture_prefixes == ["ray_ckpt.", "tests."]
@@ -134,10 +143,11 @@ def test_valid_values_accepted() -> None:
 
 
 def test_replace_revalidates() -> None:
-    cfg = CheckpointConfig()
+    cfg = CheckpointConfig(metric_name="loss")
     assert cfg.replace(keep_top_k=2).keep_top_k == 2
     with pytest.raises(ConfigError, match=r"^keep_top_k:"):
         cfg.replace(keep_top_k=-1)
+    assert cfg.keep_top_k is None  # the original is untouched
 
 
 def test_to_dict_round_trips() -> None:
@@ -155,15 +165,18 @@ def test_from_yaml_example_config() -> None:
     assert (cfg.keep_top_k, cfg.keep_last_n, cfg.keep_period) == (3, 2, 10)
     assert cfg.save_interval_steps == 2
     assert cfg.max_shard_size == 256_000
-    assert cfg.async_save is True
+    assert cfg.async_save is False  # the demo starts a checkpointer, which ignores async_save
     assert cfg.checkpoint_format == "safetensors"
     assert cfg.allowed_architecture_prefixes == ["ray_ckpt."]
     assert cfg.storage_options == {}
+    assert (cfg.write_mode, cfg.save_timeout_s, cfg.lease_ttl_s) == ("gather", 60.0, 30.0)
+    assert cfg.retention.keep_top_k == 3 and cfg.store.run_name == "demo"
+    cfg.check_consumed("start_checkpointer")  # what the demo does with it
 
 
 def test_from_yaml_top_level_and_empty(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
-    path.write_text("run_name: top\nkeep_top_k: 4\nmax_shard_size: 500MB\n")
+    path.write_text("run_name: top\nmetric_name: loss\nkeep_top_k: 4\nmax_shard_size: 500MB\n")
     cfg = CheckpointConfig.from_yaml(path)
     assert (cfg.run_name, cfg.keep_top_k, cfg.max_shard_size) == ("top", 4, 500 * 10**6)
     empty = tmp_path / "empty.yaml"
@@ -258,3 +271,332 @@ def test_alias_conflicting_with_its_field_is_refused(data: dict) -> None:
         CheckpointConfig.from_dict(data)
     for key in data:
         assert key in str(excinfo.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Groups: flat and grouped input, grouped access.
+# ---------------------------------------------------------------------------------------------
+def test_flat_and_grouped_construction_are_the_same_config() -> None:
+    flat = CheckpointConfig(storage_uri="/data", metric_name="loss", keep_top_k=3, write_mode="direct",
+                            max_shard_size="1MB", remote_uri="s3://b/p")
+    grouped = CheckpointConfig(
+        store={"storage_uri": "/data", "max_shard_size": "1MB"},
+        retention={"metric_name": "loss", "keep_top_k": 3},
+        checkpointer={"write_mode": "direct"},
+        tiering={"remote_uri": "s3://b/p"},
+    )
+    mixed = CheckpointConfig(storage_uri="/data", max_shard_size=10**6, retention=RetentionOptions(
+        metric_name="loss", keep_top_k=3), checkpointer={"write_mode": "direct"}, remote_uri="s3://b/p")
+    assert flat == grouped == mixed
+    assert flat.retention.keep_top_k == flat.keep_top_k == 3
+    assert flat.store.max_shard_size == flat.max_shard_size == 10**6
+    assert flat.checkpointer.write_mode == "direct" and flat.tiering.remote_uri == "s3://b/p"
+    assert set(FIELD_GROUPS) == set(flat.to_dict())
+    assert CheckpointConfig.from_dict(flat.to_grouped_dict()) == flat
+
+
+def test_a_group_instance_is_copied_not_shared() -> None:
+    retention = RetentionOptions(metric_name="loss", keep_top_k=1)
+    cfg = CheckpointConfig(retention=retention)
+    retention.keep_top_k = 5
+    assert cfg.keep_top_k == 1
+
+
+def test_grouped_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "grouped.yaml"
+    path.write_text(
+        "checkpoint:\n"
+        "  store:\n    run_name: g\n    max_shard_size: 2MB\n"
+        "  retention:\n    metric_name: loss\n    keep_top_k: 2\n"
+        "  schedule:\n  checkpointer:\n    save_timeout_s: 5\n"
+        "  keep_last_n: 4\n"  # flat keys mix with the group sections
+    )
+    cfg = CheckpointConfig.from_yaml(path)
+    assert (cfg.run_name, cfg.max_shard_size, cfg.keep_top_k, cfg.keep_last_n) == ("g", 2 * 10**6, 2, 4)
+    assert cfg.save_timeout_s == 5.0 and cfg.save_interval_steps == 1
+
+
+@pytest.mark.parametrize(
+    ("data", "needles"),
+    [
+        (
+            {"keep_top_k": 3, "retention": {"keep_top_k": 4, "metric_name": "m"}},
+            ["keep_top_k: given twice", "keep_top_k=3", "retention.keep_top_k=4"],
+        ),
+        ({"store": {"keep_top_k": 3}}, ["store.keep_top_k:", "retention group"]),
+        ({"retention": [1]}, ["retention: expected a mapping"]),
+        ({"retention": {"keep_top": 3}}, ["retention.keep_top:", "did you mean keep_top_k"]),
+        (
+            {"save_period": 2, "schedule": {"save_interval_steps": 3}},
+            ["save_interval_steps: given twice", "save_period=2", "schedule.save_interval_steps=3"],
+        ),
+    ],
+)
+def test_group_input_problems_name_the_key(data: dict, needles: list[str]) -> None:
+    with pytest.raises(ConfigError) as excinfo:
+        CheckpointConfig.from_dict(data)
+    for needle in needles:
+        assert needle in str(excinfo.value), str(excinfo.value)
+
+
+def test_replace_merges_a_group_mapping() -> None:
+    cfg = CheckpointConfig(metric_name="loss", keep_top_k=2, keep_last_n=1)
+    again = cfg.replace(retention={"keep_top_k": 5}, write_mode="direct")
+    assert (again.keep_top_k, again.keep_last_n, again.metric_name, again.write_mode) == (5, 1, "loss", "direct")
+    assert cfg.keep_top_k == 2 and cfg.write_mode == "gather"
+    with pytest.raises(ConfigError, match="did you mean keep_top_k"):
+        cfg.replace(keep_top=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every error at once, did-you-mean.
+# ---------------------------------------------------------------------------------------------
+def test_every_error_is_reported_at_once() -> None:
+    with pytest.raises(ConfigError) as excinfo:
+        CheckpointConfig(mode="best", keep_top_k=-1, run_name="a/b")
+    message = str(excinfo.value)
+    assert message.startswith("3 configuration errors:"), message
+    for field in ("mode:", "keep_top_k:", "run_name:"):
+        assert field in message, message
+    assert sorted(f for f, _ in excinfo.value.problems) == ["keep_top_k", "mode", "run_name"]  # type: ignore[attr-defined]
+
+
+def test_every_error_at_once_across_groups_and_unknown_keys(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("checkpoint:\n  keep_top: 3\n  mode: best\n  checkpointer:\n    write_mode: scatter\n"
+                    "  store:\n    max_shard_size: lots\n")
+    with pytest.raises(ConfigError) as excinfo:
+        CheckpointConfig.from_yaml(path)
+    message = str(excinfo.value)
+    assert message.startswith(f"{path}: 4 configuration errors:"), message
+    unknown = "keep_top: unknown config field; did you mean keep_top_k?"
+    for needle in (unknown, "mode:", "write_mode:", "max_shard_size:"):
+        assert needle in message, message
+
+
+@pytest.mark.parametrize(("typo", "meant"), [("keep_top", "keep_top_k"), ("metric", "metric_name"),
+                                              ("storage_option", "storage_options"), ("retension", "retention")])
+def test_unknown_key_says_did_you_mean(typo: str, meant: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^{typo}: unknown config field; did you mean {meant}\?"):
+        CheckpointConfig(**{typo: 3})
+
+
+def test_unknown_key_without_a_close_match_lists_the_known_ones() -> None:
+    with pytest.raises(ConfigError, match=r"^zzz: unknown config field \(known: .*keep_top_k"):
+        CheckpointConfig.from_dict({"zzz": 1})
+
+
+def test_attribute_typo_says_did_you_mean() -> None:
+    cfg = CheckpointConfig()
+    with pytest.raises(AttributeError, match="did you mean 'keep_top_k'"):
+        cfg.keep_top  # noqa: B018
+    with pytest.raises(ConfigError, match="did you mean keep_top_k"):
+        cfg.keep_top = 3
+
+
+def test_alias_errors_say_which_key_was_given() -> None:
+    with pytest.raises(ConfigError, match=r"^save_interval_steps: .*\(given as save_period\)"):
+        CheckpointConfig.from_dict({"save_period": 0})
+
+
+# ---------------------------------------------------------------------------------------------
+# Cross-field rules.
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("k", [0, 3])
+def test_keep_top_k_without_metric_name_is_an_error(k: int) -> None:
+    with pytest.raises(ConfigError, match=r"^keep_top_k: set without metric_name"):
+        CheckpointConfig(keep_top_k=k)
+    assert CheckpointConfig(keep_top_k=k, metric_name="loss").keep_top_k == k
+
+
+def test_keep_top_k_without_metric_name_from_yaml_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("checkpoint:\n  retention:\n    keep_top_k: 2\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: keep_top_k: set without metric_name"):
+        CheckpointConfig.from_yaml(path)
+
+
+def test_keep_top_k_without_metric_name_is_refused_by_the_store(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^keep_top_k:"):
+        CheckpointStore(str(tmp_path), run_name="r", keep_top_k=2)
+
+
+def test_keep_checkpoints_without_metrics() -> None:
+    assert CheckpointConfig().keep_checkpoints_without_metrics is True  # Orbax's default
+    cfg = CheckpointConfig(metric_name="loss", keep_top_k=2, keep_checkpoints_without_metrics=False)
+    assert cfg.retention.keep_checkpoints_without_metrics is False
+    with pytest.raises(ConfigError, match=r"^keep_checkpoints_without_metrics: False only changes keep_top_k"):
+        CheckpointConfig(metric_name="loss", keep_checkpoints_without_metrics=False)
+
+
+def test_remote_storage_options_need_remote_uri() -> None:
+    with pytest.raises(ConfigError, match=r"^remote_storage_options: set without remote_uri"):
+        CheckpointConfig(remote_storage_options={"anon": True})
+    cfg = CheckpointConfig(remote_uri="s3://b/p", remote_storage_options={"anon": True})
+    assert cfg.tiering.remote_storage_options == {"anon": True} and cfg.remote_checkpoints_enabled
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation on assignment.
+# ---------------------------------------------------------------------------------------------
+def test_assignment_is_validated() -> None:
+    cfg = CheckpointConfig(metric_name="loss")
+    cfg.keep_top_k = 2
+    cfg.max_shard_size = "1MB"
+    assert (cfg.keep_top_k, cfg.retention.keep_top_k, cfg.max_shard_size) == (2, 2, 10**6)
+    with pytest.raises(ConfigError, match=r"^keep_top_k: must be greater than or equal to 0, got -1"):
+        cfg.keep_top_k = -1
+    with pytest.raises(ConfigError, match=r"^keep_top_k:"):
+        cfg.retention.keep_top_k = "3"
+    with pytest.raises(ConfigError, match=r"^run_name:"):
+        cfg.run_name = "../x"
+    with pytest.raises(ConfigError, match=r"^max_shard_size:"):
+        cfg.store.max_shard_size = "lots"
+    assert (cfg.keep_top_k, cfg.run_name, cfg.max_shard_size) == (2, "run", 10**6)  # nothing half-applied
+
+
+def test_assignment_checks_the_cross_field_rules_and_rolls_back() -> None:
+    cfg = CheckpointConfig(metric_name="loss", keep_top_k=2)
+    with pytest.raises(ConfigError, match=r"^keep_top_k: set without metric_name"):
+        cfg.metric_name = None
+    assert cfg.metric_name == "loss" and cfg == CheckpointConfig(metric_name="loss", keep_top_k=2)
+    with pytest.raises(ConfigError, match=r"^keep_top_k:"):
+        cfg.retention = {"keep_top_k": 1}
+    cfg.retention = {"metric_name": "reward", "mode": "max"}
+    assert (cfg.metric_name, cfg.mode, cfg.keep_top_k) == ("reward", "max", None)
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON schema, pickling.
+# ---------------------------------------------------------------------------------------------
+def test_json_schema_lists_every_field_with_its_group_and_description() -> None:
+    schema = CheckpointConfig.json_schema()
+    assert set(schema["properties"]) == set(GROUPS)
+    seen = set()
+    for group, prop in schema["properties"].items():
+        ref = prop.get("$ref") or prop["allOf"][0]["$ref"]
+        definition = schema["$defs"][ref.rsplit("/", 1)[-1]]
+        assert definition.get("additionalProperties") is False
+        assert set(definition["properties"]) == {f for f, g in FIELD_GROUPS.items() if g == group}
+        for name, field in definition["properties"].items():
+            assert field.get("description"), f"{group}.{name} has no description"
+            seen.add(name)
+    assert seen == set(FIELD_GROUPS)
+    size = schema["$defs"]["StoreOptions"]["properties"]["max_shard_size"]
+    assert {t.get("type") for t in size["anyOf"]} == {"integer", "string"}  # "5GB" is valid input
+
+
+@pytest.mark.parametrize("dumps", ["pickle", "cloudpickle"])
+def test_pickle_round_trip(dumps: str) -> None:
+    cfg = CheckpointConfig(storage_uri="s3://b/p", metric_name="loss", keep_top_k=2, write_mode="direct",
+                           storage_options={"anon": True}, remote_uri="s3://b/q", remote_storage_options={"x": 1})
+    if dumps == "pickle":
+        again = pickle.loads(pickle.dumps(cfg))
+    else:
+        from ray import cloudpickle
+
+        again = cloudpickle.loads(cloudpickle.dumps(cfg))
+    assert again == cfg and again.keep_top_k == 2 and again.retention.metric_name == "loss"
+    with pytest.raises(ConfigError):
+        again.keep_top_k = -1  # still validated after the trip
+    assert again.replace(keep_top_k=3).keep_top_k == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# A field set where the entry point ignores it is an error.
+# ---------------------------------------------------------------------------------------------
+def test_unused_fields() -> None:
+    cfg = CheckpointConfig(metric_name="loss", keep_top_k=2, write_mode="direct", async_save=True)
+    assert cfg.non_default_fields() == {"metric_name": "loss", "keep_top_k": 2, "write_mode": "direct",
+                                        "async_save": True}
+    assert sorted(cfg.unused_fields(CONSUMERS["CheckpointStore"])) == ["async_save", "write_mode"]
+    assert cfg.unused_fields(["store", "retention", "checkpointer", "async_save"]) == []
+    with pytest.raises(ValueError, match="unknown groups or fields"):
+        cfg.unused_fields(["stor"])
+
+
+def test_the_manager_refuses_a_field_it_ignores(tmp_path: Path) -> None:
+    from ray_ckpt import CheckpointManager
+
+    with pytest.raises(ConfigError) as excinfo:
+        CheckpointManager(str(tmp_path / "r"), config=CheckpointConfig(write_mode="direct", lease_ttl_s=5))
+    message = str(excinfo.value)
+    assert "write_mode: set to 'direct', but CheckpointManager ignores it" in message
+    assert "lease_ttl_s:" in message
+    assert not (tmp_path / "r").exists()
+
+
+def test_the_manager_refuses_a_config_value_its_arguments_replace(tmp_path: Path) -> None:
+    from ray_ckpt import CheckpointManager
+
+    with pytest.raises(ConfigError, match=r"^keep_last_n: set to 3, but CheckpointManager takes it from its argument "
+                                          r"max_to_keep \(5\)"):
+        CheckpointManager(str(tmp_path / "r"), config=CheckpointConfig(keep_last_n=3))
+    # the same value, or the same place spelled differently, is fine; the other store options are used
+    cfg = CheckpointConfig(storage_uri=str(tmp_path), keep_last_n=5, max_shard_size="1MB", checkpoint_format="pt")
+    with CheckpointManager(str(tmp_path / "r"), config=cfg) as mgr:
+        assert (mgr.store.config.max_shard_size, mgr.store.config.checkpoint_format) == (10**6, "pt")
+        assert mgr.store.config.keep_last_n == 5 and mgr.store.config.async_save is True
+
+
+def test_start_checkpointer_refuses_async_save_before_starting_anything(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ray_ckpt
+    from ray_ckpt import checkpointer
+
+    def no_actor(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("an actor was started")
+
+    monkeypatch.setattr(checkpointer.ray, "remote", no_actor)
+    with pytest.raises(ConfigError, match=r"^async_save: set to True, but start_checkpointer ignores it"):
+        ray_ckpt.start_checkpointer(CheckpointConfig(async_save=True))
+    with pytest.raises(ConfigError, match=r"^enabled:"):
+        ray_ckpt.start_checkpointer(CheckpointConfig(enabled=False))
+
+
+def test_the_checkpointer_consumes_what_its_clients_receive() -> None:
+    # WorkerClient/EvalClient get the checkpointer's whole config: every field it accepts, and
+    # the save interval a training loop reads (the demo), must pass its check.
+    cfg = CheckpointConfig(metric_name="loss", keep_top_k=2, write_mode="direct", save_timeout_s=5, lease_ttl_s=9,
+                           max_restarts=0, max_pending_saves=1, save_interval_steps=4, remote_uri="s3://b/p")
+    cfg.check_consumed("start_checkpointer")
+    CheckpointStore(config=cfg)  # the store built from it inside the actor and the clients
+
+
+def test_check_consumed_among_limits_it_to_the_given_fields() -> None:
+    cfg = CheckpointConfig(write_mode="direct", async_save=True)
+    cfg.check_consumed("CheckpointStore", among=["max_shard_size"])
+    with pytest.raises(ConfigError) as excinfo:
+        cfg.check_consumed("CheckpointStore", among=["write_mode"])
+    assert "write_mode" in str(excinfo.value) and "async_save" not in str(excinfo.value)
+    with pytest.raises(ValueError, match="no consumer named"):
+        cfg.check_consumed("Nobody")
+
+
+def test_messages_show_storage_options_by_their_keys_only(tmp_path: Path) -> None:
+    from ray_ckpt import CheckpointManager
+
+    with pytest.raises(ConfigError) as excinfo:
+        CheckpointManager(str(tmp_path / "r"), storage_options={"key": "AKIA-NEW"},
+                          config=CheckpointConfig(storage_options={"secret": "hunter2"}))
+    message = str(excinfo.value)
+    assert "storage_options:" in message and "'secret'" in message
+    assert "hunter2" not in message and "AKIA-NEW" not in message
+
+
+def test_an_old_run_with_keep_top_k_and_no_metric_opens(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Runs written before keep_top_k needed a metric_name record that policy; readers keep what
+    # their writer kept (the latest plus the other rules) instead of refusing the run.
+    import torch
+
+    from ray_ckpt import artifact
+
+    store = CheckpointStore(str(tmp_path), run_name="old")
+    for step in (1, 2, 3):
+        store.save(step, {"w": torch.ones(1)})
+    old_policy = {"metric_name": None, "mode": "min", "keep_top_k": 2, "keep_last_n": None, "keep_period": None}
+    monkeypatch.setattr(artifact, "recorded_policy", lambda _store: dict(old_policy))
+    opened = artifact.open_run(f"{tmp_path}/old")
+    assert (opened.config.keep_top_k, opened.config.keep_last_n) == (None, 0)
+    assert opened.retention_plan() == ([3], [1, 2])
+    with pytest.raises(ConfigError, match=r"keep_top_k: set without metric_name"):
+        artifact.open_run(f"{tmp_path}/old", keep_top_k=2)  # asked for now, with no metric anywhere

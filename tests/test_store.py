@@ -25,6 +25,7 @@ from ray_ckpt import (
     CheckpointInfo,
     CheckpointNotFoundError,
     CheckpointStore,
+    ConfigError,
     CorruptCheckpointError,
 )
 from ray_ckpt.format import CHECKSUM_ALGORITHM
@@ -568,6 +569,7 @@ def test_index_pointing_at_an_unknown_file(tmp_run: Any) -> None:
 # Retention (table-driven).
 # ---------------------------------------------------------------------------------------------
 NAN, INF = float("nan"), float("inf")
+UNRANKED = "keep_checkpoints_without_metrics"
 RETENTION_CASES = [
     # id, config, per-step loss (None: no metric), leased steps, expected kept steps
     ("no-rules-keeps-all", {}, [0.5, 0.4, 0.3, 0.2], (), [1, 2, 3, 4]),
@@ -585,11 +587,15 @@ RETENTION_CASES = [
         (),
         [2, 3, 4, 6, 7],
     ),
-    ("top-2-nan-inf", {"keep_top_k": 2}, [NAN, 0.3, INF, 0.1, -INF, 0.2, NAN], (), [4, 6, 7]),
-    ("nan-latest-kept", {"keep_top_k": 1}, [0.1, 0.2, 0.3, NAN], (), [1, 4]),
-    ("missing-metrics", {"keep_top_k": 2}, [None, 0.3, None, 0.1, None], (), [2, 4, 5]),
-    ("all-nan-keeps-latest", {"keep_top_k": 3}, [NAN, NAN, NAN], (), [3]),
-    ("nan-with-last-n", {"keep_top_k": 1, "keep_last_n": 2}, [0.1, NAN, NAN, 0.5], (), [1, 3, 4]),
+    # steps without a finite metric: kept by default (keep_checkpoints_without_metrics, as Orbax) ...
+    ("top-2-nan-inf-kept", {"keep_top_k": 2}, [NAN, 0.3, INF, 0.1, -INF, 0.2, NAN], (), [1, 3, 4, 5, 6, 7]),
+    ("missing-metrics-kept", {"keep_top_k": 2}, [None, 0.3, None, 0.1, None], (), [1, 2, 3, 4, 5]),
+    # ... or left to the other rules
+    ("top-2-nan-inf", {"keep_top_k": 2, UNRANKED: False}, [NAN, 0.3, INF, 0.1, -INF, 0.2, NAN], (), [4, 6, 7]),
+    ("nan-latest-kept", {"keep_top_k": 1, UNRANKED: False}, [0.1, 0.2, 0.3, NAN], (), [1, 4]),
+    ("missing-metrics", {"keep_top_k": 2, UNRANKED: False}, [None, 0.3, None, 0.1, None], (), [2, 4, 5]),
+    ("all-nan-keeps-latest", {"keep_top_k": 3, UNRANKED: False}, [NAN, NAN, NAN], (), [3]),
+    ("nan-with-last-n", {"keep_top_k": 1, "keep_last_n": 2, UNRANKED: False}, [0.1, NAN, NAN, 0.5], (), [1, 3, 4]),
     ("lease-protects", {"keep_top_k": 1}, [0.9, 0.1, 0.8, 0.7], (1,), [1, 2, 4]),
     ("leases-and-last", {"keep_last_n": 1}, [0.1, 0.2, 0.3, 0.4, 0.5], (2, 3), [2, 3, 5]),
     ("top-period-max", {"keep_top_k": 1, "keep_period": 4, "mode": "max"}, [1, 5, 2, 3, 4, 0, 1, 2], (), [2, 4, 8]),
@@ -648,20 +654,19 @@ def test_expired_lease_no_longer_protects(tmp_run: Any) -> None:
 
 
 def test_retention_logs_unranked_steps(tmp_run: Any, caplog: pytest.LogCaptureFixture) -> None:
-    store = tmp_run(metric_name="loss", keep_top_k=1)
+    store = tmp_run(metric_name="loss", keep_top_k=1, keep_checkpoints_without_metrics=False)
     caplog.set_level("INFO", logger="ray_ckpt.retention")
     store.save(1, {"w": torch.ones(1)}, metrics={"loss": NAN})
     store.save(2, {"w": torch.ones(1)}, metrics={"loss": 0.5})
     assert any("never best" in r.getMessage() and "[1]" in r.getMessage() for r in caplog.records)
 
 
-def test_keep_top_k_without_a_metric_says_so(tmp_run: Any, caplog: pytest.LogCaptureFixture) -> None:
-    store = tmp_run(keep_top_k=2)
-    caplog.set_level("INFO", logger="ray_ckpt.store")
-    for step in (1, 2, 3):
-        store.save(step, {"w": torch.ones(1)}, metrics={"loss": float(step)})
-    assert steps_of(store.list()) == [3]  # nothing is ranked without a metric: only the latest stays
-    assert any("no metric_name" in r.getMessage() for r in caplog.records)
+def test_keep_top_k_without_a_metric_is_a_config_error(tmp_run: Any) -> None:
+    with pytest.raises(ConfigError, match=r"^keep_top_k: set without metric_name"):
+        tmp_run(keep_top_k=2)  # nothing would ever be ranked
+    store = tmp_run(metric_name="loss")
+    with pytest.raises(ConfigError, match=r"^keep_top_k:"):
+        store.config = store.config.replace(metric_name=None, keep_top_k=2)
 
 
 def test_retention_follows_a_changed_config(tmp_run: Any) -> None:

@@ -113,7 +113,7 @@ def test_overwrite_true_replaces_a_lower_step_and_keeps_the_rest(tmp_path: Path)
 # NaN / inf / missing metrics: kept, never ranked best.
 # ---------------------------------------------------------------------------------------------
 def test_nan_inf_and_missing_metrics_are_kept_but_never_best(tmp_path: Path) -> None:
-    store = _store(tmp_path, keep_top_k=1)
+    store = _store(tmp_path, keep_top_k=1, keep_checkpoints_without_metrics=False)
     losses = {1: 0.5, 2: float("nan"), 3: -float("inf"), 4: float("inf"), 5: None}
     for step, loss in losses.items():
         store.save(step, tensors_for(step), metrics={} if loss is None else {"loss": loss})
