@@ -2,8 +2,19 @@
 
 It knows bytes and paths only (no tensors, no Ray). Local writes are fsync'd (files and their
 directory); small files can be replaced atomically (temp name + rename locally, a single PUT on
-object stores). Remote operations are retried with bounded exponential backoff, then fail with a
-StorageError naming the path.
+object stores).
+
+Failures: every operation goes through one retry helper (:meth:`Storage._call`). Remote
+operations that fail are retried with exponential backoff for at most ``retry_timeout_s`` after
+their first failure, then fail with a StorageError naming the path; local failures and permanent
+errors (ENOSPC, EACCES, ...) fail at once. On S3 that helper is the only whole-operation retry
+layer: botocore retries each request a little (standard mode, 3 attempts, bounded connect/read
+timeouts) and s3fs's own retry loop is off, so a dead endpoint gives a StorageError within about
+``retry_timeout_s`` instead of the product of three retry loops.
+
+Local safety: reads open only regular files (a FIFO, device or socket is refused, never opened
+for reading), and deletions never go through a symlinked directory below the root (a symlink is
+removed as a link, its target is left alone).
 """
 
 from __future__ import annotations
@@ -15,6 +26,8 @@ import errno
 import logging
 import os
 import posixpath
+import shutil
+import stat
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -24,8 +37,9 @@ from typing import IO, Any, TypeVar
 import fsspec
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
+from fsspec.utils import get_protocol
 
-from ray_ckpt.errors import StorageError
+from ray_ckpt.errors import ConfigError, StorageError
 from ray_ckpt.uri import normalize_storage_uri
 
 logger = logging.getLogger(__name__)
@@ -36,9 +50,39 @@ TEMP_MARKER = ".tmp-"
 # Errors that no retry can fix: fail at once.
 _PERMANENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT}
 
+# -- deadlines and retries (see docs/RELIABILITY.md, "Storage deadlines and retries") ----------
+# ray-ckpt's retry loop: how long a failing operation keeps retrying after its first failure, and
+# its backoff (doubling from RETRY_BACKOFF_S, at most RETRY_MAX_BACKOFF_S between attempts).
+RETRY_TIMEOUT_S = 15.0
+RETRY_BACKOFF_S = 0.2
+RETRY_MAX_BACKOFF_S = 4.0
+# storage_options keys that ray-ckpt reads itself and never passes to fsspec.
+RETRY_TIMEOUT_OPTION = "retry_timeout_s"
+# botocore's per-request retries and timeouts for s3:// (s3fs ``config_kwargs``). Standard mode,
+# 3 attempts: a throttled or reset request (one part of a big upload) is retried on its own
+# instead of the whole file. A refused connection costs well under a second per request; an
+# endpoint that accepts and never answers costs up to 3 x (connect + read timeout) per request.
+S3_CONFIG_DEFAULTS: dict[str, Any] = {
+    "retries": {"max_attempts": 2, "mode": "standard"},  # botocore's max_attempts counts retries: 3 attempts
+    "connect_timeout": 5,
+    "read_timeout": 15,
+}
+# s3fs's own retry loop (around every botocore call) is off: 1 attempt. Stacked on botocore's and
+# ours it turned one dead endpoint into 25 requests per attempt of ours.
+S3FS_RETRIES = 1
+# Option values that replace ours whole instead of being merged key by key: a user's botocore
+# ``retries`` is used as given (merging {"total_max_attempts": 5} into ours would keep our mode).
+_ATOMIC_OPTIONS = {"retries"}
+
 
 S3_PART_SIZE = 32 << 20  # a multipart part (S3's minimum is 5 MiB); doubles every 1000 parts
 S3_PARTS_IN_FLIGHT = 4  # parts uploading at once: at most (1 + this) parts of memory per open file
+# A request that sends a body (put_object, upload_part) waits at most this long, plus its size at
+# S3_MIN_BODY_RATE, for everything botocore does (its attempts included). Nothing else bounds it:
+# botocore sends "Expect: 100-continue" and aiohttp waits for the 100 with no timeout, and a body
+# written to a peer that stopped reading blocks until TCP gives up (never, on a frozen server).
+S3_BODY_TIMEOUT_S = 60.0
+S3_MIN_BODY_RATE = 1 << 20  # bytes/s
 
 
 DIRECT_IO_MIN = 64 << 20  # local files expected at least this big are written with O_DIRECT
@@ -163,6 +207,8 @@ class ConcurrentS3Writer:
     ``S3_PARTS_IN_FLIGHT`` part uploads running on s3fs's event loop, and sends an object smaller
     than one part as a single PUT. The object appears only when :meth:`close` completes the
     upload; an exception inside ``with`` (or :meth:`abort`) cancels it, leaving nothing behind.
+    Every request that sends bytes is bounded in time (``S3_BODY_TIMEOUT_S``): an endpoint that
+    accepts connections and never answers fails the write with a TimeoutError instead of hanging.
     """
 
     def __init__(self, fs: Any, path: str, part_size: int = S3_PART_SIZE, in_flight: int = S3_PARTS_IN_FLIGHT) -> None:
@@ -201,7 +247,17 @@ class ConcurrentS3Writer:
         """Nothing to do: parts go up as they fill, the rest on close."""
 
     def _submit(self, method: str, **kwargs: Any) -> concurrent.futures.Future:
-        return asyncio.run_coroutine_threadsafe(self.fs._call_s3(method, **kwargs), self.fs.loop)
+        """Start a request that sends ``Body`` on s3fs's loop, bounded (see ``S3_BODY_TIMEOUT_S``)."""
+        timeout = S3_BODY_TIMEOUT_S + len(kwargs["Body"]) / S3_MIN_BODY_RATE
+        return asyncio.run_coroutine_threadsafe(self._bounded(method, timeout, **kwargs), self.fs.loop)
+
+    async def _bounded(self, method: str, timeout: float, **kwargs: Any) -> Any:
+        try:
+            return await asyncio.wait_for(self.fs._call_s3(method, **kwargs), timeout)
+        except asyncio.TimeoutError as exc:
+            raise TimeoutError(
+                f"{method} of {len(kwargs['Body'])} bytes got no answer within {timeout:.0f}s (endpoint not responding)"
+            ) from exc
 
     def _send_part(self) -> None:
         if self._upload_id is None:
@@ -231,7 +287,8 @@ class ConcurrentS3Writer:
             return
         try:
             if self._upload_id is None:
-                self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=bytes(self._part[: self._fill]))
+                body = bytes(self._part[: self._fill])
+                self._submit("put_object", Bucket=self.bucket, Key=self.key, Body=body).result()
             else:
                 if self._fill:
                     self._send_part()
@@ -288,6 +345,81 @@ def is_temp_name(name: str) -> bool:
     return name.startswith(".") and TEMP_MARKER in name
 
 
+def merge_options(defaults: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``defaults`` with ``overrides`` on top, nested mappings merged key by key (new dicts).
+
+    A user's ``{"config_kwargs": {"read_timeout": 60}}`` keeps our other config_kwargs, and their
+    ``client_kwargs`` are untouched. Keys in ``_ATOMIC_OPTIONS`` (botocore's ``retries``) are
+    replaced whole, since their fields interact.
+    """
+    merged = {key: _copy_dicts(value) for key, value in defaults.items()}
+    for key, value in overrides.items():
+        base = merged.get(key)
+        if isinstance(base, dict) and isinstance(value, dict) and key not in _ATOMIC_OPTIONS:
+            merged[key] = merge_options(base, value)
+        else:
+            merged[key] = _copy_dicts(value)
+    return merged
+
+
+def _copy_dicts(value: Any) -> Any:
+    """``value`` with every nested dict copied (botocore edits the ``retries`` dict it is given in
+    place: neither the user's options nor our defaults may be shared with it); other values as is."""
+    return {k: _copy_dicts(v) for k, v in value.items()} if isinstance(value, dict) else value
+
+
+def fs_options_for(uri: str, storage_options: dict[str, Any]) -> dict[str, Any]:
+    """The fsspec options ray-ckpt opens ``uri`` with: its defaults, overridden by the user's.
+
+    No listings cache anywhere; on s3:// botocore's bounded retries and timeouts
+    (``S3_CONFIG_DEFAULTS``). Keys ray-ckpt reads itself (``retry_timeout_s``) are left out.
+    """
+    # No listings cache: other processes commit, overwrite and delete checkpoints, and a cached
+    # listing (s3fs fills it from every ls/glob, with sizes and ETags) would hide new markers
+    # and report stale sizes, or fail reads of replaced objects. The user may still opt in.
+    defaults: dict[str, Any] = {"use_listings_cache": False}
+    if get_protocol(uri) in ("s3", "s3a"):
+        defaults["config_kwargs"] = S3_CONFIG_DEFAULTS
+    user = {k: v for k, v in storage_options.items() if k != RETRY_TIMEOUT_OPTION}
+    return merge_options(defaults, user)
+
+
+def _retry_timeout(value: Any) -> float:
+    """``retry_timeout_s`` validated: a finite number of seconds >= 0 (ConfigError naming it)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= float(value) < float("inf"):
+        raise ConfigError(
+            f"storage_options.{RETRY_TIMEOUT_OPTION}: must be a finite number of seconds >= 0, got {value!r}"
+        )
+    return float(value)
+
+
+def _is_timeout(error: BaseException) -> bool:
+    """Whether ``error`` (or what caused it) is a timeout: TimeoutError (socket, asyncio, fsspec),
+    botocore's Read/ConnectTimeoutError, aiohttp's ServerTimeoutError (by name: none imported here)."""
+    seen: BaseException | None = error
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen, TimeoutError) or any("Timeout" in cls.__name__ for cls in type(seen).__mro__):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _file_kind(mode: int) -> str:
+    """What a non-regular file is, for error messages."""
+    for test, kind in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISLNK, "a symlink"),
+    ):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
 
 _RENAME_EXCHANGE = 2  # linux/fs.h
 _AT_FDCWD = -100
@@ -310,6 +442,12 @@ class Storage:
     """A root URI plus the fsspec filesystem that serves it.
 
     Paths given to methods are relative to the root ("a/b.json") and use "/" separators.
+
+    Retries (remote only): a failing operation is retried with backoff doubling from
+    ``backoff_s`` up to ``max_backoff_s``, for at most ``retry_timeout_s`` seconds after its first
+    failure (default ``RETRY_TIMEOUT_S``; also settable as ``storage_options["retry_timeout_s"]``,
+    which ray-ckpt reads and never passes to fsspec) and, when ``retries`` is set, at most that
+    many retries. No attempt starts after the deadline.
     """
 
     def __init__(
@@ -317,27 +455,41 @@ class Storage:
         uri: str,
         storage_options: dict[str, Any] | None = None,
         *,
-        retries: int = 4,
-        backoff_s: float = 0.2,
+        retries: int | None = None,
+        backoff_s: float = RETRY_BACKOFF_S,
+        max_backoff_s: float = RETRY_MAX_BACKOFF_S,
+        retry_timeout_s: float | None = None,
     ) -> None:
         self.uri = normalize_storage_uri(uri)
         self.storage_options = dict(storage_options or {})
-        # No listings cache: other processes commit, overwrite and delete checkpoints, and a cached
-        # listing (s3fs fills it from every ls/glob, with sizes and ETags) would hide new markers
-        # and report stale sizes, or fail reads of replaced objects. The user may still opt in.
-        fs_options = {"use_listings_cache": False, **self.storage_options}
-        self.fs, root = fsspec.core.url_to_fs(self.uri, **fs_options)
+        self.fs, root = fsspec.core.url_to_fs(self.uri, **fs_options_for(self.uri, self.storage_options))
         self.root = root.rstrip("/") or "/"
         self.is_local = isinstance(self.fs, LocalFileSystem)
+        if _is_s3(self.fs):
+            # The fs is cached per options and shared by every Storage opened with them: all set this.
+            self.fs.retries = S3FS_RETRIES
         self.retries = retries
         self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        if retry_timeout_s is None:
+            retry_timeout_s = self.storage_options.get(RETRY_TIMEOUT_OPTION, RETRY_TIMEOUT_S)
+        self.retry_timeout_s = _retry_timeout(retry_timeout_s)
+
+    def _settings(self) -> dict[str, Any]:
+        return {
+            "retries": self.retries,
+            "backoff_s": self.backoff_s,
+            "max_backoff_s": self.max_backoff_s,
+            "retry_timeout_s": self.retry_timeout_s,
+        }
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (Storage, (self.uri, self.storage_options), {"retries": self.retries, "backoff_s": self.backoff_s})
+        return (Storage, (self.uri, self.storage_options), self._settings())
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.retries = state["retries"]
-        self.backoff_s = state["backoff_s"]
+        for name, value in state.items():
+            if name in self._settings():
+                setattr(self, name, value)
 
     def __repr__(self) -> str:
         return f"Storage({self.uri!r})"
@@ -358,25 +510,45 @@ class Storage:
 
     # -- retries ------------------------------------------------------------------------------
     def _call(self, what: str, path: str, fn: Callable[[], T]) -> T:
-        """Run ``fn`` with bounded retries and backoff; wrap the final failure in StorageError."""
+        """Run ``fn``, retrying a remote failure until the deadline; the final failure is a StorageError.
+
+        The one retry helper of this module: every operation (and every read of a remote file)
+        goes through it. FileNotFoundError passes through untouched (callers rely on it); a
+        StorageError raised inside ``fn`` is final. Local failures and permanent errnos fail at
+        once. Otherwise attempts go on with exponential backoff while the next one would start
+        within ``retry_timeout_s`` of the first failure (and within ``retries`` retries, if set).
+        """
         attempt = 0
+        first_failure: float | None = None
         while True:
+            started = time.monotonic()
             try:
                 return fn()
-            except FileNotFoundError:
+            except (FileNotFoundError, StorageError):
                 raise
-            except OSError as exc:
-                permanent = self.is_local or exc.errno in _PERMANENT_ERRNOS
-                if permanent or attempt >= self.retries:
-                    raise StorageError(
-                        exc.errno or errno.EIO, f"{what} failed for {self.url(path)}: {exc}"
-                    ) from exc
-            except Exception as exc:  # botocore/aiohttp errors that are not OSError
-                if self.is_local or attempt >= self.retries:
-                    raise StorageError(errno.EIO, f"{what} failed for {self.url(path)}: {exc}") from exc
-            delay = self.backoff_s * (2**attempt)
+            except Exception as exc:  # OSError, and botocore/aiohttp errors that are not
+                error = exc
+            now = time.monotonic()
+            if first_failure is None:
+                first_failure = now
             attempt += 1
-            logger.warning("storage: %s of %s failed (attempt %d), retrying in %.2fs", what, path, attempt, delay)
+            delay = min(self.backoff_s * (2 ** (attempt - 1)), self.max_backoff_s)
+            code = error.errno if isinstance(error, OSError) and error.errno else None
+            permanent = self.is_local or code in _PERMANENT_ERRNOS
+            out_of_retries = self.retries is not None and attempt > self.retries
+            # A timeout that by itself outlasted the window (the client already waited out its
+            # own attempts: the endpoint accepts and does not answer) is not waited out again.
+            out_of_time = now + delay - first_failure > self.retry_timeout_s or (
+                _is_timeout(error) and now - started > self.retry_timeout_s
+            )
+            if permanent or out_of_retries or out_of_time:
+                tries = ""
+                if not permanent and attempt > 1:
+                    tries = f" (gave up after {attempt} attempts, {now - first_failure:.1f}s)"
+                raise StorageError(code or errno.EIO, f"{what} failed for {self.url(path)}: {error}{tries}") from error
+            logger.warning(
+                "storage: %s of %s failed (attempt %d): %s; retrying in %.2fs", what, path, attempt, error, delay
+            )
             time.sleep(delay)
             self._invalidate(path)
 
@@ -489,23 +661,71 @@ class Storage:
     # -- reading ------------------------------------------------------------------------------
     @contextmanager
     def open_read(self, path: str, **kwargs: Any) -> Iterator[IO[bytes]]:
-        """Open a file for reading (random access supported)."""
-        f = self._call("open", path, lambda: self.fs.open(self.full_path(path), "rb", **kwargs))
+        """Open a file for reading (random access supported).
+
+        Locally only a regular file is opened: a FIFO, device, socket or directory raises a
+        StorageError naming the path (see :meth:`_open_regular`) instead of blocking or reading
+        a device.
+        """
+        if self.is_local:
+            f = self._call("open", path, lambda: self._open_regular(path, "open"))
+        else:
+            f = self._call("open", path, lambda: self.fs.open(self.full_path(path), "rb", **kwargs))
         try:
             yield f if self.is_local else _RetryingReader(self, path, f)  # type: ignore[misc]
         finally:
             f.close()
 
     def read_bytes(self, path: str) -> bytes:
-        """Read a whole file."""
+        """Read a whole file (locally: a regular file only, as in :meth:`open_read`)."""
+        if self.is_local:
+
+            def read_local() -> bytes:
+                with self._open_regular(path, "read") as f:
+                    return f.read()
+
+            return self._call("read", path, read_local)
         return self._call("read", path, lambda: self.fs.cat_file(self.full_path(path)))
+
+    def _require_regular(self, what: str, path: str, st: os.stat_result) -> None:
+        """Raise a StorageError naming ``path`` unless ``st`` is a regular file's."""
+        if not stat.S_ISREG(st.st_mode):
+            code = errno.EISDIR if stat.S_ISDIR(st.st_mode) else errno.EINVAL
+            raise StorageError(
+                code, f"{what} refused for {self.url(path)}: not a regular file ({_file_kind(st.st_mode)})"
+            )
+
+    def _open_regular(self, path: str, what: str) -> IO[bytes]:
+        """A local regular file opened for reading; anything else is refused before it is opened.
+
+        stat first, so a device is never opened (opening some has side effects); the open itself
+        is non-blocking and re-checked with fstat, so a FIFO swapped in meanwhile cannot block it.
+        """
+        full = self.full_path(path)
+        self._require_regular(what, path, os.stat(full))
+        fd = os.open(full, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            self._require_regular(what, path, os.fstat(fd))
+            os.set_blocking(fd, True)
+            return os.fdopen(fd, "rb")
+        except BaseException:
+            os.close(fd)
+            raise
 
     def exists(self, path: str) -> bool:
         """Whether a file or directory exists."""
         return self._call("exists", path, lambda: self.fs.exists(self.full_path(path)))
 
     def size(self, path: str) -> int:
-        """Size of a file in bytes."""
+        """Size of a file in bytes (locally: a regular file only; anything else is a StorageError)."""
+        if self.is_local:
+
+            def local_size() -> int:
+                st = os.stat(self.full_path(path))
+                self._require_regular("stat", path, st)
+                return st.st_size
+
+            return self._call("stat", path, local_size)
         return int(self._call("stat", path, lambda: self.fs.size(self.full_path(path))))
 
     def file_sizes(self, path: str = "") -> dict[str, int]:
@@ -540,14 +760,55 @@ class Storage:
 
     # -- deleting -----------------------------------------------------------------------------
     def rm(self, path: str, *, recursive: bool = False, missing_ok: bool = False) -> None:
-        """Delete a file, or a directory tree with ``recursive=True``."""
+        """Delete a file, or a directory tree with ``recursive=True``.
+
+        On a local disk nothing outside the tree is ever deleted through a symlink: a symlink
+        (to a directory or a file) is removed as a link, a real directory's tree is removed
+        without following the links inside it, and a path that goes through a symlinked
+        directory below the root (``link/file``) is not deleted at all: with ``missing_ok`` it
+        is skipped with a warning (like a missing file), otherwise it raises a StorageError
+        (ELOOP) naming the link.
+        """
         full = self.full_path(path)
         try:
-            self._call("delete", path, lambda: self.fs.rm(full, recursive=recursive))
+            if self.is_local:
+                self._call("delete", path, lambda: self._rm_local(path, recursive=recursive, missing_ok=missing_ok))
+            else:
+                self._call("delete", path, lambda: self.fs.rm(full, recursive=recursive))
         except FileNotFoundError:
             if not missing_ok:
                 raise
         self._invalidate(path)
+
+    def _symlinked_parent(self, path: str) -> str | None:
+        """The first directory of ``path`` below the root that is a symlink (root-relative), if any."""
+        parts = [p for p in path.strip("/").split("/") if p]
+        for depth in range(1, len(parts)):
+            parent = "/".join(parts[:depth])
+            if os.path.islink(self.full_path(parent)):
+                return parent
+        return None
+
+    def _rm_local(self, path: str, *, recursive: bool, missing_ok: bool) -> None:
+        """:meth:`rm` on a local disk, never following a symlinked directory (see there)."""
+        link = self._symlinked_parent(path)
+        if link is not None:
+            message = (
+                f"delete refused for {self.url(path)}: {self.url(link)} is a symlink and ray-ckpt never "
+                "deletes through one (the link itself may be removed)"
+            )
+            if missing_ok:
+                logger.warning("storage: %s; left in place", message)
+                return
+            raise StorageError(errno.ELOOP, message)
+        full = self.full_path(path)
+        st = os.lstat(full)  # FileNotFoundError when missing
+        if stat.S_ISDIR(st.st_mode):
+            if not recursive:
+                raise StorageError(errno.EISDIR, f"delete failed for {self.url(path)}: a directory (recursive=False)")
+            shutil.rmtree(full)  # unlinks symlinks inside, never follows them; refuses if full became a link
+        else:
+            os.unlink(full)  # a file, or a symlink removed as a link (its target untouched)
 
     def move(self, src: str, dst: str) -> None:
         """Rename a file or directory (atomic on local disks, copy + delete on object stores)."""
@@ -587,6 +848,7 @@ class _RetryingReader:
 
     Each read of an object-store file is a ranged GET that can be throttled or fail like any
     other request; a failed read leaves the position unchanged, so it is simply retried there.
+    Each read is one operation for :meth:`Storage._call`: its own ``retry_timeout_s`` deadline.
     """
 
     def __init__(self, storage: Storage, path: str, f: IO[bytes]) -> None:

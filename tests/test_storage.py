@@ -1,17 +1,32 @@
-"""Storage: one class over local paths, file:// and memory:// (S3 is covered by the integration tests)."""
+"""Storage: one class over local paths, file:// and memory:// (S3 is covered by the integration tests
+and tests/reliability/test_object_store_faults.py). Also: the retry deadline, the S3 option
+defaults, reads that open only regular files, deletes that never follow a symlinked directory."""
 
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import pickle
+import shutil
+import socket
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from ray_ckpt import StorageError
-from ray_ckpt.storage import TEMP_MARKER, Storage, is_temp_name, temp_name
+from ray_ckpt import CheckpointStore, ConfigError, StorageError
+from ray_ckpt.storage import (
+    RETRY_TIMEOUT_S,
+    S3_CONFIG_DEFAULTS,
+    TEMP_MARKER,
+    Storage,
+    fs_options_for,
+    is_temp_name,
+    temp_name,
+)
 
 
 @pytest.fixture(params=["path", "file", "memory"])
@@ -152,8 +167,11 @@ def test_makedirs_and_put_file(storage: Storage, tmp_path: Path) -> None:
 
 def test_pickle_keeps_settings(storage: Storage) -> None:
     storage.retries = 2
+    storage.retry_timeout_s = 3.5
+    storage.max_backoff_s = 0.7
     again = pickle.loads(pickle.dumps(storage))
     assert again.uri == storage.uri and again.retries == 2 and again.backoff_s == storage.backoff_s
+    assert again.retry_timeout_s == 3.5 and again.max_backoff_s == 0.7
     storage.write_bytes("p.bin", b"z")
     assert again.read_bytes("p.bin") == b"z"
 
@@ -315,3 +333,294 @@ def test_big_durable_local_writes_are_right_with_or_without_o_direct(tmp_path: P
     finally:
         for root in roots[1:]:
             Storage(str(root)).rm("", recursive=True, missing_ok=True)
+
+
+# -- one deadline per operation ------------------------------------------------------------------
+def test_remote_retries_stop_at_the_deadline(memory_uri: str) -> None:
+    """With no retry count, attempts go on (backoff capped at max_backoff_s) until the next one
+    would start more than retry_timeout_s after the first failure."""
+    storage = Storage(memory_uri, backoff_s=0.02, max_backoff_s=0.08, retry_timeout_s=0.5)
+    assert storage.retries is None
+    starts: list[float] = []
+
+    def broken(f: object) -> None:
+        starts.append(time.monotonic())
+        raise OSError(errno.EIO, "connection reset")
+
+    with pytest.raises(StorageError, match=r"broken\.bin.*connection reset \(gave up after \d+ attempts") as excinfo:
+        storage.write_stream("broken.bin", broken)
+    assert excinfo.value.errno == errno.EIO
+    assert len(starts) >= 5, starts  # 0.02 + 0.04 + 0.08 + 0.08 ... fit in 0.5 s
+    assert starts[-1] - starts[0] <= 0.5  # no attempt starts after the deadline
+    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    assert max(gaps) < 0.08 + 0.25, gaps  # the backoff is capped (plus scheduling slack)
+
+
+def test_zero_retry_timeout_means_one_attempt_and_nested_storage_errors_are_final(memory_uri: str) -> None:
+    storage = Storage(memory_uri, {"retry_timeout_s": 0}, backoff_s=10.0)  # a retry would hang the test
+    attempts: list[int] = []
+
+    def broken(f: object) -> None:
+        attempts.append(1)
+        raise OSError(errno.EIO, "reset")
+
+    with pytest.raises(StorageError, match="write failed"):
+        storage.write_stream("a.bin", broken)
+    assert attempts == [1]
+    patient = Storage(memory_uri, retry_timeout_s=60.0, backoff_s=10.0)
+
+    def gave_up_already(f: object) -> None:
+        attempts.append(2)
+        raise StorageError(errno.EIO, "an inner operation already used its deadline")
+
+    with pytest.raises(StorageError, match="already used its deadline"):
+        patient.write_stream("b.bin", gave_up_already)
+    assert attempts == [1, 2]
+
+
+def test_a_timeout_that_outlasted_the_window_is_not_waited_out_again(memory_uri: str) -> None:
+    """An endpoint that accepts and never answers makes each attempt a (client-retried) timeout:
+    one that took longer than the whole window is final. Slow failures of other kinds (a long
+    upload cut by a reset) and quick timeouts are retried."""
+    storage = Storage(memory_uri, backoff_s=0.01, retry_timeout_s=0.2)
+    calls: list[str] = []
+
+    def slow_timeout(f: object) -> None:
+        calls.append("slow timeout")
+        time.sleep(0.3)
+        raise TimeoutError("Read timeout on endpoint URL")
+
+    with pytest.raises(StorageError, match="Read timeout"):
+        storage.write_stream("t.bin", slow_timeout)
+    assert calls == ["slow timeout"]
+
+    def flaky(kind: str) -> object:
+        def writer(f: object) -> None:
+            calls.append(kind)
+            if calls.count(kind) == 1:
+                if kind == "slow reset":
+                    time.sleep(0.3)
+                    raise OSError(errno.ECONNRESET, "connection reset")
+                raise TimeoutError("quick timeout")
+            f.write(b"ok")  # type: ignore[attr-defined]
+
+        return writer
+
+    for kind in ("slow reset", "quick timeout"):
+        storage.write_stream(f"{kind}.bin", flaky(kind))  # type: ignore[arg-type]
+        assert calls.count(kind) == 2 and storage.read_bytes(f"{kind}.bin") == b"ok"
+
+
+def test_retry_timeout_option(memory_uri: str) -> None:
+    assert Storage(memory_uri).retry_timeout_s == RETRY_TIMEOUT_S
+    assert Storage(memory_uri, {"retry_timeout_s": 2.5}).retry_timeout_s == 2.5
+    assert Storage(memory_uri, {"retry_timeout_s": 2.5}, retry_timeout_s=1).retry_timeout_s == 1.0
+    for bad in (-1, float("nan"), float("inf"), "5", True, None):
+        with pytest.raises(ConfigError, match="storage_options.retry_timeout_s"):
+            Storage(memory_uri, {"retry_timeout_s": bad})
+
+
+def test_s3_defaults_merge_under_the_users_options() -> None:
+    """Our S3 defaults only fill what the user left out: their config_kwargs keys win, their
+    botocore ``retries`` is used whole, client_kwargs are theirs; nothing is shared or mutated."""
+    user = {
+        "key": "k",
+        "client_kwargs": {"endpoint_url": "http://127.0.0.1:9", "region_name": "us-east-1"},
+        "config_kwargs": {"read_timeout": 60, "retries": {"total_max_attempts": 9}},
+        "retry_timeout_s": 3,
+    }
+    merged = fs_options_for("s3://bucket/run", user)
+    assert merged == {
+        "use_listings_cache": False,
+        "key": "k",
+        "client_kwargs": {"endpoint_url": "http://127.0.0.1:9", "region_name": "us-east-1"},
+        "config_kwargs": {
+            "retries": {"total_max_attempts": 9},
+            "connect_timeout": S3_CONFIG_DEFAULTS["connect_timeout"],
+            "read_timeout": 60,
+        },
+    }
+    merged["config_kwargs"]["retries"]["mode"] = "legacy"  # what botocore does to the dict it gets
+    merged["client_kwargs"]["region_name"] = "elsewhere"
+    assert user["config_kwargs"]["retries"] == {"total_max_attempts": 9}
+    assert user["client_kwargs"]["region_name"] == "us-east-1"
+    defaults = fs_options_for("s3a://bucket", {})
+    assert defaults == {"use_listings_cache": False, "config_kwargs": S3_CONFIG_DEFAULTS}
+    assert defaults["config_kwargs"]["retries"] is not S3_CONFIG_DEFAULTS["retries"]
+    assert fs_options_for("memory://x", {"retry_timeout_s": 1}) == {"use_listings_cache": False}
+    assert fs_options_for("file:///tmp/x", {"use_listings_cache": True}) == {"use_listings_cache": True}
+
+
+# -- reads open only regular files ---------------------------------------------------------------
+def _reads(storage: Storage, name: str) -> dict[str, object]:
+    def open_and_read() -> bytes:
+        with storage.open_read(name) as f:
+            return f.read()
+
+    return {
+        "open_read": open_and_read,
+        "read_bytes": lambda: storage.read_bytes(name),
+        "size": lambda: storage.size(name),
+    }
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("kind", ["path", "file"])
+def test_fifo_device_socket_and_directory_are_refused_not_opened(tmp_path: Path, kind: str) -> None:
+    root = tmp_path / "root"
+    storage = Storage(str(root) if kind == "path" else f"file://{root}")
+    storage.write_bytes("ok.bin", b"fine")
+    os.mkfifo(root / "pipe")  # opening it for reading would block until a writer came
+    (root / "zero").symlink_to("/dev/zero")  # reading it would never end
+    (root / "dir").mkdir()
+    specials = {"pipe": "a FIFO", "zero": "a character device", "dir": "a directory"}
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    if len(str(root / "sock")) < 100:  # AF_UNIX path limit
+        sock.bind(str(root / "sock"))
+        specials["sock"] = "a socket"
+    try:
+        for name, what in specials.items():
+            for call, read in _reads(storage, name).items():
+                with pytest.raises(StorageError) as excinfo:
+                    read()  # type: ignore[operator]
+                message = str(excinfo.value)
+                assert f"{root}/{name}" in message and f"not a regular file ({what})" in message, (call, message)
+                assert excinfo.value.errno == (errno.EISDIR if name == "dir" else errno.EINVAL)
+        assert storage.read_bytes("ok.bin") == b"fine" and storage.size("ok.bin") == 4
+        with storage.open_read("ok.bin") as f:
+            f.seek(2)
+            assert f.read() == b"ne"
+        with pytest.raises(FileNotFoundError):
+            storage.size("missing.bin")
+    finally:
+        sock.close()
+
+
+@pytest.mark.timeout(20)
+def test_a_fifo_swapped_in_after_the_stat_cannot_block_the_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check is stat, then a non-blocking open re-checked with fstat: a FIFO that replaced
+    the file after the stat is refused instead of blocking the open."""
+    root = tmp_path / "root"
+    storage = Storage(str(root))
+    storage.write_bytes("regular.bin", b"x")
+    os.mkfifo(root / "pipe")
+    real_stat = os.stat
+    looks_regular = real_stat(root / "regular.bin")
+
+    def stat(path: object, *args: object, **kwargs: object) -> os.stat_result:
+        return looks_regular if str(path) == str(root / "pipe") else real_stat(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "stat", stat)
+    with pytest.raises(StorageError, match=r"not a regular file \(a FIFO\)"):
+        storage.read_bytes("pipe")
+    with pytest.raises(StorageError, match=r"not a regular file \(a FIFO\)"):
+        with storage.open_read("pipe"):
+            pass
+
+
+# -- deletes never follow a symlinked directory --------------------------------------------------
+def _tree(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` (relative path -> content)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _outside(tmp_path: Path, name: str = "outside") -> Path:
+    target = tmp_path / name
+    (target / "sub").mkdir(parents=True)
+    (target / "a.bin").write_bytes(b"a")
+    (target / "sub" / "b.bin").write_bytes(b"b")
+    return target
+
+
+def test_rm_removes_a_symlink_as_a_link_and_never_deletes_through_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = tmp_path / "root"
+    storage = Storage(str(root))
+    storage.makedirs("checkpoints")
+    target = _outside(tmp_path)
+    before = _tree(target)
+    link = root / "checkpoints" / "step_000000001"
+    for recursive in (True, False):
+        link.symlink_to(target, target_is_directory=True)
+        storage.rm("checkpoints/step_000000001", recursive=recursive)
+        assert not os.path.lexists(link) and _tree(target) == before
+
+    link.symlink_to(target, target_is_directory=True)
+    with pytest.raises(StorageError, match="is a symlink") as excinfo:
+        storage.rm("checkpoints/step_000000001/a.bin")
+    assert excinfo.value.errno == errno.ELOOP and f"{root}/checkpoints/step_000000001" in str(excinfo.value)
+    with caplog.at_level(logging.WARNING, logger="ray_ckpt.storage"):
+        storage.rm("checkpoints/step_000000001/a.bin", missing_ok=True)
+        storage.rm("checkpoints/step_000000001/sub", recursive=True, missing_ok=True)
+    assert "never deletes through one" in caplog.text
+    assert _tree(target) == before and link.is_symlink()
+
+    # A real directory holding a symlink: the tree goes, the link inside goes as a link.
+    (root / "tree" / "inner").mkdir(parents=True)
+    (root / "tree" / "inner" / "link").symlink_to(target, target_is_directory=True)
+    (root / "tree" / "f.bin").write_bytes(b"f")
+    storage.rm("tree", recursive=True)
+    assert not (root / "tree").exists() and _tree(target) == before
+    (root / "file-link").symlink_to(target / "a.bin")
+    storage.rm("file-link")
+    assert not os.path.lexists(root / "file-link") and _tree(target) == before
+    with pytest.raises(StorageError, match="recursive=False"):
+        storage.rm("checkpoints")
+    with pytest.raises(FileNotFoundError):
+        storage.rm("checkpoints/nothing")
+
+
+def _state(step: int) -> dict[str, torch.Tensor]:
+    return {"w": torch.full((4,), float(step)), "b": torch.arange(3, dtype=torch.float32) + step}
+
+
+def _link_step(store: CheckpointStore, step: int, target: Path) -> Path:
+    """Move step's committed directory to ``target`` and leave a symlink to it in its place."""
+    directory = Path(store.storage.local_path(f"checkpoints/step_{step:09d}"))  # type: ignore[arg-type]
+    shutil.move(str(directory), str(target))
+    directory.symlink_to(target, target_is_directory=True)
+    return directory
+
+
+def test_store_delete_retention_and_gc_remove_a_symlinked_step_as_a_link(tmp_path: Path) -> None:
+    store = CheckpointStore(str(tmp_path / "runs"), run_name="run", keep_last_n=2)
+    for step in (1, 2, 3):
+        store.save(step, _state(step))
+    archive = tmp_path / "archive"
+    archive.mkdir()
+
+    # delete(): the link goes, the target keeps every file (its checkpoint.json included).
+    link = _link_step(store, 2, archive / "step2")
+    before = _tree(archive / "step2")
+    assert "checkpoint.json" in before and [i.step for i in store.reload().list()] == [2, 3]
+    store.delete(2)
+    assert not os.path.lexists(link) and _tree(archive / "step2") == before
+    assert [i.step for i in store.reload().list()] == [3]
+
+    # retention: the doomed step is a link; its target's files are all still there afterwards.
+    store.save(4, _state(4))
+    link = _link_step(store, 3, archive / "step3")
+    before = _tree(archive / "step3")
+    store.save(5, _state(5))  # keep_last_n=2: step 3 goes
+    assert [i.step for i in store.reload().list()] == [4, 5]
+    assert not os.path.lexists(link)
+    after = _tree(archive / "step3")
+    assert {k: after.get(k) for k in before} == before
+
+    # gc(): a leftover step dir (no marker) that is a link goes as a link; a committed linked
+    # step keeps its target's temp files (gc does not reach through the link).
+    leftover = _outside(tmp_path, "leftover")
+    before_leftover = _tree(leftover)
+    checkpoints = Path(store.storage.local_path("checkpoints"))  # type: ignore[arg-type]
+    (checkpoints / "step_000000009").symlink_to(leftover, target_is_directory=True)
+    link = _link_step(store, 4, archive / "step4")
+    (archive / "step4" / f".checkpoint.json{TEMP_MARKER}abc").write_bytes(b"partial")
+    before = _tree(archive / "step4")
+    store.gc()
+    assert not os.path.lexists(checkpoints / "step_000000009") and _tree(leftover) == before_leftover
+    assert link.is_symlink() and _tree(archive / "step4") == before
+    assert [i.step for i in store.reload().list()] == [4, 5]
+    store.verify(4)
