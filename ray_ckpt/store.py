@@ -89,6 +89,8 @@ class CheckpointStore:
             overrides["storage_options"] = storage_options
         base_config = config or CheckpointConfig()
         self.config = base_config.replace(**overrides) if overrides else base_config
+        if options:  # a keyword the store ignores (write_mode=..., async_save=...) is an error
+            self.config.check_consumed("CheckpointStore", among=options)
         base = Storage(self.config.storage_uri, self.config.storage_options)
         self.storage = Storage(posixpath.join(base.uri, self.config.run_name), self.config.storage_options)
         self.index = CheckpointIndex(self.config.metric_name, self.config.mode)
