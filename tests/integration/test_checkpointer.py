@@ -357,3 +357,52 @@ def test_eval_clients_follow_the_index_in_process(tmp_path: Path, run_name: str)
     assert direct.follower() is None and direct.list() == handle.list()
     watcher.close()
     assert [i.step for i in watcher.list()] == [8, 9]  # closed: answered by the master again
+
+
+# A driver that exits with EvalClients still following: Ray's own exit hook (ray.shutdown) must
+# find no follower thread alive, or one waking inside Ray after the core worker is gone ends the
+# process with _exit(1) or a segfault in _raylet.so after everything passed.
+_EXIT_SCRIPT = """
+import atexit, sys, threading
+import ray
+import ray._private.worker as ray_worker
+
+# Ray's exit hook, traced, at the place Ray registered it (before ray_ckpt is imported)
+original = ray_worker.shutdown
+def traced(*args, **kwargs):
+    alive = [t for t in threading.enumerate() if t.name == "ray-ckpt-index-follower"]
+    print("FOLLOWERS_AT_RAY_SHUTDOWN", len(alive), flush=True)
+    return original(*args, **kwargs)
+atexit.unregister(original)
+atexit.register(traced, _exiting_interpreter=True)
+
+import ray_ckpt
+from tests.ray_session import ensure_ray
+
+ensure_ray()
+config = ray_ckpt.CheckpointConfig(storage_uri=sys.argv[1], run_name="exiting", metric_name="loss")
+ray_ckpt.start_checkpointer(config)
+clients = [ray_ckpt.EvalClient("exiting") for _ in range(4)]
+assert all(c.latest() is None and c.follower() is not None for c in clients)
+print("FOLLOWING", sum(t.name == "ray-ckpt-index-follower" for t in threading.enumerate()), flush=True)
+"""
+
+
+def test_a_driver_exiting_with_followers_stops_them_before_ray_shuts_down(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(repo) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run(
+        [sys.executable, "-c", _EXIT_SCRIPT, str(tmp_path / "store")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=repo,
+    )
+    output = done.stdout + done.stderr
+    assert "FOLLOWING 4" in done.stdout, output[-4000:]
+    assert "FOLLOWERS_AT_RAY_SHUTDOWN 0" in done.stdout, output[-4000:]
+    assert done.returncode == 0, output[-4000:]
