@@ -226,9 +226,9 @@ class CheckpointIndex:
         owned = pa.allocate_buffer(len(data))
         memoryview(owned).cast("B")[:] = data
         table = pq.read_table(pa.BufferReader(owned))
-        metadata = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+        file_metadata = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
         if table.num_rows == 0:
-            return [], metadata
+            return [], file_metadata
 
         def column(name: str) -> pa.Array:
             return table.column(name).combine_chunks()  # one chunk whose offsets start at 0
@@ -269,7 +269,7 @@ class CheckpointIndex:
                     strict=True,
                 )
             ]
-        return records, metadata
+        return records, file_metadata
 
     def extend(self, records: Iterable[CheckpointInfo]) -> None:
         """Add many records; into an empty index (a restart) in bulk: one sort, not n insertions."""

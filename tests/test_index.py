@@ -334,3 +334,10 @@ def test_position_reached_orders_epochs_then_versions() -> None:
     assert not position_reached((old, 4), (old, 5))
     assert position_reached((new, 0), (old, 99))  # a restarted master read everything from storage
     assert not position_reached((old, 99), (new, 0)) and not position_reached((None, -1), (old, 0))
+
+
+def test_snapshot_file_metadata_round_trips() -> None:
+    index = CheckpointIndex("loss", "min")
+    index.add(CheckpointInfo(step=1, uri="u", metrics={"loss": 1.0}, metadata={"k": "v"}))
+    records, metadata = CheckpointIndex.read_parquet_bytes(index.to_parquet_bytes({"ray_ckpt.folded": '["a"]'}))
+    assert metadata == {"ray_ckpt.folded": '["a"]'} and records[0].metadata == {"k": "v"}

@@ -266,8 +266,12 @@ def test_best_without_metric(tmp_run: Any) -> None:
     store = tmp_run()
     store.save(1, state())
     assert store.best() is None
-    with pytest.raises(CheckpointNotFoundError, match="best"):
+    with pytest.raises(ConfigError, match="records no ranking metric"):  # a usage error: pass a metric
         store.load("best")
+    assert store.resolve("best", fallback_to_latest=True) == 1
+    ranked = CheckpointStore(store.config.storage_uri, run_name=store.run_name, metric_name="loss")
+    with pytest.raises(CheckpointNotFoundError, match="best"):  # ranked, but no finite score yet
+        ranked.load("best")
     with pytest.raises(ValueError, match="metric"):
         store.top_k(1)
 
@@ -587,15 +591,16 @@ RETENTION_CASES = [
         (),
         [2, 3, 4, 6, 7],
     ),
-    # steps without a finite metric: kept by default (keep_checkpoints_without_metrics, as Orbax) ...
-    ("top-2-nan-inf-kept", {"keep_top_k": 2}, [NAN, 0.3, INF, 0.1, -INF, 0.2, NAN], (), [1, 3, 4, 5, 6, 7]),
-    ("missing-metrics-kept", {"keep_top_k": 2}, [None, 0.3, None, 0.1, None], (), [1, 2, 3, 4, 5]),
-    # ... or left to the other rules
-    ("top-2-nan-inf", {"keep_top_k": 2, UNRANKED: False}, [NAN, 0.3, INF, 0.1, -INF, 0.2, NAN], (), [4, 6, 7]),
-    ("nan-latest-kept", {"keep_top_k": 1, UNRANKED: False}, [0.1, 0.2, 0.3, NAN], (), [1, 4]),
-    ("missing-metrics", {"keep_top_k": 2, UNRANKED: False}, [None, 0.3, None, 0.1, None], (), [2, 4, 5]),
-    ("all-nan-keeps-latest", {"keep_top_k": 3, UNRANKED: False}, [NAN, NAN, NAN], (), [3]),
-    ("nan-with-last-n", {"keep_top_k": 1, "keep_last_n": 2, UNRANKED: False}, [0.1, NAN, NAN, 0.5], (), [1, 3, 4]),
+    # steps without a finite metric: kept with keep_checkpoints_without_metrics (Orbax's default) ...
+    ("top-2-nan-inf-kept", {"keep_top_k": 2, UNRANKED: True}, [NAN, 0.3, INF, 0.1, -INF, 0.2, NAN], (),
+     [1, 3, 4, 5, 6, 7]),
+    ("missing-metrics-kept", {"keep_top_k": 2, UNRANKED: True}, [None, 0.3, None, 0.1, None], (), [1, 2, 3, 4, 5]),
+    # ... or, by default, left to the other rules
+    ("top-2-nan-inf", {"keep_top_k": 2}, [NAN, 0.3, INF, 0.1, -INF, 0.2, NAN], (), [4, 6, 7]),
+    ("nan-latest-kept", {"keep_top_k": 1}, [0.1, 0.2, 0.3, NAN], (), [1, 4]),
+    ("missing-metrics", {"keep_top_k": 2}, [None, 0.3, None, 0.1, None], (), [2, 4, 5]),
+    ("all-nan-keeps-latest", {"keep_top_k": 3}, [NAN, NAN, NAN], (), [3]),
+    ("nan-with-last-n", {"keep_top_k": 1, "keep_last_n": 2}, [0.1, NAN, NAN, 0.5], (), [1, 3, 4]),
     ("lease-protects", {"keep_top_k": 1}, [0.9, 0.1, 0.8, 0.7], (1,), [1, 2, 4]),
     ("leases-and-last", {"keep_last_n": 1}, [0.1, 0.2, 0.3, 0.4, 0.5], (2, 3), [2, 3, 5]),
     ("top-period-max", {"keep_top_k": 1, "keep_period": 4, "mode": "max"}, [1, 5, 2, 3, 4, 0, 1, 2], (), [2, 4, 8]),
@@ -705,6 +710,9 @@ def test_the_index_is_logged_per_change_then_compacted(store: CheckpointStore) -
     assert [r["step"] for r in table] == list(range(1, COMPACT_EVERY + 1))
     assert dict(table[1]["metrics"]) == {"loss": 0.5}
     assert table[1]["uri"] == store.info(2).uri
+    opened = _fresh(store)
+    assert steps_of(opened.list()) == list(range(1, COMPACT_EVERY + 1))
+    assert opened.run_index.markers_read == 0  # the snapshot was read, not rebuilt from the markers
     store.report_eval(3, {"acc": 0.9})
     store.delete(4)
     fresh = _fresh(store)
