@@ -220,10 +220,11 @@ class RetentionOptions(OptionGroup):
         None, description="Also keep every step divisible by this (never deletes anything by itself)."
     )
     keep_checkpoints_without_metrics: bool = Field(
-        True,
-        description="As Orbax's option of the same name, for keep_top_k: True keeps every step that has no "
-        "finite value of metric_name (its score may not have arrived yet); False leaves such steps to the other "
-        "rules (keep_last_n, keep_period, leases, the latest). Setting False needs keep_top_k.",
+        False,
+        description="For keep_top_k, as Orbax's option of the same name (whose default is True; ours is False, "
+        "see docs/RETENTION.md): True also keeps every step without a finite value of metric_name (its score may "
+        "not have arrived yet); False (the default) leaves such steps to the other rules (keep_last_n, "
+        "keep_period, leases, the latest). Setting True needs keep_top_k.",
     )
 
     @model_validator(mode="after")
@@ -234,9 +235,9 @@ class RetentionOptions(OptionGroup):
                 ("keep_top_k", "set without metric_name, so no step is ever best "
                  "(set metric_name, or use keep_last_n to keep the newest)")
             )
-        if not self.keep_checkpoints_without_metrics and self.keep_top_k is None:
+        if self.keep_checkpoints_without_metrics and self.keep_top_k is None:
             problems.append(
-                ("keep_checkpoints_without_metrics", "False only changes keep_top_k's ranking; set keep_top_k "
+                ("keep_checkpoints_without_metrics", "True only changes what keep_top_k keeps; set keep_top_k "
                  "(and metric_name) or leave it out")
             )
         if problems:

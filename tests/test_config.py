@@ -134,7 +134,7 @@ def test_valid_values_accepted() -> None:
         max_restarts=-1,
         remote_uri="s3://b/p",
         remote_storage_options={"anon": False},
-        keep_checkpoints_without_metrics=False,
+        keep_checkpoints_without_metrics=True,
         enabled=False,
     )
     assert cfg.allowed_architecture_prefixes == ["ray_ckpt.", "tests."]
@@ -422,11 +422,16 @@ def test_keep_top_k_without_metric_name_is_refused_by_the_store(tmp_path: Path) 
 
 
 def test_keep_checkpoints_without_metrics() -> None:
-    assert CheckpointConfig().keep_checkpoints_without_metrics is True  # Orbax's default
-    cfg = CheckpointConfig(metric_name="loss", keep_top_k=2, keep_checkpoints_without_metrics=False)
-    assert cfg.retention.keep_checkpoints_without_metrics is False
-    with pytest.raises(ConfigError, match=r"^keep_checkpoints_without_metrics: False only changes keep_top_k"):
-        CheckpointConfig(metric_name="loss", keep_checkpoints_without_metrics=False)
+    # Our default is False (Orbax's is True): a step without a finite metric is never best and is
+    # kept only by the other rules (docs/RETENTION.md says why).
+    assert CheckpointConfig().keep_checkpoints_without_metrics is False
+    cfg = CheckpointConfig(metric_name="loss", keep_top_k=2, keep_checkpoints_without_metrics=True)
+    assert cfg.retention.keep_checkpoints_without_metrics is True
+    assert CheckpointConfig(keep_last_n=2, keep_checkpoints_without_metrics=False).keep_last_n == 2  # the default
+    with pytest.raises(ConfigError, match=r"^keep_checkpoints_without_metrics: True only changes what keep_top_k"):
+        CheckpointConfig(metric_name="loss", keep_last_n=2, keep_checkpoints_without_metrics=True)
+    with pytest.raises(ConfigError, match=r"^keep_checkpoints_without_metrics:"):
+        cfg.replace(keep_top_k=None)
 
 
 def test_remote_storage_options_need_remote_uri() -> None:
