@@ -1,19 +1,25 @@
 """``load_from_uri``: one checkpoint (a ray-ckpt step, a legacy file or a mock model) as an artifact.
 
-Ray-ckpt runs are read through :class:`~ray_ckpt.store.CheckpointStore`; legacy files through
-:mod:`ray_ckpt.legacy`; ``mock://NAME`` builds a tiny deterministic model for tests.
+Ray-ckpt runs are read through :class:`~ray_ckpt.store.CheckpointStore`, opened by
+:func:`open_run` (the one way from a run URI to a store: the CLI, the loaders, the one-shot
+functions and ``initialize_run_dir`` all use it); legacy files are read by :mod:`ray_ckpt.legacy`
+and turned into artifacts here (:func:`load_legacy`); ``mock://NAME`` builds a tiny deterministic
+model for tests.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from ray_ckpt import legacy
 from ray_ckpt.architecture import Architecture
 from ray_ckpt.errors import CheckpointNotFoundError, ConfigError, CorruptCheckpointError
+from ray_ckpt.mock_models import MOCK_CONFIG, TinyPolicy, mock_state_dict
 from ray_ckpt.store import CheckpointStore
 from ray_ckpt.uri import MOCK_SCHEME, ParsedURI, parse_uri
 
@@ -22,7 +28,7 @@ logger = logging.getLogger(__name__)
 # Metadata key under which the manager records how its run ranks and keeps checkpoints, so that
 # readers (``:best``, the CLI) rank and plan retention the way the writer did.
 POLICY_KEY = "ray_ckpt.policy"
-_POLICY_FIELDS = ("metric_name", "mode", "keep_top_k", "keep_last_n", "keep_period")
+_POLICY_FIELDS = ("metric_name", "mode", "keep_top_k", "keep_last_n", "keep_period", "keep_checkpoints_without_metrics")
 
 
 @dataclass
@@ -68,36 +74,45 @@ class CheckpointArtifact:
 def recorded_policy(store: CheckpointStore) -> dict[str, Any]:
     """The ranking/retention policy the run's writer recorded in its latest checkpoint ({} if none).
 
-    Every commit marker records the writer's policy; older runs may carry it in the metadata.
+    Every commit marker records the writer's whole policy (the store's :meth:`policy`); runs
+    written before markers did carry it in the manager's metadata.
     """
     latest = store.latest()
-    policy = None
-    if latest is not None:
+    if latest is None:
+        return {}
+    try:
+        policy = store.read_manifest(latest.step).extra.get("policy")
+    except (CheckpointNotFoundError, CorruptCheckpointError):
+        policy = None
+    if not isinstance(policy, dict):
         policy = (latest.metadata or {}).get(POLICY_KEY)
-        if not isinstance(policy, dict):
-            try:
-                policy = store.read_manifest(latest.step).extra.get("policy")
-            except (CheckpointNotFoundError, CorruptCheckpointError):
-                policy = None
     if not isinstance(policy, dict):
         return {}
     return {k: policy[k] for k in _POLICY_FIELDS if k in policy}
 
 
 def open_run(
-    uri: str | ParsedURI,
+    uri: str | os.PathLike[str] | ParsedURI,
     storage_options: dict[str, Any] | None = None,
     *,
     must_exist: bool = True,
+    run_only: bool = False,
     **overrides: Any,
 ) -> CheckpointStore:
     """A CheckpointStore for a run URI, ranking as its writer recorded unless ``overrides`` say otherwise.
 
-    Raises CheckpointNotFoundError naming the URI when ``must_exist`` and there is no run there.
+    The one opener of runs by URI. ``uri`` is ``<storage>/<run_name>`` (a path or any URI),
+    optionally with a selector, or a step directory; ``run_only`` refuses both (a run
+    directory is expected: the one-shot functions, ``initialize_run_dir``). The recorded
+    policy (metric, mode, retention) is what the run's latest marker records; ``overrides``
+    (None values ignored) replace it field by field. Raises CheckpointNotFoundError naming the
+    URI when ``must_exist`` and there is no run there; ConfigError for a URI that is no run's.
     """
-    parsed = parse_uri(uri) if isinstance(uri, str) else uri
+    parsed = uri if isinstance(uri, ParsedURI) else parse_uri(os.fspath(uri))
     if parsed.kind not in ("run", "step"):
         raise ConfigError(f"{parsed.location}: expected a run URI (<storage>/<run_name>), got a {parsed.kind}")
+    if run_only and (parsed.kind != "run" or parsed.selector is not None):
+        raise ConfigError(f"{parsed.location}: expected a run directory (<storage>/<run_name>), without a selector")
     options = {k: v for k, v in overrides.items() if v is not None}
     # The policy options are applied together with the recorded policy: keep_top_k alone is
     # only valid once the recorded metric_name joins it.
@@ -119,20 +134,13 @@ def open_run(
         # plus the other rules, which is what keep_last_n=0 keeps.
         policy["keep_last_n"] = policy.get("keep_last_n") or 0
         policy["keep_top_k"] = None
+    if policy.get("keep_top_k") is None and "keep_checkpoints_without_metrics" not in options:
+        policy.pop("keep_checkpoints_without_metrics", None)  # it only qualifies keep_top_k
     if policy:
         store.config = store.config.replace(**policy)
         store.index.metric_name = store.config.metric_name
         store.index.mode = store.config.mode
     return store
-
-
-def resolve_step(store: CheckpointStore, selector: str | int | None) -> int:
-    """A run's step for a URI selector (latest when None); clear errors for an unranked ``:best``."""
-    if selector == "best" and store.config.metric_name is None:
-        raise ConfigError(
-            f"{store.uri}:best: the run records no ranking metric; pass a metric (e.g. --metric NAME)"
-        )
-    return store.resolve("latest" if selector is None else selector)
 
 
 def load_from_uri(
@@ -152,13 +160,11 @@ def load_from_uri(
     before the weights are read; with None (the defaults plus the modules trusted in this
     process) the weights stay loadable and ``instantiate()`` refuses.
     """
-    from ray_ckpt import legacy
-
     parsed = parse_uri(uri)
     if parsed.kind == "mock":
         return _mock_artifact(parsed)
     if parsed.kind == "file":
-        return legacy.load_legacy(
+        return load_legacy(
             parsed.location,
             storage_options=storage_options,
             trust_pickle=trust_pickle,
@@ -168,7 +174,7 @@ def load_from_uri(
     if parsed.kind == "run" and not store.list():
         found = legacy.find_metta_checkpoint(parsed, storage_options=storage_options)
         if found is not None:
-            return legacy.load_legacy(
+            return load_legacy(
                 found,
                 storage_options=storage_options,
                 trust_pickle=trust_pickle,
@@ -178,7 +184,7 @@ def load_from_uri(
             raise CheckpointNotFoundError(f"no run at {parsed.run_uri}")
     if allowed_architecture_prefixes is not None:
         store.config = store.config.replace(allowed_architecture_prefixes=allowed_architecture_prefixes)
-    step = resolve_step(store, parsed.selector)
+    step = store.resolve(parsed.selector)
     info = store.info(step)
     try:
         architecture: Architecture | None = store.read_architecture()
@@ -200,9 +206,37 @@ def load_from_uri(
     )
 
 
-def _mock_artifact(parsed: ParsedURI) -> CheckpointArtifact:
-    from ray_ckpt.mock_models import MOCK_CONFIG, TinyPolicy, mock_state_dict
+def load_legacy(
+    location: str,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    trust_pickle: bool = False,
+    allowed_architecture_prefixes: list[str] | None = None,
+) -> CheckpointArtifact:
+    """A legacy checkpoint file (see :mod:`ray_ckpt.legacy`) as a :class:`CheckpointArtifact`.
 
+    A configured ``allowed_architecture_prefixes`` list refuses here a pickled model whose class
+    is outside it, as :func:`load_from_uri` does for runs.
+    """
+    ckpt = legacy.read_legacy(location, storage_options=storage_options, trust_pickle=trust_pickle)
+    if ckpt.architecture is not None and allowed_architecture_prefixes is not None:
+        ckpt.architecture.check_allowed(allowed_architecture_prefixes)
+    return CheckpointArtifact(
+        state_dict=ckpt.state_dict,
+        architecture=ckpt.architecture,
+        metrics=ckpt.metrics,
+        trainer_state=ckpt.trainer_state,
+        step=ckpt.step,
+        run_name=ckpt.run_name,
+        uri=ckpt.location,
+        source_format=ckpt.format,
+        metadata=ckpt.metadata,
+        allowed_architecture_prefixes=allowed_architecture_prefixes,
+        _model=ckpt.model,
+    )
+
+
+def _mock_artifact(parsed: ParsedURI) -> CheckpointArtifact:
     step = parsed.step if parsed.step is not None else 0
     return CheckpointArtifact(
         state_dict=mock_state_dict(parsed.run_name),

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ray_ckpt.artifact import CheckpointArtifact, load_from_uri, open_run, resolve_step
+from ray_ckpt.artifact import CheckpointArtifact, load_from_uri, open_run
 from ray_ckpt.errors import (
     CheckpointNotFoundError,
     ConfigError,
@@ -152,9 +152,9 @@ def _storage_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _open(args: argparse.Namespace, uri: str | None = None) -> tuple[CheckpointStore, ParsedURI]:
+    """The run a command names, through :func:`~ray_ckpt.artifact.open_run` (ConfigError, exit 2,
+    for a URI that names no run), with the ranking/retention options given on the command line."""
     parsed = parse_uri(uri or args.run_uri)
-    if parsed.kind not in ("run", "step"):
-        raise CommandError(f"{parsed.location}: expected a ray-ckpt run URI (<storage>/<run_name>)", EXIT_USAGE)
     store = open_run(
         parsed,
         _storage_options(args),
@@ -171,7 +171,7 @@ def _marks(store: CheckpointStore) -> tuple[set[int], set[int], int | None]:
     """(steps retention keeps, leased steps, best step) of a run as configured."""
     leased = store.leased_steps()
     keep, _ = store.retention_plan(leased)
-    best = store.best() if store.config.metric_name else None
+    best = store.best()  # None when the run ranks nothing
     return set(keep), leased, best.step if best is not None else None
 
 
@@ -272,7 +272,7 @@ def _tensor_rows_from_header(entries: dict[str, dict[str, Any]], file_name: str)
 
 def _inspect_run(args: argparse.Namespace, parsed: ParsedURI) -> dict[str, Any]:
     store, _ = _open(args, parsed.location if parsed.kind == "step" else args.ckpt_uri)
-    step = resolve_step(store, parsed.selector)
+    step = store.resolve(parsed.selector)
     manifest = store.read_manifest(step)
     info = store.info(step)
     tensors: list[dict[str, Any]] = []
@@ -442,7 +442,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     else:
         store, _ = _open(args, args.uri)
         if parsed.kind == "step" or parsed.selector is not None:
-            steps = [resolve_step(store, parsed.selector)]
+            steps = [store.resolve(parsed.selector)]
         else:
             steps = _marked_steps(store)
             try:

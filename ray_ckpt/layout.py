@@ -39,6 +39,7 @@ TRAINER_TENSORS = "trainer_state.safetensors"
 TRAINER_JSON = "trainer_state.json"
 FORMAT_VERSION = 1
 _STEP_RE = re.compile(r"^step_(\d{9,})$")
+_SELECTOR_RE = re.compile(r"^(?:(latest|best)|(?:v|step_)(\d+)|(\d+))$")
 REPLACE_RE = re.compile(r"^\.step_(\d{9,})\.(replace|old)-([0-9a-f]{12})$")  # see staging_dir
 MAX_WORLD_SIZE = 2**31 - 1
 MANIFEST_KINDS = frozenset({"state_dict", "files"})
@@ -72,6 +73,21 @@ def parse_step_dir(name: str) -> int | None:
         return None
     step = int(match.group(1))
     return step if step <= MAX_STEP else None
+
+
+def parse_selector(text: str, *, bare_number: bool = True) -> str | int | None:
+    """A step selector's meaning: ``"latest"``/``"best"`` as they are, ``"vN"``/``"step_N"`` (and,
+    with ``bare_number``, ``"N"``) as the int N; None for any other text.
+
+    The one parser of selectors: :meth:`CheckpointStore.resolve` (``bare_number``) and run URIs
+    (``<run>:vN``, where a bare ``:N`` is refused) both use it.
+    """
+    match = _SELECTOR_RE.match(text) if isinstance(text, str) else None
+    if match is None or (match.group(3) is not None and not bare_number):
+        return None
+    if match.group(1) is not None:
+        return match.group(1)
+    return int(match.group(2) or match.group(3))
 
 
 def validate_step(step: Any) -> int:

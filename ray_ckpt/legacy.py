@@ -2,6 +2,9 @@
 ``{name}.json`` pairs, ``{base}.safetensors`` + ``{base}.metrics.json`` bundles and (only when
 trusted) whole-model pickles. Formats are detected by extension and contents; loaded files are
 kept in a small LRU cache keyed by location, size and modification time.
+
+This module reads files into :class:`LegacyCheckpoint` records and depends on nothing above it;
+:func:`ray_ckpt.artifact.load_legacy` turns one into an artifact.
 """
 
 from __future__ import annotations
@@ -24,9 +27,16 @@ import torch
 from ray_ckpt.architecture import Architecture
 from ray_ckpt.errors import CorruptCheckpointError, RayCkptError
 from ray_ckpt.format import read_safetensors, read_safetensors_header
+from ray_ckpt.layout import parse_step_dir
 from ray_ckpt.safejson import JsonObject
 from ray_ckpt.storage import Storage
-from ray_ckpt.uri import ParsedURI, is_legacy_file_name, parse_metta_file_name, validate_run_name
+from ray_ckpt.uri import (
+    ParsedURI,
+    is_legacy_file_name,
+    normalize_storage_uri,
+    parse_metta_file_name,
+    validate_run_name,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +50,6 @@ _WEIGHT_KEYS = ("state_dict", "model_state_dict", "model", "policy", "agent", "w
 _OPTIMIZER_KEYS = ("optimizer", "optimizer_state_dict", "optimizer_state", "optim")
 _STEP_KEYS = ("step", "global_step", "epoch", "agent_step")
 _TRAILING_STEP_RE = re.compile(r"^(?P<run>.*?)[-_.]?(?:step|epoch|ep|ckpt|checkpoint|iter|v)?[-_]?(?P<step>\d+)$")
-_STEP_DIR_RE = re.compile(r"^step_\d{9,}$")
 
 
 class LegacyFormatError(RayCkptError, ValueError):
@@ -189,38 +198,6 @@ def read_legacy(
         return ckpt
     _CACHE.put(key, ckpt)
     return ckpt.copy()
-
-
-def load_legacy(
-    location: str,
-    *,
-    storage_options: dict[str, Any] | None = None,
-    trust_pickle: bool = False,
-    allowed_architecture_prefixes: list[str] | None = None,
-) -> Any:
-    """A legacy checkpoint file as a :class:`~ray_ckpt.artifact.CheckpointArtifact`.
-
-    A configured ``allowed_architecture_prefixes`` list refuses here a pickled model whose class
-    is outside it, as :func:`~ray_ckpt.artifact.load_from_uri` does for runs.
-    """
-    from ray_ckpt.artifact import CheckpointArtifact
-
-    ckpt = read_legacy(location, storage_options=storage_options, trust_pickle=trust_pickle)
-    if ckpt.architecture is not None and allowed_architecture_prefixes is not None:
-        ckpt.architecture.check_allowed(allowed_architecture_prefixes)
-    return CheckpointArtifact(
-        state_dict=ckpt.state_dict,
-        architecture=ckpt.architecture,
-        metrics=ckpt.metrics,
-        trainer_state=ckpt.trainer_state,
-        step=ckpt.step,
-        run_name=ckpt.run_name,
-        uri=ckpt.location,
-        source_format=ckpt.format,
-        metadata=ckpt.metadata,
-        allowed_architecture_prefixes=allowed_architecture_prefixes,
-        _model=ckpt.model,
-    )
 
 
 def _read_json(storage: Storage, name: str) -> dict[str, Any] | None:
@@ -415,8 +392,6 @@ def find_legacy_files(source: str, *, storage_options: dict[str, Any] | None = N
 
     Companion ``.json`` files and files inside ray-ckpt step directories are skipped.
     """
-    from ray_ckpt.uri import normalize_storage_uri
-
     location = normalize_storage_uri(source)
     storage = Storage(location, storage_options)
     if storage.fs.isfile(storage.root):
@@ -427,7 +402,7 @@ def find_legacy_files(source: str, *, storage_options: dict[str, Any] | None = N
     for path in sorted(storage.fs.find(storage.root)):
         rel = str(path)[len(storage.root.rstrip("/")) + 1 :]
         parts = rel.split("/")
-        if any(p.startswith(".") or _STEP_DIR_RE.match(p) for p in parts):
+        if any(p.startswith(".") or parse_step_dir(p) is not None for p in parts):
             continue
         if is_legacy_file_name(parts[-1]):
             found.append(storage.url(rel))

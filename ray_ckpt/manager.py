@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ray_ckpt.artifact import POLICY_KEY
+from ray_ckpt.artifact import POLICY_KEY, open_run
 from ray_ckpt.config import CheckpointConfig
 from ray_ckpt.errors import CheckpointExistsError, CheckpointNotFoundError, ConfigError
 from ray_ckpt.storage import Storage
@@ -325,7 +325,7 @@ def initialize_run_dir(
     if mode not in ("resume", "overwrite", "new"):
         raise ConfigError(f"mode: must be 'resume', 'overwrite' or 'new', got {mode!r}")
     parsed = _run_uri(path)
-    store = CheckpointStore(parsed.storage_uri, parsed.run_name, storage_options)
+    store = open_run(parsed, storage_options, must_exist=False)
     parent = Storage(parsed.storage_uri, storage_options)
     _remove_trash(parent, parsed.run_name)
     exists = bool(store.storage.list_names(""))

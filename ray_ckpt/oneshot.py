@@ -14,21 +14,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from ray_ckpt.errors import ConfigError
+from ray_ckpt.artifact import open_run
 from ray_ckpt.index import CheckpointInfo
 from ray_ckpt.store import CheckpointStore
-from ray_ckpt.uri import parse_uri
 
 METADATA_KEY = "user_metadata"
 
 
 def open_directory(directory: str | os.PathLike[str], storage_options: dict[str, Any] | None = None,
                    **options: Any) -> CheckpointStore:
-    """The store of a run directory given as a path or URI (``<storage>/<run_name>``)."""
-    parsed = parse_uri(os.fspath(directory))
-    if parsed.kind != "run" or parsed.selector is not None:
-        raise ConfigError(f"{os.fspath(directory)!r}: expected a run directory (<storage>/<run_name>), no selector")
-    return CheckpointStore(parsed.storage_uri, parsed.run_name, storage_options or {}, **options)
+    """The store of a run directory given as a path or URI (``<storage>/<run_name>``), through
+    :func:`~ray_ckpt.artifact.open_run` (it ranks and retains as the run's writer recorded)."""
+    return open_run(directory, storage_options, must_exist=False, run_only=True, **options)
 
 
 def _plain_state(state: Any) -> Any:

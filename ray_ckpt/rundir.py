@@ -110,7 +110,7 @@ class RunDir:
 
         Without a metric, or with no ranked checkpoint, the pointer is removed.
         """
-        best = self.store.best() if self.store.config.metric_name else None
+        best = self.store.best()  # None without a metric
         if best is None:
             self._remove_pointer()
             return None

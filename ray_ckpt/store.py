@@ -18,18 +18,18 @@ import concurrent.futures
 import json
 import logging
 import posixpath
-import re
 import threading
 import time
 import uuid
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
 from ray_ckpt.architecture import ARCHITECTURE_FILE, Architecture
+from ray_ckpt.byo import PendingCheckpoint
 from ray_ckpt.config import CheckpointConfig
-from ray_ckpt.errors import CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError
+from ray_ckpt.errors import CheckpointExistsError, CheckpointNotFoundError, ConfigError, CorruptCheckpointError
 from ray_ckpt.format import FlatState, SafetensorsHeader, TensorBuffer, flatten_state, to_tensor, unflatten_state
 from ray_ckpt.index import CheckpointIndex, CheckpointInfo
 from ray_ckpt.layout import (
@@ -40,6 +40,7 @@ from ray_ckpt.layout import (
     Manifest,
     Selector,
     metrics_to_json,
+    parse_selector,
     staging_dir,
     step_dir,
     validate_metrics,
@@ -53,12 +54,16 @@ from ray_ckpt.safejson import DamageLog
 from ray_ckpt.storage import Storage
 from ray_ckpt.writer import StepWriter, collect_leftovers
 
-if TYPE_CHECKING:
-    from ray_ckpt.byo import PendingCheckpoint
-
 logger = logging.getLogger(__name__)
 
-_SELECTOR_RE = re.compile(r"(?:step_|v)?(\d+)")
+
+class Ranked(Protocol):
+    """What ``latest``/``best`` selectors are resolved over: a store, a tiered store's union of
+    tiers, an eval client's live copy of the master's index."""
+
+    def latest(self) -> CheckpointInfo | None: ...
+
+    def best(self) -> CheckpointInfo | None: ...
 
 
 class CheckpointStore:
@@ -242,8 +247,6 @@ class CheckpointStore:
         self, step: int, training_info: Mapping[str, Any] | None = None, run_config: Any = None, **kwargs: Any
     ) -> PendingCheckpoint:
         """A checkpoint whose files the trainer writes itself into ``.path``; invisible until ``.commit()``."""
-        from ray_ckpt.byo import PendingCheckpoint
-
         return PendingCheckpoint(self, step, training_info=training_info, run_config=run_config, **kwargs)
 
     def prepare_step(self, step: int, *, overwrite: bool) -> str | None:
@@ -330,25 +333,40 @@ class CheckpointStore:
         info.metrics.update(self.run_index.read_eval_metrics(step))
         return info
 
-    def resolve(self, selector: Selector, *, fallback_to_latest: bool = False) -> int:
-        """Turn ``"latest"``, ``"best"``, ``"step_12"``, ``"v12"`` or ``12`` into a committed step.
+    def resolve(
+        self, selector: Selector | None = "latest", *, fallback_to_latest: bool = False, over: Ranked | None = None
+    ) -> int:
+        """Turn ``"latest"`` (or None), ``"best"``, ``"step_12"``, ``"v12"`` or ``12`` into a step.
 
-        The one resolver of step selectors. ``fallback_to_latest``: ``"best"`` of a run that ranks
-        nothing means the latest step.
+        The one resolver of step selectors (URIs, the CLI, the managers and loaders all come
+        here). ``fallback_to_latest``: ``"best"`` of a run that ranks nothing (no metric, or no
+        finite value of it yet) means the latest step. Without it, ``"best"`` of a run without
+        ``metric_name`` is a ConfigError (there is no ranking to ask; pass a metric), and of a
+        ranked run without a finite score a CheckpointNotFoundError. ``over`` resolves
+        ``latest``/``best`` over another view of the run (a tiered store's tiers, an eval
+        client's copy of the master's index) instead of this store's index.
         """
+        ranked: Ranked = self if over is None else over
+        if selector is None:
+            selector = "latest"
         if isinstance(selector, str):
-            if selector in ("latest", "best"):
-                found = self.best() if selector == "best" else None
-                if selector == "latest" or (found is None and fallback_to_latest):
-                    found = self.latest()
-                if found is None:
-                    what = "no checkpoint" if selector == "latest" else "no checkpoint ranked by a finite metric"
-                    raise CheckpointNotFoundError(f"run {self.run_name!r} has {what} ({selector!r})")
-                return found.step
-            match = _SELECTOR_RE.fullmatch(selector)
-            if not match:
+            parsed = parse_selector(selector)
+            if parsed is None:
                 raise ValueError(f"step selector: expected 'latest', 'best', 'step_N', 'vN' or N, got {selector!r}")
-            selector = int(match.group(1))
+            if parsed == "best" and self.config.metric_name is None and not fallback_to_latest:
+                raise ConfigError(
+                    f"run {self.run_name!r} records no ranking metric, so it has no 'best' checkpoint; "
+                    "pass a metric (metric_name=..., CLI: --metric NAME)"
+                )
+            if parsed in ("latest", "best"):
+                found = ranked.best() if parsed == "best" and self.config.metric_name else None
+                if parsed == "latest" or (found is None and fallback_to_latest):
+                    found = ranked.latest()
+                if found is None:
+                    what = "no checkpoint" if parsed == "latest" else "no checkpoint ranked by a finite metric"
+                    raise CheckpointNotFoundError(f"run {self.run_name!r} has {what} ({parsed!r})")
+                return found.step
+            selector = parsed
         return validate_step(selector)
 
     # -- reading ------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass
 
 from ray_ckpt.errors import ConfigError
+from ray_ckpt.layout import parse_selector, parse_step_dir
 
 MAX_RUN_NAME_LENGTH = 200
 _RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-+=@,]*$")
@@ -55,8 +56,6 @@ def normalize_storage_uri(uri: str) -> str:
 # ---------------------------------------------------------------------------------------------
 MOCK_SCHEME = "mock"
 LEGACY_EXTENSIONS = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
-_SELECTOR_RE = re.compile(r"^(?:latest|best|v(\d+)|step_(\d+))$")
-_STEP_DIR_RE = re.compile(r"^step_(\d+)$")
 _METTA_FILE_RE = re.compile(r"^(?P<run>.+):v(?P<version>\d+)\.(?:pt|pth|mpt)$")
 
 
@@ -96,11 +95,10 @@ def _selector_text(selector: str | int | None) -> str:
 
 
 def _parse_selector(text: str, uri: str) -> str | int:
-    match = _SELECTOR_RE.match(text)
-    if not match:
+    selector = parse_selector(text, bare_number=False)
+    if selector is None:
         raise ConfigError(f"{uri!r}: bad selector {text!r} (expected :latest, :best, :vN or :step_N)")
-    number = match.group(1) or match.group(2)
-    return int(number) if number is not None else text
+    return selector
 
 
 def is_legacy_file_name(name: str) -> bool:
@@ -151,14 +149,14 @@ def parse_uri(uri: str) -> ParsedURI:
             raise ConfigError(f"{uri!r}: a selector applies to a run, not to the file {name!r}")
         run_name = metta[0] if metta else name.rsplit(".", 1)[0]
         return ParsedURI("file", scheme, location, parent, run_name, metta[1] if metta else None)
-    step_match = _STEP_DIR_RE.match(name)
+    step = parse_step_dir(name)
     grand, _, checkpoints = parent.rpartition("/")
-    if step_match and checkpoints == "checkpoints":
+    if step is not None and checkpoints == "checkpoints":
         if selector is not None:
             raise ConfigError(f"{uri!r}: a step directory takes no selector")
         storage_uri, _, run_name = grand.rpartition("/")
         validate_run_name(run_name, field_name=f"{uri!r}: run name")
-        return ParsedURI("step", scheme, location, storage_uri, run_name, int(step_match.group(1)))
+        return ParsedURI("step", scheme, location, storage_uri, run_name, step)
     if parent.endswith(":/") or parent.endswith(":"):
         raise ConfigError(f"{uri!r}: no run name (expected <storage>/<run_name>[:selector])")
     validate_run_name(name, field_name=f"{uri!r}: run name")

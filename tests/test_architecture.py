@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import ray_ckpt
-from ray_ckpt import ArchitectureNotAllowedError, CheckpointStore, CorruptCheckpointError, legacy
+from ray_ckpt import ArchitectureNotAllowedError, CheckpointStore, CorruptCheckpointError, artifact, legacy
 from ray_ckpt import migrate as migrate_module
 from ray_ckpt.architecture import (
     ARCHITECTURE_FILE,
@@ -197,7 +197,7 @@ def test_payload_refused_by_legacy_artifact(
 ) -> None:
     path = _hostile_legacy(tmp_path, name, monkeypatch)
     with pytest.raises(REFUSED):
-        legacy.load_legacy(str(path), allowed_architecture_prefixes=allowed).instantiate()
+        artifact.load_legacy(str(path), allowed_architecture_prefixes=allowed).instantiate()
     _assert_not_run(tmp_path)
 
 

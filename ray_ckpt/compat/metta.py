@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from ray_ckpt.artifact import load_from_uri as load_artifact
-from ray_ckpt.artifact import open_run, resolve_step
+from ray_ckpt.artifact import open_run
 from ray_ckpt.config import CheckpointConfig
 from ray_ckpt.format import flatten_state
 from ray_ckpt.index import CheckpointInfo
@@ -194,17 +194,13 @@ class CheckpointManager:
             return normalize_uri(uri), self.config.storage_options, None, parsed.step
         own = self._own_store(parsed.run_uri)
         if own is not None:
-            if parsed.kind == "step":
-                step = int(parsed.step)  # type: ignore[arg-type]
-            elif parsed.selector is None:
-                step = own.resolve("latest")
-            else:
-                step = own.resolve(parsed.selector)
+            # a step directory's selector is its step; none means the latest
+            step = own.resolve("latest" if parsed.selector is None else parsed.selector)
             tier = own.store_for(step) if self.tiered is not None else own
             return tier.step_uri(step), tier.config.storage_options, tier, step
         options = self.config.storage_options
         store = open_run(parsed, options)
-        step = int(parsed.step) if parsed.kind == "step" else resolve_step(store, parsed.selector)  # type: ignore[arg-type]
+        step = store.resolve(parsed.selector)
         return store.step_uri(step), options, store, step
 
     def load_from_uri(self, uri: str, device: str | torch.device = "cpu") -> Any:

@@ -178,10 +178,12 @@ class NeMoCheckpointManager:
 
     def get_best_checkpoint_path(self) -> str | None:
         """The best checkpoint's directory (a URI on object stores); the latest when none is ranked."""
-        best = self.store.best() if self.metric_name else None
-        if best is None and self.metric_name:
+        if self.metric_name and self.store.best() is None and self.store.latest() is not None:
             logger.warning("no checkpoint has a finite %r; returning the latest", self.metric_name)
-        return self._path(best) or self.get_latest_checkpoint_path()
+        try:
+            return self._step_path(self.store.resolve("best", fallback_to_latest=True))
+        except CheckpointNotFoundError:
+            return None
 
     def get_latest_checkpoint_path(self) -> str | None:
         """The latest committed checkpoint's directory (a URI on object stores), or None."""
