@@ -5,6 +5,12 @@ shards (direct mode); once every rank of a step is in, the actor commits the ste
 :class:`~ray_ckpt.store.CheckpointStore` (marker last), applies retention and serves a top-k
 index from memory. Queries run on the event loop and never wait behind a save's I/O, which runs
 on a writer thread. Everything that must survive a restart lives in storage.
+
+Retention runs whenever what it keeps may change: after each commit, after an eval score joins
+(:meth:`Checkpointer.report_eval`), when an eval client releases a lease
+(:meth:`Checkpointer.lease_released`) and, for leases that simply expire (a holder that died),
+every ``lease_ttl_s / 2`` seconds while some step is doomed. Each run is serialised with the
+commits on the writer thread, and every step it deletes leaves the served index at once.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from ray_ckpt.errors import CheckpointExistsError, SaveAbortedError
 from ray_ckpt.format import DTYPE_SIZE, RESERVED_KEY, FileDigest, FlatState, ShardSpec, TensorBuffer
 from ray_ckpt.index import CheckpointIndex, CheckpointInfo, IndexDelta, IndexFeed
 from ray_ckpt.layout import step_dir, validate_metrics, validate_step
+from ray_ckpt.retention import plan, policy_from_config
 from ray_ckpt.store import CheckpointStore
 from ray_ckpt.writer import StepWriter
 
@@ -310,6 +317,7 @@ class Checkpointer:
         self._slots: asyncio.Semaphore | None = None
         self._committed: asyncio.Condition | None = None
         self._architecture_written = False
+        self._retention_task: asyncio.Task | None = None  # the periodic check (started on first call)
         self._init_metrics()
         # Ray runs gc.collect() in every worker when the object store fills up (big gathered saves
         # do that). A full collection of this process's startup heap (torch, ray, pyarrow: ~250k
@@ -350,6 +358,7 @@ class Checkpointer:
         return self.config
 
     async def ping(self) -> bool:
+        self._start_background()
         return True
 
     async def register(self, model_or_class_path: Any, config: Any = None) -> dict[str, Any]:
@@ -500,6 +509,7 @@ class Checkpointer:
             raise SaveAbortedError(self._aborted[step])
         pending = self._pending.get(step)
         if pending is None:
+            self._start_background()
             latest = self.index.latest()
             if not overwrite and latest is not None and step <= latest.step:
                 raise CheckpointExistsError(
@@ -750,18 +760,77 @@ class Checkpointer:
         return self.index.latest()
 
     async def report_eval(self, step: int, metrics: dict[str, float]) -> CheckpointInfo:
-        """Join evaluation metrics to a checkpoint's record (persisted beside it).
+        """Join evaluation metrics to a checkpoint's record (persisted beside it), then apply retention.
 
         The values are taken as floats first (numpy and torch scalars too; TypeError for anything
-        else), so the index served from memory ranks them exactly as the store does.
+        else), so the index served from memory ranks them exactly as the store does. The score
+        reaches the served index (and every follower) as soon as it is persisted; the reply comes
+        once retention has run (a step the new ranking drops, and no lease holds, is gone from
+        storage and from the index by then).
         """
+        self._start_background()
         checked = validate_metrics(metrics, what="eval metrics")
         loop = asyncio.get_running_loop()
-        info = await loop.run_in_executor(self._meta, self.store.report_eval, step, checked)
+        info = await loop.run_in_executor(
+            self._meta, functools.partial(self.store.report_eval, step, checked, retain=False)
+        )
         if step in self.index:
             info = self.feed.update_metrics(step, checked)
             self._notify_index_changed()
+        await self._retain(f"the eval scores of step {step}")
         return info
+
+    async def lease_released(self, step: int) -> list[int]:
+        """An eval client released its lease on ``step``: apply retention now; the deleted steps.
+
+        A lease may have been all that kept a step the ranking dropped; without this call the
+        step would wait for the next commit, score or periodic check.
+        """
+        self._start_background()
+        return await self._retain(f"the release of a lease on step {step}")
+
+    async def apply_retention(self) -> list[int]:
+        """Apply retention now (e.g. after an out-of-band change); the deleted steps."""
+        return await self._retain("a request", force=True)
+
+    async def _retain(self, event: str, *, force: bool = False) -> list[int]:
+        """Apply retention on the writer thread (serialised with commits); drop the deleted steps
+        from the served index.
+
+        Costs nothing when the served index shows no doomed step (the plan is made in memory;
+        protection only ever adds kept steps), else one listing of the leases.
+        """
+        protected = set(self._pending)  # steps being written or replaced are never deleted
+        _, doomed = plan(self.index, policy_from_config(self.store.config, protected))
+        if not doomed and not force:
+            return []
+        loop = asyncio.get_running_loop()
+        deleted = await loop.run_in_executor(self._writer, self.store.retain_after, event, protected)
+        removed = [s for s in deleted if self.feed.remove(s) is not None]
+        if removed:
+            self._notify_index_changed()
+            logger.info("run %s: retention after %s deleted steps %s", self.config.run_name, event, removed)
+        return deleted
+
+    def _start_background(self) -> None:
+        """Start the periodic retention check once, on the actor's event loop."""
+        if self._retention_task is None or self._retention_task.done():
+            self._retention_task = asyncio.get_running_loop().create_task(self._retention_loop())
+
+    async def _retention_loop(self) -> None:
+        """Every ``lease_ttl_s / 2`` seconds, apply retention if some step is doomed.
+
+        Catches what no call announces: a lease that expired because its holder died (its step
+        is deleted at most ``lease_ttl_s / 2`` after the expiry), and the first check after a
+        restart.
+        """
+        interval = max(self.config.lease_ttl_s / 2, 0.1)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self._retain("the periodic lease check")
+            except Exception as exc:  # noqa: BLE001 - the loop must outlive one bad round
+                logger.warning("run %s: periodic retention failed: %s", self.config.run_name, exc)
 
     async def watch_index(self, epoch: str | None, version: int, timeout_s: float = 10.0) -> IndexDelta:
         """Long poll for index followers: the changes after (``epoch``, ``version``).
@@ -850,6 +919,10 @@ class CheckpointerHandle:
 
     def stats(self) -> dict[str, Any]:
         return ray.get(self.actor.stats.remote())
+
+    def apply_retention(self) -> list[int]:
+        """Apply the run's retention now (it also runs after commits, scores and lease releases)."""
+        return ray.get(self.actor.apply_retention.remote())
 
     def shutdown(self) -> None:
         """Stop the actor for good (no restart)."""

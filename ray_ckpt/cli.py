@@ -1,4 +1,4 @@
-"""The ``ray-ckpt`` command line: list, rank, inspect, verify, collect, migrate and plot checkpoints.
+"""The ``ray-ckpt`` command line: list, rank, inspect, verify, retain, collect, migrate and plot checkpoints.
 
 Human-readable tables by default, ``--json`` for scripts. Errors exit non-zero with a one-line
 message (``--debug`` shows the traceback). Everything goes through the library: the store for
@@ -26,6 +26,7 @@ from ray_ckpt.errors import (
 )
 from ray_ckpt.format import read_safetensors_header
 from ray_ckpt.layout import CHECKPOINTS_DIR, MARKER_FILE, TRAINER_TENSORS, parse_step_dir, step_dir
+from ray_ckpt.retention import LEASED, explain, policy_from_config
 from ray_ckpt.safejson import parse_json
 from ray_ckpt.store import CheckpointStore
 from ray_ckpt.uri import ParsedURI, parse_uri
@@ -163,6 +164,7 @@ def _open(args: argparse.Namespace, uri: str | None = None) -> tuple[CheckpointS
         keep_top_k=getattr(args, "keep_top_k", None),
         keep_last_n=getattr(args, "keep_last_n", None),
         keep_period=getattr(args, "keep_period", None),
+        keep_checkpoints_without_metrics=getattr(args, "keep_checkpoints_without_metrics", None),
     )
     return store, parsed
 
@@ -173,6 +175,18 @@ def _marks(store: CheckpointStore) -> tuple[set[int], set[int], int | None]:
     keep, _ = store.retention_plan(leased)
     best = store.best()  # None when the run ranks nothing
     return set(keep), leased, best.step if best is not None else None
+
+
+def _retention_config(store: CheckpointStore) -> dict[str, Any]:
+    cfg = store.config
+    return {
+        "metric_name": cfg.metric_name,
+        "mode": cfg.mode,
+        "keep_top_k": cfg.keep_top_k,
+        "keep_last_n": cfg.keep_last_n,
+        "keep_period": cfg.keep_period,
+        "keep_checkpoints_without_metrics": cfg.keep_checkpoints_without_metrics,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,7 +209,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         "run": store.uri,
         "metric_name": cfg.metric_name,
         "mode": cfg.mode,
-        "retention": {"keep_top_k": cfg.keep_top_k, "keep_last_n": cfg.keep_last_n, "keep_period": cfg.keep_period},
+        "retention": {k: v for k, v in _retention_config(store).items() if k not in ("metric_name", "mode")},
         "checkpoints": [
             {
                 "step": r.step,
@@ -482,22 +496,95 @@ def cmd_gc(args: argparse.Namespace) -> int:
     store, _ = _open(args)
     removed = store.gc(dry_run=args.dry_run)
     keep, doomed = store.retention_plan(store.leased_steps())
+    deleted = store.apply_retention() if args.apply_retention and not args.dry_run else []
     payload = {
         "run": store.uri,
         "dry_run": args.dry_run,
         "leftovers": removed,
         "retention_would_delete": doomed,
         "retention_keeps": keep,
+        "retention_deleted": deleted,
     }
 
     def human() -> str:
         verb = "would remove" if args.dry_run else "removed"
         lines = [f"{verb} {len(removed)} uncommitted leftover(s)"] + [f"  {p}" for p in removed]
-        if doomed:
-            lines.append(f"retention would delete steps {doomed} (not deleted by gc)")
+        if deleted:
+            lines.append(f"retention deleted steps {deleted}")
+        elif doomed and not args.apply_retention:
+            lines.append(f"retention would delete steps {doomed} (pass --apply-retention to delete them)")
+        elif doomed:
+            lines.append(f"retention would delete steps {doomed} (not deleted: dry run)" if args.dry_run
+                         else f"retention deleted nothing: steps {doomed} were leased meanwhile")
         else:
             lines.append("retention would delete nothing")
         return "\n".join(lines)
+
+    _emit(args, payload, human)
+    return EXIT_OK
+
+
+def cmd_retention(args: argparse.Namespace) -> int:
+    """What the run's retention rules keep, and why; ``--apply`` deletes the rest (dry run by default)."""
+    store, _ = _open(args)
+    records = store.list()  # the run's index, read once
+    leased = store.leased_steps()
+    kept, doomed = explain(store.index, policy_from_config(store.config, leased, protected_reason=LEASED))
+    deleted = store.apply_retention() if args.apply and doomed else []
+    metric = store.config.metric_name
+    gone = set(deleted)
+
+    def action(step: int) -> tuple[str, list[str]]:
+        if step in kept:
+            return "keep", kept[step]
+        if not args.apply:
+            return "delete", []
+        return ("deleted", []) if step in gone else ("keep", [LEASED])  # leased while it was applied
+
+    rows = [
+        {
+            "step": info.step,
+            "action": action(info.step)[0],
+            "reasons": action(info.step)[1],
+            "metric": info.metrics.get(metric) if metric else None,
+        }
+        for info in records
+    ]
+    payload = {
+        "run": store.uri,
+        "dry_run": not args.apply,
+        "policy": _retention_config(store),
+        "steps": rows,
+        "would_delete": doomed,
+        "deleted": deleted,
+    }
+
+    def human() -> str:
+        cfg = store.config
+        rules = ", ".join(
+            f"{name}={value}" for name, value in _retention_config(store).items() if value is not None
+        )
+        head = f"run {store.uri}: {len(rows)} checkpoint(s); retention {rules}"
+        if not rows:
+            return head
+        table = render_table(
+            ["step", "action", "kept by", metric or "metric"],
+            [
+                (r["step"], r["action"], ",".join(r["reasons"]) or "-",
+                 _fmt_number(r["metric"]) if r["metric"] is not None else "-")
+                for r in rows
+            ],
+        )
+        if args.apply:
+            tail = f"deleted {len(deleted)} step(s): {deleted}" if deleted else "deleted nothing"
+            if set(doomed) - set(deleted):
+                tail += f" (kept {sorted(set(doomed) - set(deleted))}: leased meanwhile)"
+        elif doomed:
+            tail = f"would delete {len(doomed)} step(s): {doomed} (dry run; pass --apply to delete)"
+        else:
+            tail = "nothing to delete" + ("" if cfg.keep_top_k is not None or cfg.keep_last_n is not None
+                                          else " (neither keep_top_k nor keep_last_n is set)")
+        return f"{head}\n{table}\n{tail}"
 
     _emit(args, payload, human)
     return EXIT_OK
@@ -659,8 +746,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("gc", parents=[common], help="remove uncommitted leftovers; show what retention would delete")
     p.add_argument("run_uri", metavar="RUN_URI")
     p.add_argument("--dry-run", action="store_true", help="only show what would be removed")
+    p.add_argument("--apply-retention", action="store_true",
+                   help="also delete the checkpoints retention does not keep (leased ones stay)")
     _ranking_args(p)
     p.set_defaults(func=cmd_gc)
+
+    p = sub.add_parser(
+        "retention", parents=[common],
+        help="which checkpoints the run's retention keeps and why; --apply deletes the rest (dry run by default)",
+    )
+    p.add_argument("run_uri", metavar="RUN_URI")
+    p.add_argument("--apply", action="store_true", help="delete the checkpoints no rule keeps (leased ones stay)")
+    _ranking_args(p)
+    p.add_argument("--keep-checkpoints-without-metrics", action="store_true", default=None,
+                   help="retention: also keep steps without a finite metric (needs --keep-top-k or a recorded one)")
+    p.set_defaults(func=cmd_retention)
 
     p = sub.add_parser("migrate", parents=[common], help="legacy checkpoint files into ray-ckpt runs")
     p.add_argument("src", metavar="SRC", help="a legacy checkpoint file or a directory of them")

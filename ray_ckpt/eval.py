@@ -39,14 +39,23 @@ class Lease:
     """A lease on one checkpoint: retention will not delete it while the lease is renewed.
 
     Renewed by a background thread every ``ttl_s / 3``; if the holder dies the lease simply
-    expires after ``ttl_s``.
+    expires after ``ttl_s``. ``on_release(step)`` runs once the lease is released (an
+    EvalClient tells the checkpointer, whose retention may now delete the step).
     """
 
-    def __init__(self, store: CheckpointStore, step: int, ttl_s: float, holder: str) -> None:
+    def __init__(
+        self,
+        store: CheckpointStore,
+        step: int,
+        ttl_s: float,
+        holder: str,
+        on_release: Callable[[int], None] | None = None,
+    ) -> None:
         self.store = store
         self.step = step
         self.ttl_s = ttl_s
         self.holder = holder
+        self._on_release = on_release
         self.lease_id = store.acquire_lease(step, ttl_s, holder)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._renew, name=f"ray-ckpt-lease-{step}", daemon=True)
@@ -63,6 +72,8 @@ class Lease:
         self._stop.set()
         self._thread.join(timeout=5)
         self.store.release_lease(self.step, self.lease_id)
+        if self._on_release is not None:
+            self._on_release(self.step)
 
     def __enter__(self) -> Lease:
         return self
@@ -378,8 +389,21 @@ class EvalClient:
             self.store.config = self.store.config.replace(allowed_architecture_prefixes=served)
 
     def lease(self, step: Selector, ttl_s: float | None = None) -> Lease:
-        """Lease a checkpoint (use as ``with ev.lease(step): ...``)."""
-        return Lease(self.store, self._resolve(step), ttl_s or self.config.lease_ttl_s, self.holder)
+        """Lease a checkpoint (use as ``with ev.lease(step): ...``).
+
+        Releasing it tells the checkpointer, whose retention then runs: a step that only this
+        lease kept (e.g. scored out of the top k meanwhile) goes at once.
+        """
+        ttl = ttl_s or self.config.lease_ttl_s
+        return Lease(self.store, self._resolve(step), ttl, self.holder, on_release=self._lease_released)
+
+    def _lease_released(self, step: int) -> None:
+        """Tell the checkpointer a lease ended (waits for its retention, at most 10 s)."""
+        try:
+            ray.get(self.handle.actor.lease_released.remote(step), timeout=10)
+        except Exception as exc:  # noqa: BLE001 - the periodic check or the next commit retains instead
+            logger.info("retention after releasing step %d is left to the checkpointer (%s)", step,
+                        type(exc).__name__)
 
     @contextlib.contextmanager
     def leased(self, step: Selector = "latest") -> Iterator[tuple[int, dict[str, Any]]]:

@@ -4,6 +4,10 @@ In the spirit of Orbax's preservation policies: :class:`LatestN`, :class:`EveryN
 :class:`BestN` (by a metric), :class:`Steps` (leased, not yet uploaded, in flight) and
 :class:`AnyOf`, their union. The latest step is always kept. :func:`policy_from_config` builds
 the policy a run's config describes; the store applies it (this module does no I/O).
+:func:`explain` says why each kept step is kept (the CLI's ``ray-ckpt retention`` prints it).
+
+How these rules compare with Ray Train's ``num_to_keep``, Lightning's ``save_top_k`` and
+Orbax's ``max_to_keep``/``keep_period``/``best_fn``: docs/RETENTION.md.
 """
 
 from __future__ import annotations
@@ -25,9 +29,21 @@ class PreservationPolicy(Protocol):
     def keep(self, index: CheckpointIndex) -> set[int]: ...
 
 
+# Why a step is kept, as :func:`explain` and ``ray-ckpt retention`` name it.
+LATEST = "latest"
+LAST_N = "last-n"
+TOP_K = "top-k"
+NO_METRIC = "no-metric"  # BestN with keep_unranked: no finite metric yet
+PERIOD = "period"
+KEEP_ALL = "no-deleting-rule"
+LEASED = "leased"
+
+
 @dataclass(frozen=True)
 class KeepAll:
     """Keeps every step (a run with neither ``keep_top_k`` nor ``keep_last_n``)."""
+
+    label = KEEP_ALL
 
     def keep(self, index: CheckpointIndex) -> set[int]:
         return set(index.steps())
@@ -38,6 +54,7 @@ class LatestN:
     """The ``n`` newest steps (Ray's ``num_to_keep`` without a score, Orbax's ``max_to_keep``)."""
 
     n: int
+    label = LAST_N
 
     def keep(self, index: CheckpointIndex) -> set[int]:
         return set(index.steps()[-self.n :]) if self.n > 0 else set()
@@ -48,6 +65,7 @@ class EveryNSteps:
     """Every step divisible by ``n`` (Orbax's ``keep_period``)."""
 
     n: int
+    label = PERIOD
 
     def keep(self, index: CheckpointIndex) -> set[int]:
         return {s for s in index.steps() if s % self.n == 0}
@@ -67,10 +85,14 @@ class BestN:
     keep_unranked: bool = False
 
     def keep(self, index: CheckpointIndex) -> set[int]:
-        kept = {info.step for info in index.top_k(self.n, self.metric, self.mode)}
+        return set(self.reasons(index))
+
+    def reasons(self, index: CheckpointIndex) -> dict[int, str]:
+        """The kept steps, each with why: ``"top-k"``, or ``"no-metric"`` (``keep_unranked``)."""
+        kept = {info.step: TOP_K for info in index.top_k(self.n, self.metric, self.mode)}
         unranked = [info.step for info in index.list() if rankable(info.metrics.get(self.metric)) is None]
         if self.keep_unranked:
-            kept.update(unranked)
+            kept.update(dict.fromkeys(unranked, NO_METRIC))
         elif unranked:
             logger.info(
                 "retention: steps %s have no finite %r; they are never best and are kept only by the other rules",
@@ -86,6 +108,10 @@ class Steps:
 
     steps: frozenset[int]
     reason: str = ""
+
+    @property
+    def label(self) -> str:
+        return self.reason or "protected"
 
     def keep(self, index: CheckpointIndex) -> set[int]:
         return {s for s in self.steps if s in index}
@@ -104,21 +130,24 @@ class AnyOf:
         return kept
 
 
-def policy_from_config(config: CheckpointConfig, protected: Iterable[int] = ()) -> PreservationPolicy:
+def policy_from_config(
+    config: CheckpointConfig, protected: Iterable[int] = (), *, protected_reason: str = "protected"
+) -> PreservationPolicy:
     """The retention a config describes, plus ``protected`` steps (leases and the like).
 
     With neither ``keep_top_k`` nor ``keep_last_n`` nothing is deleted (``keep_period`` alone
-    only marks steps to keep). ``keep_top_k`` needs ``metric_name`` (the config refuses it without).
+    only marks steps to keep). ``keep_top_k`` needs ``metric_name`` (the config refuses it
+    without). ``protected_reason`` names the protection in :func:`explain` (e.g. ``"leased"``).
     """
     if config.keep_top_k is None and config.keep_last_n is None:
         return KeepAll()
-    policies: list[PreservationPolicy] = [Steps(frozenset(protected), "protected")]
+    policies: list[PreservationPolicy] = [Steps(frozenset(protected), protected_reason)]
     if config.keep_last_n:
         policies.append(LatestN(config.keep_last_n))
     if config.keep_period:
         policies.append(EveryNSteps(config.keep_period))
     if config.keep_top_k and config.metric_name:
-        keep_unranked = bool(getattr(config, "keep_checkpoints_without_metrics", False))
+        keep_unranked = bool(config.keep_checkpoints_without_metrics)
         policies.append(BestN(config.keep_top_k, config.metric_name, config.mode, keep_unranked))
     return AnyOf(tuple(policies))
 
@@ -130,3 +159,36 @@ def plan(index: CheckpointIndex, policy: PreservationPolicy) -> tuple[list[int],
         return [], []
     kept = policy.keep(index) | {steps[-1]}
     return [s for s in steps if s in kept], [s for s in steps if s not in kept]
+
+
+def explain(index: CheckpointIndex, policy: PreservationPolicy) -> tuple[dict[int, list[str]], list[int]]:
+    """``(kept, delete)``: every kept step with the rules that keep it, and the doomed steps.
+
+    The reasons are the policies' labels (``"latest"``, ``"last-n"``, ``"top-k"``, ``"period"``,
+    ``"no-metric"``, ``"leased"``, ``"no-deleting-rule"``; a policy without a ``label`` is named
+    by its class). Both come from the same :meth:`keep` calls :func:`plan` makes, so ``kept``
+    lists exactly the steps :func:`plan` keeps.
+    """
+    steps = index.steps()
+    if not steps:
+        return {}, []
+    why: dict[int, list[str]] = {}
+    for step, reason in _reasons(policy, index):
+        if reason not in why.setdefault(step, []):
+            why[step].append(reason)
+    why.setdefault(steps[-1], []).insert(0, LATEST)
+    return {s: why[s] for s in steps if s in why}, [s for s in steps if s not in why]
+
+
+def _reasons(policy: PreservationPolicy, index: CheckpointIndex) -> Iterable[tuple[int, str]]:
+    if isinstance(policy, AnyOf):
+        for child in policy.policies:
+            yield from _reasons(child, index)
+        return
+    reasons = getattr(policy, "reasons", None)
+    if callable(reasons):
+        yield from reasons(index).items()
+        return
+    label = getattr(policy, "label", type(policy).__name__)
+    for step in sorted(policy.keep(index)):
+        yield step, label

@@ -131,6 +131,7 @@ class CheckpointStore:
             "keep_top_k": cfg.keep_top_k,
             "keep_last_n": cfg.keep_last_n,
             "keep_period": cfg.keep_period,
+            "keep_checkpoints_without_metrics": cfg.keep_checkpoints_without_metrics,
         }
 
     def step_uri(self, step: int) -> str:
@@ -440,7 +441,11 @@ class CheckpointStore:
         return plan(self._current(), policy_from_config(self.config, protected))
 
     def apply_retention(self, protected: Iterable[int] | None = None) -> list[int]:
-        """Delete the checkpoints no rule keeps; leased steps are protected. Returns the deleted."""
+        """Delete the checkpoints no rule keeps; leased steps are protected. Returns the deleted.
+
+        The hook for anything that changes what the rules keep outside a commit or a score (a
+        finished upload of a tiered store, an operator's ``ray-ckpt retention --apply``).
+        """
         leased = self.leased_steps() if protected is None else set(protected)
         _, doomed = self.retention_plan(leased)
         deleted = [step for step in doomed if self.leases.retire(step, self.delete)]
@@ -460,6 +465,24 @@ class CheckpointStore:
             logger.warning(
                 "run %s: retention after step %d failed (retried after the next commit): %s", self.run_name, step, exc
             )
+            return []
+
+    def retain_after(self, event: str, protected: Iterable[int] = ()) -> list[int]:
+        """Apply retention after ``event`` changed what it may keep (a score, a lease's end); the deleted.
+
+        Cheap when nothing would go: the plan is made in memory first (protection only ever adds
+        kept steps), and the leases are listed only when some step is doomed. Like
+        :meth:`retain_after_commit`, a storage failure is a warning, never the event's error.
+        """
+        protected = set(protected)
+        try:
+            _, doomed = self.retention_plan(protected)
+            if not doomed:
+                return []
+            return self.apply_retention(protected=self.leased_steps() | protected)
+        except (OSError, CorruptCheckpointError) as exc:
+            logger.warning("run %s: retention after %s failed (retried by the next change): %s",
+                           self.run_name, event, exc)
             return []
 
     def gc(self, *, dry_run: bool = False, older_than_s: float = 0.0) -> list[str]:
@@ -497,10 +520,13 @@ class CheckpointStore:
         return self.leases.expire()
 
     # -- eval metrics -------------------------------------------------------------------------
-    def report_eval(self, step: int, metrics: Mapping[str, Any]) -> CheckpointInfo:
+    def report_eval(self, step: int, metrics: Mapping[str, Any], *, retain: bool = True) -> CheckpointInfo:
         """Merge evaluation metrics into a committed checkpoint's record (sidecar file + index log).
 
-        Any process may report: the run's writer picks the scores up at its next save.
+        Any process may report: the run's writer picks the scores up at its next save. A score
+        may change the ranking, so with ``retain`` retention runs right after it joined (see
+        :meth:`retain_after`): storage holds what the rules keep now, not after the next commit.
+        The checkpointer passes ``retain=False`` and runs retention itself, on its writer thread.
         """
         step = validate_step(step)
         checked = validate_metrics(metrics, what="eval metrics")
@@ -517,7 +543,10 @@ class CheckpointStore:
                 if found is not None:
                     index.add(found)
             info = self.run_index.update_metrics(step, checked)
-            return info if info is not None else self.info(step)
+            info = info if info is not None else self.info(step)
+        if retain:
+            self.retain_after(f"the eval scores of step {step}")
+        return info
 
     # -- architecture -------------------------------------------------------------------------
     def write_architecture(self, model_or_class_path: Any, config: Any = None) -> Architecture:

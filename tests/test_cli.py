@@ -141,6 +141,82 @@ def test_gc_dry_run_then_real(run: str, capsys: pytest.CaptureFixture[str]) -> N
     assert len(CheckpointStore(os.path.dirname(run), "exp").list()) == 6
 
 
+def test_gc_apply_retention(run: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(capsys, "gc", run, "--keep-last-n", "2", "--apply-retention", "--dry-run", "--json")
+    data = json.loads(out)
+    assert code == 0 and data["retention_would_delete"] == [1, 2, 3, 4] and data["retention_deleted"] == []
+    assert len(CheckpointStore(os.path.dirname(run), "exp").list()) == 6  # a dry run deletes nothing
+    code, out, _ = run_cli(capsys, "gc", run, "--keep-last-n", "2", "--apply-retention")
+    assert code == 0 and "retention deleted steps [1, 2, 3, 4]" in out
+    assert [i.step for i in CheckpointStore(os.path.dirname(run), "exp").list()] == [5, 6]
+    code, out, _ = run_cli(capsys, "gc", run, "--keep-last-n", "2", "--apply-retention")
+    assert code == 0 and "retention would delete nothing" in out
+
+
+def _rows(out: str) -> dict[int, list[str]]:
+    """``ray-ckpt retention``'s table: step -> [action, kept by, metric]."""
+    return {int(line.split()[0]): line.split()[1:] for line in out.splitlines()[3:-1]}
+
+
+def test_retention_dry_run_by_default_then_apply(run: str, capsys: pytest.CaptureFixture[str]) -> None:
+    store = CheckpointStore(os.path.dirname(run), "exp")
+    store.acquire_lease(3, ttl_s=60)
+    code, out, err = run_cli(capsys, "retention", run, "--keep-top-k", "2")
+    assert code == 0 and err == ""
+    assert "keep_top_k=2" in out.splitlines()[0]
+    rows = _rows(out)
+    assert {step: row[:2] for step, row in rows.items()} == {
+        1: ["delete", "-"], 2: ["keep", "top-k"], 3: ["keep", "leased"], 4: ["keep", "top-k"],
+        5: ["delete", "-"], 6: ["keep", "latest"],
+    }
+    assert rows[2][2] == "0.2"  # the ranking metric
+    assert out.splitlines()[-1] == "would delete 2 step(s): [1, 5] (dry run; pass --apply to delete)"
+    assert len(CheckpointStore(os.path.dirname(run), "exp").list()) == 6
+
+    code, out, _ = run_cli(capsys, "retention", run, "--keep-top-k", "2", "--keep-period", "3", "--json")
+    data = json.loads(out)
+    assert code == 0 and data["dry_run"] and data["would_delete"] == [1, 5] and data["deleted"] == []
+    assert {r["step"]: r["reasons"] for r in data["steps"]} == {
+        1: [], 2: ["top-k"], 3: ["leased", "period"], 4: ["top-k"], 5: [], 6: ["latest", "period"],
+    }
+    assert data["policy"]["keep_top_k"] == 2 and data["policy"]["metric_name"] == "loss"
+
+    code, out, _ = run_cli(capsys, "retention", run, "--keep-top-k", "2", "--apply", "--json")
+    data = json.loads(out)
+    assert code == 0 and not data["dry_run"] and data["deleted"] == [1, 5]
+    assert {r["step"]: r["action"] for r in data["steps"]}[1] == "deleted"
+    assert [i.step for i in CheckpointStore(os.path.dirname(run), "exp").list()] == [2, 3, 4, 6]
+    code, out, _ = run_cli(capsys, "retention", run, "--keep-top-k", "2")
+    assert code == 0 and out.splitlines()[-1] == "nothing to delete"
+
+
+def test_retention_shows_the_recorded_policy(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    store = CheckpointStore(str(tmp_path), "w", metric_name="loss", keep_top_k=1,
+                            keep_checkpoints_without_metrics=True)
+    for step, loss in ((1, 0.5), (2, None), (3, 0.2), (4, None)):
+        store.save(step, {"w": torch.ones(1)}, metrics={} if loss is None else {"loss": loss})
+    code, out, _ = run_cli(capsys, "retention", str(tmp_path / "w"), "--json")
+    data = json.loads(out)
+    assert code == 0 and data["policy"]["keep_checkpoints_without_metrics"] is True
+    assert {r["step"]: r["reasons"] for r in data["steps"]} == {
+        2: ["no-metric"], 3: ["top-k"], 4: ["latest", "no-metric"],
+    }
+    assert data["would_delete"] == []
+    code, out, _ = run_cli(capsys, "retention", str(tmp_path / "w"))
+    assert code == 0 and out.splitlines()[-1] == "nothing to delete"
+    # without a rule that deletes, every step is kept and the command says why nothing goes
+    CheckpointStore(str(tmp_path), "plain").save(1, {"w": torch.ones(1)})
+    code, out, _ = run_cli(capsys, "retention", str(tmp_path / "plain"))
+    assert code == 0 and _rows(out)[1][:2] == ["keep", "latest,no-deleting-rule"]
+    assert out.splitlines()[-1] == "nothing to delete (neither keep_top_k nor keep_last_n is set)"
+
+
+def test_retention_refuses_an_option_that_means_nothing(run: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_cli(capsys, "retention", run, "--keep-checkpoints-without-metrics")
+    assert code == 2 and out == "" and "keep_checkpoints_without_metrics" in err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_migrate_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     src, dst = tmp_path / "old", tmp_path / "runs"
     src.mkdir()
