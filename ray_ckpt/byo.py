@@ -17,7 +17,13 @@ Where ``path`` lies:
 
 Only regular files are checkpointed (empty directories are not recorded); names are relative
 to ``path`` with ``/`` separators. ``checkpoint.json`` and ``eval_metrics.json`` at the top
-level are reserved for the store.
+level are reserved for the store. Any trainer layout fits, HF's included:
+``model.save_pretrained(pending.path)`` writes ``config.json`` and the weights at the top, and
+``from_pretrained(checkpoint_files(store, "best"))`` loads them back. ray-ckpt's own files have
+names of their own (as NeMo keeps ``config.yaml`` beside ``training_info.json``):
+``training_info.json`` and ``ray_ckpt_run_config.json`` (the ``run_config`` argument;
+checkpoints committed before that name existed hold it as ``config.json``, and
+:func:`read_run_config` still reads them).
 """
 
 from __future__ import annotations
@@ -37,18 +43,20 @@ import torch
 from ray_ckpt.errors import CorruptCheckpointError
 from ray_ckpt.format import Checksum, FileDigest
 from ray_ckpt.index import CheckpointInfo
+from ray_ckpt.layout import EVAL_FILE, MARKER_FILE, Selector, step_dir
 from ray_ckpt.safejson import JsonObject
 from ray_ckpt.storage import is_temp_name
 
-if TYPE_CHECKING:
-    from ray_ckpt.layout import Selector
+if TYPE_CHECKING:  # annotations only: the store imports this module, never the other way round
     from ray_ckpt.store import CheckpointStore
     from ray_ckpt.writer import StepWriter
 
 logger = logging.getLogger(__name__)
 
 TRAINING_INFO_FILE = "training_info.json"
-RUN_CONFIG_FILE = "config.json"
+RUN_CONFIG_FILE = "ray_ckpt_run_config.json"  # a name of its own: the trainer's config.json is the trainer's
+LEGACY_RUN_CONFIG_FILE = "config.json"  # what checkpoints committed before the rename hold
+RUN_CONFIG_KEY = "run_config"  # the marker names the run-config file (null: none was given)
 FILES_KIND = "files"
 _CHUNK = 16 << 20
 
@@ -228,7 +236,8 @@ class PendingCheckpoint:
             metadata = dict(self.metadata)
             if self.training_info is not None:
                 metadata.setdefault("training_info", self.training_info)
-            info = writer.commit(metrics=merged, metadata=metadata, kind=FILES_KIND)
+            own_config = RUN_CONFIG_FILE if self.run_config is not None else None
+            info = writer.commit(metrics=merged, metadata=metadata, kind=FILES_KIND, extra={RUN_CONFIG_KEY: own_config})
         except BaseException:
             writer.files.clear()
             raise
@@ -279,8 +288,6 @@ class PendingCheckpoint:
 
 
 def _reserved_names() -> set[str]:
-    from ray_ckpt.layout import EVAL_FILE, MARKER_FILE
-
     return {MARKER_FILE, EVAL_FILE}
 
 
@@ -304,8 +311,6 @@ def checkpoint_files(
     download into ``dest`` (default: a new temporary directory), every file checked against
     its committed size and checksum (CorruptCheckpointError names a bad file).
     """
-    from ray_ckpt.layout import step_dir
-
     step = store.resolve(step)
     manifest = store.read_manifest(step)
     directory = step_dir(step)
@@ -335,11 +340,33 @@ def checkpoint_files(
 
 def read_training_info(store: CheckpointStore, step: Selector = "latest") -> dict[str, Any] | None:
     """The training_info.json of a committed step (None when it has none)."""
-    from ray_ckpt.layout import step_dir
+    step = store.resolve(step)
+    found = TRAINING_INFO_FILE in store.read_manifest(step).files
+    return _read_own_json(store, step, TRAINING_INFO_FILE if found else None)
 
+
+def read_run_config(store: CheckpointStore, step: Selector = "latest") -> dict[str, Any] | None:
+    """The ``run_config`` a trainer-written step was committed with (None when it had none).
+
+    Read from ``ray_ckpt_run_config.json``; a checkpoint committed before that name existed
+    (its marker names no run-config file) holds it as ``config.json``.
+    """
     step = store.resolve(step)
     manifest = store.read_manifest(step)
-    if TRAINING_INFO_FILE not in manifest.files:
+    if RUN_CONFIG_KEY in manifest.extra:
+        name = manifest.extra[RUN_CONFIG_KEY]
+        if name is not None and name != RUN_CONFIG_FILE:
+            raise CorruptCheckpointError(
+                f"{step_dir(step)}/{MARKER_FILE}: {RUN_CONFIG_KEY}: {name!r} is not {RUN_CONFIG_FILE!r}",
+                path=f"{step_dir(step)}/{MARKER_FILE}",
+            )
+    else:
+        name = LEGACY_RUN_CONFIG_FILE
+    return _read_own_json(store, step, name if name in manifest.files else None)
+
+
+def _read_own_json(store: CheckpointStore, step: int, name: str | None) -> dict[str, Any] | None:
+    if name is None:
         return None
-    path = f"{step_dir(step)}/{TRAINING_INFO_FILE}"
+    path = f"{step_dir(step)}/{name}"
     return JsonObject.parse(store.storage.read_bytes(path), name=path).raw

@@ -11,7 +11,15 @@ import pytest
 import torch
 
 from ray_ckpt import CheckpointStore
-from ray_ckpt.byo import PendingCheckpoint, checkpoint_files, read_training_info
+from ray_ckpt.byo import (
+    LEGACY_RUN_CONFIG_FILE,
+    RUN_CONFIG_FILE,
+    PendingCheckpoint,
+    checkpoint_files,
+    digest_file,
+    read_run_config,
+    read_training_info,
+)
 from ray_ckpt.errors import CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError
 from ray_ckpt.layout import MARKER_FILE, step_dir
 
@@ -73,7 +81,7 @@ def test_save_pretrained_committed_ranked_and_loaded(make_store: Any, tmp_path: 
     assert [i.step for i in reader.top_k(2)] == [20, 30]
     assert reader.best().step == 20
     names = committed_names(reader, 20)
-    assert {"policy/config.json", "policy/model.safetensors", "training_info.json", "config.json"} <= set(names)
+    assert {"policy/config.json", "policy/model.safetensors", "training_info.json", RUN_CONFIG_FILE} <= set(names)
     assert reader.verify(20).step == 20
     assert read_training_info(reader, 20) == {"step": 20, "loss": 1.0 / 20}
     assert reader.info(20).metadata["training_info"]["step"] == 20
@@ -81,7 +89,8 @@ def test_save_pretrained_committed_ranked_and_loaded(make_store: Any, tmp_path: 
         reader.load(20)
 
     directory = checkpoint_files(reader, "best", dest=tmp_path / "download")
-    assert json.loads((directory / "config.json").read_text()) == {"lr": 1e-3}
+    assert json.loads((directory / RUN_CONFIG_FILE).read_text()) == {"lr": 1e-3}
+    assert read_run_config(reader, "best") == {"lr": 1e-3}
     loaded = transformers.GPT2LMHeadModel.from_pretrained(directory / "policy")
     expected = models[20].state_dict()
     for key, value in loaded.state_dict().items():
@@ -141,11 +150,11 @@ def test_verify_names_a_tampered_nested_file(make_store: Any) -> None:
 def test_collisions_and_bad_input_keep_the_step_pending(make_store: Any) -> None:
     store = make_store()
     pending = store.begin(3, training_info={"step": 3}, run_config={"a": 1})
-    (pending.path / "config.json").write_text("{}")  # what save_pretrained would write at the top
-    with pytest.raises(ValueError, match="config.json"):
+    (pending.path / RUN_CONFIG_FILE).write_text("{}")  # ray-ckpt's own name: the trainer may not use it
+    with pytest.raises(ValueError, match=RUN_CONFIG_FILE):
         pending.commit()
     assert pending.state == "open" and store.list() == []
-    os.remove(pending.path / "config.json")
+    os.remove(pending.path / RUN_CONFIG_FILE)
     (pending.path / MARKER_FILE).write_text("{}")
     with pytest.raises(ValueError, match="reserved"):
         pending.commit()
@@ -154,7 +163,7 @@ def test_collisions_and_bad_input_keep_the_step_pending(make_store: Any) -> None
         pending.commit(metrics={"val": "high"})
     assert store.list() == []
     info = pending.commit(metrics={"val": 1.0})  # a retry after fixing the input commits
-    assert info.step == 3 and committed_names(store, 3) == ["config.json", "training_info.json"]
+    assert info.step == 3 and committed_names(store, 3) == [RUN_CONFIG_FILE, "training_info.json"]
 
     with pytest.raises(CheckpointExistsError):
         store.begin(3)
@@ -176,3 +185,49 @@ def test_numpy_and_tensor_scalars_in_training_info(make_store: Any) -> None:
     assert info.metrics == {"reward": 0.25, "steps": 7.0}
     assert read_training_info(store, 1) == {"reward": 0.25, "steps": 7}
     assert store.best().step == 1
+
+
+def test_hf_save_pretrained_at_the_top_of_pending_path(make_store: Any, tmp_path: Path) -> None:
+    """HF's layout as it is: save_pretrained writes config.json beside ray-ckpt's own files."""
+    store = make_store(metric_name="eval/loss", mode="min", keep_top_k=1)
+    losses = {100: 2.5, 200: 1.5, 300: 2.0}
+    models = {}
+    for step, loss in losses.items():
+        models[step] = model = tiny_gpt2(step)
+        pending = store.begin(step, training_info={"step": step}, run_config={"lr": 3e-4, "step": step})
+        model.save_pretrained(pending.path)  # config.json, generation_config.json, model.safetensors
+        info = pending.commit(metrics={"eval/loss": loss})
+        assert info.metrics["eval/loss"] == loss
+        names = committed_names(store, step)
+        assert {"config.json", "model.safetensors", "training_info.json", RUN_CONFIG_FILE} <= set(names)
+    # top-1 by eval/loss (step 200) plus the latest (300); 100 went to retention
+    assert [i.step for i in store.list()] == [200, 300] and store.best().step == 200
+    reader = make_store(metric_name="eval/loss", mode="min")
+    directory = checkpoint_files(reader, "best", dest=tmp_path / "best")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(directory)
+    expected = models[200].state_dict()
+    for key, value in loaded.state_dict().items():
+        torch.testing.assert_close(value, expected[key], msg=key)
+    assert json.loads((directory / "config.json").read_text())["model_type"] == "gpt2"  # HF's, untouched
+    assert read_run_config(reader, "best") == {"lr": 3e-4, "step": 200}
+    assert read_training_info(reader, "best") == {"step": 200}
+    assert reader.verify(200).step == 200
+
+
+def test_run_config_of_a_checkpoint_from_before_the_rename(make_store: Any, tmp_path: Path) -> None:
+    """A trainer-written step committed when ray-ckpt's run config was config.json still reads."""
+    store = make_store()
+    with store.begin_step(1) as writer:
+        source = tmp_path / LEGACY_RUN_CONFIG_FILE
+        source.write_text(json.dumps({"lr": 0.1}))
+        store.storage.put_file(str(source), f"{writer.dir}/{LEGACY_RUN_CONFIG_FILE}")
+        writer.add_file(LEGACY_RUN_CONFIG_FILE, digest_file(str(source)))
+        writer.commit(kind="files")  # the marker names no run-config file, as older markers did
+    assert "run_config" not in store.read_manifest(1).extra
+    assert read_run_config(make_store(), 1) == {"lr": 0.1}
+    # a step committed now without run_config: a top-level config.json is the trainer's, not ours
+    pending = store.begin(2)
+    (pending.path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    pending.commit()
+    assert store.read_manifest(2).extra["run_config"] is None
+    assert read_run_config(make_store(), 2) is None
