@@ -32,6 +32,7 @@ from pathlib import Path
 import pytest
 
 from ray_ckpt import CheckpointStore
+from ray_ckpt.layout import INDEX_LOG_DIR, INDEX_SNAPSHOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
 
@@ -245,7 +246,12 @@ def test_ray_job_submit_runs_the_training_job_and_commits_checkpoints(run_name: 
         infos = store.list()
         assert [i.step for i in infos] == [2, 4]  # save_interval_steps=2 over 4 steps
         assert all(i.world_size == 2 for i in infos)
-        assert os.path.exists(os.path.join(storage, run_name, "index.parquet"))
+        # the run index is on storage: a snapshot once compacted, else its change log (see ray_ckpt.layout)
+        run_dir = Path(storage, run_name)
+        log_dir = run_dir / INDEX_LOG_DIR
+        assert (run_dir / INDEX_SNAPSHOT).exists() or (log_dir.is_dir() and any(log_dir.iterdir())), sorted(
+            str(p.relative_to(run_dir)) for p in run_dir.rglob("*")
+        )
         for info in infos:
             store.verify(info.step)
             assert "eval/return" in info.metrics  # the job's eval actor followed the run
