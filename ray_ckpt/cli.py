@@ -177,18 +177,6 @@ def _marks(store: CheckpointStore) -> tuple[set[int], set[int], int | None]:
     return set(keep), leased, best.step if best is not None else None
 
 
-def _retention_config(store: CheckpointStore) -> dict[str, Any]:
-    cfg = store.config
-    return {
-        "metric_name": cfg.metric_name,
-        "mode": cfg.mode,
-        "keep_top_k": cfg.keep_top_k,
-        "keep_last_n": cfg.keep_last_n,
-        "keep_period": cfg.keep_period,
-        "keep_checkpoints_without_metrics": cfg.keep_checkpoints_without_metrics,
-    }
-
-
 # ---------------------------------------------------------------------------------------------
 # Commands.
 # ---------------------------------------------------------------------------------------------
@@ -209,7 +197,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         "run": store.uri,
         "metric_name": cfg.metric_name,
         "mode": cfg.mode,
-        "retention": {k: v for k, v in _retention_config(store).items() if k not in ("metric_name", "mode")},
+        "retention": {k: v for k, v in store.policy().items() if k not in ("metric_name", "mode")},
         "checkpoints": [
             {
                 "step": r.step,
@@ -553,7 +541,7 @@ def cmd_retention(args: argparse.Namespace) -> int:
     payload = {
         "run": store.uri,
         "dry_run": not args.apply,
-        "policy": _retention_config(store),
+        "policy": store.policy(),
         "steps": rows,
         "would_delete": doomed,
         "deleted": deleted,
@@ -562,7 +550,7 @@ def cmd_retention(args: argparse.Namespace) -> int:
     def human() -> str:
         cfg = store.config
         rules = ", ".join(
-            f"{name}={value}" for name, value in _retention_config(store).items() if value is not None
+            f"{name}={value}" for name, value in store.policy().items() if value is not None
         )
         head = f"run {store.uri}: {len(rows)} checkpoint(s); retention {rules}"
         if not rows:
