@@ -139,7 +139,12 @@ class DemoEvaluator:
 def run_demo(config: CheckpointConfig, steps: int = 40, workers: int = 2, evaluators: int = 2) -> list[CheckpointInfo]:
     """Train, checkpoint and evaluate a run on the current Ray cluster; returns the final top-k."""
     handle = ray_ckpt.start_checkpointer(config)
-    handle.register("ray_ckpt.demo.DemoNet", {"dim": DIM, "hidden": HIDDEN, "towers": workers})
+    # The class as every process imports it (run as __main__, this module's own DemoNet would be
+    # recorded as "__main__.DemoNet"). A live class trusts its module: the checkpointer serves it to
+    # the evaluators' allow-list, so they build the model with the default settings.
+    from ray_ckpt.demo import DemoNet as importable
+
+    handle.register(importable, {"dim": DIM, "hidden": HIDDEN, "towers": workers})
     start = handle.latest().step if handle.latest() else 0
     save_every = config.save_interval_steps
     final_step = start + steps - (steps % save_every)
