@@ -364,7 +364,7 @@ def scenario_worker_node_failure(storage: str) -> dict[str, Any]:
             "node_dead_after_s": dead_after,
             **checks,
             "replacement_step": 3,
-            "after_replacement": [i.step for i in store.list()],
+            "after_replacement": [i.step for i in store.reload().list()],
             "replacement_mismatches": mismatches(store, 3, 2),
         }
         handle.shutdown()
@@ -390,7 +390,7 @@ def scenario_worker_node_failure(storage: str) -> dict[str, Any]:
             "aborted_after_s": aborted_after,
             **checks,
             "replacement_step": 2,
-            "after_replacement": [i.step for i in store.list()],
+            "after_replacement": [i.step for i in store.reload().list()],
             "replacement_mismatches": mismatches(store, 2, 3),
         }
         handle.shutdown()
@@ -416,7 +416,7 @@ def scenario_worker_node_failure(storage: str) -> dict[str, Any]:
             "node_dead_after_s": dead_after,
             **checks,
             "replacement_step": 3,
-            "after_replacement": [i.step for i in store.list()],
+            "after_replacement": [i.step for i in store.reload().list()],
             "replacement_mismatches": mismatches(store, 3, 2),
         }
         handle.shutdown()

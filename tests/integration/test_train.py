@@ -145,7 +145,7 @@ def test_torch_trainer_saves_through_ray_ckpt_and_resumes(tmp_path: Path, run_na
             assert (event["restored_run"], event["restored_step"]) == (run_name, STEPS)
             assert event["restored"] == _digest(store.load(STEPS))  # resumed with the saved weights
             assert event["saved"] == [4, 5, 6]  # continued at step + 1
-        assert [i.step for i in store.list()] == [1, 2, 3, 4, 5, 6]
+        assert [i.step for i in store.reload().list()] == [1, 2, 3, 4, 5, 6]  # the checkpointer wrote them
         assert read_pointer(result2.checkpoint)["step"] == 2 * STEPS
         assert handle.latest().step == 2 * STEPS
     finally:
