@@ -571,6 +571,11 @@ class Checkpointer:
     def _release(self, pending: _PendingStep) -> None:
         if self._pending.get(pending.step) is pending:
             del self._pending[pending.step]
+        # Let the ranks' object-store buffers go now: the pending step sits in reference cycles
+        # (its tasks and futures), so its refs would otherwise live until a garbage collection,
+        # and a few big saves fill the object store (Ray then stalls the next ray.put for a GC).
+        for report in pending.reports.values():
+            report.model_ref = report.trainer_ref = None
         if pending.timeout_task is not None and pending.timeout_task is not asyncio.current_task():
             pending.timeout_task.cancel()
         if pending.slot_held:
