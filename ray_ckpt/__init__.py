@@ -23,6 +23,7 @@ from ray_ckpt.index import CheckpointIndex, CheckpointInfo
 from ray_ckpt.manager import CheckpointManager, initialize_run_dir
 from ray_ckpt.oneshot import load_checkpoint, load_metadata, save_checkpoint
 from ray_ckpt.rundir import RunDir
+from ray_ckpt.runstore import RunStore
 from ray_ckpt.store import CheckpointStore
 from ray_ckpt.tiered import TieredCheckpointStore, UploadError
 from ray_ckpt.uri import key_and_version, normalize_uri
@@ -65,6 +66,7 @@ __all__ = [
     "PendingCheckpoint",
     "RayCkptError",
     "RunDir",
+    "RunStore",
     "SaveAbortedError",
     "StepWriter",
     "StorageError",

@@ -11,6 +11,11 @@ Retention runs whenever what it keeps may change: after each commit, after an ev
 (:meth:`Checkpointer.lease_released`) and, for leases that simply expire (a holder that died),
 every ``lease_ttl_s / 2`` seconds while some step is doomed. Each run is serialised with the
 commits on the writer thread, and every step it deletes leaves the served index at once.
+
+With ``remote_uri`` (and ``remote_storage_options``) in the config the store has a remote tier
+(:mod:`ray_ckpt.tiering`): a step commits on local disk, the workers are acknowledged, and the
+upload runs in the background with retries; a restarted checkpointer resumes the uploads its
+predecessor left unfinished. The served index covers both tiers (``durability`` per step).
 """
 
 from __future__ import annotations
@@ -291,16 +296,27 @@ class Checkpointer:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
         sys.setswitchinterval(0.001)  # keep the event loop responsive while the writer thread runs
         self.config = config
-        self.store = CheckpointStore(config=config)
+        self.store = CheckpointStore(config=config)  # with remote_uri: its remote tier too
         started = time.perf_counter()
         removed = self.store.gc()
         self.store.reload()
         self.index = CheckpointIndex(config.metric_name, config.mode)
-        self.index.extend(self.store.index.list())
+        self.index.extend(self.store.list())  # with a remote tier: the steps either tier holds
         if config.metric_name:
             self.index.top_k(1)  # sort the run's ranking now (1M records: ~1 s), not in the first query
         self.feed = IndexFeed(self.index)  # every index change goes through it: eval clients follow it
         self._index_changed: asyncio.Future | None = None
+        # The remote tier reports changed steps (uploaded, deleted on a tier) from its threads;
+        # they are applied to the feed on the event loop, once it is known.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tier_changed: set[int] = set()
+        self._tier_lock = threading.Lock()
+        resumed: list[int] = []
+        if self.store.tiering is not None:
+            self.store.tiering.listeners.append(self._on_tier_change)
+            resumed = self.store.tiering.resume()  # uploads a killed predecessor left unfinished
+            logger.info("run %s: uploading to %s in the background (resumed: %s)", config.run_name,
+                        self.store.tiering.remote.uri, resumed)
         logger.info(
             "checkpointer for run %s up: %d checkpoints indexed from storage in %.3fs (gc removed %d leftovers)",
             config.run_name,
@@ -347,7 +363,45 @@ class Checkpointer:
         for m in (self._m_save_s, self._m_bytes, self._m_pending, self._m_query):
             m.set_default_tags(tags)
 
+    def _capture_loop(self) -> None:
+        """Remember the actor's event loop (the remote tier's reports are applied there)."""
+        if self._loop is None:
+            with self._tier_lock:
+                self._loop = asyncio.get_running_loop()
+                backlog = bool(self._tier_changed)
+            if backlog:
+                self._loop.call_soon(self._apply_tier_changes)
+
+    def _on_tier_change(self, steps: list[int]) -> None:
+        """The remote tier changed these steps' records (called from its threads)."""
+        with self._tier_lock:
+            self._tier_changed.update(steps)
+            loop = self._loop
+        if loop is not None:
+            loop.call_soon_threadsafe(self._apply_tier_changes)
+
+    def _apply_tier_changes(self) -> None:
+        """On the event loop: the served records of the steps the remote tier changed (no I/O)."""
+        with self._tier_lock:
+            steps, self._tier_changed = sorted(self._tier_changed), set()
+        tier = self.store.tiering
+        if tier is None or not steps:
+            return
+        for step in steps:
+            record = tier.record(step)
+            if record is None:
+                self.feed.remove(step)
+            else:
+                self.feed.add(record)
+        self._notify_index_changed()
+
+    def _indexed(self, info: CheckpointInfo) -> CheckpointInfo:
+        """A committed step's record as served: with a remote tier, naming the tiers that hold it."""
+        tier = self.store.tiering
+        return info if tier is None else (tier.record(info.step) or info)
+
     def _loop_state(self) -> tuple[asyncio.Semaphore, asyncio.Condition]:
+        self._capture_loop()
         if self._slots is None or self._committed is None:
             self._slots = asyncio.Semaphore(self.config.max_pending_saves)
             self._committed = asyncio.Condition()
@@ -359,6 +413,7 @@ class Checkpointer:
 
     async def ping(self) -> bool:
         self._start_background()
+        self._capture_loop()
         return True
 
     async def register(self, model_or_class_path: Any, config: Any = None) -> dict[str, Any]:
@@ -613,7 +668,7 @@ class Checkpointer:
         except Exception as exc:
             self._abort(pending, exc)
             return
-        self.feed.add(info)
+        self.feed.add(self._indexed(info))
         for step in deleted:
             self.feed.remove(step)
         self._notify_index_changed()
@@ -843,6 +898,7 @@ class Checkpointer:
         Waits up to ``timeout_s`` for a change when the follower is current, so an idle follower
         costs one open call, and a commit reaches every follower in one round trip.
         """
+        self._capture_loop()
         if epoch == self.feed.epoch and version == self.feed.version and timeout_s > 0:
             if self._index_changed is None:
                 self._index_changed = asyncio.get_running_loop().create_future()
@@ -858,22 +914,42 @@ class Checkpointer:
         self._index_changed = None
 
     async def stats(self) -> dict[str, Any]:
-        """Pending steps and index size (for tests, benchmarks and operators)."""
+        """Pending steps and index size (for tests, benchmarks and operators).
+
+        With a remote tier also ``uploads``: ``{"remote_uri", "pending", "failed", "not_uploaded"}``
+        (steps queued or running, failed for good, and committed locally without a remote copy).
+        """
         import resource
 
-        return {
+        self._capture_loop()
+        stats: dict[str, Any] = {
             "pending": sorted(s for s, p in self._pending.items() if p.slot_held),
             "queued": sorted(s for s, p in self._pending.items() if not p.slot_held),
             "indexed": len(self.index),
             "latest": self.index.latest().step if len(self.index) else None,
             "max_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
         }
+        if self.store.tiering is not None:
+            loop = asyncio.get_running_loop()
+            stats["uploads"] = await loop.run_in_executor(self._meta, self.store.tiering.stats)
+        return stats
+
+    async def wait_for_uploads(self, timeout_s: float | None = None) -> dict[str, Any]:
+        """Wait until the queued uploads are done: ``{"uploaded": {step: remote URI}, "failed": [steps]}``
+        (``{}`` of each without a remote tier). TimeoutError when ``timeout_s`` passes first."""
+        tier = self.store.tiering
+        if tier is None:
+            return {"uploaded": {}, "failed": []}
+        loop = asyncio.get_running_loop()
+        wait = functools.partial(tier.wait_for_uploads, timeout_s, raise_on_error=False)
+        uploaded = await loop.run_in_executor(None, wait)
+        return {"uploaded": uploaded, "failed": tier.failed_uploads()}
 
     async def refresh(self) -> int:
         """Re-read the index from storage (e.g. after an out-of-band change)."""
         loop = asyncio.get_running_loop()
-        store_index = await loop.run_in_executor(self._meta, self.store.refresh)
-        self.feed.reset(store_index.list())
+        await loop.run_in_executor(self._meta, self.store.reload)
+        self.feed.reset(await loop.run_in_executor(self._meta, self.store.list))
         self._notify_index_changed()
         return len(self.index)
 
@@ -928,6 +1004,10 @@ class CheckpointerHandle:
     def apply_retention(self) -> list[int]:
         """Apply the run's retention now (it also runs after commits, scores and lease releases)."""
         return ray.get(self.actor.apply_retention.remote())
+
+    def wait_for_uploads(self, timeout_s: float | None = None) -> dict[str, Any]:
+        """Block until the checkpointer's background uploads are done (see ``Checkpointer.wait_for_uploads``)."""
+        return ray.get(self.actor.wait_for_uploads.remote(timeout_s))
 
     def shutdown(self) -> None:
         """Stop the actor for good (no restart)."""

@@ -240,7 +240,11 @@ class EvalClient:
 
     Queries are answered from an :class:`IndexFollower` (a live in-process copy of the
     checkpointer's index) when ``follow_index`` is on, else by the checkpointer; loads read
-    storage directly. Calls retry for up to ``retry_s`` while a restarting checkpointer comes back.
+    storage directly, through a store built from the config the checkpointer serves: with
+    ``remote_uri`` set there, a step is read from whichever tier holds it (the local copy first,
+    the remote one when the local copy is gone or this node never had it), and a step only the
+    remote tier holds is leased there. Calls retry for up to ``retry_s`` while a restarting
+    checkpointer comes back.
     """
 
     def __init__(
@@ -359,8 +363,9 @@ class EvalClient:
     def load(
         self, step: Selector = "latest", keys: Iterable[str] | None = None, *, mmap: bool = False
     ) -> dict[str, Any]:
-        """Load a checkpoint's state dict from storage (not through the actor); ``mmap`` as in
-        :meth:`CheckpointStore.load` (local storage: tensors map the files, nothing copied)."""
+        """Load a checkpoint's state dict from storage (not through the actor), from whichever tier
+        holds it; ``mmap`` as in :meth:`CheckpointStore.load` (local storage: tensors map the
+        files, nothing copied; a step read from an object-store tier is read into memory)."""
         return self.store.load(self._resolve(step), keys, mmap=mmap)
 
     def load_model(self, step: Selector = "best", strict: bool = True) -> torch.nn.Module:

@@ -69,6 +69,9 @@ class CheckpointIndex:
         self._records: dict[int, CheckpointInfo] = {}
         self._steps: list[int] = []
         self._rankings: dict[tuple[str, str], list[tuple[float, int]]] = {}
+        # Counts changes, so a view derived from this index (a tiered store's union of tiers)
+        # knows when to rebuild itself without comparing records.
+        self.changes = 0
 
     def __len__(self) -> int:
         return len(self._records)
@@ -81,6 +84,7 @@ class CheckpointIndex:
         """Insert or replace the record of ``info.step``."""
         if info.step in self._records:
             self.remove(info.step)
+        self.changes += 1
         self._records[info.step] = info
         bisect.insort(self._steps, info.step)
         for (metric, mode), ranking in self._rankings.items():
@@ -93,6 +97,7 @@ class CheckpointIndex:
         info = self._records.pop(step, None)
         if info is None:
             return None
+        self.changes += 1
         del self._steps[bisect.bisect_left(self._steps, step)]
         for (metric, mode), ranking in self._rankings.items():
             entry = _ranking_entry(info, metric, mode)
@@ -110,6 +115,7 @@ class CheckpointIndex:
         return updated
 
     def clear(self) -> None:
+        self.changes += 1
         self._records.clear()
         self._steps.clear()
         self._rankings.clear()
@@ -277,6 +283,7 @@ class CheckpointIndex:
             for record in records:
                 self.add(record)
             return
+        self.changes += 1
         with _gc_paused():
             for record in records:
                 self._records[record.step] = record  # a later duplicate replaces, as add() does

@@ -21,7 +21,7 @@ import posixpath
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 import torch
@@ -48,10 +48,11 @@ from ray_ckpt.layout import (
 )
 from ray_ckpt.leases import Leases
 from ray_ckpt.reader import StepReader
-from ray_ckpt.retention import plan, policy_from_config
+from ray_ckpt.retention import AnyOf, plan, policy_from_config
 from ray_ckpt.runindex import RunIndex
 from ray_ckpt.safejson import DamageLog
 from ray_ckpt.storage import Storage
+from ray_ckpt.tiering import RemoteTier, UploadPolicy
 from ray_ckpt.writer import StepWriter, collect_leftovers
 
 logger = logging.getLogger(__name__)
@@ -73,6 +74,11 @@ class CheckpointStore:
     Keyword options override the config's fields (e.g. ``metric_name="loss"``).
     ``max_staleness_s``: queries reload the index from storage once it is older than this
     (for readers that follow another process's run; the default, None, never reloads by itself).
+
+    With ``remote_uri`` in the config the store gets its remote tier (``store.tiering``, see
+    :mod:`ray_ckpt.tiering`): commits stay local and are uploaded in the background (retried
+    as ``upload_policy`` says), a local copy is kept until it is uploaded, retention applies on
+    both tiers, and queries and reads cover both (a step is read from whichever tier holds it).
     """
 
     def __init__(
@@ -83,6 +89,7 @@ class CheckpointStore:
         *,
         config: CheckpointConfig | None = None,
         max_staleness_s: float | None = None,
+        upload_policy: UploadPolicy | None = None,
         **options: Any,
     ) -> None:
         overrides = dict(options)
@@ -109,6 +116,13 @@ class CheckpointStore:
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._pending: threading.BoundedSemaphore | None = None
         self._writer_started = False  # the first save collects a crashed writer's leftovers
+        self._retention_lock = threading.RLock()  # one retention at a time (saves, uploads, scores)
+        self._remote_leases: set[str] = set()  # ids of leases this store took on the remote tier
+        # the remote tier plug-in: uploads after each commit, reads and queries over both tiers
+        self.tiering: RemoteTier | None = (
+            RemoteTier(self, upload_policy, store_class=CheckpointStore) if self.config.remote_uri else None
+        )
+        self._uploads_of: RemoteTier | None = None  # set on a tier's local view (RemoteTier.local)
 
     def __repr__(self) -> str:
         return f"CheckpointStore({self.storage.uri!r})"
@@ -139,15 +153,26 @@ class CheckpointStore:
 
     # -- the index ----------------------------------------------------------------------------
     def reload(self) -> CheckpointIndex:
-        """Read the run's index from storage again (other processes' commits, deletions, scores)."""
+        """Read the run's index from storage again (other processes' commits, deletions, scores).
+
+        Returns the index queries answer from: with a remote tier, the union of both tiers.
+        """
         with self._lock:
             self.run_index.load()
             self._loaded_at = time.monotonic()
+        if self.tiering is None:
             return self.index
+        self.tiering.reload()
+        return self.tiering.view()
 
     def __contains__(self, step: object) -> bool:
-        """Whether ``step`` is a committed step (of the index in memory)."""
-        return step in self._current()
+        """Whether ``step`` is a committed step (of the index in memory; with a remote tier, on either)."""
+        return step in self._view()
+
+    def _view(self) -> CheckpointIndex:
+        """The index queries answer from: this store's, or with a remote tier the union of both tiers."""
+        index = self._current()
+        return index if self.tiering is None else self.tiering.view()
 
     def _current(self) -> CheckpointIndex:
         """The in-memory index, read from storage on first use (and when older than max_staleness_s)."""
@@ -234,11 +259,17 @@ class CheckpointStore:
         if self._executor is not None:
             self._executor.submit(lambda: None).result()
 
-    def close(self) -> None:
-        """Finish pending async saves and release the writer thread."""
+    def close(self, *, wait: bool = True) -> None:
+        """Finish pending async saves and release the writer thread.
+
+        With a remote tier, also finish the queued uploads (``wait``) or cut them short
+        (``wait=False``: the steps stay local and are uploaded after the next start).
+        """
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
+        if self.tiering is not None:
+            self.tiering.close(wait=wait)
 
     def begin_step(self, step: int, *, overwrite: bool = False) -> StepWriter:
         """A writer for a step whose files are produced piecewise (used by the checkpointer)."""
@@ -263,6 +294,8 @@ class CheckpointStore:
                 self.gc(older_than_s=self.config.leftover_grace_s)  # a crashed earlier writer's leftovers
                 if self.run_index.markers_read > 0:
                     self.run_index.compact()  # the next open reads one snapshot, not every marker
+                if self.tiering is not None:
+                    self.tiering.resume()  # uploads a crashed or restarted writer left unfinished
             else:
                 self.run_index.sync()  # scores and leases other processes added (one listing)
             latest = index.latest()
@@ -291,6 +324,8 @@ class CheckpointStore:
         with self._lock:
             self._current()
             self.run_index.commit(info)
+        if self.tiering is not None:
+            self.tiering.committed(info)  # queue the upload; the caller returns at local speed
         return info
 
     def _info_from_manifest(self, manifest: Manifest) -> CheckpointInfo:
@@ -308,30 +343,32 @@ class CheckpointStore:
 
     # -- queries (memory only) ----------------------------------------------------------------
     def list(self) -> list[CheckpointInfo]:
-        """Every committed checkpoint, oldest first."""
-        return self._current().list()
+        """Every committed checkpoint, oldest first (with a remote tier: on either, ``durability``
+        naming the tiers that hold it)."""
+        return self._view().list()
 
     def latest(self) -> CheckpointInfo | None:
-        return self._current().latest()
+        return self._view().latest()
 
     def best(self, metric: str | None = None, mode: str | None = None) -> CheckpointInfo | None:
         """The best checkpoint by the run's metric (or ``metric``/``mode``); None if none is ranked."""
         if metric is None and self.config.metric_name is None:
             return None  # a run without a metric ranks nothing (instantiate("best") relies on this)
-        return self._current().best(metric, mode)
+        return self._view().best(metric, mode)
 
     def top_k(self, k: int, metric: str | None = None, mode: str | None = None) -> list[CheckpointInfo]:
         """The ``k`` best checkpoints, best first (missing/NaN/inf metrics are never ranked)."""
-        return self._current().top_k(k, metric, mode)
+        return self._view().top_k(k, metric, mode)
 
     def info(self, step: Selector = "latest") -> CheckpointInfo:
         """The record of one committed checkpoint (read from its marker when the index lacks it)."""
         step = self.resolve(step)
-        found = self._current().get(step)
+        found = self._view().get(step)
         if found is not None:
             return found
-        info = self._info_from_manifest(self.read_manifest(step))
-        info.metrics.update(self.run_index.read_eval_metrics(step))
+        tier, manifest = self._tier_with(step)
+        info = tier._info_from_manifest(manifest)
+        info.metrics.update(tier.run_index.read_eval_metrics(step))
         return info
 
     def resolve(
@@ -372,8 +409,34 @@ class CheckpointStore:
 
     # -- reading ------------------------------------------------------------------------------
     def read_manifest(self, step: int) -> Manifest:
-        """The parsed checkpoint.json of a committed step."""
+        """The parsed checkpoint.json of a committed step (of this store's storage)."""
         return self.reader.read_manifest(step)
+
+    def _tier_with(self, step: int) -> tuple[CheckpointStore, Manifest]:
+        """The tier to read ``step`` from and its marker: this store's storage, else the remote tier."""
+        try:
+            return self, self.read_manifest(step)
+        except CheckpointNotFoundError:
+            if self.tiering is None:
+                raise
+        remote = self.tiering.remote
+        try:
+            return remote, remote.read_manifest(step)
+        except CheckpointNotFoundError:
+            raise CheckpointNotFoundError(f"run {self.run_name!r} has no committed step {step} on any tier") from None
+
+    def _read(self, step: int, read: Callable[[CheckpointStore, Manifest], Any]) -> Any:
+        """``read(tier, marker)`` from whichever tier holds ``step``: the local copy first, the remote
+        one when the local copy is gone (or goes while it is read)."""
+        tier, manifest = self._tier_with(step)
+        try:
+            return read(tier, manifest)
+        except CheckpointNotFoundError:
+            if self.tiering is None or tier is not self:
+                raise
+            remote = self.tiering.remote
+            logger.info("step %d of %s went locally while being read; reading the remote copy", step, self.run_name)
+            return read(remote, remote.read_manifest(step))
 
     def load(
         self,
@@ -392,22 +455,41 @@ class CheckpointStore:
         """
         if mmap and not self.storage.is_local:
             raise ValueError(f"mmap=True needs local storage; run {self.run_name!r} is on {self.storage.uri!r}")
-        manifest = self.read_manifest(self.resolve(step))
         verify = self.config.verify_on_load if verify is None else verify
-        return self.reader.load(manifest, keys, verify=verify, mmap=mmap)
+        keys = None if keys is None else list(keys)  # read again if the remote copy is read after all
+        # a step only an object-store tier holds is read into memory (mmap needs a local file)
+        return self._read(
+            self.resolve(step),
+            lambda tier, manifest: tier.reader.load(manifest, keys, verify=verify, mmap=mmap and tier.storage.is_local),
+        )
 
     def load_trainer_state(self, step: Selector = "latest") -> Any:
         """The trainer state saved with a checkpoint (None if it had none)."""
-        manifest = self.read_manifest(self.resolve(step))
-        return self.reader.load_trainer_state(manifest, verify=self.config.verify_on_load)
+        verify = self.config.verify_on_load
+        return self._read(
+            self.resolve(step), lambda tier, manifest: tier.reader.load_trainer_state(manifest, verify=verify)
+        )
 
     def verify(self, step: Selector = "latest") -> CheckpointInfo:
         """Check a checkpoint as strictly as :meth:`load` does, plus every file's checksum.
 
-        Raises CorruptCheckpointError naming the first bad file.
+        Raises CorruptCheckpointError naming the first bad file. With a remote tier every copy
+        is checked (CheckpointNotFoundError when no tier holds the step).
         """
         step = self.resolve(step)
-        self.reader.verify(self.read_manifest(step))
+        if self.tiering is None:
+            self.reader.verify(self.read_manifest(step))
+            return self.info(step)
+        found = False
+        for tier in (self, self.tiering.remote):
+            try:
+                manifest = tier.read_manifest(step)
+            except CheckpointNotFoundError:
+                continue
+            tier.reader.verify(manifest)
+            found = True
+        if not found:
+            raise CheckpointNotFoundError(f"run {self.run_name!r} has no committed step {step} on any tier")
         return self.info(step)
 
     def tensor_headers(self, step: Selector = "latest") -> dict[str, SafetensorsHeader]:
@@ -416,16 +498,25 @@ class CheckpointStore:
         Only files the step's marker lists are opened, and each header must hold every tensor the
         index maps to it (what ``ray-ckpt inspect`` shows and :meth:`verify` checks).
         """
-        return self.reader.tensor_headers(self.read_manifest(self.resolve(step)))
+        return self._read(self.resolve(step), lambda tier, manifest: tier.reader.tensor_headers(manifest))
 
     def file_header(self, step: Selector, name: str) -> SafetensorsHeader:
         """The validated header of one safetensors file the step's marker lists."""
-        return self.reader.file_header(self.read_manifest(self.resolve(step)), name)
+        return self._read(self.resolve(step), lambda tier, manifest: tier.reader.file_header(manifest, name))
 
     # -- deleting and retention ---------------------------------------------------------------
     def delete(self, step: int) -> None:
-        """Delete a checkpoint: the marker first (it turns invisible at once), then the data."""
+        """Delete a checkpoint: the marker first (it turns invisible at once), then the data.
+
+        With a remote tier, every copy.
+        """
         step = validate_step(step)
+        self._delete_local(step)
+        if self.tiering is not None:
+            self.tiering.delete_remote(step)
+
+    def _delete_local(self, step: int) -> None:
+        """Delete the copy of ``step`` on this store's storage."""
         directory = step_dir(step)
         self.storage.rm(f"{directory}/{MARKER_FILE}", missing_ok=True)
         if self.storage.is_local and self.storage.exists(directory):
@@ -437,21 +528,40 @@ class CheckpointStore:
         logger.info("deleted step %d of %s", step, self.run_name)
 
     def retention_plan(self, protected: Iterable[int] = ()) -> tuple[list[int], list[int]]:
-        """Which steps retention keeps and which it would delete: ``(keep, delete)``."""
-        return plan(self._current(), policy_from_config(self.config, protected))
+        """Which steps retention keeps and which it would delete: ``(keep, delete)``.
+
+        With a remote tier, of the local tier, where a step not yet uploaded is kept too.
+        """
+        policy = policy_from_config(self.config, protected)
+        tier = self.tiering or self._uploads_of
+        if tier is not None:
+            policy = AnyOf((policy, tier.retention_rule()))
+        return plan(self._current(), policy)
 
     def apply_retention(self, protected: Iterable[int] | None = None) -> list[int]:
-        """Delete the checkpoints no rule keeps; leased steps are protected. Returns the deleted.
+        """Delete the checkpoints no rule keeps; leased steps are protected. Returns the deleted
+        (with a remote tier: the steps no tier holds any more).
 
         The hook for anything that changes what the rules keep outside a commit or a score (a
         finished upload of a tiered store, an operator's ``ray-ckpt retention --apply``).
         """
         leased = self.leased_steps() if protected is None else set(protected)
-        _, doomed = self.retention_plan(leased)
-        deleted = [step for step in doomed if self.leases.retire(step, self.delete)]
+        return self._retain(leased, remote=True)  # a remote tier is retained by its uploader, right after
+
+    def _retain(self, protected: set[int], *, remote: bool) -> list[int]:
+        """Delete the local copies no rule keeps (``protected`` kept); the steps no tier holds any more.
+
+        With a remote tier, ``remote`` has the uploader apply the rules on the remote tier next
+        (it does after every upload anyway); no caller here waits for the remote storage.
+        """
+        with self._retention_lock:
+            _, doomed = self.retention_plan(protected)
+            deleted = [step for step in doomed if self.leases.retire(step, self._delete_local)]
         if deleted:
             logger.info("retention deleted steps %s of %s", deleted, self.run_name)
-        return deleted
+        if self.tiering is None:
+            return deleted
+        return self.tiering.after_local_retention(deleted, remote=remote)
 
     def retain_after_commit(self, step: int, protected: Iterable[int] = ()) -> list[int]:
         """Apply retention after ``step`` committed; the deleted steps.
@@ -459,8 +569,8 @@ class CheckpointStore:
         The save has succeeded at this point, so a failure here (the storage went away) is a
         warning, never the save's error: the next commit retries it.
         """
-        try:
-            return self.apply_retention(protected=self.leased_steps() | set(protected))
+        try:  # local leases only: a commit never waits for the remote tier
+            return self._retain(self.leases.leased_steps() | set(protected), remote=False)
         except (OSError, CorruptCheckpointError) as exc:
             logger.warning(
                 "run %s: retention after step %d failed (retried after the next commit): %s", self.run_name, step, exc
@@ -498,22 +608,41 @@ class CheckpointStore:
 
     # -- leases -------------------------------------------------------------------------------
     def acquire_lease(self, step: int, ttl_s: float, holder: str = "") -> str:
-        """Protect a committed step from retention for ``ttl_s`` seconds; returns the lease id."""
-        return self.leases.acquire(step, ttl_s, holder)
+        """Protect a committed step from retention for ``ttl_s`` seconds; returns the lease id.
+
+        With a remote tier, a step only the remote tier holds is leased there.
+        """
+        try:
+            return self.leases.acquire(step, ttl_s, holder)
+        except CheckpointNotFoundError:
+            if self.tiering is None:
+                raise
+            lease_id = self.tiering.remote.leases.acquire(step, ttl_s, holder)
+            self._remote_leases.add(lease_id)
+            return lease_id
+
+    def _leases_of(self, lease_id: str) -> Leases:
+        remote = self.tiering is not None and lease_id in self._remote_leases
+        return self.tiering.remote.leases if remote else self.leases  # type: ignore[union-attr]
 
     def renew_lease(self, step: int, lease_id: str, ttl_s: float, holder: str = "") -> None:
         """Push a lease's expiry ``ttl_s`` seconds into the future."""
-        self.leases.renew(step, lease_id, ttl_s, holder)
+        self._leases_of(lease_id).renew(step, lease_id, ttl_s, holder)
 
     def release_lease(self, step: int, lease_id: str) -> None:
-        self.leases.release(step, lease_id)
+        self._leases_of(lease_id).release(step, lease_id)
+        self._remote_leases.discard(lease_id)
 
     def active_leases(self) -> list[dict[str, Any]]:
         """Lease records that have not expired."""
         return self.leases.active()
 
     def leased_steps(self) -> set[int]:
-        return self.leases.leased_steps()
+        """Steps an unexpired lease protects (with a remote tier, also the remote tier's leases as
+        its uploader last read them: no call here waits for the remote storage)."""
+        if self.tiering is None:
+            return self.leases.leased_steps()
+        return self.leases.leased_steps() | self.tiering.remote_leased()
 
     def expire_leases(self) -> int:
         """Delete expired lease records; returns how many."""
@@ -530,6 +659,10 @@ class CheckpointStore:
         """
         step = validate_step(step)
         checked = validate_metrics(metrics, what="eval metrics")
+        if self.tiering is not None and self.tiering.remote_only(step):  # the only copy left is remote
+            info = self.tiering.remote.report_eval(step, checked, retain=False)
+            self.tiering.metrics_changed(step)  # the uploader re-ranks the remote tier
+            return info
         with self._lock:
             index = self._current()
             if step not in index:
@@ -544,6 +677,8 @@ class CheckpointStore:
                     index.add(found)
             info = self.run_index.update_metrics(step, checked)
             info = info if info is not None else self.info(step)
+        if self.tiering is not None:
+            self.tiering.metrics_changed(step)  # copied to the remote copy in the background
         if retain:
             self.retain_after(f"the eval scores of step {step}")
         return info
@@ -572,8 +707,16 @@ class CheckpointStore:
         return arch
 
     def read_architecture(self) -> Architecture:
-        """The run's architecture, validated but not imported; FileNotFoundError when none was written."""
-        return Architecture.from_json_bytes(self.storage.read_bytes(ARCHITECTURE_FILE))
+        """The run's architecture, validated but not imported; FileNotFoundError when none was written.
+
+        With a remote tier, the remote copy when the local one is missing.
+        """
+        try:
+            return Architecture.from_json_bytes(self.storage.read_bytes(ARCHITECTURE_FILE))
+        except FileNotFoundError:
+            if self.tiering is None:
+                raise
+            return self.tiering.remote.read_architecture()
 
     def instantiate(self, step: Selector = "best", strict: bool = True) -> torch.nn.Module:
         """Build the model from model_architecture.json and load a checkpoint's weights into it.

@@ -287,6 +287,41 @@ def swap_in_replacement(storage: Storage, step: int, replace_id: str) -> None:
     storage.rm(staged, recursive=True, missing_ok=True)
 
 
+COPY_CHUNK = 16 << 20  # bytes read at a time by copy_checked
+
+
+def copy_checked(
+    src: Storage, src_path: str, dst: Storage, dst_path: str, expected: FileDigest | None = None
+) -> FileDigest:
+    """Stream one file from ``src`` to ``dst``, hashing the bytes as they pass; their digest.
+
+    The one checksum-checking copy between storages (a tiered store's uploads use it).
+    With ``expected`` (the size and checksum a marker committed) a copy that differs raises
+    CorruptCheckpointError naming ``src_path``: a damaged file is never passed on as good. The
+    target is fsync'd when local; a failed remote write is retried by ``dst`` from the start.
+    Hashed on the calling thread (xxh3 is far faster than any upload): a background copy puts
+    no work on the thread pools that commits share.
+    """
+
+    def copy(f: Any) -> FileDigest:
+        checksum, size = Checksum(), 0
+        with src.open_read(src_path) as source:
+            while chunk := source.read(COPY_CHUNK):
+                checksum.update(chunk)
+                f.write(chunk)
+                size += len(chunk)
+        return FileDigest(size, checksum.hexdigest())
+
+    got = dst.write_stream(dst_path, copy, size_hint=expected.size if expected is not None else 0)
+    if expected is not None and got != expected:
+        raise CorruptCheckpointError(
+            f"{src.url(src_path)}: reads {got.size} bytes with checksum {got.checksum}, committed "
+            f"{expected.size} bytes with {expected.checksum}; not copying a damaged file",
+            path=src_path,
+        )
+    return got
+
+
 def write_small_file(storage: Storage, directory: str, name: str, data: bytes) -> FileDigest:
     """Write a small file whole (fsync'd when local) and return its digest."""
     storage.write_bytes(f"{directory}/{name}", data)

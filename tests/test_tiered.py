@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import socket
 import threading
@@ -12,9 +13,10 @@ from typing import Any
 import pytest
 import torch
 
-from ray_ckpt import CheckpointConfig, CheckpointStore
-from ray_ckpt.errors import CheckpointNotFoundError
+from ray_ckpt import CheckpointConfig, CheckpointStore, RunStore
+from ray_ckpt.errors import CheckpointNotFoundError, CorruptCheckpointError
 from ray_ckpt.layout import MARKER_FILE, step_dir
+from ray_ckpt.runstore import RUN_STORE_METHODS
 from ray_ckpt.tiered import UPLOADED_FILE, TieredCheckpointStore, UploadError
 
 
@@ -29,6 +31,75 @@ def remote(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, dict[st
         return f"file://{tmp_path / 'remote'}", {}
     bucket, options = request.getfixturevalue("s3_bucket")
     return f"{bucket}/prefix", options
+
+
+def test_plain_and_tiered_stores_have_one_interface(tmp_path: Path) -> None:
+    """Every RunStore method has the same signature on both classes, compatible with the protocol's."""
+    assert len(RUN_STORE_METHODS) >= 27
+    for name in RUN_STORE_METHODS:
+        plain = inspect.signature(getattr(CheckpointStore, name))
+        assert inspect.signature(getattr(TieredCheckpointStore, name)) == plain, name
+        wanted = inspect.signature(getattr(RunStore, name)).parameters
+        assert [p for p in plain.parameters if p in wanted] == list(wanted), name  # same names, same order
+        for param in wanted.values():
+            have = plain.parameters[param.name]
+            assert have.kind == param.kind, (name, param.name)
+            if param.default is not inspect.Parameter.empty:
+                assert have.default == param.default, (name, param.name)
+        for extra in (p for p in plain.parameters.values() if p.name not in wanted):  # options of one class
+            assert extra.kind == inspect.Parameter.KEYWORD_ONLY and extra.default is not inspect.Parameter.empty
+    local = CheckpointConfig(storage_uri=str(tmp_path / "l"), run_name="r", keep_last_n=1)
+    tiered = local.replace(remote_uri=f"file://{tmp_path / 'remote'}")
+    for store in (CheckpointStore(config=local), CheckpointStore(config=tiered.replace(run_name="r2")),
+                  TieredCheckpointStore(tiered.replace(run_name="r3"))):
+        assert isinstance(store, RunStore)
+        store.save(1, state(1.0))
+        assert store.apply_retention() == []  # a list of steps, tiered or not
+        store.close()
+
+
+def test_a_plain_store_with_remote_uri_uploads_retains_both_tiers_and_resumes(tmp_path: Path) -> None:
+    cfg = CheckpointConfig(storage_uri=str(tmp_path / "local"), remote_uri=f"file://{tmp_path / 'remote'}",
+                           run_name="one", keep_last_n=1)
+    store = CheckpointStore(config=cfg)
+    assert store.tiering is not None
+    store.save(1, state(1.0))
+    store.save(2, state(2.0))
+    assert sorted(store.tiering.wait_for_uploads(30)) == [1, 2]
+    assert [(i.step, i.durability) for i in store.list()] == [(2, ["local", "remote"])]
+    remote = CheckpointStore(f"file://{tmp_path / 'remote'}", run_name="one")
+    assert [i.step for i in remote.list()] == [2]
+    store.close()
+
+    # A step committed by a writer without the remote tier (as if it died before uploading it)
+    CheckpointStore(config=cfg.replace(remote_uri=None)).save(3, state(3.0))
+    reopened = CheckpointStore(config=cfg)
+    assert reopened.tiering.not_uploaded_steps() == {3}
+    assert reopened.retention_plan() == ([3], [])
+    reopened.save(5, state(5.0))  # the writer start queues step 3 again, then step 5
+    assert sorted(reopened.tiering.wait_for_uploads(30)) == [3, 5]
+    assert [(i.step, i.durability) for i in reopened.list()] == [(5, ["local", "remote"])]
+    remote.reload()
+    assert [i.step for i in remote.list()] == [5]
+    torch.testing.assert_close(remote.load(5)["w"], state(5.0)["w"])
+    reopened.close()
+
+
+def test_a_damaged_local_copy_is_never_uploaded(tmp_path: Path) -> None:
+    cfg = CheckpointConfig(storage_uri=str(tmp_path / "local"), remote_uri=f"file://{tmp_path / 'remote'}",
+                           run_name="bad")
+    CheckpointStore(config=cfg.replace(remote_uri=None)).save(1, state(1.0))
+    shard = tmp_path / "local" / "bad" / step_dir(1) / "model.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    store = TieredCheckpointStore(cfg, upload_retries=1, upload_backoff_s=0.01)  # resumes the upload of step 1
+    with pytest.raises(UploadError, match="failed after 2 attempts") as failed:
+        store.upload_future(1).result(timeout=30)
+    assert isinstance(failed.value.__cause__, CorruptCheckpointError)
+    assert store.not_uploaded_steps() == {1} and store.tiering.failed_uploads() == [1]
+    assert [i.step for i in CheckpointStore(f"file://{tmp_path / 'remote'}", run_name="bad").list()] == []
+    store.close()
 
 
 def test_config_says_whether_a_remote_tier_is_configured(tmp_path: Path) -> None:
@@ -80,6 +151,9 @@ def test_tiered_save_upload_durability_and_readers(remote: tuple[str, dict[str, 
     assert store.store_for(4) is store.remote and store.store_for(3) is store.local
     store.verify(3)
     assert store.load_trainer_state(3) is None
+    # A score for a step only the remote tier holds joins the remote copy.
+    assert store.report_eval(4, {"eval/score": 2.0}).metrics["eval/score"] == 2.0
+    assert CheckpointStore(remote_uri, run_name="tiered", storage_options=options).info(4).metrics["eval/score"] == 2.0
     store.delete(4)
     with pytest.raises(CheckpointNotFoundError):
         store.load(4)
@@ -196,7 +270,8 @@ def test_endpoint_stopped_mid_upload_retries_and_never_shows_a_partial_checkpoin
 
     # Attempt 1 of step 2: the endpoint goes away after the first data file reached it.
     copied: list[tuple[int, str]] = []
-    original_copy = store._copy_file
+    tier = store.tiering  # the store's remote tier plug-in does the uploads
+    original_copy = tier._copy_file
 
     def copy_then_fail(step: int, name: str, digest: Any, writer: Any) -> None:
         if step == 2 and len([c for c in copied if c[0] == 2]) == 1 and not getattr(s3, "stopped", False):
@@ -209,7 +284,7 @@ def test_endpoint_stopped_mid_upload_retries_and_never_shows_a_partial_checkpoin
     attempts: list[int] = []
     retry_waiting, go = threading.Event(), threading.Event()
     store._test_events = [go]  # type: ignore[attr-defined]
-    original_once = store._upload_once
+    original_once = tier._upload_once
 
     def gated_once(step: int) -> str:
         attempts.append(step)
@@ -218,8 +293,8 @@ def test_endpoint_stopped_mid_upload_retries_and_never_shows_a_partial_checkpoin
             assert go.wait(60)
         return original_once(step)
 
-    store._copy_file = copy_then_fail  # type: ignore[method-assign]
-    store._upload_once = gated_once  # type: ignore[method-assign]
+    tier._copy_file = copy_then_fail  # type: ignore[method-assign]
+    tier._upload_once = gated_once  # type: ignore[method-assign]
     future2 = store.save_and_upload(2, state(2.0))
     assert retry_waiting.wait(60), "the failed upload was not retried"
     assert not future2.done()
@@ -232,7 +307,9 @@ def test_endpoint_stopped_mid_upload_retries_and_never_shows_a_partial_checkpoin
     local_steps = [i.step for i in store.local.list()]
     assert local_steps == [2, 3, 4]  # step 1 was uploaded, so its local copy could go
     assert not store.local.storage.exists(f"{step_dir(2)}/{UPLOADED_FILE}")
-    assert [(i.step, i.durability) for i in store.list()] == [(2, ["local"]), (3, ["local"]), (4, ["local"])]
+    # step 1's committed remote copy is still listed (the store committed it itself)
+    assert [(i.step, i.durability) for i in store.list()] == [
+        (1, ["remote"]), (2, ["local"]), (3, ["local"]), (4, ["local"])]
 
     # Back on the same port: a partial step-2 directory is there, but no reader can see it.
     s3.start()
@@ -247,6 +324,7 @@ def test_endpoint_stopped_mid_upload_retries_and_never_shows_a_partial_checkpoin
     assert sorted(store.wait_for_uploads(timeout=60)) == [1, 2, 3, 4]
     assert attempts.count(2) == 2
     # Same retention on the remote; local copies of uploaded steps may now go.
+    reader.reload()  # a reader of another process's run reads its index again
     assert [i.step for i in reader.list()] == [3, 4]
     assert [(i.step, i.durability) for i in store.list()] == [(3, ["local", "remote"]), (4, ["local", "remote"])]
     reader.verify(3)
