@@ -32,6 +32,7 @@ from ray_ckpt.layout import (
     EVAL_FILE,
     INDEX_LOG_DIR,
     INDEX_SNAPSHOT,
+    REPLACE_RE,
     Manifest,
     metrics_from_json,
     metrics_to_json,
@@ -166,8 +167,14 @@ class RunIndex:
     def _reconcile(self) -> int:
         """Match the index to the step directories: read the markers of steps it lacks, drop the
         gone; how many markers it read."""
-        on_storage = {s for s in map(parse_step_dir, self.storage.list_names(CHECKPOINTS_DIR)) if s is not None}
+        names = self.storage.list_names(CHECKPOINTS_DIR)
+        on_storage = {s for s in map(parse_step_dir, names) if s is not None}
         for step in [s for s in self.index.steps() if s not in on_storage]:
+            self.index.remove(step)
+        # A step being replaced (overwrite=True) may be between its old marker and its new one on an
+        # object store: read those markers again (few: one per replacement in flight or cut short).
+        replacing = {int(m.group(1)) for m in map(REPLACE_RE.match, names) if m is not None}
+        for step in sorted(replacing & set(self.index.steps())):
             self.index.remove(step)
         unknown = sorted(on_storage - set(self.index.steps()))
         for step in unknown:

@@ -516,15 +516,20 @@ class CheckpointStore:
             self.tiering.delete_remote(step)
 
     def _delete_local(self, step: int) -> None:
-        """Delete the copy of ``step`` on this store's storage."""
+        """Delete the copy of ``step`` on this store's storage.
+
+        The index records the deletion first, then the marker goes (the step turns invisible), then
+        the data: killed in between, the next open finds the step intact (its marker still there,
+        read back from the listing) or gone, never listed without a marker.
+        """
         directory = step_dir(step)
+        with self._lock:
+            if self.run_index.loaded:
+                self.run_index.delete(step)
         self.storage.rm(f"{directory}/{MARKER_FILE}", missing_ok=True)
         if self.storage.is_local and self.storage.exists(directory):
             self.storage.fsync_dir(directory)
         self.storage.rm(directory, recursive=True, missing_ok=True)
-        with self._lock:
-            if self.run_index.loaded:
-                self.run_index.delete(step)
         logger.info("deleted step %d of %s", step, self.run_name)
 
     def retention_plan(self, protected: Iterable[int] = ()) -> tuple[list[int], list[int]]:

@@ -313,7 +313,7 @@ def test_a_damaged_file_is_skipped_or_named_and_the_run_goes_on(
         assert reader.load(2).keys() == _tensors(2).keys()
         if row.file == LEASE:
             assert reader.leased_steps() == {1}  # the damaged lease protects nothing
-        if row.outcome == "ignore":
+        if row.outcome == "ignore" and not (snapshot and row.file == EVAL2):  # the snapshot holds the scores
             assert _warned(caplog, row.file), f"no warning naming {row.file}"
         _check_rest_of_run(tmp_path, STEPS, metric_steps=[3])
         return
@@ -334,6 +334,7 @@ def test_a_damaged_file_is_skipped_or_named_and_the_run_goes_on(
 
 def test_one_warning_per_damaged_file(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     _healthy_run(tmp_path)
+    _open(tmp_path).run_index.forget()  # every marker and sidecar is read
     _sidecar("null")(tmp_path)
     caplog.set_level(logging.WARNING)
     store = _open(tmp_path)

@@ -112,7 +112,7 @@ def test_a_lease_taken_while_retention_decides_is_honoured(tmp_path: Path) -> No
     trainer = _store(tmp_path, keep_last_n=1)
     reader = _store(tmp_path)
     trainer.save(1, tensors_for(1), metrics={"loss": 1.0})
-    original = trainer.leased_steps
+    original = trainer.leases.leased_steps  # what retention reads before it decides
     leased: list[str] = []
 
     def leases_then_a_reader_leases() -> set[int]:
@@ -121,15 +121,15 @@ def test_a_lease_taken_while_retention_decides_is_honoured(tmp_path: Path) -> No
             leased.append(reader.acquire_lease(1, ttl_s=60.0, holder="reader"))  # granted: step 1 is committed
         return found
 
-    trainer.leased_steps = leases_then_a_reader_leases  # type: ignore[method-assign]
+    trainer.leases.leased_steps = leases_then_a_reader_leases  # type: ignore[method-assign]
     trainer.save(2, tensors_for(2), metrics={"loss": 0.5})
     assert leased, "the reader never leased"
     assert [i.step for i in reader.list()] == [1, 2]
     assert_state(1, reader.load(1))
     reader.release_lease(1, leased[0])
-    trainer.leased_steps = original  # type: ignore[method-assign]
+    trainer.leases.leased_steps = original  # type: ignore[method-assign]
     trainer.save(3, tensors_for(3), metrics={"loss": 0.3})
-    assert [i.step for i in reader.list()] == [3]
+    assert [i.step for i in reader.reload().list()] == [3]
 
 
 def test_a_lease_asked_for_while_retention_deletes_is_refused(tmp_path: Path) -> None:
@@ -137,7 +137,7 @@ def test_a_lease_asked_for_while_retention_deletes_is_refused(tmp_path: Path) ->
     trainer = _store(tmp_path, keep_last_n=1)
     reader = _store(tmp_path)
     trainer.save(1, tensors_for(1), metrics={"loss": 1.0})
-    original_delete = trainer.delete
+    original_delete = trainer._delete_local  # what retention calls once the tombstone is up
     outcome: list[Any] = []
 
     def delete(step: int) -> None:
@@ -147,7 +147,7 @@ def test_a_lease_asked_for_while_retention_deletes_is_refused(tmp_path: Path) ->
             outcome.append(exc)
         original_delete(step)
 
-    trainer.delete = delete  # type: ignore[method-assign]
+    trainer._delete_local = delete  # type: ignore[method-assign]
     trainer.save(2, tensors_for(2), metrics={"loss": 0.5})
     assert len(outcome) == 1 and isinstance(outcome[0], CheckpointNotFoundError), outcome
     assert "step 1" in str(outcome[0])
