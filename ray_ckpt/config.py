@@ -313,7 +313,7 @@ FIELD_GROUPS: dict[str, str] = {name: group for group, model in GROUPS.items() f
 # Which options each entry point reads: group names, or single fields of a group it reads only in
 # part. A non-default value outside these is an error there (``check_consumed``).
 CONSUMERS: dict[str, frozenset[str]] = {
-    "CheckpointStore": frozenset({"store", "retention"}),
+    "CheckpointStore": frozenset({"store", "retention", "tiering"}),  # remote_uri: the upload plug-in
     "CheckpointManager": frozenset({"store", "retention", "save_interval_steps", "async_save"}),
     # the loop that drives the checkpointer reads save_interval_steps (the demo does); the
     # clients (WorkerClient, EvalClient) receive the checkpointer's config and are not checked.

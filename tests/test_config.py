@@ -570,6 +570,7 @@ def test_the_checkpointer_consumes_what_its_clients_receive() -> None:
 def test_check_consumed_among_limits_it_to_the_given_fields() -> None:
     cfg = CheckpointConfig(write_mode="direct", async_save=True)
     cfg.check_consumed("CheckpointStore", among=["max_shard_size"])
+    cfg.check_consumed("CheckpointStore", among=["remote_uri"])  # the store uploads through its tier
     with pytest.raises(ConfigError) as excinfo:
         cfg.check_consumed("CheckpointStore", among=["write_mode"])
     assert "write_mode" in str(excinfo.value) and "async_save" not in str(excinfo.value)
