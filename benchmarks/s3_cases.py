@@ -47,14 +47,18 @@ def _free_port() -> int:
 
 
 @contextmanager
-def moto_endpoint() -> Iterator[dict[str, Any]]:
-    """A loopback S3 endpoint in a subprocess; yields s3fs storage options for it."""
+def moto_endpoint(nice: int = 0) -> Iterator[dict[str, Any]]:
+    """A loopback S3 endpoint in a subprocess (run at ``nice``); yields s3fs storage options for it.
+
+    A real endpoint is another machine: at a high ``nice`` the server's CPU (MD5 of every part,
+    in Python) yields to the processes under test on this one.
+    """
     os.environ.update({k: os.environ.get(k, v) for k, v in _AWS_ENV.items()})
     no_proxy = ",".join(filter(None, [os.environ.get("NO_PROXY"), "127.0.0.1", "localhost"]))
     os.environ["NO_PROXY"] = os.environ["no_proxy"] = no_proxy
     port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-c", _SERVER, str(port)],
+        ["nice", "-n", str(nice), sys.executable, "-c", _SERVER, str(port)],
         stdin=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,  # one access-log line per request
@@ -85,7 +89,9 @@ def moto_endpoint() -> Iterator[dict[str, Any]]:
             proc.wait()
 
 
-def _make_bucket(options: dict[str, Any]) -> str:
+def make_bucket(options: dict[str, Any]) -> str:
+    """A fresh bucket on the endpoint of ``options`` (boto3: s3fs.mkdir sends a LocationConstraint
+    that us-east-1 refuses)."""
     import boto3
 
     bucket = f"bench-{uuid.uuid4().hex[:12]}"
@@ -111,7 +117,7 @@ def run_s3_cases(state: dict[str, torch.Tensor], workdir: str, repeat: int) -> l
     files_size = sum(os.path.getsize(os.path.join(local_dir, n)) for n in os.listdir(local_dir))
     get_dir = os.path.join(workdir, "s3_get")
     with moto_endpoint() as options:
-        bucket = _make_bucket(options)
+        bucket = make_bucket(options)
         fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False, **options)
         store = CheckpointStore(f"s3://{bucket}/ray", run_name="bench", storage_options=options)
         times: dict[str, list[float]] = {"save": [], "put": [], "load": [], "get": []}

@@ -27,9 +27,7 @@ import logging
 import os
 import platform
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +38,7 @@ from typing import Any
 
 import ray
 
+from benchmarks import s3_cases
 from benchmarks.measure import load_average, make_state_dict, percentile, rank_indices, state_nbytes
 from benchmarks.ray_cases import NAMESPACE, start_ray
 from ray_ckpt import CheckpointConfig, start_checkpointer
@@ -83,62 +82,11 @@ class LoopWorker:
         return blocked
 
 
-_SERVER = (
-    "import sys\n"
-    "from moto.server import ThreadedMotoServer\n"
-    "server = ThreadedMotoServer(ip_address='127.0.0.1', port=int(sys.argv[1]), verbose=False)\n"
-    "server.start()\n"
-    "sys.stdin.read()\n"  # runs until the benchmark closes our stdin
-    "server.stop()\n"
-)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextmanager
 def moto_endpoint(nice: int) -> Iterator[tuple[str, dict[str, Any]]]:
-    """moto's ThreadedMotoServer on 127.0.0.1 in a subprocess run at ``nice``, and a fresh bucket.
-
-    Yields ``(bucket URI, storage options)``. A real endpoint is another machine: at nice 19 the
-    server's CPU (MD5 of every part, in Python) yields to the processes under test on this one.
-    """
-    import boto3
-
-    port = _free_port()
-    proc = subprocess.Popen(
-        ["nice", "-n", str(nice), sys.executable, "-c", _SERVER, str(port)],
-        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,  # an access-log line a request
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError("the moto S3 server did not start") from None
-                time.sleep(0.1)
-        url = f"http://127.0.0.1:{port}"
-        bucket = f"bench-{uuid.uuid4().hex[:12]}"
-        boto3.client(
-            "s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="testing",
-            aws_secret_access_key="testing",
-        ).create_bucket(Bucket=bucket)
-        client_kwargs = {"endpoint_url": url, "region_name": "us-east-1"}
-        yield f"s3://{bucket}", {"key": "testing", "secret": "testing", "client_kwargs": client_kwargs}
-    finally:
-        assert proc.stdin is not None
-        proc.stdin.close()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    """The loopback S3 endpoint of the S3 cases at ``nice``, and a fresh bucket: ``(bucket URI, options)``."""
+    with s3_cases.moto_endpoint(nice) as options:
+        yield f"s3://{s3_cases.make_bucket(options)}", options
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
