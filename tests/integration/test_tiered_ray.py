@@ -8,9 +8,7 @@ by killing the checkpointer resumes in its restarted incarnation.
 
 from __future__ import annotations
 
-import os
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +20,7 @@ import ray_ckpt
 from ray_ckpt import CheckpointConfig, CheckpointStore
 from ray_ckpt.layout import MARKER_FILE, step_dir
 from ray_ckpt.tiering import UPLOADED_FILE
-from tests.reliability.faults import wait_for
+from tests.reliability.faults import actor_pid, hold_writes, restarted_pid, wait_for
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -139,32 +137,7 @@ def test_commit_locally_upload_read_either_tier_and_retain_both(
 
 def hold_upload_of(checkpointer: Any, needle: str, gate_dir: str) -> None:
     """Runs inside the actor: the remote write of a path containing ``needle`` completes, then blocks forever."""
-    storage = checkpointer.store.tiering.remote.storage
-    original = storage.write_stream
-
-    def write_stream(path: str, writer: Any, **kwargs: Any) -> Any:
-        result = original(path, writer, **kwargs)
-        if needle in path:
-            Path(gate_dir, "reached").write_text(path)
-            while True:  # the uploader is stuck here until the process is killed
-                time.sleep(0.05)
-        return result
-
-    storage.write_stream = write_stream
-
-
-def _pid(handle: Any) -> int:
-    return ray.get(handle.actor.__ray_call__.remote(lambda self: os.getpid()))
-
-
-def _restarted_pid(handle: Any, pid_before: int, timeout: float = 120.0) -> int:
-    deadline, pid = time.monotonic() + timeout, pid_before
-    while pid == pid_before and time.monotonic() < deadline:
-        try:
-            pid = ray.get(handle.actor.__ray_call__.remote(lambda self: os.getpid()), timeout=10)
-        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):
-            time.sleep(0.5)
-    return pid
+    hold_writes(checkpointer.store.tiering.remote.storage, needle, gate_dir)
 
 
 @pytest.mark.slow
@@ -176,7 +149,7 @@ def test_upload_cut_short_by_a_checkpointer_kill_resumes_after_the_restart(
     trainers = [Trainer.remote(run_name, r, 2) for r in range(2)]
     save_everywhere(trainers, 1)
     assert sorted(handle.wait_for_uploads(120)["uploaded"]) == [1]
-    pid_before = _pid(handle)
+    pid_before = actor_pid(handle)
 
     gate = tmp_path / "gate"
     gate.mkdir()
@@ -191,7 +164,7 @@ def test_upload_cut_short_by_a_checkpointer_kill_resumes_after_the_restart(
     assert not (tmp_path / "local" / run_name / step_dir(2) / UPLOADED_FILE).exists()
 
     ray.kill(handle.actor, no_restart=False)
-    assert _restarted_pid(handle, pid_before) != pid_before
+    assert restarted_pid(handle, pid_before) != pid_before
     waited = handle.wait_for_uploads(120)  # the new incarnation resumed step 2's upload on start
     assert waited["failed"] == [] and handle.stats()["uploads"]["not_uploaded"] == []
     assert (tmp_path / "local" / run_name / step_dir(2) / UPLOADED_FILE).exists()

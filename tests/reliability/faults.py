@@ -518,3 +518,41 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             conn.close()
 
     do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
+
+
+def hold_writes(storage: Any, needle: str, gate_dir: str) -> None:
+    """Inside an actor: the write of a path containing ``needle`` completes, then blocks forever.
+
+    Touches ``<gate_dir>/reached`` when it holds, so a test can ``ray.kill`` the actor mid-save.
+    """
+    original = storage.write_stream
+
+    def write_stream(path: str, writer: Any, **kwargs: Any) -> Any:
+        result = original(path, writer, **kwargs)
+        if needle in path:
+            Path(gate_dir, "reached").write_text(path)
+            while True:  # the writing thread is stuck here until the process is killed
+                time.sleep(0.05)
+        return result
+
+    storage.write_stream = write_stream
+
+
+def actor_pid(handle: Any) -> int:
+    """The pid of the checkpointer actor's current process."""
+    import ray
+
+    return ray.get(handle.actor.__ray_call__.remote(lambda self: os.getpid()))
+
+
+def restarted_pid(handle: Any, pid_before: int, timeout: float = 120.0) -> int:
+    """The pid of the actor's next incarnation (ray.kill is asynchronous; calls fail meanwhile)."""
+    import ray
+
+    deadline, pid = time.monotonic() + timeout, pid_before
+    while pid == pid_before and time.monotonic() < deadline:
+        try:
+            pid = ray.get(handle.actor.__ray_call__.remote(lambda self: os.getpid()), timeout=10)
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):
+            time.sleep(0.5)
+    return pid

@@ -9,7 +9,6 @@ its calls even in flight) carries on without being recreated.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from pathlib import Path
@@ -21,40 +20,23 @@ import torch
 
 import ray_ckpt
 from ray_ckpt import CheckpointConfig, CheckpointStore, SaveAbortedError
-from tests.reliability.faults import MARKER, SHARD_LIMIT, assert_state, tensors_for, wait_for
+from tests.reliability.faults import (
+    MARKER,
+    SHARD_LIMIT,
+    actor_pid,
+    assert_state,
+    hold_writes,
+    restarted_pid,
+    tensors_for,
+    wait_for,
+)
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
 
 def hold_writes_to(checkpointer: Any, needle: str, gate_dir: str) -> None:
     """Runs inside the actor: the write of a path containing ``needle`` completes, then blocks forever."""
-    storage = checkpointer.store.storage
-    original = storage.write_stream
-
-    def write_stream(path: str, writer: Any, **kwargs: Any) -> Any:
-        result = original(path, writer, **kwargs)
-        if needle in path:
-            Path(gate_dir, "reached").write_text(path)
-            while True:  # the writer thread is stuck here until the process is killed
-                time.sleep(0.05)
-        return result
-
-    storage.write_stream = write_stream
-
-
-def _pid(handle: Any) -> int:
-    return ray.get(handle.actor.__ray_call__.remote(lambda self: os.getpid()))
-
-
-def _restarted_pid(handle: Any, pid_before: int, timeout: float = 120.0) -> int:
-    """The pid of the actor's next incarnation (ray.kill is asynchronous; calls fail meanwhile)."""
-    deadline, pid = time.monotonic() + timeout, pid_before
-    while pid == pid_before and time.monotonic() < deadline:
-        try:
-            pid = ray.get(handle.actor.__ray_call__.remote(lambda self: os.getpid()), timeout=10)
-        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):
-            time.sleep(0.5)
-    return pid
+    hold_writes(checkpointer.store.storage, needle, gate_dir)
 
 
 @pytest.mark.slow
@@ -76,7 +58,7 @@ def test_checkpointer_killed_mid_save_restarts_and_the_retry_commits(
         worker.save(step, tensors_for(step), metrics={"loss": 1.0 / step}, blocking=True)
     evaluator = ray_ckpt.EvalClient(run_name, retry_s=90.0)
     assert [i.step for i in evaluator.list()] == [1, 2]
-    pid_before = _pid(handle)
+    pid_before = actor_pid(handle)
 
     gate = tmp_path / "gate"
     gate.mkdir()
@@ -96,7 +78,7 @@ def test_checkpointer_killed_mid_save_restarts_and_the_retry_commits(
     with pytest.raises(SaveAbortedError, match=r"step 3.*(died|restarted)"):
         pending.result(timeout=90)
     # The restarted actor rebuilt its index from storage; the same eval client goes on.
-    assert _restarted_pid(handle, pid_before) != pid_before
+    assert restarted_pid(handle, pid_before) != pid_before
     assert [i.step for i in evaluator.list()] == [1, 2]
     assert evaluator.best().step == 2
     assert not step3.exists(), "the restarted checkpointer did not remove the partial step"
