@@ -50,6 +50,17 @@ _ALIASES = {
 }
 # NeMo RL's boolean spelling of ``mode``.
 _HIGHER_IS_BETTER = "higher_is_better"
+# Ray Train/Tune ``CheckpointConfig`` names (flat keys only), meant as Ray means them:
+# ``num_to_keep`` counts the checkpoints ranked by ``checkpoint_score_attribute`` (keep_top_k), or
+# the newest ones (keep_last_n) when no score attribute is given; a score attribute without any
+# order ranks by Ray's default order, "max". ``None`` (Ray's default) sets nothing.
+_RAY_ALIASES = {
+    "checkpoint_score_attribute": "metric_name",
+    "checkpoint_score_order": "mode",
+}
+_RAY_NUM_TO_KEEP = "num_to_keep"
+_RAY_DEFAULT_ORDER = "max"
+_RAY_KEYS = (*_RAY_ALIASES, _RAY_NUM_TO_KEEP)
 
 Problem = tuple[str, str]  # (field, what is wrong with it)
 
@@ -503,7 +514,7 @@ class CheckpointConfig(BaseModel):
             consumed = CONSUMERS[by]
         unused = self.unused_fields(consumed)
         if among is not None:
-            limit = {_ALIASES.get(f, f) for f in among}
+            limit = {target for f in among for target in _alias_targets(f)}
             unused = [f for f in unused if f in limit]
         problems: list[Problem] = []
         for name in unused:
@@ -542,9 +553,51 @@ for _name, _group in FIELD_GROUPS.items():
 del _name, _group
 
 
+def retention_from_ray(checkpoint_config: Any) -> dict[str, Any]:
+    """ray-ckpt's retention fields (flat) for a Ray ``CheckpointConfig``, with Ray's meaning.
+
+    ``checkpoint_config`` is a ``ray.train.CheckpointConfig`` / ``ray.tune.CheckpointConfig`` (or a
+    mapping of its field names): ``num_to_keep=N`` with ``checkpoint_score_attribute=M`` and
+    ``checkpoint_score_order=O`` gives ``keep_top_k=N, metric_name=M, mode=O`` (O defaults to
+    Ray's "max"); without a score attribute, ``keep_last_n=N``; ``num_to_keep=None`` sets no
+    rule (Ray keeps every checkpoint). Use it as ``CheckpointConfig(..., **retention_from_ray(cc))``.
+    """
+    if isinstance(checkpoint_config, Mapping):
+        given = {k: checkpoint_config[k] for k in _RAY_KEYS if k in checkpoint_config}
+        ignored = {"checkpoint_frequency", "checkpoint_at_end"}  # Ray's save schedule, not retention
+        unknown = sorted(set(map(str, checkpoint_config)) - set(_RAY_KEYS) - ignored)
+        if unknown:
+            known = ", ".join(_RAY_KEYS)
+            raise ConfigError(f"{unknown[0]}: not a Ray CheckpointConfig retention field (known: {known})")
+    else:
+        given = {k: getattr(checkpoint_config, k) for k in _RAY_KEYS if hasattr(checkpoint_config, k)}
+        if not given:
+            raise ConfigError(
+                f"checkpoint_config: expected a ray.train.CheckpointConfig or a mapping, got "
+                f"{type(checkpoint_config).__name__}"
+            )
+    if given.get("checkpoint_score_attribute") is None:
+        given.pop("checkpoint_score_order", None)  # Ray's order only matters with a score attribute
+    grouped, problems, sources = _regroup(given)
+    try:
+        options = RetentionOptions(**grouped["retention"])
+    except ValidationError as exc:
+        raise _config_error(problems + _problems(exc, group="retention", sources=sources)) from None
+    if problems:
+        raise _config_error(problems)
+    return {name: getattr(options, name) for name in grouped["retention"]}
+
+
 # -- helpers -----------------------------------------------------------------------------------
 def _known_keys() -> list[str]:
-    return [*FIELD_GROUPS, *GROUPS, *_ALIASES, _HIGHER_IS_BETTER]
+    return [*FIELD_GROUPS, *GROUPS, *_ALIASES, _HIGHER_IS_BETTER, *_RAY_KEYS]
+
+
+def _alias_targets(key: str) -> set[str]:
+    """The fields a key may set (an alias names its field; ``num_to_keep`` one of two)."""
+    if key == _RAY_NUM_TO_KEEP:
+        return {"keep_top_k", "keep_last_n"}
+    return {_ALIASES.get(key) or _RAY_ALIASES.get(key) or key}
 
 
 def _unknown(key: str, candidates: list[str], what: str = "config field") -> str:
@@ -590,6 +643,8 @@ def _regroup(data: Mapping[str, Any]) -> tuple[dict[str, dict[str, Any]], list[P
     grouped: dict[str, dict[str, Any]] = {group: {} for group in GROUPS}
     given_as: dict[str, tuple[str, Any]] = {}  # field -> (the key that set it, the value as given)
     problems: list[Problem] = []
+    # Ray's num_to_keep ranks by the score attribute given beside it, else keeps the newest
+    ray_ranked = isinstance(data.get("checkpoint_score_attribute"), str)
 
     def put(name: str, value: Any, key: str, shown: Any) -> None:
         group = FIELD_GROUPS[name]
@@ -633,10 +688,21 @@ def _regroup(data: Mapping[str, Any]) -> tuple[dict[str, dict[str, Any]], list[P
                 put("mode", "max" if value else "min", key, value)
         elif key in _ALIASES:
             put(_ALIASES[key], value, key, value)
+        elif key in _RAY_ALIASES or key == _RAY_NUM_TO_KEEP:
+            if value is None and key != "checkpoint_score_order":
+                continue  # Ray's default: no ranking / keep every checkpoint
+            if key == _RAY_NUM_TO_KEEP and isinstance(value, int) and not isinstance(value, bool) and value < 1:
+                problems.append((key, f"must be None or at least 1, as in Ray's CheckpointConfig, got {value!r}"))
+            elif key == _RAY_NUM_TO_KEEP:
+                put("keep_top_k" if ray_ranked else "keep_last_n", value, key, value)
+            else:
+                put(_RAY_ALIASES[key], value, key, value)
         elif key in FIELD_GROUPS:
             put(key, value, key, value)
         else:
             problems.append((key, _unknown(key, _known_keys())))
+    if ray_ranked and "mode" not in grouped["retention"]:
+        put("mode", _RAY_DEFAULT_ORDER, "checkpoint_score_order (Ray's default)", _RAY_DEFAULT_ORDER)
     sources = {name: key for name, (key, _) in given_as.items() if key not in (name, f"{FIELD_GROUPS[name]}.{name}")}
     return grouped, problems, sources
 

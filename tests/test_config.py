@@ -1,5 +1,5 @@
-"""CheckpointConfig: validation names the field, every error at once, groups, YAML, NeMo aliases,
-assignment, the JSON schema, and entry points refusing fields they ignore."""
+"""CheckpointConfig: validation names the field, every error at once, groups, YAML, NeMo and Ray
+aliases, assignment, the JSON schema, and entry points refusing fields they ignore."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from ray_ckpt import CheckpointConfig, CheckpointStore, ConfigError
-from ray_ckpt.config import CONSUMERS, FIELD_GROUPS, GROUPS, RetentionOptions, parse_size
+from ray_ckpt.config import CONSUMERS, FIELD_GROUPS, GROUPS, RetentionOptions, parse_size, retention_from_ray
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -271,6 +271,66 @@ def test_alias_conflicting_with_its_field_is_refused(data: dict) -> None:
         CheckpointConfig.from_dict(data)
     for key in data:
         assert key in str(excinfo.value)
+
+
+# Ray Train/Tune's CheckpointConfig names, with Ray's meaning of num_to_keep.
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({"num_to_keep": 2}, {"keep_last_n": 2, "keep_top_k": None, "metric_name": None, "mode": "min"}),
+        (
+            {"num_to_keep": 2, "checkpoint_score_attribute": "loss", "checkpoint_score_order": "min"},
+            {"keep_last_n": None, "keep_top_k": 2, "metric_name": "loss", "mode": "min"},
+        ),
+        # a score attribute without an order ranks by Ray's default order, max
+        ({"num_to_keep": 1, "checkpoint_score_attribute": "acc"}, {"keep_top_k": 1, "mode": "max"}),
+        ({"checkpoint_score_attribute": "acc", "mode": "min"}, {"keep_top_k": None, "mode": "min"}),
+        ({"num_to_keep": None, "checkpoint_score_attribute": None}, {"keep_last_n": None, "metric_name": None}),
+        ({"num_to_keep": 3, "metric_name": "loss"}, {"keep_last_n": 3, "keep_top_k": None, "metric_name": "loss"}),
+    ],
+)
+def test_ray_checkpoint_config_names_are_accepted(data: dict, expected: dict) -> None:
+    cfg = CheckpointConfig.from_dict(data)
+    assert {k: getattr(cfg, k) for k in expected} == expected
+    assert CheckpointConfig(**data) == cfg
+
+
+def test_ray_names_from_yaml_and_their_errors(tmp_path: Path) -> None:
+    path = tmp_path / "ray.yaml"
+    path.write_text(
+        "checkpoint:\n  num_to_keep: 2\n  checkpoint_score_attribute: loss\n  checkpoint_score_order: min\n"
+    )
+    cfg = CheckpointConfig.from_yaml(path)
+    assert (cfg.keep_top_k, cfg.metric_name, cfg.mode) == (2, "loss", "min")
+    with pytest.raises(ConfigError, match=r"^mode: must be 'max' or 'min', got 'up' \(given as checkpoint_score_order"):
+        CheckpointConfig(checkpoint_score_order="up")
+    with pytest.raises(ConfigError, match=r"^num_to_keep: must be None or at least 1"):
+        CheckpointConfig(num_to_keep=0)
+    with pytest.raises(ConfigError, match=r"^keep_last_n: given twice, as num_to_keep=2 and keep_last_n=3"):
+        CheckpointConfig(num_to_keep=2, keep_last_n=3)
+    with pytest.raises(ConfigError, match=r"^mode: given twice"):
+        CheckpointConfig(checkpoint_score_attribute="a", checkpoint_score_order="max", mode="min")
+    with pytest.raises(ConfigError, match="did you mean num_to_keep"):
+        CheckpointConfig(num_to_kep=2)
+    # an entry point that ignores retention names the field the Ray name set
+    cfg = CheckpointConfig(num_to_keep=2)
+    with pytest.raises(ConfigError, match=r"^keep_last_n: set to 2, but x ignores it"):
+        cfg.check_consumed("x", consumed={"store"}, among=["num_to_keep"])
+
+
+def test_retention_from_ray_checkpoint_config() -> None:
+    ray_train = pytest.importorskip("ray.train")
+    ranked = ray_train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="loss", checkpoint_score_order="min")
+    assert retention_from_ray(ranked) == {"keep_top_k": 2, "metric_name": "loss", "mode": "min"}
+    assert retention_from_ray(ray_train.CheckpointConfig(num_to_keep=3)) == {"keep_last_n": 3}
+    assert retention_from_ray(ray_train.CheckpointConfig()) == {}  # Ray keeps everything: no rule
+    assert retention_from_ray({"num_to_keep": 1, "checkpoint_at_end": True}) == {"keep_last_n": 1}
+    cfg = CheckpointConfig(storage_uri="/x", **retention_from_ray(ranked))
+    assert (cfg.keep_top_k, cfg.metric_name, cfg.mode) == (2, "loss", "min")
+    with pytest.raises(ConfigError, match="not a Ray CheckpointConfig retention field"):
+        retention_from_ray({"keep_last_n": 1})
+    with pytest.raises(ConfigError, match="expected a ray.train.CheckpointConfig"):
+        retention_from_ray(3)
 
 
 # ---------------------------------------------------------------------------------------------
