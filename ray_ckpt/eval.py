@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import ray
 import torch
 
+from ray_ckpt import metrics
 from ray_ckpt.checkpointer import CheckpointerHandle, get_checkpointer, seen_index_position
 from ray_ckpt.errors import CheckpointNotFoundError
 from ray_ckpt.index import CheckpointIndex, CheckpointInfo, IndexReplica, position_reached
@@ -300,14 +301,18 @@ class EvalClient:
             return self._follower
 
     def _query(self, method: str, *args: Any) -> Any:
+        started = time.perf_counter()
         follower = self.follower()
         if follower is not None:
             # a commit this process saw acknowledged is in the answer (read your own writes)
             at_least = seen_index_position(self.handle.actor)
             answered, value = follower.read(lambda index: getattr(index, method)(*args), at_least)
             if answered:
+                metrics.observe_eval_query(self.run_name, time.perf_counter() - started)
                 return value
-        return self._call(method, *args)
+        value = self._call(method, *args)
+        metrics.observe_eval_query(self.run_name, time.perf_counter() - started)
+        return value
 
     def close(self) -> None:
         """Stop following the index: later queries go to the checkpointer.
@@ -366,7 +371,11 @@ class EvalClient:
         """Load a checkpoint's state dict from storage (not through the actor), from whichever tier
         holds it; ``mmap`` as in :meth:`CheckpointStore.load` (local storage: tensors map the
         files, nothing copied; a step read from an object-store tier is read into memory)."""
-        return self.store.load(self._resolve(step), keys, mmap=mmap)
+        resolved = self._resolve(step)
+        started = time.perf_counter()
+        state = self.store.load(resolved, keys, mmap=mmap)
+        metrics.observe_eval_load(self.run_name, time.perf_counter() - started)
+        return state
 
     def load_model(self, step: Selector = "best", strict: bool = True) -> torch.nn.Module:
         """Build the run's model from model_architecture.json with a checkpoint's weights.
@@ -380,7 +389,11 @@ class EvalClient:
             step = "latest"
         if self.store.config.allowed_architecture_prefixes is None:
             self._adopt_served_architectures()
-        return self.store.instantiate(self._resolve(step), strict=strict)
+        resolved = self._resolve(step)
+        started = time.perf_counter()
+        model = self.store.instantiate(resolved, strict=strict)
+        metrics.observe_eval_load(self.run_name, time.perf_counter() - started)
+        return model
 
     def _adopt_served_architectures(self) -> None:
         """Take the architecture allow-list the checkpointer serves now (kept as is if unreachable)."""
@@ -407,14 +420,16 @@ class EvalClient:
         try:
             ray.get(self.handle.actor.lease_released.remote(step), timeout=10)
         except Exception as exc:  # noqa: BLE001 - the periodic check or the next commit retains instead
-            logger.info("retention after releasing step %d is left to the checkpointer (%s)", step,
-                        type(exc).__name__)
+            logger.info("retention after releasing step %d is left to the checkpointer (%s)", step, type(exc).__name__)
 
     @contextlib.contextmanager
     def leased(self, step: Selector = "latest") -> Iterator[tuple[int, dict[str, Any]]]:
         """Lease a checkpoint and load it: ``with ev.leased("best") as (step, state): ...``."""
         with self.lease(step) as lease:
-            yield lease.step, self.store.load(lease.step)
+            started = time.perf_counter()
+            state = self.store.load(lease.step)
+            metrics.observe_eval_load(self.run_name, time.perf_counter() - started)
+            yield lease.step, state
 
     def report_eval(self, step: int, metrics: dict[str, float]) -> CheckpointInfo:
         """Join evaluation metrics to a checkpoint's record; they can rank top_k and retention.

@@ -38,6 +38,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+from ray_ckpt import metrics
 from ray_ckpt.errors import CheckpointNotFoundError, CorruptCheckpointError, RayCkptError
 from ray_ckpt.index import CheckpointIndex, CheckpointInfo
 from ray_ckpt.layout import MARKER_FILE, step_dir
@@ -450,10 +451,12 @@ class RemoteTier:
                     f"{attempt} attempts: {exc}"
                 )
                 error.__cause__ = exc
+                metrics.count_upload_failure(self.run_name)
                 with self._cond:
                     self._failed[step] = error
                 self._settle(future, error=error)
                 return
+            metrics.count_upload_retry(self.run_name)
             delay = self.policy.delay(attempt)
             logger.warning("upload of step %d of %s failed (attempt %d): %s; retrying in %.2fs",
                            step, self.run_name, attempt, exc, delay)
@@ -499,8 +502,10 @@ class RemoteTier:
                     kind=manifest.kind, extra=manifest.extra,
                 )
             uri = info.uri
+            seconds = time.perf_counter() - started
+            metrics.observe_upload(self.run_name, seconds, info.files_size)
             logger.info("uploaded step %d of %s to %s: %d bytes in %.3fs", step, self.run_name, uri,
-                        info.files_size, time.perf_counter() - started)
+                        info.files_size, seconds)
         self._copy_eval_metrics(step)
         try:
             current = local.read_manifest(step)
