@@ -36,11 +36,12 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import json
 import logging
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -182,17 +183,32 @@ def _pretrained_config_class() -> type | None:
 
 @dataclass
 class Architecture:
-    """A model class path, its constructor config and, for Hugging Face models, the config class."""
+    """A model class path, its constructor config and, for Hugging Face models, the config class.
+
+    ``generation_config`` is a Hugging Face model's ``GenerationConfig`` (as a dict), kept so that
+    an exported step writes the ``generation_config.json`` its model had.
+    """
 
     class_path: str
     config: dict[str, Any] = field(default_factory=dict)
     config_class: str | None = None
+    generation_config: dict[str, Any] | None = None
 
     @classmethod
     def describe(
-        cls, model_or_class_path: torch.nn.Module | type | str, config: Any = None, *, trust: bool = True
+        cls,
+        model_or_class_path: torch.nn.Module | type | str | Architecture,
+        config: Any = None,
+        *,
+        trust: bool = True,
     ) -> Architecture:
-        """Describe a model instance, a class or a ``module.Class`` path.
+        """Describe a model instance, a class, a ``module.Class`` path (or an Architecture, checked).
+
+        The config: a ``PretrainedConfig`` (its class is kept), a dict of constructor arguments
+        (for a Hugging Face model class the dict is its config's, and the model's config class is
+        kept), or None: a Hugging Face model's ``.config``, else the constructor arguments read
+        back from the instance's attributes (see :func:`constructor_args`), refused with a
+        TypeError naming the ones it cannot recover.
 
         A live class or model (``trust=True``) makes its module, and its config's class's module,
         trusted in this process (see the module docstring); a string trusts nothing. Pass
@@ -200,23 +216,43 @@ class Architecture:
         caller's own code. Nested and local classes are refused (ValueError): a class path is
         resolved with one ``getattr`` on its module.
         """
+        if isinstance(model_or_class_path, Architecture):
+            if config is not None:
+                raise TypeError("Architecture.describe: an Architecture carries its own config; pass config=None")
+            arch = model_or_class_path
+            try:
+                arch.validate(name="model_architecture")
+            except CorruptCheckpointError as exc:
+                raise ValueError(str(exc)) from None
+            return cls(arch.class_path, dict(arch.config), arch.config_class, arch.generation_config)
         trusted: list[str] = []
+        klass: type | None = None
+        instance: torch.nn.Module | None = None
         if isinstance(model_or_class_path, str):
             class_path = model_or_class_path
-            model = None
         else:
-            model = model_or_class_path
-            klass = model if isinstance(model, type) else type(model)
+            klass = model_or_class_path if isinstance(model_or_class_path, type) else type(model_or_class_path)
+            instance = None if isinstance(model_or_class_path, type) else model_or_class_path
             class_path = _class_path_of(klass)
             trusted.append(klass.__module__)
         config_class = None
-        if config is None and model is not None and not isinstance(model, type):
-            config = getattr(model, "config", None)
-        if config is not None and hasattr(config, "to_dict") and not isinstance(config, dict):
-            klass = type(config)
-            config_class = _class_path_of(klass)
-            trusted.append(klass.__module__)
+        generation_config = _generation_config_of(instance)
+        if config is None and instance is not None:
+            own = getattr(instance, "config", None)
+            if isinstance(own, Mapping) or _is_pretrained_config(own):
+                config = own
+        if config is not None and hasattr(config, "to_dict") and not isinstance(config, Mapping):
+            config_klass = type(config)
+            config_class = _class_path_of(config_klass)
+            trusted.append(config_klass.__module__)
             config = config.to_dict()
+        elif isinstance(config, Mapping):
+            config_klass = _hf_config_class_for(klass, class_path, config)
+            if config_klass is not None:
+                config_class = _class_path_of(config_klass)
+                trusted.append(config_klass.__module__)
+        elif config is None and klass is not None:
+            config = constructor_args(instance if instance is not None else klass, check=trust)
         config = dict(config or {})
         try:
             json.dumps(config, allow_nan=False)
@@ -227,13 +263,11 @@ class Architecture:
         try:
             split_dotted(class_path)
         except CorruptCheckpointError:
-            raise ValueError(
-                f"model_architecture class_path: expected 'module.Class', got {class_path!r}"
-            ) from None
+            raise ValueError(f"model_architecture class_path: expected 'module.Class', got {class_path!r}") from None
         if trust:
             for module in trusted:
                 trust_module(module)
-        return cls(class_path, config, config_class)
+        return cls(class_path, config, config_class, generation_config)
 
     def to_json_bytes(self) -> bytes:
         data = {
@@ -242,6 +276,8 @@ class Architecture:
             "config_class": self.config_class,
             "config": self.config,
         }
+        if self.generation_config is not None:
+            data["generation_config"] = self.generation_config
         return json.dumps(data, indent=2, sort_keys=True).encode()
 
     @classmethod
@@ -254,7 +290,8 @@ class Architecture:
         class_path = obj.str("class_path")
         config = obj.dict("config", {})
         config_class = obj.str("config_class", None)
-        arch = cls(class_path, config, config_class)
+        generation_config = obj.dict("generation_config", None)
+        arch = cls(class_path, config, config_class, generation_config)
         arch.validate(name=name)
         return arch
 
@@ -324,3 +361,205 @@ def _class_path_of(klass: type) -> str:
         )
     return f"{klass.__module__}.{qualname}"
 
+
+# ---------------------------------------------------------------------------------------------
+# Constructor arguments of plain modules; Hugging Face configs both ways.
+# ---------------------------------------------------------------------------------------------
+HF_CONFIG_FILE = "config.json"
+HF_GENERATION_CONFIG_FILE = "generation_config.json"
+_JSON_SCALARS = (str, int, float, bool, type(None))
+
+
+def _is_pretrained_config(value: Any) -> bool:
+    """Whether a value is a config object with ``to_dict`` (a transformers ``PretrainedConfig``)."""
+    return value is not None and not isinstance(value, Mapping) and callable(getattr(value, "to_dict", None))
+
+
+def _json_value(value: Any) -> Any:
+    """``value`` as plain JSON data (tuples become lists), or ``_NOT_JSON`` when it is not data."""
+    if isinstance(value, _JSON_SCALARS):
+        return value
+    if isinstance(value, (list, tuple)):
+        items = [_json_value(v) for v in value]
+        return _NOT_JSON if any(v is _NOT_JSON for v in items) else items
+    return _NOT_JSON
+
+
+_NOT_JSON: Any = object()
+
+
+def constructor_args(model_or_class: torch.nn.Module | type, *, check: bool = True) -> dict[str, Any]:
+    """The constructor arguments of a module, read back from the attributes of the same names.
+
+    ``torch.nn.Linear(8, 2)`` -> ``{"in_features": 8, "out_features": 2}``: every parameter of
+    ``__init__`` that the instance holds as an attribute with a JSON value is recorded; one
+    with a default and no such attribute keeps its default. A required parameter that cannot
+    be recovered (or a class given without an instance) raises TypeError naming it, and so do
+    recovered arguments that build a model of other tensor shapes than the instance's: pass the
+    config explicitly then (``write_architecture(model, {...})``). ``check=False`` skips that
+    rebuild (a class from a file, whose constructor nothing has vetted, is never called here).
+    """
+    klass = model_or_class if isinstance(model_or_class, type) else type(model_or_class)
+    instance = None if isinstance(model_or_class, type) else model_or_class
+    try:
+        signature = inspect.signature(klass.__init__)
+    except (TypeError, ValueError):
+        return {}
+    args: dict[str, Any] = {}
+    missing: list[str] = []
+    for name, param in list(signature.parameters.items())[1:]:  # [0] is self
+        if param.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+            continue
+        value = _json_value(getattr(instance, name, _NOT_JSON)) if instance is not None else _NOT_JSON
+        if value is not _NOT_JSON and param.kind is not inspect.Parameter.POSITIONAL_ONLY:
+            args[name] = value
+        elif param.default is inspect.Parameter.empty:
+            missing.append(name)
+    path = f"{klass.__module__}.{klass.__qualname__}"
+    if missing:
+        where = (
+            "a class has no attributes to read them from"
+            if instance is None
+            else ("they are not attributes of the instance")
+        )
+        raise TypeError(
+            f"model_architecture: cannot record the constructor arguments {missing} of {path} ({where}); "
+            f"pass them: write_architecture(model, {{{', '.join(f'{m!r}: ...' for m in missing)}}}) "
+            "or register(model, config)"
+        )
+    if instance is not None and check:
+        _check_rebuilds(klass, instance, args, path)
+    return args
+
+
+def _check_rebuilds(klass: type, instance: torch.nn.Module, args: dict[str, Any], path: str) -> None:
+    """TypeError unless ``klass(**args)`` (built on the meta device: no memory) has the instance's shapes."""
+    try:
+        with torch.device("meta"):
+            built = klass(**args)
+        expected = {k: tuple(v.shape) for k, v in instance.state_dict().items()}
+        got = {k: tuple(v.shape) for k, v in built.state_dict().items()}
+    except Exception as exc:  # a constructor that cannot run on meta: the recovered arguments stand
+        logger.debug("%s: not rebuilt on the meta device to check %s: %s", path, args, exc)
+        return
+    if expected != got:
+        differ = sorted(k for k in set(expected) | set(got) if expected.get(k) != got.get(k))
+        raise TypeError(
+            f"model_architecture: {path}({', '.join(f'{k}={v!r}' for k, v in args.items())}) read back from the "
+            f"instance's attributes builds other tensors than the instance has (e.g. {differ[:3]}); pass the "
+            "constructor arguments: write_architecture(model, {...}) or register(model, config)"
+        )
+
+
+def _hf_config_class_for(klass: type | None, class_path: str, config: Mapping[str, Any]) -> type | None:
+    """The ``PretrainedConfig`` class a Hugging Face model class builds from (a config given as a dict).
+
+    A live class tells it (``config_class``); a ``transformers`` class path with a ``model_type``
+    in the dict is looked up in transformers' own table. None for other models.
+    """
+    base = _pretrained_config_class() if klass is not None or "model_type" in config else None
+    if base is None:
+        return None
+    if klass is not None:
+        own = getattr(klass, "config_class", None)
+        return own if isinstance(own, type) and issubclass(own, base) else None
+    if not _within(class_path, "transformers"):
+        return None
+    model_type = config.get("model_type")
+    name = _config_class_name(model_type) if isinstance(model_type, str) else None
+    if name is None:
+        return None
+    import transformers
+
+    found = getattr(transformers, name, None)
+    return found if isinstance(found, type) and issubclass(found, base) else None
+
+
+def _config_class_name(model_type: str) -> str | None:
+    """transformers' config class name for a ``model_type`` (``"gpt2"`` -> ``"GPT2Config"``), or None."""
+    try:
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    except ImportError:
+        return None
+    return CONFIG_MAPPING_NAMES.get(model_type)
+
+
+def _generation_config_of(model: Any) -> dict[str, Any] | None:
+    """A Hugging Face model's ``generation_config`` as a dict (None for other models)."""
+    generation = getattr(model, "generation_config", None) if model is not None else None
+    if generation is None or not callable(getattr(generation, "to_dict", None)):
+        return None
+    try:
+        data = generation.to_dict()
+        json.dumps(data, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        logger.debug("generation_config not recorded: %s", exc)
+        return None
+    return data
+
+
+def architecture_from_hf_config(
+    config: Mapping[str, Any], generation_config: Mapping[str, Any] | None = None, *, name: str = HF_CONFIG_FILE
+) -> Architecture | None:
+    """The architecture a Hugging Face ``config.json`` describes (``architectures[0]`` of its
+    ``model_type``), as ``transformers.<Class>`` paths; None when it names no class.
+
+    Nothing is imported but transformers' table of config class names.
+    """
+    architectures = config.get("architectures")
+    model_type = config.get("model_type")
+    if not isinstance(architectures, list) or not architectures or not isinstance(model_type, str):
+        return None
+    class_name = architectures[0]
+    config_name = _config_class_name(model_type)
+    if not isinstance(class_name, str) or not class_name.isidentifier() or config_name is None:
+        logger.info("%s: model_type %r / architectures %r is not a transformers model", name, model_type, architectures)
+        return None
+    arch = Architecture(
+        f"transformers.{class_name}",
+        dict(config),
+        f"transformers.{config_name}",
+        dict(generation_config) if generation_config is not None else None,
+    )
+    arch.validate(name=name)
+    return arch
+
+
+def hf_config_files(arch: Architecture, allowed_prefixes: Sequence[str] | None = None) -> dict[str, bytes]:
+    """The Hugging Face side files of a recorded architecture: ``config.json`` (with
+    ``model_type`` and ``architectures``) and, for a model that generates, ``generation_config.json``,
+    as ``save_pretrained`` writes them; ``{}`` for a model that is not a transformers model.
+
+    Written into each step (and an exported folder) so that ``AutoModel*.from_pretrained`` reads
+    it as it is. The classes are resolved under the allow-list rules (nothing outside is imported).
+    """
+    if arch.config_class is None:
+        return {}
+    model_klass, config_klass = arch.resolve(allowed_prefixes)
+    if config_klass is None or not hasattr(config_klass, "from_dict"):
+        return {}
+    config = config_klass.from_dict(dict(arch.config))
+    config.architectures = [model_klass.__name__]
+    files = {HF_CONFIG_FILE: config.to_json_string(use_diff=True).encode()}
+    generation = _generation_config_for(model_klass, config, arch.generation_config)
+    if generation is not None:
+        files[HF_GENERATION_CONFIG_FILE] = generation.to_json_string(use_diff=True).encode()
+    return files
+
+
+def _generation_config_for(model_klass: type, config: Any, recorded: dict[str, Any] | None) -> Any:
+    """The ``GenerationConfig`` to write: the recorded one, else what transformers derives for a
+    model class that can generate (as ``save_pretrained`` does); None otherwise."""
+    try:
+        from transformers import GenerationConfig
+    except ImportError:
+        return None
+    if recorded is not None:
+        return GenerationConfig.from_dict(dict(recorded))
+    can_generate = getattr(model_klass, "can_generate", None)
+    if not callable(can_generate) or not can_generate():
+        return None
+    try:
+        return GenerationConfig.from_model_config(config)
+    except NotImplementedError:
+        return GenerationConfig()

@@ -66,9 +66,29 @@ class CheckpointArtifact:
                 "(load .state_dict into a model you build yourself)"
             )
         model = self.architecture.build(self.allowed_architecture_prefixes)
-        model.load_state_dict(self.state_dict, strict=strict)
+        load_tied(model, self.state_dict, strict=strict, where=self.uri or self.run_name or "checkpoint")
         self._model = model
         return model
+
+
+def load_tied(model: torch.nn.Module, state_dict: dict[str, Any], *, strict: bool, where: str) -> None:
+    """``model.load_state_dict`` that accepts missing keys of tied weights (as Hugging Face folders
+    store them: ``lm_head.weight`` is ``transformer.wte.weight``); any other missing key under
+    ``strict`` is an error as usual."""
+    result = model.load_state_dict(state_dict, strict=False)
+    tie = getattr(model, "tie_weights", None)
+    if callable(tie):
+        tie()
+    if not strict:
+        return
+    own = model.state_dict(keep_vars=True)
+    loaded = {own[k].data_ptr() for k in state_dict if k in own and isinstance(own[k], torch.Tensor)}
+    missing = [k for k in result.missing_keys if own[k].data_ptr() not in loaded]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(
+            f"{where}: the checkpoint does not fit {type(model).__name__}: missing keys {missing[:5]}, "
+            f"unexpected keys {list(result.unexpected_keys)[:5]}"
+        )
 
 
 def recorded_policy(store: CheckpointStore) -> dict[str, Any]:
@@ -152,7 +172,11 @@ def load_from_uri(
     metric: str | None = None,
     mode: str | None = None,
 ) -> CheckpointArtifact:
-    """Load the checkpoint a URI names: a ray-ckpt run (with selector), a step dir, a legacy file or mock://.
+    """Load the checkpoint a URI names: a ray-ckpt run (with selector), a step dir, a legacy file,
+    a Hugging Face model folder or its ``*.safetensors.index.json`` (all shards, as one checkpoint), or mock://.
+
+    One shard of a sharded set is refused (:class:`~ray_ckpt.legacy.PartialCheckpointError`
+    naming the index to load instead).
 
     ``metric``/``mode`` rank ``:best`` when the run recorded no ranking of its own. Pickled
     legacy files load only with ``trust_pickle=True`` (unpickling runs arbitrary code).
@@ -178,6 +202,14 @@ def load_from_uri(
                 found,
                 storage_options=storage_options,
                 trust_pickle=trust_pickle,
+                allowed_architecture_prefixes=allowed_architecture_prefixes,
+            )
+        if legacy.find_hf_folder(parsed.location, storage_options=storage_options) is not None:
+            if parsed.selector not in (None, "latest"):
+                raise ConfigError(f"{uri!r}: a Hugging Face model folder holds one checkpoint; it takes no selector")
+            return load_legacy(
+                parsed.location,
+                storage_options=storage_options,
                 allowed_architecture_prefixes=allowed_architecture_prefixes,
             )
         if not store.storage.exists(""):

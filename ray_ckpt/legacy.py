@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ray_ckpt.architecture import Architecture
+from ray_ckpt.architecture import Architecture, architecture_from_hf_config
 from ray_ckpt.errors import CorruptCheckpointError, RayCkptError
 from ray_ckpt.format import read_safetensors, read_safetensors_header
 from ray_ckpt.layout import parse_step_dir
@@ -32,6 +32,7 @@ from ray_ckpt.safejson import JsonObject
 from ray_ckpt.storage import Storage
 from ray_ckpt.uri import (
     ParsedURI,
+    is_hf_index_name,
     is_legacy_file_name,
     normalize_storage_uri,
     parse_metta_file_name,
@@ -45,6 +46,7 @@ FORMAT_PT_JSON = "pt+json"
 FORMAT_SAFETENSORS = "safetensors"
 FORMAT_PT = "pt"
 FORMAT_PICKLE = "pickle"
+FORMAT_HF = "hf"  # a Hugging Face model folder, sharded or not (see read_hf_folder)
 
 _WEIGHT_KEYS = ("state_dict", "model_state_dict", "model", "policy", "agent", "weights", "module")
 _OPTIMIZER_KEYS = ("optimizer", "optimizer_state_dict", "optimizer_state", "optim")
@@ -77,9 +79,7 @@ class LegacyCheckpoint:
 
     def copy(self) -> LegacyCheckpoint:
         """A shallow copy whose containers a caller may change without touching the cached one."""
-        return replace(
-            self, state_dict=dict(self.state_dict), metrics=dict(self.metrics), metadata=dict(self.metadata)
-        )
+        return replace(self, state_dict=dict(self.state_dict), metrics=dict(self.metrics), metadata=dict(self.metadata))
 
 
 class LRUCache:
@@ -175,7 +175,9 @@ def read_legacy(
 ) -> LegacyCheckpoint:
     """Read one legacy checkpoint file (with its companion metadata), through the LRU cache.
 
-    ``cache=False`` neither uses nor fills the cache (bulk work such as migration).
+    A directory or an index file is a Hugging Face model folder (:func:`read_hf_folder`); one
+    shard of a sharded set is refused (:func:`check_not_a_shard`). ``cache=False`` neither uses
+    nor fills the cache (bulk work such as migration).
     """
     storage, name = _split(location, storage_options)
     location = storage.url(name)
@@ -183,6 +185,10 @@ def read_legacy(
         info = storage.fs.info(storage.full_path(name))
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"{location}: no such file") from exc
+    if info.get("type") == "directory" or is_hf_index_name(name):
+        return read_hf_folder(location, storage_options=storage_options)  # many files: not cached
+    if name.endswith((".safetensors", ".bin")):
+        check_not_a_shard(location, storage_options=storage_options)
     stamp = info.get("mtime") or info.get("LastModified") or info.get("ETag") or info.get("created")
     key = (location, int(info.get("size") or 0), str(stamp), bool(trust_pickle))
     cached = _CACHE.get(key) if cache else None
@@ -387,10 +393,19 @@ def _take_module(ckpt: LegacyCheckpoint, module: torch.nn.Module) -> None:
 # ---------------------------------------------------------------------------------------------
 # Finding legacy checkpoints.
 # ---------------------------------------------------------------------------------------------
-def find_legacy_files(source: str, *, storage_options: dict[str, Any] | None = None) -> list[str]:
-    """Every legacy checkpoint file at ``source`` (a file, or a directory searched recursively).
+# What transformers.Trainer writes beside the model in a checkpoint-N folder: part of that
+# checkpoint, never a checkpoint of its own.
+HF_TRAINER_SIDE_FILES = re.compile(
+    r"^(?:optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state(?:_\d+)?\.pth|training_args\.bin)$"
+)
 
-    Companion ``.json`` files and files inside ray-ckpt step directories are skipped.
+
+def find_legacy_files(source: str, *, storage_options: dict[str, Any] | None = None) -> list[str]:
+    """Every checkpoint at ``source`` (a file, or a directory searched recursively), in order.
+
+    A Hugging Face model folder is ONE entry (its URL): its shards, index and Trainer side files
+    are never listed on their own. Companion ``.json`` files and files inside ray-ckpt step
+    directories are skipped.
     """
     location = normalize_storage_uri(source)
     storage = Storage(location, storage_options)
@@ -398,15 +413,30 @@ def find_legacy_files(source: str, *, storage_options: dict[str, Any] | None = N
         return [location]
     if not storage.fs.isdir(storage.root):
         raise FileNotFoundError(f"{location}: no such file or directory")
-    found = []
+    rels = []
     for path in sorted(storage.fs.find(storage.root)):
         rel = str(path)[len(storage.root.rstrip("/")) + 1 :]
         parts = rel.split("/")
         if any(p.startswith(".") or parse_step_dir(p) is not None for p in parts):
             continue
-        if is_legacy_file_name(parts[-1]):
-            found.append(storage.url(rel))
-    return found
+        rels.append(rel)
+    folders: dict[str, set[str]] = {}  # folder (root-relative, "" for the root) -> its files
+    for rel in rels:
+        directory, _, name = rel.rpartition("/")
+        if directory not in folders and (is_hf_index_name(name) or name in HF_SINGLE_NAMES):
+            folder = find_hf_folder(storage.url(directory) if directory else location, storage_options=storage_options)
+            if folder is not None:
+                folders[directory] = {folder.index or "", *folder.files}
+    found = {directory: storage.url(directory) if directory else location for directory in folders}
+    for rel in rels:
+        directory, _, name = rel.rpartition("/")
+        if directory in folders and (
+            name in folders[directory] or HF_TRAINER_SIDE_FILES.match(name) or _SHARD_NAME_RE.match(name)
+        ):
+            continue
+        if is_legacy_file_name(name):
+            found[rel] = storage.url(rel)
+    return [found[key] for key in sorted(found)]
 
 
 def find_metta_checkpoint(parsed: ParsedURI, *, storage_options: dict[str, Any] | None = None) -> str | None:
@@ -430,3 +460,197 @@ def find_metta_checkpoint(parsed: ParsedURI, *, storage_options: dict[str, Any] 
         return None
     version = max(candidates) if parsed.step is None else parsed.step
     return candidates.get(version)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face model folders: save_pretrained, huggingface_hub.save_torch_state_dict and DCP's
+# HuggingFaceStorageWriter all write <folder>/{model.safetensors | model-XXXXX-of-YYYYY.safetensors
+# + model.safetensors.index.json} (or pytorch_model*.bin), with config.json beside them.
+# ---------------------------------------------------------------------------------------------
+HF_INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+HF_SINGLE_NAMES = ("model.safetensors", "pytorch_model.bin")
+HF_TRAINER_STATE = "trainer_state.json"  # transformers.Trainer's checkpoint-N folders
+_SHARD_NAME_RE = re.compile(r"^(?P<prefix>.+?)-\d{5}-of-(?P<count>\d{5})\.(?P<ext>safetensors|bin)$")
+_INDEX_METADATA_KEYS = ("total_size", "total_parameters")
+
+
+class PartialCheckpointError(LegacyFormatError):
+    """A URI names one shard of a sharded checkpoint; the message names the index to load instead."""
+
+
+@dataclass
+class HFFolder:
+    """A Hugging Face model folder found on storage: its weight files and (sharded) its index."""
+
+    location: str  # the folder's URL
+    index: str | None  # the index file's name, None for a single weights file
+    files: list[str]  # the weight files' names
+    sizes: dict[str, int] = field(default_factory=dict)  # every file directly in the folder
+
+    @property
+    def total_size(self) -> int:
+        return sum(self.sizes.get(name, 0) for name in self.files)
+
+
+def _read_index(storage: Storage, name: str) -> tuple[dict[str, str], dict[str, str]]:
+    """(weight_map, aliases) of an index file; CorruptCheckpointError naming the file if malformed.
+
+    ``aliases`` come from ``huggingface_hub``'s shared-tensor records in the index metadata
+    (``{"dropped.name": "kept.name"}``); every file named must be a plain name beside the index.
+    """
+    where = storage.url(name)
+    doc = JsonObject.parse(storage.read_bytes(name), name=where)
+    weight_map = doc.dict("weight_map")
+    for key, fname in weight_map.items():
+        if not isinstance(fname, str) or "/" in fname or "\\" in fname or fname in ("", ".", ".."):
+            raise doc.error("weight_map", f"{key!r}: {str(fname)[:80]!r} is not a file name beside the index")
+        if not fname.endswith((".safetensors", ".bin")):
+            raise doc.error("weight_map", f"{key!r}: {fname[:80]!r} is not a .safetensors or .bin file")
+    metadata = doc.obj("metadata", {})
+    aliases = {
+        k: v
+        for k, v in metadata.items()
+        if k not in _INDEX_METADATA_KEYS and isinstance(v, str) and v in weight_map and k not in weight_map
+    }
+    return weight_map, aliases
+
+
+def find_hf_folder(location: str, *, storage_options: dict[str, Any] | None = None) -> HFFolder | None:
+    """The Hugging Face model folder at ``location`` (a directory URL), or None when it is none.
+
+    An index (``model.safetensors.index.json``, or another ``*.safetensors.index.json`` /
+    ``*.bin.index.json``) makes it a sharded folder; else ``model.safetensors`` or
+    ``pytorch_model.bin`` a single-file one. One listing of the directory.
+    """
+    location = normalize_storage_uri(location.rstrip("/"))
+    storage = Storage(location, storage_options)
+    sizes = storage.file_sizes("")
+    if not sizes:
+        return None
+    indexes = [n for n in HF_INDEX_NAMES if n in sizes] or sorted(n for n in sizes if is_hf_index_name(n))
+    if indexes:
+        weight_map, _ = _read_index(storage, indexes[0])
+        return HFFolder(location, indexes[0], sorted(set(weight_map.values())), sizes)
+    for name in HF_SINGLE_NAMES:
+        if name in sizes:
+            return HFFolder(location, None, [name], sizes)
+    return None
+
+
+def check_not_a_shard(location: str, *, storage_options: dict[str, Any] | None = None) -> None:
+    """Refuse one shard of a sharded set (PartialCheckpointError naming the index to load instead).
+
+    A shard is a file named ``<prefix>-XXXXX-of-YYYYY.safetensors`` (YYYYY > 1), or one that an
+    index beside it lists. Loading it alone would silently give a part of the model.
+    """
+    storage, name = _split(location, storage_options)
+    sizes = storage.file_sizes("")
+    for index in [n for n in HF_INDEX_NAMES if n in sizes] + sorted(
+        n for n in sizes if is_hf_index_name(n) and n not in HF_INDEX_NAMES
+    ):
+        weight_map, _ = _read_index(storage, index)
+        files = set(weight_map.values())
+        if name in files and len(files) > 1:
+            raise PartialCheckpointError(
+                f"{location}: one shard of {len(files)} listed in {storage.url(index)}; load the whole "
+                f"checkpoint through the index ({storage.url(index)}) or its folder ({storage.url('')})"
+            )
+    match = _SHARD_NAME_RE.match(name)
+    if match and int(match.group("count")) > 1:
+        index = f"{match.group('prefix')}.{match.group('ext')}.index.json"
+        raise PartialCheckpointError(
+            f"{location}: named as one shard of {int(match.group('count'))}, and no index beside it lists "
+            f"it; load the whole checkpoint through its index ({storage.url(index)})"
+        )
+
+
+def read_hf_folder(location: str, *, storage_options: dict[str, Any] | None = None) -> LegacyCheckpoint:
+    """A Hugging Face model folder (or its index file) as one checkpoint: every shard via the index.
+
+    Tensors are checked against the index (each listed tensor in its file, no file outside the
+    folder); ``config.json`` gives the architecture (``transformers.<Class>``, its config class),
+    ``generation_config.json`` is kept with it, and a Trainer's ``trainer_state.json`` gives the
+    step. Every JSON file and header goes through :mod:`ray_ckpt.safejson` (damage raises
+    CorruptCheckpointError naming the file).
+    """
+    location = normalize_storage_uri(location.rstrip("/"))
+    _, name = _split(location, storage_options)
+    if is_hf_index_name(name):
+        folder_location = location.rpartition("/")[0]
+        storage = Storage(folder_location, storage_options)
+        weight_map, aliases = _read_index(storage, name)
+        index: str | None = name
+    else:
+        folder_location = location
+        storage = Storage(folder_location, storage_options)
+        folder = find_hf_folder(folder_location, storage_options=storage_options)
+        if folder is None:
+            raise LegacyFormatError(
+                f"{location}: not a Hugging Face model folder (no {' / '.join(HF_INDEX_NAMES + HF_SINGLE_NAMES)})"
+            )
+        index = folder.index
+        weight_map, aliases = _read_index(storage, index) if index is not None else ({}, {})
+    files: list[str] = [] if index is not None else folder.files
+    tensors: dict[str, torch.Tensor] = {}
+    metadata: dict[str, Any] = {"legacy_format": FORMAT_HF, "source": location}
+    by_file: dict[str, list[str]] = {}
+    if index is not None:
+        for key, fname in weight_map.items():
+            by_file.setdefault(fname, []).append(key)
+        files = sorted(by_file)
+        metadata["hf_index"] = index
+    for fname in files:
+        loaded, file_meta = _read_weights_file(storage, fname)
+        wanted = by_file[fname] if index is not None else list(loaded)
+        missing = [k for k in wanted if k not in loaded]
+        if missing:
+            raise CorruptCheckpointError(
+                f"{storage.url(fname)}: missing tensors {missing[:5]} listed in {index}", path=storage.url(fname)
+            )
+        tensors.update({k: loaded[k] for k in wanted})
+        if index is None:
+            aliases = {k: v for k, v in file_meta.items() if k != "format" and v in loaded and k not in loaded}
+    for alias, target in aliases.items():
+        tensors.setdefault(alias, tensors[target])
+    if not tensors:
+        raise LegacyFormatError(f"{location}: holds no tensors")
+    config = _read_json(storage, "config.json")
+    generation = _read_json(storage, "generation_config.json")
+    trainer = _read_json(storage, HF_TRAINER_STATE)
+    folder_name = folder_location.rstrip("/").rpartition("/")[2]
+    parent = Storage(folder_location.rpartition("/")[0] or "/", storage_options)
+    explicit_step = trainer.get("global_step") if trainer else None
+    run, step = _run_and_step(folder_name, parent, None, explicit_step)
+    ckpt = LegacyCheckpoint(location, FORMAT_HF, run, step, tensors, {}, metadata)
+    if config is not None:
+        ckpt.architecture = architecture_from_hf_config(config, generation, name=storage.url("config.json"))
+        if ckpt.architecture is None:
+            metadata["hf_config"] = config
+    if trainer:
+        history = trainer.get("log_history")
+        if isinstance(history, list):
+            for entry in history:
+                if isinstance(entry, Mapping):
+                    ckpt.metrics.update({k: v for k, v in numeric_leaves(entry).items() if k != "step"})
+    return ckpt
+
+
+def _read_weights_file(storage: Storage, name: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, safetensors metadata) of one weights file of a folder (``.bin``: weights-only load)."""
+    where = storage.url(name)
+    try:
+        if name.endswith(".safetensors"):
+            size = storage.size(name)
+            with storage.open_read(name) as f:
+                header = read_safetensors_header(f, name=where, file_size=size)
+                f.seek(0)
+                return read_safetensors(f, name=where, file_size=size), dict(header.metadata)
+        try:
+            loaded = _torch_load(storage, name, where, weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+            raise _unreadable(where, exc) from exc
+    except FileNotFoundError as exc:
+        raise CorruptCheckpointError(f"{where}: missing (listed in the folder's index)", path=where) from exc
+    if not _is_tensor_mapping(loaded):
+        raise CorruptCheckpointError(f"{where}: not a state dict of tensors", path=where)
+    return dict(loaded), {}

@@ -1,8 +1,12 @@
-"""Migration of legacy checkpoint files into the ray-ckpt layout, one run per run name.
+"""Migration of legacy checkpoints into the ray-ckpt layout, one run per run name.
 
-Every checkpoint is written by :meth:`CheckpointStore.save` (same format, commit protocol and
-checksums as any other save). Re-running is safe: a step already committed with the same
-tensors and metrics is skipped; a different one is a conflict unless ``replace=True``.
+A legacy checkpoint is a file (see :mod:`ray_ckpt.legacy`) or a Hugging Face model folder
+(``save_pretrained``, ``huggingface_hub.save_torch_state_dict``, DCP's HuggingFaceStorageWriter),
+which is always ONE checkpoint, however many shards it has. :func:`import_checkpoint` imports
+one of them as a given step of a given run (``ray-ckpt import``). Every checkpoint is written
+by :meth:`CheckpointStore.save` (same format, commit protocol and checksums as any other save).
+Re-running is safe: a step already committed with the same tensors
+and metrics is skipped; a different one is a conflict unless ``replace=True``.
 """
 
 from __future__ import annotations
@@ -14,10 +18,13 @@ from typing import Any
 
 import torch
 
-from ray_ckpt.errors import ArchitectureNotAllowedError, CorruptCheckpointError
+from ray_ckpt.errors import ArchitectureNotAllowedError, ConfigError, CorruptCheckpointError
 from ray_ckpt.format import to_buffer
-from ray_ckpt.legacy import LegacyCheckpoint, find_legacy_files, read_legacy
+from ray_ckpt.layout import validate_step
+from ray_ckpt.legacy import LegacyCheckpoint, find_hf_folder, find_legacy_files, read_legacy
+from ray_ckpt.storage import Storage
 from ray_ckpt.store import CheckpointStore
+from ray_ckpt.uri import parse_uri
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +47,7 @@ class MigrationItem:
     step: int | None = None
     format: str | None = None
     detail: str = ""
+    nbytes: int = 0  # bytes of the source read (for progress)
 
     @property
     def ok(self) -> bool:
@@ -53,6 +61,7 @@ class MigrationItem:
             "step": self.step,
             "format": self.format,
             "detail": self.detail,
+            "nbytes": self.nbytes,
         }
 
 
@@ -74,6 +83,23 @@ class MigrationReport:
         return out
 
 
+def plan_migration(source: str, *, storage_options: dict[str, Any] | None = None) -> list[tuple[str, int]]:
+    """Every checkpoint under ``source`` (a file or a Hugging Face folder each) with its size in bytes."""
+    plan = []
+    for location in find_legacy_files(source, storage_options=storage_options):
+        folder = find_hf_folder(location, storage_options=storage_options)
+        if folder is not None:
+            plan.append((location, folder.total_size))
+            continue
+        parent, _, name = location.rpartition("/")
+        try:
+            size = Storage(parent, storage_options).size(name)
+        except (FileNotFoundError, OSError):
+            size = 0
+        plan.append((location, size))
+    return plan
+
+
 def migrate(
     source: str,
     destination: str,
@@ -84,11 +110,14 @@ def migrate(
     storage_options: dict[str, Any] | None = None,
     on_item: Callable[[MigrationItem], None] | None = None,
     allowed_architecture_prefixes: list[str] | None = None,
+    on_plan: Callable[[list[tuple[str, int]]], None] | None = None,
 ) -> MigrationReport:
     """Migrate a legacy file or directory into runs under ``destination`` (a storage URI).
 
-    ``dry_run`` reads and compares but writes nothing. ``on_item`` is called after each file
-    (for progress output). A bad file is reported and skipped; the others still migrate.
+    A Hugging Face model folder anywhere under ``source`` is one checkpoint (never one per
+    shard). ``dry_run`` reads and compares but writes nothing. ``on_plan`` gets the
+    ``(location, bytes)`` of every checkpoint found before any is read, ``on_item`` each outcome
+    (for progress output). A bad checkpoint is reported and skipped; the others still migrate.
     A pickled model's class is recorded in ``model_architecture.json`` only when it is allowed
     by ``allowed_architecture_prefixes`` (None: ``torch.nn``, ``transformers`` and the modules
     trusted in this process; a class from a pickle is never trusted by itself) and rebuilds the
@@ -96,9 +125,11 @@ def migrate(
     """
     report = MigrationReport()
     stores: dict[str, CheckpointStore] = {}
-    files = find_legacy_files(source, storage_options=storage_options)
-    logger.info("migrate: %d legacy checkpoint files under %s", len(files), source)
-    for location in files:
+    plan = plan_migration(source, storage_options=storage_options)
+    logger.info("migrate: %d legacy checkpoints under %s", len(plan), source)
+    if on_plan is not None:
+        on_plan(plan)
+    for location, nbytes in plan:
         try:
             ckpt = read_legacy(location, storage_options=storage_options, trust_pickle=trust_pickle, cache=False)
             item = _migrate_one(
@@ -112,11 +143,56 @@ def migrate(
             )
         except Exception as exc:  # one bad file must not stop the others; it is reported
             item = MigrationItem(location, FAILED, detail=f"{type(exc).__name__}: {exc}")
+        item.nbytes = nbytes
         logger.info("migrate: %s -> %s %s/%s %s", item.source, item.action, item.run_name, item.step, item.detail)
         report.items.append(item)
         if on_item is not None:
             on_item(item)
     return report
+
+
+def import_checkpoint(
+    source: str,
+    run_uri: str,
+    *,
+    step: int | None = None,
+    dry_run: bool = False,
+    replace: bool = False,
+    trust_pickle: bool = False,
+    storage_options: dict[str, Any] | None = None,
+    allowed_architecture_prefixes: list[str] | None = None,
+) -> MigrationItem:
+    """Import ONE checkpoint (a Hugging Face model folder or its index, or a legacy file) as a
+    committed step of the run ``run_uri`` (``<storage>/<run_name>``, no selector).
+
+    ``step`` defaults to what the source records (a Trainer's ``global_step``, a number in its
+    name, else 0). Same machinery as :func:`migrate` (skip when identical, conflict unless
+    ``replace``); a source that cannot be read raises (e.g. one shard of a sharded set).
+    """
+    parsed = parse_uri(run_uri)
+    if parsed.kind != "run" or parsed.selector is not None:
+        raise ConfigError(f"{run_uri!r}: expected a run URI (<storage>/<run_name>) without a selector")
+    ckpt = read_legacy(source, storage_options=storage_options, trust_pickle=trust_pickle, cache=False)
+    ckpt.run_name = parsed.run_name
+    if step is not None:
+        ckpt.step = validate_step(step)
+    folder = find_hf_folder(ckpt.location, storage_options=storage_options) if ckpt.format == "hf" else None
+    item = _migrate_one(
+        ckpt,
+        parsed.storage_uri,
+        {},
+        dry_run=dry_run,
+        replace=replace,
+        storage_options=storage_options,
+        allowed_architecture_prefixes=allowed_architecture_prefixes,
+    )
+    item.nbytes = folder.total_size if folder is not None else sum(_nbytes(v) for v in ckpt.state_dict.values())
+    logger.info("import: %s -> %s %s/%s %s", item.source, item.action, item.run_name, item.step, item.detail)
+    return item
+
+
+def _nbytes(value: Any) -> int:
+    return value.numel() * value.element_size() if isinstance(value, torch.Tensor) else 0
 
 
 def _migrate_one(
@@ -153,14 +229,12 @@ def _migrate_one(
     if ckpt.architecture is not None:
         why_not = _why_not_rebuilt(ckpt, allowed_architecture_prefixes)
         if why_not is None:
-            store.write_architecture(ckpt.architecture.class_path, ckpt.architecture.config)
+            store.write_architecture(ckpt.architecture)  # the Architecture itself: its config class too
         else:
             metadata["model_class"] = ckpt.architecture.class_path
             item.detail = f"model_architecture.json not written ({why_not}); "
     try:
-        info = store.save(
-            ckpt.step, ckpt.state_dict, ckpt.metrics, ckpt.trainer_state, metadata, overwrite=True
-        )
+        info = store.save(ckpt.step, ckpt.state_dict, ckpt.metrics, ckpt.trainer_state, metadata, overwrite=True)
     except TypeError as exc:
         if ckpt.trainer_state is None:
             raise
@@ -177,24 +251,39 @@ def _why_not_rebuilt(ckpt: LegacyCheckpoint, allowed_architecture_prefixes: list
     A pickled module says its class but not its constructor arguments; recording an
     architecture that builds a differently shaped model would break ``instantiate`` later. The
     class is built under the allow-list rules of :mod:`ray_ckpt.architecture` (nothing outside
-    it is imported or called).
+    it is imported or called), on the meta device where it can (no memory for the weights). A
+    Hugging Face model (a config class) may leave out tied weights and be stored in another
+    dtype than it builds in: its shapes must match, its keys be a subset of the model's.
     """
     assert ckpt.architecture is not None
     unknown_args = "the class's constructor arguments are unknown"
+    hf = ckpt.architecture.config_class is not None
     try:
-        built = ckpt.architecture.build(allowed_architecture_prefixes).state_dict()
+        ckpt.architecture.resolve(allowed_architecture_prefixes)
     except (ArchitectureNotAllowedError, CorruptCheckpointError) as exc:
         logger.info("%s: %s not rebuilt: %s", ckpt.location, ckpt.architecture.class_path, exc)
         return (
             f"{ckpt.architecture.class_path} is not an allowed architecture; opt its prefix in with "
             "allowed_architecture_prefixes (CLI: --allow-architecture)"
         )
+    try:
+        try:
+            with torch.device("meta"):
+                built = ckpt.architecture.build(allowed_architecture_prefixes).state_dict()
+        except (ArchitectureNotAllowedError, CorruptCheckpointError):
+            raise
+        except Exception:  # a constructor that cannot run on meta: build it for real
+            built = ckpt.architecture.build(allowed_architecture_prefixes).state_dict()
     except Exception as exc:  # any constructor failure means it cannot be rebuilt
         logger.info("%s: %s does not rebuild: %s", ckpt.location, ckpt.architecture.class_path, exc)
         return unknown_args
-    same = set(built) == set(ckpt.state_dict) and all(
-        tuple(built[k].shape) == tuple(ckpt.state_dict[k].shape) and built[k].dtype == ckpt.state_dict[k].dtype
-        for k in built
+    theirs = ckpt.state_dict
+    keys_fit = set(theirs) <= set(built) if hf else set(built) == set(theirs)
+    same = keys_fit and all(
+        isinstance(theirs[k], torch.Tensor)
+        and tuple(built[k].shape) == tuple(theirs[k].shape)
+        and (hf or built[k].dtype == theirs[k].dtype)
+        for k in theirs
     )
     return None if same else unknown_args
 

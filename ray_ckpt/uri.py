@@ -56,6 +56,7 @@ def normalize_storage_uri(uri: str) -> str:
 # ---------------------------------------------------------------------------------------------
 MOCK_SCHEME = "mock"
 LEGACY_EXTENSIONS = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
+HF_INDEX_SUFFIXES = (".safetensors.index.json", ".bin.index.json")  # a Hugging Face weights index
 _METTA_FILE_RE = re.compile(r"^(?P<run>.+):v(?P<version>\d+)\.(?:pt|pth|mpt)$")
 
 
@@ -63,9 +64,11 @@ _METTA_FILE_RE = re.compile(r"^(?P<run>.+):v(?P<version>\d+)\.(?:pt|pth|mpt)$")
 class ParsedURI:
     """A checkpoint URI taken apart.
 
-    ``kind`` is ``"run"`` (a run directory, optionally with a selector), ``"step"`` (a step
-    directory ``.../<run>/checkpoints/step_N``), ``"file"`` (a single legacy checkpoint file) or
-    ``"mock"``. ``selector`` is ``"latest"``, ``"best"``, a step number, or None when absent.
+    ``kind`` is ``"run"`` (a run directory, optionally with a selector, or any other directory
+    such as a Hugging Face model folder), ``"step"`` (a step directory
+    ``.../<run>/checkpoints/step_N``), ``"file"`` (a single legacy checkpoint file, or a Hugging
+    Face ``*.safetensors.index.json`` naming a sharded folder) or ``"mock"``. ``selector`` is
+    ``"latest"``, ``"best"``, a step number, or None when absent.
     """
 
     kind: str
@@ -106,6 +109,16 @@ def is_legacy_file_name(name: str) -> bool:
     return name.lower().endswith(LEGACY_EXTENSIONS)
 
 
+def is_hf_index_name(name: str) -> bool:
+    """Whether a file name is a Hugging Face weights index (``*.safetensors.index.json``, ``*.bin.index.json``)."""
+    return name.endswith(HF_INDEX_SUFFIXES)
+
+
+def is_checkpoint_file_name(name: str) -> bool:
+    """Whether a URI's last component names a checkpoint file: a legacy file or an HF index."""
+    return is_legacy_file_name(name) or is_hf_index_name(name)
+
+
 def parse_metta_file_name(name: str) -> tuple[str, int] | None:
     """``run_name:vN.pt`` -> ``(run_name, N)``; None for any other name."""
     match = _METTA_FILE_RE.match(name)
@@ -135,7 +148,7 @@ def parse_uri(uri: str) -> ParsedURI:
     if not last:
         raise ConfigError(f"{uri!r}: no run name (expected <storage>/<run_name>[:selector])")
     selector: str | int | None = None
-    if ":" in last and not is_legacy_file_name(last):
+    if ":" in last and not is_checkpoint_file_name(last):
         last, _, sel = last.rpartition(":")
         selector = _parse_selector(sel, uri)
     prefix = f"{scheme}://" if "://" in uri else ""
@@ -143,11 +156,14 @@ def parse_uri(uri: str) -> ParsedURI:
         raise ConfigError(f"{uri!r}: no run name (expected {scheme}://<bucket>/[<prefix>/]<run_name>[:selector])")
     location = normalize_storage_uri(f"{prefix}{head}/{last}" if head or prefix else last)
     parent, _, name = location.rpartition("/")
-    if is_legacy_file_name(name):
+    if is_checkpoint_file_name(name):
         metta = parse_metta_file_name(name)
         if selector is not None:
             raise ConfigError(f"{uri!r}: a selector applies to a run, not to the file {name!r}")
-        run_name = metta[0] if metta else name.rsplit(".", 1)[0]
+        if is_hf_index_name(name):  # the index names its folder's checkpoint
+            run_name = parent.rpartition("/")[2] or name.split(".", 1)[0]
+        else:
+            run_name = metta[0] if metta else name.rsplit(".", 1)[0]
         return ParsedURI("file", scheme, location, parent, run_name, metta[1] if metta else None)
     step = parse_step_dir(name)
     grand, _, checkpoints = parent.rpartition("/")

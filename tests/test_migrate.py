@@ -13,6 +13,7 @@ import ray_ckpt
 from ray_ckpt import CheckpointStore
 from ray_ckpt.migrate import CONFLICT, FAILED, MIGRATED, REPLACED, SKIPPED, WOULD_MIGRATE, WOULD_REPLACE, migrate
 from ray_ckpt.mock_models import TinyPolicy
+from tests.models import TinyMLP
 
 
 def _weights(seed: int) -> dict[str, torch.Tensor]:
@@ -115,19 +116,24 @@ def test_bad_files_are_reported_and_others_migrate(tmp_path: Path) -> None:
     assert not report.ok
 
     torch.save(TinyPolicy(), src / "default:v1.pt")
+    torch.save(TinyMLP(d_in=3, hidden=5, d_out=2), src / "mlp:v2.pt")
     # a class from a pickle is trusted by nothing: its module is opted in explicitly
-    allowed = ["ray_ckpt.mock_models"]
+    allowed = ["ray_ckpt.mock_models", "tests.models"]
     trusted = migrate(str(src), str(dst), trust_pickle=True, allowed_architecture_prefixes=allowed)
     actions = _actions(trusted)
     assert actions["whole:v3.pt"] == MIGRATED and actions["default:v1.pt"] == MIGRATED
     # architecture written by migrate
     model = ray_ckpt.load_from_uri(f"{dst}/default:v1", allowed_architecture_prefixes=allowed).instantiate()
     assert isinstance(model, TinyPolicy)
-    # TinyPolicy(obs_dim=5): the class alone would rebuild the wrong shapes, so no architecture is recorded
-    whole = ray_ckpt.load_from_uri(f"{dst}/whole:v3")
-    assert whole.architecture is None and whole.metadata["model_class"] == "ray_ckpt.mock_models.TinyPolicy"
-    assert whole.state_dict["body.weight"].shape == (8, 5)
-    assert "constructor arguments" in next(i.detail for i in trusted.items if i.source.endswith("whole:v3.pt"))
+    # TinyPolicy(obs_dim=5) keeps obs_dim as an attribute: its constructor argument is read back
+    whole = ray_ckpt.load_from_uri(f"{dst}/whole:v3", allowed_architecture_prefixes=allowed)
+    assert whole.architecture is not None and whole.architecture.config == {"obs_dim": 5}
+    assert whole.instantiate().body.weight.shape == (8, 5)
+    # TinyMLP(3, 5, 2) keeps none: the class alone would rebuild the wrong shapes, so none is recorded
+    mlp = ray_ckpt.load_from_uri(f"{dst}/mlp:v2")
+    assert mlp.architecture is None and mlp.metadata["model_class"] == "tests.models.TinyMLP"
+    assert mlp.state_dict["fc1.weight"].shape == (5, 3)
+    assert "constructor arguments" in next(i.detail for i in trusted.items if i.source.endswith("mlp:v2.pt"))
 
 
 def test_trainer_state_is_carried_over(tmp_path: Path) -> None:
