@@ -17,6 +17,15 @@ Starting a checkpointer *inside* a Tune trial: pass ``scheduling_strategy="DEFAU
 captures child actors into the trial's placement group and kills them when it removes that group
 on a trial stop or failure) and ``detached=True`` if it must survive trial restarts (then shut it
 down when the experiment ends). A checkpointer started by the driver needs neither.
+
+One truth for retention (docs/RAY.md): a step that Ray still references is never deleted by
+ray-ckpt. ``report`` leases the step it hands Ray (before Ray sees the pointer) and, after each
+report, releases the leases of steps whose pointer Ray has deleted from its storage (its own
+``CheckpointConfig(num_to_keep=...)`` at work). Storage therefore holds the union of what ray-ckpt's
+rules keep and what Ray's ``Result.checkpoint``, ``best_checkpoints`` and PBT donors name.
+``get_checkpoint(config)`` is ``ray.train.get_checkpoint()`` / ``ray.tune.get_checkpoint()`` that
+also resumes from the run's latest committed step when Ray has none (a re-``fit()`` under a new
+trial, ``Trainer.restore``) or names an older step of the same run.
 """
 
 from __future__ import annotations
@@ -26,11 +35,13 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
+import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
-from ray_ckpt.config import CheckpointConfig
-from ray_ckpt.errors import CorruptCheckpointError
+from ray_ckpt.config import CheckpointConfig, retention_from_ray
+from ray_ckpt.errors import CheckpointNotFoundError, CorruptCheckpointError
 from ray_ckpt.index import CheckpointInfo
 from ray_ckpt.safejson import parse_json
 from ray_ckpt.store import CheckpointStore
@@ -44,6 +55,33 @@ logger = logging.getLogger(__name__)
 POINTER_FILE = "ray_ckpt_pointer.json"
 POINTER_FORMAT = "ray-ckpt-pointer"
 POINTER_VERSION = 1
+
+# Leases that keep the steps Ray references: their holder names the Ray directory of the pointers.
+RAY_HOLDER_PREFIX = "ray-pointers:"
+# Lifetime of such a lease; every report (and get_checkpoint) renews the ones past half of it, so
+# only an experiment nobody runs for this long loses its protection (release_unreferenced ends it).
+RAY_LEASE_TTL_S = 30 * 24 * 3600.0
+# A lease load_from_ray_checkpoint holds while it reads a step (a PBT donor may move on meanwhile).
+LOAD_LEASE_TTL_S = 600.0
+
+__all__ = [
+    "LOAD_LEASE_TTL_S",
+    "POINTER_FILE",
+    "RAY_HOLDER_PREFIX",
+    "RAY_LEASE_TTL_S",
+    "get_checkpoint",
+    "load_from_ray_checkpoint",
+    "pointer_dict",
+    "ray_checkpoint_config",
+    "read_pointer",
+    "release_unreferenced",
+    "report",
+    "resume_step",
+    "retention_from_ray",
+    "store_from_pointer",
+    "to_ray_checkpoint",
+    "write_pointer",
+]
 
 Target = Literal["auto", "tune", "train"]
 
@@ -169,6 +207,11 @@ def read_pointer(checkpoint: Any) -> dict[str, Any]:
                 raw = f.read()
     except FileNotFoundError as exc:
         raise ValueError(f"{name}: not a ray-ckpt pointer checkpoint (no {POINTER_FILE})") from exc
+    return _parse_pointer(raw, name)
+
+
+def _parse_pointer(raw: bytes, name: Any) -> dict[str, Any]:
+    """Validate the bytes of a pointer file (``name`` says where it came from)."""
     try:
         pointer = parse_json(raw, name=f"{name}/{POINTER_FILE}")
     except CorruptCheckpointError as exc:
@@ -208,12 +251,38 @@ def load_from_ray_checkpoint(
     if expected and expected != store.step_uri(step):
         logger.warning(
             "pointer names %s but its run resolves step %d to %s; loading the latter",
-            expected, step, store.step_uri(step),
+            expected,
+            step,
+            store.step_uri(step),
         )
-    state = store.load(step)
-    trainer_state = store.load_trainer_state(step)
+    lease_id = _lease_for_load(store, step, pointer)
+    try:
+        state = store.load(step)
+        trainer_state = store.load_trainer_state(step)
+    finally:
+        if lease_id is not None:
+            store.release_lease(step, lease_id)
     logger.info("loaded step %d of run %s from a Ray pointer checkpoint", step, pointer["run_name"])
     return step, state, trainer_state
+
+
+def _lease_for_load(store: CheckpointStore, step: int, pointer: Mapping[str, Any]) -> str | None:
+    """Lease the step a pointer names while it is read; a clear error when it is gone.
+
+    A storage the reader may not write to (a read-only bucket) is read without a lease.
+    """
+    try:
+        return store.acquire_lease(step, LOAD_LEASE_TTL_S, holder="load_from_ray_checkpoint")
+    except CheckpointNotFoundError as exc:
+        raise CheckpointNotFoundError(
+            f"the Ray checkpoint names step {step} of run {pointer['run_name']!r} "
+            f"({pointer.get('uri') or store.step_uri(step)}), which that run no longer holds: {exc}. "
+            "Steps that Ray references are leased by ray_ckpt.integrations.report; was this pointer "
+            "reported another way, or its lease released?"
+        ) from exc
+    except OSError as exc:
+        logger.debug("could not lease step %d of %s for loading (%s); reading without a lease", step, store, exc)
+        return None
 
 
 def resume_step(config: CheckpointConfig, restored_step: int | None) -> int:
@@ -276,12 +345,314 @@ def _resolve_target(target: Target, *, strict: bool = True) -> str:
     return "train"
 
 
+# -- one truth for retention: leases on the steps Ray references ---------------------------------
+def _same_run(pointer: Mapping[str, Any], config: CheckpointConfig) -> bool:
+    """Whether a pointer names a step of ``config``'s run."""
+    try:
+        same_root = normalize_storage_uri(str(pointer.get("storage_uri"))) == normalize_storage_uri(config.storage_uri)
+    except Exception:
+        return False
+    return same_root and pointer.get("run_name") == config.run_name
+
+
+def _location_uri(filesystem: Any, path: str) -> str:
+    """A URI for a directory on a pyarrow filesystem (what a lease's holder records)."""
+    kind = getattr(filesystem, "type_name", "local")
+    if kind == "local":
+        return path
+    scheme = {"gcs": "gs"}.get(kind, kind)
+    return f"{scheme}://{path.lstrip('/')}"
+
+
+def _ray_pointer_location() -> tuple[Any, str] | None:
+    """``(filesystem, directory)`` where Ray persists this process's reported checkpoints, if any.
+
+    Train V2: the run's experiment directory; Train V1 and Tune: the trial directory.
+    """
+    try:
+        from ray.train.v2._internal.util import _in_ray_train_worker
+
+        if _in_ray_train_worker():
+            from ray.train.v2._internal.execution.context import get_train_context
+
+            storage = get_train_context().get_storage()
+            return storage.storage_filesystem, storage.experiment_fs_path
+    except Exception as exc:  # not a V2 worker, or a Ray without these internals
+        logger.debug("no Ray Train V2 storage context: %s", exc)
+    try:
+        from ray.train._internal.session import get_session
+
+        session = get_session()
+        storage = getattr(session, "storage", None) if session is not None else None
+        if storage is not None:
+            return storage.storage_filesystem, storage.trial_fs_path
+    except Exception as exc:
+        logger.debug("no Ray Train V1 / Tune storage context: %s", exc)
+    return None
+
+
+def _pointer_steps(
+    filesystem: Any, directory: str, config: CheckpointConfig, cache: dict[str, int | None] | None = None
+) -> set[int]:
+    """Steps of ``config``'s run named by the pointer checkpoints Ray holds in ``directory``.
+
+    One listing; each pointer is read once (``cache``: Ray never rewrites a checkpoint directory).
+    A directory without a readable pointer yet (an upload in flight) is read again next time.
+    """
+    from pyarrow.fs import FileSelector, FileType
+
+    cache = {} if cache is None else cache
+    steps: set[int] = set()
+    for entry in filesystem.get_file_info(FileSelector(directory, allow_not_found=True)):
+        if entry.type != FileType.Directory or not entry.base_name.startswith("checkpoint_"):
+            continue
+        if entry.path not in cache:
+            try:
+                with filesystem.open_input_file(f"{entry.path}/{POINTER_FILE}") as f:
+                    pointer = _parse_pointer(f.readall(), entry.path)
+            except (FileNotFoundError, ValueError, OSError) as exc:
+                logger.debug("%s: no ray-ckpt pointer (yet): %s", entry.path, exc)
+                continue
+            cache[entry.path] = int(pointer["step"]) if _same_run(pointer, config) else None
+        step = cache[entry.path]
+        if step is not None:
+            steps.add(step)
+    return steps
+
+
+class _RayProtection:
+    """The leases that keep the steps of one run which one Ray directory's pointers name.
+
+    ``protect(step)`` leases a step before Ray is handed its pointer; ``reconcile()`` lists the
+    pointers Ray still holds, leases any it names that lack a lease, renews leases past half their
+    life, and releases the leases of steps no pointer names any more (Ray deleted them by its own
+    retention). A step reported here whose pointer has not shown up yet (an upload in flight) is
+    never released.
+    """
+
+    def __init__(self, config: CheckpointConfig, filesystem: Any, directory: str) -> None:
+        self.config = config
+        self.filesystem = filesystem
+        self.directory = directory
+        self.holder = RAY_HOLDER_PREFIX + _location_uri(filesystem, directory)
+        self.store = CheckpointStore(config=config)
+        self.leases: dict[int, tuple[str, float]] = {}  # step -> (lease id, expiry)
+        for record in self.store.active_leases():
+            if record["holder"] == self.holder and record["step"] not in self.leases:
+                self.leases[record["step"]] = (record["lease_id"], record["expires"])
+        self.pending: set[int] = set()
+        self._pointers: dict[str, int | None] = {}
+        self._lock = threading.Lock()
+
+    def _acquire(self, step: int) -> None:
+        lease_id = self.store.acquire_lease(step, RAY_LEASE_TTL_S, holder=self.holder)
+        self.leases[step] = (lease_id, time.time() + RAY_LEASE_TTL_S)
+
+    def protect(self, step: int) -> None:
+        """Lease ``step`` (a CheckpointNotFoundError if retention already deleted it)."""
+        with self._lock:
+            if step not in self.leases:
+                try:
+                    self._acquire(step)
+                except CheckpointNotFoundError as exc:
+                    raise CheckpointNotFoundError(
+                        f"step {step} of run {self.config.run_name!r} was deleted before it was reported to Ray "
+                        f"({exc}); report each step before ray-ckpt's retention can drop it (keep_last_n larger "
+                        "than the saves in flight), or pass a newer step"
+                    ) from exc
+            self.pending.add(step)
+
+    def reconcile(self) -> list[int]:
+        """Match the leases to the pointers Ray holds now; returns the steps released."""
+        with self._lock:
+            referenced = _pointer_steps(self.filesystem, self.directory, self.config, self._pointers)
+            self.pending -= referenced
+            now = time.time()
+            for step in sorted(referenced):
+                lease = self.leases.get(step)
+                if lease is None:
+                    try:
+                        self._acquire(step)
+                    except CheckpointNotFoundError as exc:
+                        logger.warning(
+                            "Ray references step %d of run %s, which is gone: %s", step, self.config.run_name, exc
+                        )
+                elif lease[1] - now < RAY_LEASE_TTL_S / 2:
+                    self.store.renew_lease(step, lease[0], RAY_LEASE_TTL_S, holder=self.holder)
+                    self.leases[step] = (lease[0], now + RAY_LEASE_TTL_S)
+            released = sorted(s for s in self.leases if s not in referenced and s not in self.pending)
+            for step in released:
+                self.store.release_lease(step, self.leases.pop(step)[0])
+        if released:
+            logger.info(
+                "run %s: Ray no longer references steps %s; their leases are released (retention may delete them)",
+                self.config.run_name,
+                released,
+            )
+        return released
+
+
+_PROTECTIONS: dict[tuple[str, str, str], _RayProtection] = {}
+_PROTECTIONS_LOCK = threading.Lock()
+
+
+def _protection(config: CheckpointConfig) -> _RayProtection | None:
+    """This process's protection of ``config``'s run in the current Ray session (None outside one)."""
+    location = _ray_pointer_location()
+    if location is None:
+        return None
+    filesystem, directory = location
+    key = (
+        RAY_HOLDER_PREFIX + _location_uri(filesystem, directory),
+        normalize_storage_uri(config.storage_uri),
+        config.run_name,
+    )
+    with _PROTECTIONS_LOCK:
+        protection = _PROTECTIONS.get(key)
+        if protection is None:
+            protection = _PROTECTIONS[key] = _RayProtection(config, filesystem, directory)
+        return protection
+
+
+def _reconcile_quietly(protection: _RayProtection | None) -> None:
+    """Reconcile, logging a failure (a storage hiccup) instead of failing the caller."""
+    if protection is None:
+        return
+    try:
+        protection.reconcile()
+    except Exception as exc:
+        logger.warning(
+            "run %s: could not match its leases to Ray's checkpoints (retried at the next report): %s",
+            protection.config.run_name,
+            exc,
+        )
+
+
+def release_unreferenced(
+    config: CheckpointConfig,
+    *,
+    storage_filesystem: Any = None,
+    handle: Any = None,
+) -> list[int]:
+    """Release the Ray leases of ``config``'s run whose step no Ray pointer names any more.
+
+    Call it on the driver after ``fit()`` (Ray deletes its old checkpoints after the last report,
+    so the trial's last leases outlive them) or for an experiment directory that was deleted. Every
+    lease ``report`` took names its Ray directory; ``storage_filesystem`` is the pyarrow filesystem
+    of ``RunConfig(storage_filesystem=...)`` when Ray's storage is not a plain path or URI. With
+    ``handle`` (the run's ``CheckpointerHandle``) retention runs right away; without one the next
+    commit (or ``CheckpointStore.apply_retention()``) deletes what no rule keeps. Returns the
+    steps whose leases were released.
+    """
+    import pyarrow.fs
+
+    store = CheckpointStore(config=config)
+    by_location: dict[str, list[dict[str, Any]]] = {}
+    for record in store.active_leases():
+        holder = str(record["holder"])
+        if holder.startswith(RAY_HOLDER_PREFIX):
+            by_location.setdefault(holder[len(RAY_HOLDER_PREFIX) :], []).append(record)
+    released: list[int] = []
+    for location, records in by_location.items():
+        if storage_filesystem is not None:
+            filesystem, directory = storage_filesystem, location.split("://", 1)[-1]
+        else:
+            filesystem, directory = pyarrow.fs.FileSystem.from_uri(location)
+        referenced = _pointer_steps(filesystem, directory, config)
+        for record in records:
+            if record["step"] not in referenced:
+                store.release_lease(record["step"], record["lease_id"])
+                released.append(record["step"])
+    released = sorted(set(released))
+    if released:
+        logger.info(
+            "run %s: released the Ray leases of steps %s (no Ray checkpoint names them)", config.run_name, released
+        )
+    if handle is not None:
+        handle.apply_retention()
+    return released
+
+
+def ray_checkpoint_config(config: CheckpointConfig, **overrides: Any) -> Any:
+    """A ``ray.train.CheckpointConfig`` whose ``num_to_keep`` follows ``config``'s retention.
+
+    ``keep_top_k`` (with ``metric_name``/``mode``) becomes Ray's ranked ``num_to_keep``; else
+    ``keep_last_n`` its newest-N; neither keeps every pointer (Ray's default). The metric must be
+    one you also pass to ``report``. Ray then lists the same best steps ray-ckpt keeps, and the
+    leases never hold a step past ray-ckpt's own rules for long.
+    """
+    import ray.train
+
+    options: dict[str, Any] = {}
+    if config.keep_top_k and config.metric_name:
+        options = {
+            "num_to_keep": config.keep_top_k,
+            "checkpoint_score_attribute": config.metric_name,
+            "checkpoint_score_order": config.mode,
+        }
+    elif config.keep_last_n:
+        options = {"num_to_keep": config.keep_last_n}
+    options.update(overrides)
+    return ray.train.CheckpointConfig(**options)
+
+
+def get_checkpoint(config: CheckpointConfig, *, target: Target = "auto") -> ray.train.Checkpoint | None:
+    """``ray.train.get_checkpoint()`` / ``ray.tune.get_checkpoint()`` that also knows the ray-ckpt run.
+
+    * Ray hands back a checkpoint: it is returned, unless it points into ``config``'s own run at a
+      step older than the run's latest commit (a failure between a save and its report); then the
+      latest commit is returned instead. A pointer into another run (a PBT donor) is kept.
+    * Ray hands back none but the run has committed steps (a re-``fit()`` that Ray runs as a new
+      trial, ``Trainer.restore`` of a finished run, a new Ray run name): a pointer checkpoint of the
+      run's latest committed step.
+    * Neither: None (start from scratch).
+
+    Either way ``load_from_ray_checkpoint`` loads it and the loop carries on at ``step + 1``. It
+    also leases the steps Ray's existing pointers name before the loop saves anything.
+    """
+    resolved = _resolve_target(target, strict=False)
+    if resolved == "tune":
+        import ray.tune
+
+        checkpoint = ray.tune.get_checkpoint()
+    else:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+    _reconcile_quietly(_protection(config))
+    latest = CheckpointStore(config=config).latest()
+    if checkpoint is not None:
+        try:
+            pointer = read_pointer(checkpoint)
+        except ValueError:
+            return checkpoint  # not a ray-ckpt pointer: Ray's own checkpoint
+        if latest is None or not _same_run(pointer, config) or latest.step <= int(pointer["step"]):
+            return checkpoint
+        logger.info(
+            "Ray's checkpoint names step %d of run %s, whose latest commit is step %d: resuming from step %d",
+            pointer["step"],
+            config.run_name,
+            latest.step,
+            latest.step,
+        )
+    elif latest is None:
+        return None
+    else:
+        logger.info(
+            "Ray hands back no checkpoint, but run %s has committed steps: resuming from its latest, step %d",
+            config.run_name,
+            latest.step,
+        )
+    return to_ray_checkpoint(latest, config, target=resolved)  # type: ignore[arg-type]
+
+
 def report(
     metrics: Mapping[str, Any],
     info: CheckpointInfo | None,
     config: CheckpointConfig,
     *,
     target: Target = "auto",
+    protect: bool = True,
     **report_kwargs: Any,
 ) -> None:
     """Report metrics to Tune or Train with a pointer to the committed checkpoint ``info`` (None: metrics only).
@@ -290,6 +661,10 @@ def report(
     inside a Train worker. In Ray Train every rank must call this the same number of times (it
     is a barrier); usually rank 0 passes ``info`` and the others ``None``. The temporary pointer
     directory is removed once Ray has persisted it.
+
+    With ``protect`` (the default) the step is leased before Ray sees its pointer, and the leases
+    of steps whose pointers Ray has since deleted are released (docs/RAY.md): ray-ckpt never
+    deletes a step that Ray's ``Result.checkpoint``, ``best_checkpoints`` or a PBT donor names.
     """
     resolved = _resolve_target(target)
     if resolved == "tune":
@@ -303,6 +678,9 @@ def report(
     if info is None:
         reporter(dict(metrics), checkpoint=None, **report_kwargs)
         return
+    protection = _protection(config) if protect else None
+    if protection is not None:
+        protection.protect(int(info.step))
     # Ray copies the pointer during a synchronous report; an async/no-upload report still needs it.
     mode = report_kwargs.get("checkpoint_upload_mode")
     cleanup = resolved == "tune" or mode is None or str(getattr(mode, "value", mode)).upper() == "SYNC"
@@ -313,3 +691,4 @@ def report(
     finally:
         if cleanup:
             shutil.rmtree(directory, ignore_errors=True)
+    _reconcile_quietly(protection)
