@@ -24,6 +24,7 @@ from ray_ckpt.manager import CheckpointManager, initialize_run_dir
 from ray_ckpt.oneshot import load_checkpoint, load_metadata, save_checkpoint
 from ray_ckpt.rundir import RunDir
 from ray_ckpt.runstore import RunStore
+from ray_ckpt.shard import Shard
 from ray_ckpt.store import CheckpointStore
 from ray_ckpt.tiered import TieredCheckpointStore, UploadError
 from ray_ckpt.uri import key_and_version, normalize_uri
@@ -50,6 +51,7 @@ def __getattr__(name: str) -> object:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'ray_ckpt' has no attribute {name!r}")
 
+
 __all__ = [
     "Architecture",
     "ArchitectureNotAllowedError",
@@ -68,6 +70,7 @@ __all__ = [
     "RunDir",
     "RunStore",
     "SaveAbortedError",
+    "Shard",
     "StepWriter",
     "StorageError",
     "TieredCheckpointStore",

@@ -25,11 +25,9 @@ import concurrent.futures
 import functools
 import gc
 import logging
-import math
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,9 +37,11 @@ import xxhash
 
 from ray_ckpt.config import CheckpointConfig
 from ray_ckpt.errors import CheckpointExistsError, SaveAbortedError
-from ray_ckpt.format import DTYPE_SIZE, RESERVED_KEY, FileDigest, FlatState, ShardSpec, TensorBuffer
+from ray_ckpt.format import FileDigest
 from ray_ckpt.index import CheckpointIndex, CheckpointInfo, IndexDelta, IndexFeed
-from ray_ckpt.layout import step_dir, validate_metrics, validate_step
+from ray_ckpt.layout import validate_metrics, validate_step
+from ray_ckpt.planner import MODEL, TRAINER, RankState, SavePlan, check_rank_state
+from ray_ckpt.planner import TensorMeta as TensorMeta  # re-exported: part of a rank's report
 from ray_ckpt.retention import plan, policy_from_config
 from ray_ckpt.store import CheckpointStore
 from ray_ckpt.writer import StepWriter
@@ -83,27 +83,8 @@ def actor_name(run_name: str) -> str:
 
 
 @dataclass
-class TensorMeta:
-    """What a rank tells the master about one tensor (the bytes travel separately)."""
-
-    dtype: str
-    shape: tuple[int, ...]
-    nbytes: int
-    digest: str | None = None  # xxh3 of the bytes, to compare replicated keys across ranks
-
-
-@dataclass
-class RankState:
-    """One rank's description of its state: tensor metadata in order, ties and nesting."""
-
-    tensors: dict[str, TensorMeta]
-    aliases: dict[str, str] = field(default_factory=dict)
-    structure: Any = None
-
-
-@dataclass
 class RankReport:
-    """Everything one rank sends for one step."""
+    """What one rank sends to join a step: its descriptions, metrics and (gather mode) its bytes."""
 
     rank: int
     world_size: int
@@ -115,27 +96,18 @@ class RankReport:
     # them through unresolved and the actor fetches them on its own schedule.
     model_ref: list[ray.ObjectRef] | None = None
     trainer_ref: list[ray.ObjectRef] | None = None
-    # Direct mode: files this rank wrote into the step directory.
-    files: dict[str, FileDigest] | None = None
 
 
-@dataclass(frozen=True)
-class DirectPlan:
-    """Direct mode: the shards one rank writes and the directory they go into.
+@dataclass
+class RankResult:
+    """What one rank reports once it has written its share of a direct-mode plan."""
 
-    The directory is the step's own, or a staging directory when the save replaces a committed
-    step (``overwrite=True``: the old version stays readable until the new one is swapped in).
-    Iterating yields the shards.
-    """
-
-    directory: str
-    shards: tuple[ShardSpec, ...]
-
-    def __iter__(self) -> Iterator[ShardSpec]:
-        return iter(self.shards)
-
-    def __len__(self) -> int:
-        return len(self.shards)
+    rank: int
+    files: dict[str, FileDigest] = field(default_factory=dict)  # the files it streamed
+    digests: dict[tuple[str, str], str] = field(default_factory=dict)  # xxh3 of its replicated chunks
+    # The chunks the plan has it send to the master (files the master writes): [ref] per part.
+    model_ref: list[ray.ObjectRef] | None = None
+    trainer_ref: list[ray.ObjectRef] | None = None
 
 
 @dataclass
@@ -145,67 +117,32 @@ class _PendingStep:
     mode: str
     overwrite: bool
     started: float = field(default_factory=time.monotonic)
-    reports: dict[int, RankReport] = field(default_factory=dict)
-    planned: dict[int, RankState] = field(default_factory=dict)
-    plan: list[ShardSpec] | None = None
-    owners: dict[str, int] | None = None
+    reports: dict[int, RankReport] = field(default_factory=dict)  # ranks that joined
+    results: dict[int, RankResult] = field(default_factory=dict)  # ranks done with their share
+    failures: dict[int, BaseException] = field(default_factory=dict)
+    plan: SavePlan | None = None
     writer: StepWriter | None = None
     plan_ready: asyncio.Event = field(default_factory=asyncio.Event)
     done: asyncio.Future = field(default_factory=lambda: asyncio.get_event_loop().create_future())
     timeout_task: asyncio.Task | None = None
     slot_held: bool = False
 
-
-def check_rank_state(state: Any, what: str) -> None:
-    """ValueError naming the key when ``state`` describes tensors that could not be read back.
-
-    Every key must be a string (not safetensors' reserved ``__metadata__``), every dtype one of
-    :data:`~ray_ckpt.format.DTYPE_SIZE`, every shape a sequence of non-negative ints and every
-    ``nbytes`` exactly ``numel * itemsize``; every alias must name one of the rank's tensors.
-    The master checks this before it plans or writes anything: a checkpoint committed from a
-    description that does not fit its bytes would fail to load.
-    """
-    if not isinstance(state, RankState):
-        raise ValueError(f"{what}: expected a RankState, got {type(state).__name__}")
-    if not isinstance(state.tensors, dict):
-        raise ValueError(f"{what}: tensors must be a dict, got {type(state.tensors).__name__}")
-    for key, meta in state.tensors.items():
-        if not isinstance(key, str):
-            raise ValueError(f"{what}: key {key!r} is not a string ({type(key).__name__})")
-        if key == RESERVED_KEY:
-            raise ValueError(f"{what}: key {key!r} is reserved by safetensors for the file's metadata")
-        if not isinstance(meta, TensorMeta):
-            raise ValueError(f"{what}: key {key!r}: expected a TensorMeta, got {type(meta).__name__}")
-        if not isinstance(meta.dtype, str) or meta.dtype not in DTYPE_SIZE:
-            raise ValueError(f"{what}: key {key!r}: unknown dtype {meta.dtype!r} (known: {', '.join(DTYPE_SIZE)})")
-        shape = meta.shape
-        if not isinstance(shape, (tuple, list)) or any(
-            isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in shape
-        ):
-            raise ValueError(f"{what}: key {key!r}: shape {shape!r} is not a sequence of non-negative integers")
-        expected = math.prod(shape) * DTYPE_SIZE[meta.dtype]
-        if isinstance(meta.nbytes, bool) or not isinstance(meta.nbytes, int) or meta.nbytes != expected:
-            raise ValueError(
-                f"{what}: key {key!r}: declares {meta.nbytes!r} bytes, but {meta.dtype}{list(shape)} "
-                f"holds {expected} bytes"
-            )
-    if not isinstance(state.aliases, dict):
-        raise ValueError(f"{what}: aliases must be a dict, got {type(state.aliases).__name__}")
-    for alias, target in state.aliases.items():
-        if not isinstance(alias, str) or alias in state.tensors:
-            raise ValueError(f"{what}: alias {alias!r} is not a string key of its own")
-        if not isinstance(target, str) or target not in state.tensors:
-            raise ValueError(f"{what}: alias {alias!r} points to {target!r}, which is not one of the rank's tensors")
+    def finished(self) -> set[int]:
+        """Ranks with nothing left to do: done with their share, or given none by the plan."""
+        if self.plan is None:
+            return set()
+        return set(self.results) | {r for r in self.reports if self.plan.idle(r)}
 
 
-def check_rank_bytes(state: RankState, arrays: Any, what: str) -> None:
-    """Gather mode: ValueError naming the key unless ``arrays`` holds each tensor's declared bytes.
+def check_rank_bytes(state: RankState, arrays: Any, what: str, keys: Any = None) -> None:
+    """ValueError naming the key unless ``arrays`` holds each (or each of ``keys``) tensor's declared bytes.
 
     ``arrays`` is what the rank put into the object store: ``{key: uint8 numpy array}``.
     """
     if not isinstance(arrays, dict):
         raise ValueError(f"{what}: the bytes sent are a {type(arrays).__name__}, not a dict of arrays")
-    for key, meta in state.tensors.items():
+    for key in state.tensors if keys is None else keys:
+        meta = state.tensors[key]
         data = arrays.get(key)
         if not isinstance(data, np.ndarray):
             sent = "no bytes were sent" if data is None else f"a {type(data).__name__} was sent, not an array"
@@ -217,11 +154,11 @@ def check_rank_bytes(state: RankState, arrays: Any, what: str) -> None:
             )
 
 
-def check_rank_report(report: RankReport, mode: str) -> None:
+def check_rank_report(report: RankReport) -> None:
     """ValueError naming the key (or metric) when a rank's report cannot be committed as sent.
 
-    Checks the model and trainer descriptions (:func:`check_rank_state`) and the metrics, which
-    are replaced by their float values (numpy and torch scalars included) as the store takes them.
+    Checks the model and trainer descriptions (:func:`~ray_ckpt.planner.check_rank_state`) and the
+    metrics, which are replaced by their float values (numpy and torch scalars included).
     """
     check_rank_state(report.model, "model")
     if report.trainer is not None:
@@ -230,63 +167,42 @@ def check_rank_report(report: RankReport, mode: str) -> None:
         report.metrics = validate_metrics(report.metrics, what="metrics")
     except TypeError as exc:
         raise ValueError(str(exc)) from None
-    if mode == "gather" and report.files:
-        raise ValueError("files: a gather-mode report carries bytes, not files")
 
 
 def _bad_report(step: int, rank: Any, exc: Exception) -> SaveAbortedError:
-    return SaveAbortedError(
+    error = SaveAbortedError(
         f"step {step}: rank {rank}'s report is invalid: {exc}; the step was aborted and nothing was committed"
     )
+    error.failures = {rank: exc} if isinstance(rank, int) else {}
+    return error
 
 
-def merge_ranks(states: dict[int, RankState]) -> tuple[dict[str, int], list[list[tuple[str, int]]]]:
-    """Decide which rank writes each key and the shard-planning groups (one per rank).
+def _rank_failed(step: int, failures: dict[int, BaseException]) -> SaveAbortedError:
+    """The abort error of a step that ranks failed to write: every failing rank's exception."""
+    detail = "; ".join(f"rank {r}: {type(e).__name__}: {e}" for r, e in sorted(failures.items()))
+    error = SaveAbortedError(f"step {step}: aborted, nothing was committed ({detail})")
+    error.failures = dict(failures)
+    return error
 
-    A key held by several ranks is replicated: written once, by the lowest rank, and every copy
-    must have the same dtype, shape and bytes, else ValueError naming the key.
+
+def compare_replicas(plan: SavePlan, digest: Any) -> None:
+    """Every replica of a chunk held by several ranks must equal its writer's: ValueError names key and ranks.
+
+    ``digest(part, key, rank)`` gives a rank's xxh3 of its chunk (computed from the bytes in gather
+    mode, reported by the ranks in direct mode); only replicated chunks are compared.
     """
-    owners: dict[str, int] = {}
-    for rank in sorted(states):
-        for key, meta in states[rank].tensors.items():
-            if key not in owners:
-                owners[key] = rank
-                continue
-            first = states[owners[key]].tensors[key]
-            same = (first.dtype, tuple(first.shape), first.nbytes) == (meta.dtype, tuple(meta.shape), meta.nbytes)
-            if not same or first.digest != meta.digest:
-                detail = (
-                    "the bytes differ"
-                    if same
-                    else (f"{first.dtype}{list(first.shape)} vs {meta.dtype}{list(meta.shape)}")
-                )
-                raise ValueError(
-                    f"key {key!r}: ranks {owners[key]} and {rank} both hold it with different contents ({detail})"
-                )
-    groups = [[(k, m.nbytes) for k, m in states[r].tensors.items() if owners[k] == r] for r in sorted(states)]
-    return owners, groups
-
-
-def check_replicated_bytes(
-    states: dict[int, RankState], owners: dict[str, int], arrays: dict[int, dict[str, Any]]
-) -> None:
-    """Gather mode: every copy of a key held by several ranks must have the owner's bytes.
-
-    Compared here, from the ranks' object-store buffers, so ranks need not hash their state on
-    the training loop's path. ValueError names the key and the ranks.
-    """
-    owner_digest: dict[str, int] = {}
-    for rank in sorted(states):
-        for key in states[rank].tensors:
-            owner = owners[key]
-            if owner == rank:
-                continue
-            if key not in owner_digest:
-                owner_digest[key] = xxhash.xxh3_64_intdigest(arrays[owner][key])
-            if xxhash.xxh3_64_intdigest(arrays[rank][key]) != owner_digest[key]:
-                raise ValueError(
-                    f"key {key!r}: ranks {owner} and {rank} both hold it with different contents (the bytes differ)"
-                )
+    for part in plan.parts.values():
+        for key, layout in part.tensors.items():
+            for chunk in layout.chunks:
+                if len(chunk.ranks) < 2:
+                    continue
+                first = digest(part.part, key, chunk.writer)
+                for rank in chunk.ranks[1:]:
+                    if digest(part.part, key, rank) != first:
+                        raise ValueError(
+                            f"key {key!r}: ranks {chunk.writer} and {rank} both hold it with different contents "
+                            "(the bytes differ)"
+                        )
 
 
 class Checkpointer:
@@ -315,8 +231,12 @@ class Checkpointer:
         if self.store.tiering is not None:
             self.store.tiering.listeners.append(self._on_tier_change)
             resumed = self.store.tiering.resume()  # uploads a killed predecessor left unfinished
-            logger.info("run %s: uploading to %s in the background (resumed: %s)", config.run_name,
-                        self.store.tiering.remote.uri, resumed)
+            logger.info(
+                "run %s: uploading to %s in the background (resumed: %s)",
+                config.run_name,
+                self.store.tiering.remote.uri,
+                resumed,
+            )
         logger.info(
             "checkpointer for run %s up: %d checkpoints indexed from storage in %.3fs (gc removed %d leftovers)",
             config.run_name,
@@ -327,7 +247,7 @@ class Checkpointer:
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ray-ckpt-writer")
         self._meta = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="ray-ckpt-meta")
         self._pending: dict[int, _PendingStep] = {}
-        self._aborted: dict[int, str] = {}
+        self._aborted: dict[int, SaveAbortedError] = {}
         # committed steps, even if retention dropped them, with the index position of their commit
         self._recent: dict[int, tuple[CheckpointInfo, tuple[str, int]]] = {}
         self._slots: asyncio.Semaphore | None = None
@@ -437,101 +357,109 @@ class Checkpointer:
         return {"class_path": arch.class_path, "config": arch.config, "config_class": arch.config_class}
 
     # -- saving -------------------------------------------------------------------------------
+    # -- the save protocol: plan -> write -> finish -------------------------------------------
     async def report(self, step: int, report: RankReport, overwrite: bool = False) -> dict[str, Any]:
-        """Accept one rank's share of a step (gather mode). Returns once accepted.
+        """Join a step without waiting for its plan (a gather-mode rank, whose bytes come with it).
 
         Blocks (back-pressure) while ``max_pending_saves`` steps are already in flight. A report
-        whose description does not fit its bytes (see :func:`check_rank_report`; the bytes
-        themselves are checked once fetched) aborts the step with SaveAbortedError naming the
+        whose description does not fit its bytes aborts the step with SaveAbortedError naming the
         rank and the key: nothing is committed, and the next step is unaffected.
         """
-        if not isinstance(report, RankReport):
-            raise TypeError(f"step {step}: expected a RankReport, got {type(report).__name__}")
-        try:
-            check_rank_report(report, "gather")
-            problem = None
-        except ValueError as exc:
-            problem = _bad_report(step, report.rank, exc)
-        pending = await self._join(step, report.rank, report.world_size, "gather", overwrite)
-        if problem is not None:
-            self._abort(pending, problem)
-            raise problem
-        return self._accept(pending, report)
+        await self._join_step(step, report, overwrite, "gather")
+        return {"step": step, "accepted": True}
 
-    async def plan_direct(
-        self, step: int, rank: int, world_size: int, state: RankState, overwrite: bool = False
-    ) -> DirectPlan:
-        """Direct mode, phase 1: wait for every rank's tensor list; return this rank's shards.
+    async def plan(self, step: int, report: RankReport, overwrite: bool = False, mode: str = "direct") -> SavePlan:
+        """Join a step and wait for every rank: the step's :class:`~ray_ckpt.planner.SavePlan`.
 
-        A tensor list that does not describe readable tensors (see :func:`check_rank_state`)
-        aborts the step with SaveAbortedError naming the rank and the key.
+        The same frozen plan goes to every rank; each executes its share with
+        :func:`ray_ckpt.writer.write_share` and calls :meth:`finish_rank` (a rank the plan gives
+        nothing to do is done already). Bad descriptions abort the step naming the rank and key.
         """
-        try:
-            check_rank_state(state, "model")
-            problem = None
-        except ValueError as exc:
-            problem = _bad_report(step, rank, exc)
-        pending = await self._join(step, rank, world_size, "direct", overwrite)
-        if problem is not None:
-            self._abort(pending, problem)
-            raise problem
-        if rank in pending.planned:
-            raise ValueError(f"step {step}: rank {rank} asked for a plan twice")
-        pending.planned[rank] = state
-        if len(pending.planned) == pending.world_size:
-            try:
-                pending.owners, groups = merge_ranks(pending.planned)
-                loop = asyncio.get_running_loop()
-                pending.writer = await loop.run_in_executor(
-                    self._writer, functools.partial(self.store.begin_step, step, overwrite=overwrite)
-                )
-                pending.plan = pending.writer.plan(groups)
-            except Exception as exc:
-                self._abort(pending, exc)
-            pending.plan_ready.set()
+        pending = await self._join_step(step, report, overwrite, mode)
         await pending.plan_ready.wait()
         if pending.done.done() and pending.done.exception() is not None:
             raise pending.done.exception()  # type: ignore[misc]
-        assert pending.plan is not None and pending.owners is not None
-        assert pending.writer is not None
-        mine = tuple(s for s in pending.plan if s.keys and pending.owners[s.keys[0]] == rank)
-        return DirectPlan(pending.writer.dir, mine)
+        assert pending.plan is not None
+        return pending.plan
 
-    async def report_direct(self, step: int, report: RankReport) -> dict[str, Any]:
-        """Direct mode, phase 2: a rank's files are written; commit once every rank is in.
-
-        The report must come from a rank that planned the step and pass :func:`check_rank_report`;
-        else the step is aborted (SaveAbortedError naming the rank).
-        """
+    async def _join_step(self, step: int, report: RankReport, overwrite: bool, mode: str) -> _PendingStep:
         if not isinstance(report, RankReport):
             raise TypeError(f"step {step}: expected a RankReport, got {type(report).__name__}")
-        pending = self._pending.get(step)
-        if pending is None:
-            raise SaveAbortedError(self._aborted.get(step, f"step {step}: no save in progress"))
         try:
-            check_rank_report(report, "direct")
-            if pending.planned.get(report.rank) is None:
-                raise ValueError("it reported files without asking for a plan")
+            check_rank_report(report)
+            if mode == "direct" and (report.model_ref or report.trainer_ref):
+                raise ValueError("a direct-mode rank sends its bytes after planning, not with its report")
+            problem = None
         except ValueError as exc:
             problem = _bad_report(step, report.rank, exc)
+        pending = await self._join(step, report.rank, report.world_size, mode, overwrite)
+        if problem is not None:
             self._abort(pending, problem)
-            raise problem from None
-        return self._accept(pending, report)
-
-    def _accept(self, pending: _PendingStep, report: RankReport) -> dict[str, Any]:
-        """Record a rank's report; the last rank in starts the commit."""
+            raise problem
         if report.rank in pending.reports:
-            raise ValueError(f"step {pending.step}: rank {report.rank} reported twice")
+            raise ValueError(f"step {step}: rank {report.rank} joined twice")
         pending.reports[report.rank] = report
         if len(pending.reports) == pending.world_size:
-            asyncio.get_running_loop().create_task(self._finish(pending))
-        return {"step": pending.step, "accepted": True}
+            asyncio.get_running_loop().create_task(self._plan_step(pending))
+        return pending
 
-    async def abort_step(self, step: int, reason: str) -> None:
-        """Abort a step from outside (e.g. a rank whose write failed)."""
+    async def _plan_step(self, pending: _PendingStep) -> None:
+        """Every rank is in: open the step and plan it on the writer thread; commit when no rank has work."""
+        states = {r: {MODEL: rep.model, TRAINER: rep.trainer} for r, rep in pending.reports.items()}
+        loop = asyncio.get_running_loop()
+
+        def open_and_plan() -> tuple[StepWriter, SavePlan]:
+            writer = self.store.begin_step(pending.step, overwrite=pending.overwrite)
+            pending.writer = writer
+            return writer, writer.plan(states, mode=pending.mode)
+
+        try:
+            _, pending.plan = await loop.run_in_executor(self._writer, open_and_plan)
+        except Exception as exc:
+            if isinstance(exc, ValueError):  # the planner's: names the key and the ranks
+                exc = SaveAbortedError(
+                    f"step {pending.step}: the ranks' states do not fit together: {exc}; nothing was committed"
+                )
+            self._abort(pending, exc)
+        pending.plan_ready.set()
+        if not pending.done.done() and len(pending.finished()) == pending.world_size:
+            await self._finish(pending)
+
+    async def finish_rank(self, step: int, result: RankResult) -> dict[str, Any]:
+        """A rank has written its share of the plan; the last one in starts the commit."""
+        if not isinstance(result, RankResult):
+            raise TypeError(f"step {step}: expected a RankResult, got {type(result).__name__}")
         pending = self._pending.get(step)
-        if pending is not None:
+        if pending is None:
+            raise self._aborted.get(step) or SaveAbortedError(f"step {step}: no save in progress")
+        if pending.done.done():
+            raise pending.done.exception() or SaveAbortedError(f"step {step}: already finished")
+        rank = result.rank
+        if pending.plan is None or rank not in pending.reports:
+            problem = _bad_report(step, rank, ValueError("it finished without joining the step's plan"))
+            self._abort(pending, problem)
+            raise problem
+        if rank in pending.results:
+            raise ValueError(f"step {step}: rank {rank} finished twice")
+        pending.results[rank] = result
+        if len(pending.finished()) == pending.world_size:
+            asyncio.get_running_loop().create_task(self._finish(pending))
+        return {"step": step, "accepted": True}
+
+    async def abort_step(self, step: int, reason: Any, rank: int | None = None) -> None:
+        """Abort a step from outside: ``reason`` is a rank's exception (or a message)."""
+        pending = self._pending.get(step)
+        exc = reason if isinstance(reason, BaseException) else RuntimeError(str(reason))
+        if pending is None:
+            aborted = self._aborted.get(step)
+            if aborted is not None and rank is not None:
+                aborted.failures.setdefault(rank, exc)  # a later rank's failure joins the record
+            return
+        if rank is None:
             self._abort(pending, SaveAbortedError(f"step {step}: {reason}"))
+            return
+        pending.failures[rank] = exc
+        self._abort(pending, _rank_failed(step, pending.failures))
 
     async def wait_committed(self, step: int) -> CheckpointInfo:
         """Wait for a step to commit; raises the abort reason when it was aborted."""
@@ -552,7 +480,7 @@ class Checkpointer:
         info = self.index.get(step)
         if info is not None:
             return info, (self.feed.epoch, self.feed.version)
-        raise SaveAbortedError(self._aborted.get(step, f"step {step}: no save in progress (checkpointer restarted?)"))
+        raise self._aborted.get(step) or SaveAbortedError(f"step {step}: no save in progress (checkpointer restarted?)")
 
     async def _join(self, step: int, rank: int, world_size: int, mode: str, overwrite: bool) -> _PendingStep:
         step = validate_step(step)  # before any comparison: a str or negative step is refused by name
@@ -561,7 +489,7 @@ class Checkpointer:
         if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
             raise ValueError(f"rank: {rank!r} is outside [0, {world_size})")
         if step in self._aborted and step not in self._pending:
-            raise SaveAbortedError(self._aborted[step])
+            raise self._aborted[step]
         pending = self._pending.get(step)
         if pending is None:
             self._start_background()
@@ -595,13 +523,16 @@ class Checkpointer:
 
     async def _expire(self, pending: _PendingStep) -> None:
         await asyncio.sleep(self.config.save_timeout_s)
-        if not pending.done.done() and len(pending.reports) < pending.world_size:
-            arrived = pending.planned if pending.mode == "direct" and pending.plan is None else pending.reports
-            missing = sorted(set(range(pending.world_size)) - set(arrived))
+        if pending.done.done():
+            return
+        arrived = pending.reports if pending.plan is None else pending.finished()
+        missing = sorted(set(range(pending.world_size)) - set(arrived))
+        if missing:
+            what = "did not report" if pending.plan is None else "did not finish writing their share"
             self._abort(
                 pending,
                 SaveAbortedError(
-                    f"step {pending.step}: ranks {missing} did not report within save_timeout_s="
+                    f"step {pending.step}: ranks {missing} {what} within save_timeout_s="
                     f"{self.config.save_timeout_s}; the step was aborted and nothing was committed"
                 ),
             )
@@ -610,7 +541,10 @@ class Checkpointer:
         if pending.done.done():
             return
         logger.warning("aborting step %d of %s: %s", pending.step, self.config.run_name, exc)
-        self._aborted[pending.step] = str(exc)
+        error = exc if isinstance(exc, SaveAbortedError) else SaveAbortedError(str(exc))
+        if not error.failures:
+            error.failures = dict(pending.failures)
+        self._aborted[pending.step] = error
         while len(self._aborted) > 1000:
             self._aborted.pop(next(iter(self._aborted)))
         pending.done.set_exception(exc)
@@ -619,8 +553,6 @@ class Checkpointer:
         writer = pending.writer
         if writer is not None:
             self._writer.submit(writer.abort)
-        elif pending.mode == "direct" and pending.step not in self.store.index:  # never a committed step
-            self._writer.submit(self.store.storage.rm, step_dir(pending.step), recursive=True, missing_ok=True)
         self._release(pending)
 
     def _release(self, pending: _PendingStep) -> None:
@@ -629,8 +561,8 @@ class Checkpointer:
         # Let the ranks' object-store buffers go now: the pending step sits in reference cycles
         # (its tasks and futures), so its refs would otherwise live until a garbage collection,
         # and a few big saves fill the object store (Ray then stalls the next ray.put for a GC).
-        for report in pending.reports.values():
-            report.model_ref = report.trainer_ref = None
+        for holder in [*pending.reports.values(), *pending.results.values()]:
+            holder.model_ref = holder.trainer_ref = None
         if pending.timeout_task is not None and pending.timeout_task is not asyncio.current_task():
             pending.timeout_task.cancel()
         if pending.slot_held:
@@ -639,32 +571,41 @@ class Checkpointer:
             self._slots.release()
         self._m_pending.set(len(self._pending))
 
+    async def _fetch(self, pending: _PendingStep) -> dict[int, dict[str, dict[str, Any]]]:
+        """The bytes the ranks handed over (gather: all; direct: what the plan has them send), checked."""
+        plan = pending.plan
+        assert plan is not None
+        arrays: dict[int, dict[str, dict[str, Any]]] = {}
+        holders = pending.reports if pending.mode == "gather" else pending.results
+        for rank, holder in holders.items():
+            report = pending.reports[rank]
+            try:
+                model = await holder.model_ref[0] if holder.model_ref else {}
+                trainer = await holder.trainer_ref[0] if holder.trainer_ref else {}
+            except ray.exceptions.ObjectLostError as exc:  # incl. OwnerDiedError: its node died
+                raise SaveAbortedError(
+                    f"step {pending.step}: rank {rank}'s state was lost before the checkpointer fetched it "
+                    f"({type(exc).__name__}: the rank's process or node died); nothing was committed"
+                ) from exc
+            sent = None if pending.mode == "gather" else plan.sends(rank)
+            try:
+                for part, state, got in ((MODEL, report.model, model), (TRAINER, report.trainer, trainer)):
+                    if state is None:
+                        continue
+                    keys = None if sent is None else [k for p, k in sent if p == part]
+                    check_rank_bytes(state, got, "model" if part == MODEL else "trainer_state", keys)
+            except ValueError as exc:
+                raise _bad_report(pending.step, rank, exc) from None
+            arrays[rank] = {MODEL: model, TRAINER: trainer}
+        return arrays
+
     async def _finish(self, pending: _PendingStep) -> None:
         if pending.done.done():
             return
         loop = asyncio.get_running_loop()
         try:
-            if pending.mode == "gather":
-                arrays = {}
-                for rank, report in pending.reports.items():
-                    try:
-                        model = await report.model_ref[0] if report.model_ref else {}
-                        trainer = await report.trainer_ref[0] if report.trainer_ref else {}
-                    except ray.exceptions.ObjectLostError as exc:  # incl. OwnerDiedError: its node died
-                        raise SaveAbortedError(
-                            f"step {pending.step}: rank {rank}'s state was lost before the checkpointer fetched it "
-                            f"({type(exc).__name__}: the rank's process or node died); nothing was committed"
-                        ) from exc
-                    try:
-                        check_rank_bytes(report.model, model, "model")
-                        if report.trainer is not None:
-                            check_rank_bytes(report.trainer, trainer, "trainer_state")
-                    except ValueError as exc:
-                        raise _bad_report(pending.step, rank, exc) from None
-                    arrays[rank] = (model, trainer)
-                info, deleted = await loop.run_in_executor(self._writer, self._write_gathered, pending, arrays)
-            else:
-                info, deleted = await loop.run_in_executor(self._writer, self._commit_direct, pending)
+            arrays = await self._fetch(pending)
+            info, deleted = await loop.run_in_executor(self._writer, self._write_and_commit, pending, arrays)
         except Exception as exc:
             self._abort(pending, exc)
             return
@@ -704,65 +645,32 @@ class Checkpointer:
             metadata.update(pending.reports[rank].metadata)
         return metrics, metadata
 
-    def _write_gathered(
-        self, pending: _PendingStep, arrays: dict[int, tuple[dict, dict]]
+    def _write_and_commit(
+        self, pending: _PendingStep, arrays: dict[int, dict[str, dict[str, Any]]]
     ) -> tuple[CheckpointInfo, list[int]]:
-        states = {r: rep.model for r, rep in pending.reports.items()}
-        owners, groups = merge_ranks(states)
-        check_replicated_bytes(states, owners, {r: model for r, (model, _) in arrays.items()})
-        buffers = {
-            key: TensorBuffer(m.dtype, tuple(m.shape), arrays[owners[key]][0][key])
-            for r, state in states.items()
-            for key, m in state.tensors.items()
-            if owners[key] == r
-        }
-        writer = self.store.begin_step(pending.step, overwrite=pending.overwrite)
-        pending.writer = writer
+        """The master's share of the plan, the ranks' files checked, the indexes, the marker last."""
+        writer, plan = pending.writer, pending.plan
+        assert writer is not None and plan is not None
         with writer:
-            shards = writer.plan(groups)
-            writer.write_shards(shards, buffers)
-            self._write_model_index(writer, pending, states, shards, sum(b.nbytes for b in buffers.values()))
-            trainer_report = next(
-                (pending.reports[r] for r in sorted(pending.reports) if pending.reports[r].trainer), None
-            )
-            if trainer_report is not None and trainer_report.trainer is not None:
-                tstate = trainer_report.trainer
-                tarrays = arrays[trainer_report.rank][1]
-                flat = FlatState(
-                    {k: TensorBuffer(m.dtype, tuple(m.shape), tarrays[k]) for k, m in tstate.tensors.items()},
-                    dict(tstate.aliases),
-                    tstate.structure,
-                )
-                writer.write_trainer_state(flat)
-            return self._commit(writer, pending)
+            if pending.mode == "gather":
+                hashes: dict[tuple[str, str, int], int] = {}
 
-    def _write_model_index(
-        self,
-        writer: StepWriter,
-        pending: _PendingStep,
-        states: dict[int, RankState],
-        shards: list[ShardSpec],
-        total: int,
-    ) -> None:
-        aliases: dict[str, str] = {}
-        for rank in sorted(states, reverse=True):
-            aliases.update(states[rank].aliases)
-        structure = states[0].structure if pending.world_size == 1 else None
-        writer.write_model_index(shards, total, structure=structure, aliases=aliases)
+                def digest(part: str, key: str, rank: int) -> int:
+                    if (part, key, rank) not in hashes:
+                        hashes[part, key, rank] = xxhash.xxh3_64_intdigest(arrays[rank][part][key])
+                    return hashes[part, key, rank]
 
-    def _commit_direct(self, pending: _PendingStep) -> tuple[CheckpointInfo, list[int]]:
-        writer = pending.writer
-        assert writer is not None and pending.plan is not None
-        with writer:
-            writer.add_files({name: d for rep in pending.reports.values() for name, d in (rep.files or {}).items()})
-            expected = {s.name for s in pending.plan}
+                compare_replicas(plan, digest)
+            else:
+                compare_replicas(plan, lambda part, key, rank: pending.results[rank].digests.get((part, key)))
+            writer.write_share(plan, lambda part, key, rank: arrays[rank][part][key])
+            writer.add_files({n: d for res in pending.results.values() for n, d in res.files.items()})
+            writer.seal_shared(plan)
+            expected = {f.name for part in plan.parts.values() for f in part.files}
             missing = expected - set(writer.files)
             if missing:
-                raise SaveAbortedError(f"step {pending.step}: shards {sorted(missing)} were never written")
-            total = sum(
-                m.nbytes for r, st in pending.planned.items() for k, m in st.tensors.items() if pending.owners[k] == r
-            )  # type: ignore[index]
-            self._write_model_index(writer, pending, pending.planned, pending.plan, total)
+                raise SaveAbortedError(f"step {pending.step}: files {sorted(missing)} were never written")
+            writer.write_indexes(plan)
             return self._commit(writer, pending)
 
     def _commit(self, writer: StepWriter, pending: _PendingStep) -> tuple[CheckpointInfo, list[int]]:

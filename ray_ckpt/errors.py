@@ -32,7 +32,15 @@ class ArchitectureNotAllowedError(RayCkptError, PermissionError):
 
 
 class SaveAbortedError(RayCkptError):
-    """A distributed save was aborted (a rank timed out, failed or disagreed)."""
+    """A distributed save was aborted (a rank timed out, failed or disagreed).
+
+    ``failures`` maps each rank whose write failed to its exception (empty when no rank failed,
+    e.g. a timeout or inconsistent descriptions, which the message names).
+    """
+
+    def __init__(self, message: str = "", *, failures: dict[int, BaseException] | None = None) -> None:
+        super().__init__(message)
+        self.failures: dict[int, BaseException] = dict(failures or {})
 
 
 class StorageError(RayCkptError, OSError):

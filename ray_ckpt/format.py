@@ -25,30 +25,62 @@ import xxhash
 
 from ray_ckpt.errors import CorruptCheckpointError
 from ray_ckpt.safejson import JsonObject, corrupt, parse_json
+from ray_ckpt.shard import Shard, box_runs, is_dtensor, local_part
 
-# safetensors dtype names (the ones safetensors itself maps to torch).
-DTYPE_TO_TORCH: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "U16": torch.uint16,
-    "U32": torch.uint32,
-    "U64": torch.uint64,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "F8_E4M3FNUZ": torch.float8_e4m3fnuz,
-    "F8_E5M2FNUZ": torch.float8_e5m2fnuz,
-    "C64": torch.complex64,
-}
+
+def _safetensors_dtypes() -> tuple[dict[str, torch.dtype], dict[str, int]]:
+    """The safetensors dtype name of every torch dtype the safetensors library stores.
+
+    Asked of the library itself (one tiny save per dtype at import), so every dtype it writes we
+    write, under the name it uses. A packed dtype (``F4``: two values per byte) records more
+    elements in the header than the torch tensor has: the factor goes in the second table.
+    """
+    import safetensors.torch as st
+
+    names: dict[str, torch.dtype] = {}
+    packing: dict[str, int] = {}
+    for dtype in st._SIZE:  # the torch dtypes safetensors' writer accepts
+        if dtype is None:
+            continue
+        try:
+            raw = st.save({"t": torch.zeros(8, dtype=torch.uint8).view(dtype)})
+        except Exception:  # noqa: BLE001 - a dtype this torch/safetensors pair cannot write
+            continue
+        (length,) = struct.unpack("<Q", raw[:8])
+        entry = json.loads(raw[8 : 8 + length])["t"]
+        names[entry["dtype"]] = dtype
+        elements = math.prod(entry["shape"])
+        torch_elements = torch.zeros(8, dtype=torch.uint8).view(dtype).numel()
+        if elements != torch_elements:
+            packing[entry["dtype"]] = elements // torch_elements
+    return names, packing
+
+
+DTYPE_TO_TORCH, DTYPE_PACKING = _safetensors_dtypes()
 TORCH_TO_DTYPE: dict[torch.dtype, str] = {v: k for k, v in DTYPE_TO_TORCH.items()}
+# Bytes per torch element (a packed F4 element is one byte holding two values).
 DTYPE_SIZE: dict[str, int] = {k: torch.empty((), dtype=v).element_size() for k, v in DTYPE_TO_TORCH.items()}
+
+
+def header_shape(dtype: str, shape: tuple[int, ...] | list[int]) -> list[int]:
+    """The shape safetensors records for a torch tensor of ``shape`` (packed dtypes count values)."""
+    factor = DTYPE_PACKING.get(dtype, 1)
+    out = [int(d) for d in shape]
+    if factor != 1 and out:
+        out[-1] *= factor
+    return out
+
+
+def torch_shape(dtype: str, shape: list[int]) -> list[int] | None:
+    """Inverse of :func:`header_shape`; None when a packed dtype's last dimension does not divide."""
+    factor = DTYPE_PACKING.get(dtype, 1)
+    out = [int(d) for d in shape]
+    if factor != 1:
+        if not out or out[-1] % factor:
+            return None
+        out[-1] //= factor
+    return out
+
 
 MAX_HEADER_SIZE = 100 * 1024 * 1024  # safetensors' own limit
 CHECKSUM_ALGORITHM = "xxh3_64"  # ~10+ GB/s on one core: far below disk time, unlike sha256
@@ -72,6 +104,9 @@ class TensorBuffer:
     dtype: str
     shape: tuple[int, ...]
     data: np.ndarray
+    # A shard of a bigger tensor: its global shape and where this box starts (None: a whole tensor).
+    global_shape: tuple[int, ...] | None = None
+    offsets: tuple[int, ...] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -87,14 +122,23 @@ class TensorBuffer:
 
 
 def is_tensor_like(value: Any) -> bool:
-    """Whether a value is stored as a tensor (torch tensor, numpy array or TensorBuffer)."""
-    return isinstance(value, (torch.Tensor, np.ndarray, TensorBuffer))
+    """Whether a value is stored as a tensor (torch tensor or DTensor, numpy array, Shard, TensorBuffer)."""
+    return isinstance(value, (torch.Tensor, np.ndarray, TensorBuffer, Shard))
 
 
-def to_buffer(value: torch.Tensor | np.ndarray | TensorBuffer, *, key: str = "?") -> TensorBuffer:
-    """A zero-copy byte view of a tensor (copies only a non-contiguous or non-CPU tensor)."""
+def to_buffer(value: torch.Tensor | np.ndarray | TensorBuffer | Shard, *, key: str = "?") -> TensorBuffer:
+    """A zero-copy byte view of a tensor (copies only a non-contiguous or non-CPU tensor).
+
+    A DTensor or :class:`~ray_ckpt.shard.Shard` gives its local part, with its global shape and
+    offsets: nothing is gathered.
+    """
     if isinstance(value, TensorBuffer):
         return value
+    local, global_shape, offsets = local_part(value, key=key)
+    if global_shape is not None:
+        buf = to_buffer(local, key=key)
+        buf.global_shape, buf.offsets = global_shape, offsets
+        return buf
     if isinstance(value, np.ndarray):
         try:
             value = torch.from_numpy(np.ascontiguousarray(value))
@@ -168,12 +212,13 @@ class FlatState:
         return sum(b.nbytes for b in self.tensors.values())
 
 
-def flatten_state(state: Mapping[str, Any], *, what: str = "state_dict") -> FlatState:
+def flatten_state(state: Mapping[str, Any], *, what: str = "state_dict", convert: bool = True) -> FlatState:
     """Split a (possibly nested) state into tensors and a JSON structure.
 
     Tensors and numpy arrays become safetensors entries; None, bools, ints, floats (NaN/inf
     included), strings, bytes, torch dtypes/devices and numpy scalars go into the structure.
-    Any other value raises TypeError naming its key path. Tied tensors are stored once.
+    Any other value raises TypeError naming its key path. Tied tensors are stored once. With
+    ``convert=False`` the tensors are kept as given (the targets of a load, under the same keys).
     """
     if not isinstance(state, Mapping):
         raise TypeError(f"{what}: expected a mapping, got {type(state).__name__}")
@@ -185,17 +230,17 @@ def flatten_state(state: Mapping[str, Any], *, what: str = "state_dict") -> Flat
             raise ValueError(
                 f"{what}: the key {RESERVED_KEY!r} is reserved by safetensors for the file's metadata; rename it"
             )
-        if isinstance(value, torch.Tensor):
+        if isinstance(value, torch.Tensor) and not is_dtensor(value):
             ident = _alias_id(value.detach())
             if ident is not None and ident in seen:
                 flat.aliases[key] = seen[ident]
                 return
             if ident is not None:
                 seen[ident] = key
-        flat.tensors[key] = to_buffer(value, key=key)
+        flat.tensors[key] = to_buffer(value, key=key) if convert else value
 
     simple = all(isinstance(k, str) for k in state) and all(
-        isinstance(v, (torch.Tensor, TensorBuffer)) for v in state.values()
+        isinstance(v, (torch.Tensor, TensorBuffer, Shard)) for v in state.values()
     )
     if simple:
         for key, value in state.items():
@@ -212,7 +257,7 @@ def flatten_state(state: Mapping[str, Any], *, what: str = "state_dict") -> Flat
         return key
 
     def encode(value: Any, path: str) -> Any:
-        if isinstance(value, (torch.Tensor, TensorBuffer)):
+        if isinstance(value, (torch.Tensor, TensorBuffer, Shard)):
             key = unique_key(path)
             add_tensor(key, value)
             return {"__tensor__": key}
@@ -276,7 +321,7 @@ def unflatten_state(tensors: Mapping[str, torch.Tensor], structure: Any, aliases
             return [decode(v) for v in node]
         if not isinstance(node, dict):
             return node
-        (tag, value), = node.items()
+        ((tag, value),) = node.items()
         if tag == "__dict__":
             return {k: decode(v) for k, v in value}
         if tag == "__tuple__":
@@ -306,6 +351,57 @@ def unflatten_state(tensors: Mapping[str, torch.Tensor], structure: Any, aliases
 
 _KEY_TYPES = (str, int, float)  # dict keys a structure may hold (bool is an int)
 _SCALAR_KINDS = frozenset("biufc")  # numpy scalar kinds a structure may name (no object/void dtypes)
+
+
+def tensor_leaves(state: Mapping[str, Any], *, what: str = "into") -> dict[str, Any]:
+    """The tensors of a state under the keys a save gives them (ties once), as given: the targets of a load."""
+    return dict(flatten_state(state, what=what, convert=False).tensors)
+
+
+def read_box_into(f: IO[bytes], entry: Mapping[str, Any], data_start: int, target: Any, *, key: str, name: str) -> None:
+    """Fill ``target`` (tensor, numpy array, DTensor or Shard) with its box of a saved tensor.
+
+    Reads only the box's byte runs (one run for a dim-0 shard or a whole tensor); a target that is
+    not contiguous CPU memory (e.g. on a GPU) is filled through one host buffer of its size.
+    """
+    local, global_shape, offsets = local_part(target, key=key)
+    if isinstance(local, np.ndarray):
+        local = torch.from_numpy(local)
+    if not isinstance(local, torch.Tensor):
+        raise TypeError(f"{key}: cannot load into a {type(local).__name__}")
+    dtype = entry["dtype"]
+    saved = tuple(torch_shape(dtype, entry["shape"]) or ())
+    shape = tuple(local.shape)
+    global_shape = tuple(global_shape) if global_shape is not None else shape
+    offsets = tuple(offsets) if offsets is not None else (0,) * len(shape)
+    if TORCH_TO_DTYPE.get(local.dtype) != dtype or global_shape != saved:
+        have = f"{TORCH_TO_DTYPE.get(local.dtype, local.dtype)}{list(global_shape)}"
+        raise ValueError(f"{key}: the checkpoint holds {dtype}{list(saved)}, the target is {have} ({name})")
+    starts, length = box_runs(global_shape, offsets, shape, DTYPE_SIZE[dtype])
+    if not len(starts):
+        return
+    direct = local.device.type == "cpu" and local.is_contiguous()
+    buf = local if direct else torch.empty(shape, dtype=local.dtype, pin_memory=_can_pin(local))
+    view = memoryview(buf.reshape(-1).view(torch.uint8).numpy())
+    base = data_start + int(entry["data_offsets"][0])
+    for n, start in enumerate(starts.tolist()):
+        f.seek(base + start)
+        piece = view[n * length : (n + 1) * length]
+        got = 0
+        while got < length:
+            read = f.readinto(piece[got:])
+            if not read:
+                raise CorruptCheckpointError(f"{name}: truncated while reading {key!r}", path=name)
+            got += read
+    if not direct:
+        with torch.no_grad():
+            local.copy_(buf, non_blocking=buf.is_pinned())
+        if buf.is_pinned():
+            torch.accelerator.synchronize(local.device)
+
+
+def _can_pin(tensor: torch.Tensor) -> bool:
+    return tensor.device.type not in ("cpu", "meta") and torch.accelerator.is_available()
 
 
 def check_structure(structure: Any) -> None:
@@ -362,7 +458,7 @@ def structure_keys(structure: Any) -> Iterator[str]:
         for v in structure:
             yield from structure_keys(v)
     elif isinstance(structure, dict):
-        (tag, value), = structure.items()
+        ((tag, value),) = structure.items()
         if tag in ("__tensor__", "__ndarray__"):
             yield value
         elif tag == "__dict__":
@@ -529,7 +625,11 @@ def safetensors_layout(
     offset = 0
     for key in order:
         buf = entries[key]
-        header[key] = {"dtype": buf.dtype, "shape": list(buf.shape), "data_offsets": [offset, offset + buf.nbytes]}
+        header[key] = {
+            "dtype": buf.dtype,
+            "shape": header_shape(buf.dtype, buf.shape),
+            "data_offsets": [offset, offset + buf.nbytes],
+        }
         offset += buf.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-(len(raw) + 8) % 8)
@@ -612,7 +712,8 @@ def read_safetensors_header(f: IO[bytes], *, name: str, file_size: int) -> Safet
             raise corrupt(name, f"tensor {key!r}: bad data_offsets {[begin, end]}")
         if end > data_size:
             raise corrupt(name, f"tensor {key!r}: data_offsets end {end} past the end of the data ({data_size} bytes)")
-        if end - begin != math.prod(shape) * DTYPE_SIZE[dtype]:
+        local = torch_shape(dtype, shape)
+        if local is None or end - begin != math.prod(local) * DTYPE_SIZE[dtype]:
             raise corrupt(name, f"tensor {key!r}: {end - begin} bytes do not match shape {shape} of {dtype}")
         spans.append((begin, end, key))
     spans.sort()
@@ -724,7 +825,7 @@ def map_safetensors(
 
 def _view(raw: torch.Tensor, entry: dict[str, Any]) -> torch.Tensor:
     dtype = DTYPE_TO_TORCH[entry["dtype"]]
-    shape = [int(s) for s in entry["shape"]]
+    shape = torch_shape(entry["dtype"], entry["shape"]) or []
     if raw.numel() == 0:
         return torch.empty(shape, dtype=dtype)
     return raw.view(dtype).reshape(shape)

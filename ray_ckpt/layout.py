@@ -4,8 +4,8 @@ Every path a run uses is built here, and every marker is parsed here, through th
 reader. Nothing here performs I/O::
 
     <run>/model_architecture.json
-    <run>/checkpoints/step_<step:09d>/{model*.safetensors, model.safetensors.index.json,
-                                       trainer_state.safetensors, trainer_state.json,
+    <run>/checkpoints/step_<step:09d>/{model*.safetensors, model.safetensors.index.json, config.json,
+                                       trainer_state/{trainer_state*.safetensors, trainer_state.json},
                                        eval_metrics.json, checkpoint.json}   # the marker, written LAST
     <run>/checkpoints/step_<step:09d>/.retiring          # while retention deletes the step
     <run>/checkpoints/.step_<step:09d>.replace-<id>/      # a replacement (overwrite=True) being written
@@ -35,6 +35,9 @@ EVAL_FILE = "eval_metrics.json"
 RETIRING_FILE = ".retiring"  # retention's tombstone: the step is being deleted, no new leases
 INDEX_SNAPSHOT = "index.parquet"
 INDEX_LOG_DIR = "index_log"
+TRAINER_STATE_DIR = "trainer_state"  # out of the model files' way: a *.safetensors glob sees weights only
+TRAINER_STATE_JSON = f"{TRAINER_STATE_DIR}/trainer_state.json"  # structure, aliases, weight map (and chunks)
+# Before the trainer_state/ directory (steps written by earlier versions, still read):
 TRAINER_TENSORS = "trainer_state.safetensors"
 TRAINER_JSON = "trainer_state.json"
 FORMAT_VERSION = 1

@@ -25,11 +25,13 @@ from ray_ckpt.format import (
     map_safetensors,
     parse_hf_index,
     read_safetensors,
+    read_box_into,
     read_safetensors_header,
     structure_keys,
+    tensor_leaves,
     unflatten_state,
 )
-from ray_ckpt.layout import MARKER_FILE, TRAINER_JSON, TRAINER_TENSORS, Manifest, step_dir
+from ray_ckpt.layout import MARKER_FILE, TRAINER_JSON, TRAINER_STATE_JSON, TRAINER_TENSORS, Manifest, step_dir
 from ray_ckpt.safejson import JsonObject
 from ray_ckpt.storage import Storage
 
@@ -52,7 +54,6 @@ class StepReader:
         if manifest.step != step:
             raise CorruptCheckpointError(f"{path}: records step {manifest.step}, expected {step}", path=path)
         return manifest
-
 
     def load(
         self, manifest: Manifest, keys: Iterable[str] | None = None, *, verify: bool, mmap: bool = False
@@ -168,10 +169,16 @@ class StepReader:
         except FileNotFoundError as exc:
             raise self._missing(manifest.step, name) from exc
 
-    def _trainer_layout(self, manifest: Manifest, *, verify: bool) -> tuple[Any, dict[str, str]]:
-        """trainer_state.json's structure and aliases, checked (a damaged file names itself)."""
-        path = f"{step_dir(manifest.step)}/{TRAINER_JSON}"
-        doc = JsonObject.parse(self._read_file(manifest, TRAINER_JSON, verify=verify), name=path)
+    def _trainer_layout(self, manifest: Manifest, *, verify: bool) -> tuple[Any, dict[str, str], dict[str, str]]:
+        """trainer_state.json's structure, aliases and weight map, checked (a damaged file names itself).
+
+        Steps written before the ``trainer_state/`` directory hold one ``trainer_state.safetensors``
+        beside the model: their weight map is every tensor of that file.
+        """
+        legacy = TRAINER_STATE_JSON not in manifest.files
+        name = TRAINER_JSON if legacy else TRAINER_STATE_JSON
+        path = f"{step_dir(manifest.step)}/{name}"
+        doc = JsonObject.parse(self._read_file(manifest, name, verify=verify), name=path)
         aliases = doc.dict("aliases", {})
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()):
             raise doc.error("aliases", "expected an object of tensor names -> tensor names")
@@ -180,7 +187,15 @@ class StepReader:
             check_structure(structure)
         except ValueError as exc:
             raise doc.error("structure", str(exc)) from None
-        return structure, aliases
+        if legacy:
+            weight_map = {k: TRAINER_TENSORS for k in self.file_header(manifest, TRAINER_TENSORS).entries}
+        else:
+            weight_map = doc.dict("weight_map")
+            for key, fname in weight_map.items():
+                if not isinstance(fname, str) or fname not in manifest.files:
+                    raise doc.error("weight_map", f"{key!r}: {fname!r} is not a file listed in {MARKER_FILE}")
+        _check_indexed(path, structure, aliases, weight_map)
+        return structure, aliases, weight_map
 
     def _file_path(self, manifest: Manifest, name: str) -> str:
         if name not in manifest.files:
@@ -248,18 +263,58 @@ class StepReader:
         except FileNotFoundError as exc:
             raise self._missing(manifest.step, name) from exc
 
-
     def load_trainer_state(self, manifest: Manifest, *, verify: bool) -> Any:
         """The trainer state saved with a step (None if it had none)."""
         if not manifest.trainer_state:
             return None
-        step = manifest.step
         with self._unchanged(manifest):
-            structure, aliases = self._trainer_layout(manifest, verify=verify)
-            tensors = self._load_shard(manifest, TRAINER_TENSORS, None, verify=verify)
-            _check_indexed(f"{step_dir(step)}/{TRAINER_TENSORS}", structure, aliases, tensors)
+            structure, aliases, weight_map = self._trainer_layout(manifest, verify=verify)
+            tensors: dict[str, torch.Tensor] = {}
+            for fname in sorted(set(weight_map.values())):
+                tensors.update(self._load_shard(manifest, fname, None, verify=verify))
+            _check_indexed(f"{step_dir(manifest.step)}/{TRAINER_STATE_JSON}", structure, aliases, tensors)
         return unflatten_state(tensors, structure, aliases)
 
+    # -- resharding loads -----------------------------------------------------------------------
+    def load_into(self, manifest: Manifest, into: Mapping[str, Any], *, trainer: bool = False) -> None:
+        """Fill the tensors of ``into`` in place from a committed step, resharding as needed.
+
+        Each value may be a tensor (filled whole, e.g. pinned or GPU memory), a DTensor or a
+        :class:`~ray_ckpt.shard.Shard` (filled with its own box of the saved tensor, for any world
+        size, mesh and placements). Only the bytes of each box are read: positioned reads locally,
+        ranged reads on an object store. ValueError names the key when a target's dtype or global
+        shape differs from the checkpoint's; KeyError lists keys the step does not hold.
+        """
+        if manifest.kind != "state_dict":
+            raise ValueError(f"step {manifest.step} holds trainer-written files (kind {manifest.kind!r})")
+        what = "trainer_state" if trainer else "state_dict"
+        leaves = tensor_leaves(into, what=f"into ({what})")
+        with self._unchanged(manifest):
+            if trainer:
+                if not manifest.trainer_state:
+                    raise KeyError(f"step {manifest.step} has no trainer state to load into")
+                _, aliases, weight_map = self._trainer_layout(manifest, verify=False)
+            else:
+                aliases = dict(manifest.model.get("aliases") or {})
+                weight_map = self._weight_map(manifest, verify=False)
+            missing = [k for k in leaves if aliases.get(k, k) not in weight_map]
+            if missing:
+                raise KeyError(f"step {manifest.step}: no tensors named {missing[:5]} ({what})")
+            headers: dict[str, SafetensorsHeader] = {}
+            by_file: dict[str, list[str]] = {}
+            for key in leaves:
+                by_file.setdefault(weight_map[aliases.get(key, key)], []).append(key)
+            for fname, keys in sorted(by_file.items()):
+                headers[fname] = self.file_header(manifest, fname)
+                path = self._file_path(manifest, fname)
+                with self.storage.open_read(path) as f:
+                    for key in keys:
+                        entry = headers[fname].entries.get(aliases.get(key, key))
+                        if entry is None:
+                            raise CorruptCheckpointError(
+                                f"{path}: missing tensor {key!r} listed in the index", path=path
+                            )
+                        read_box_into(f, entry, headers[fname].data_start, leaves[key], key=key, name=path)
 
     @contextlib.contextmanager
     def _unchanged(self, manifest: Manifest) -> Iterator[None]:
@@ -288,7 +343,6 @@ class StepReader:
             raise CheckpointNotFoundError(
                 f"step {step} of run {self.run_name!r} was replaced (overwritten) while being read; load it again"
             )
-
 
     def verify(self, manifest: Manifest) -> None:
         """Check a checkpoint as strictly as :meth:`load` does, plus every file's checksum.
@@ -320,10 +374,13 @@ class StepReader:
         if manifest.kind == "state_dict":
             self._check_shards(manifest, self._weight_map(manifest, verify=False))
         if manifest.trainer_state:
-            structure, aliases = self._trainer_layout(manifest, verify=False)
-            header = self.file_header(manifest, TRAINER_TENSORS)
-            _check_indexed(f"{step_dir(step)}/{TRAINER_TENSORS}", structure, aliases, header.entries)
-
+            _, _, weight_map = self._trainer_layout(manifest, verify=False)
+            for fname in sorted(set(weight_map.values())):
+                entries = self.file_header(manifest, fname).entries
+                missing = [k for k, f in weight_map.items() if f == fname and k not in entries]
+                if missing:
+                    path = f"{step_dir(step)}/{fname}"
+                    raise CorruptCheckpointError(f"{path}: missing trainer tensors {missing[:5]}", path=path)
 
 
 def _check_indexed(path: str, structure: Any, aliases: Mapping[str, str], present: Iterable[str]) -> None:
@@ -346,5 +403,3 @@ def _check_digest(path: str, data: bytes, digest: FileDigest) -> None:
         raise CorruptCheckpointError(
             f"{path}: checksum mismatch (expected {digest.checksum}, got {checksum.hexdigest()})", path=path
         )
-
-

@@ -214,12 +214,13 @@ class CheckpointStore:
         checked_metrics = validate_metrics(metrics)
         started = time.perf_counter()
         with StepWriter(self, step, overwrite=overwrite) as writer:
-            writer.write_state(flat)
-            if trainer_flat is not None:
-                writer.write_trainer_state(trainer_flat)
+            writer.write_state(flat, trainer_flat)
             info = writer.commit(metrics=checked_metrics, metadata=metadata)
         logger.info(
-            "committed step %d of %s: %d bytes in %.3fs", step, self.run_name, info.files_size,
+            "committed step %d of %s: %d bytes in %.3fs",
+            step,
+            self.run_name,
+            info.files_size,
             time.perf_counter() - started,
         )
         self.retain_after_commit(step)
@@ -445,14 +446,23 @@ class CheckpointStore:
         *,
         verify: bool | None = None,
         mmap: bool = False,
-    ) -> dict[str, Any]:
+        into: Mapping[str, Any] | None = None,
+    ) -> Any:
         """Load a checkpoint's state dict (tensors on CPU), or only ``keys`` of it.
 
         With ``verify_on_load`` every file read whole is checksummed; a mismatch raises
         CorruptCheckpointError naming the file. With ``mmap`` (local storage only) the tensors
         are copy-on-write maps of the files: no copy is made, pages are read when first used and
-        shared with other processes mapping the same checkpoint.
+        shared with other processes mapping the same checkpoint. With ``into`` (a state dict of
+        tensors, DTensors or Shards, e.g. ``model.state_dict()`` of any world size and placement)
+        the given tensors are filled in place, each with only the bytes of its own box, and
+        ``into`` is returned.
         """
+        if into is not None:
+            if keys is not None or mmap:
+                raise ValueError("into= fills the given tensors: pass neither keys nor mmap with it")
+            self._read(self.resolve(step), lambda tier, manifest: tier.reader.load_into(manifest, into))
+            return into
         if mmap and not self.storage.is_local:
             raise ValueError(f"mmap=True needs local storage; run {self.run_name!r} is on {self.storage.uri!r}")
         verify = self.config.verify_on_load if verify is None else verify
@@ -463,8 +473,15 @@ class CheckpointStore:
             lambda tier, manifest: tier.reader.load(manifest, keys, verify=verify, mmap=mmap and tier.storage.is_local),
         )
 
-    def load_trainer_state(self, step: Selector = "latest") -> Any:
-        """The trainer state saved with a checkpoint (None if it had none)."""
+    def load_trainer_state(self, step: Selector = "latest", *, into: Mapping[str, Any] | None = None) -> Any:
+        """The trainer state saved with a checkpoint (None if it had none).
+
+        With ``into`` (e.g. the optimizer state dict from ``get_state_dict``, DTensors included)
+        its tensors are filled in place, resharded to their placements, and ``into`` is returned.
+        """
+        if into is not None:
+            self._read(self.resolve(step), lambda tier, manifest: tier.reader.load_into(manifest, into, trainer=True))
+            return into
         verify = self.config.verify_on_load
         return self._read(
             self.resolve(step), lambda tier, manifest: tier.reader.load_trainer_state(manifest, verify=verify)
@@ -596,8 +613,9 @@ class CheckpointStore:
                 return []
             return self.apply_retention(protected=self.leased_steps() | protected)
         except (OSError, CorruptCheckpointError) as exc:
-            logger.warning("run %s: retention after %s failed (retried by the next change): %s",
-                           self.run_name, event, exc)
+            logger.warning(
+                "run %s: retention after %s failed (retried by the next change): %s", self.run_name, event, exc
+            )
             return []
 
     def gc(self, *, dry_run: bool = False, older_than_s: float = 0.0) -> list[str]:

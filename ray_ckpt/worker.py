@@ -2,35 +2,41 @@
 
 Tensors never travel pickled: in gather mode a rank puts its tensors into the object store as
 uint8 numpy views (one memcpy, then zero-copy to the checkpointer); in direct mode it writes its
-own shards to storage. ``save(blocking=False)`` returns once the state is snapshotted.
+share of the step's plan to storage itself. Sharded state (DTensors, :class:`~ray_ckpt.Shard`)
+is saved shard by shard, and :meth:`WorkerClient.load` reshards into any world size.
+``save(blocking=False)`` returns once the state is snapshotted.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import logging
+import pickle
 import threading
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import ray
+import torch
 import xxhash
 
 from ray_ckpt.checkpointer import (
     CheckpointerHandle,
     RankReport,
-    RankState,
-    TensorMeta,
+    RankResult,
     get_checkpointer,
     note_index_position,
 )
 from ray_ckpt.errors import SaveAbortedError
-from ray_ckpt.format import FlatState, TensorBuffer, flatten_state
+from ray_ckpt.format import FlatState, TensorBuffer, flatten_state, to_buffer, to_tensor
 from ray_ckpt.index import CheckpointInfo
-from ray_ckpt.layout import validate_metrics
+from ray_ckpt.layout import Selector, validate_metrics
+from ray_ckpt.planner import MODEL, TRAINER, SavePlan, describe
+from ray_ckpt.shard import local_part
+from ray_ckpt.storage import Storage
 from ray_ckpt.store import CheckpointStore
-from ray_ckpt.writer import write_shard_file, write_trainer_state_files
+from ray_ckpt.writer import write_share
 
 logger = logging.getLogger(__name__)
 
@@ -46,46 +52,67 @@ def _train_context() -> tuple[int, int] | None:
         return None
 
 
-def _describe(flat: FlatState, with_digests: bool) -> RankState:
-    tensors = {
-        key: TensorMeta(
-            buf.dtype, tuple(buf.shape), buf.nbytes, xxhash.xxh3_64_hexdigest(buf.data) if with_digests else None
-        )
-        for key, buf in flat.tensors.items()
-    }
-    return RankState(tensors, dict(flat.aliases), flat.structure)
+class Snapshot:
+    """Private copies of a rank's state in buffers reused from one save to the next.
 
-
-def _digests(flat: FlatState) -> dict[str, str]:
-    """xxh3 of each tensor's bytes: ranks that hold the same key must hold the same bytes."""
-    return {key: xxhash.xxh3_64_hexdigest(buf.data) for key, buf in flat.tensors.items()}
-
-
-def _set_digests(state: RankState, digests: Mapping[str, str]) -> None:
-    for key, digest in digests.items():
-        state.tensors[key].digest = digest
-
-
-def _copy(flat: FlatState, into: FlatState | None = None) -> FlatState:
-    """A private copy of ``flat``'s bytes, written into ``into``'s buffers when their sizes match.
-
-    Copying into buffers that were used before costs a memcpy; fresh ones also cost a page fault
-    per 4 KiB page, which is most of the time a non-blocking save holds the training loop.
+    A non-blocking save holds the training loop only for this copy. Buffers used before cost a
+    memcpy; fresh ones also cost a page fault per 4 KiB page (most of the time such a save held the
+    loop). Accelerator tensors go into pinned host buffers on a side stream, and :meth:`take`
+    returns once their device-to-host copies are done.
     """
-    spare = into.tensors if into is not None and _same_sizes(into, flat) else None
-    tensors = {}
-    for key, buf in flat.tensors.items():
-        if spare is None:
-            data = buf.data.copy()
-        else:
-            data = spare[key].data
-            np.copyto(data, buf.data)
-        tensors[key] = TensorBuffer(buf.dtype, buf.shape, data)
-    return FlatState(tensors, flat.aliases, flat.structure)
 
+    def __init__(self) -> None:
+        self._spare: dict[str, dict[str, torch.Tensor]] = {}
+        self._lock = threading.Lock()
+        self._streams: dict[Any, Any] = {}
+        self._in_use: dict[int, tuple[str, dict[str, torch.Tensor]]] = {}
 
-def _same_sizes(a: FlatState, b: FlatState) -> bool:
-    return a.tensors.keys() == b.tensors.keys() and all(a.tensors[k].nbytes == b.tensors[k].nbytes for k in b.tensors)
+    def take(self, part: str, state: Mapping[str, Any], what: str) -> FlatState:
+        """A flattened private copy of ``state`` (DTensors and Shards keep their global placement)."""
+        raw = flatten_state(state, what=what, convert=False)
+        with self._lock:
+            spare = self._spare.pop(part, {})
+        copies: dict[str, TensorBuffer] = {}
+        synced = []
+        for key, value in raw.tensors.items():
+            local, global_shape, offsets = local_part(value, key=key)
+            tensor = torch.from_numpy(np.ascontiguousarray(local)) if isinstance(local, np.ndarray) else local
+            if isinstance(tensor, TensorBuffer):
+                tensor = to_tensor(tensor)
+            tensor = tensor.detach()
+            buf = spare.get(key)
+            accelerated = tensor.device.type not in ("cpu", "meta") and torch.accelerator.is_available()
+            if buf is None or buf.shape != tensor.shape or buf.dtype != tensor.dtype:
+                buf = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=accelerated)
+            if accelerated:
+                stream = self._stream(tensor.device)
+                stream.wait_stream(torch.accelerator.current_stream(tensor.device))  # see the loop's writes
+                with stream:
+                    buf.copy_(tensor, non_blocking=True)
+                synced.append(stream)
+            else:
+                buf.copy_(tensor)
+            copy = to_buffer(buf, key=key)
+            copy.global_shape, copy.offsets = global_shape, offsets
+            copies[key] = copy
+            spare[key] = buf
+        for stream in synced:
+            stream.synchronize()  # the device-to-host copies are done: training may go on
+        flat = FlatState(copies, raw.aliases, raw.structure)
+        with self._lock:
+            self._in_use[id(flat)] = (part, spare)
+        return flat
+
+    def give_back(self, flat: FlatState) -> None:
+        """A finished save's buffers serve the next snapshot of the same part."""
+        with self._lock:
+            part, buffers = self._in_use.pop(id(flat))
+            self._spare[part] = buffers
+
+    def _stream(self, device: Any) -> Any:
+        if device not in self._streams:
+            self._streams[device] = torch.Stream(device=device)
+        return self._streams[device]
 
 
 class SaveFuture:
@@ -153,11 +180,8 @@ class WorkerClient:
         self._futures: list[SaveFuture] = []
         self._background: concurrent.futures.ThreadPoolExecutor | None = None
         self._slots = threading.BoundedSemaphore(self.config.max_pending_saves)
-        self._storage = None
-        # The snapshot buffers of the last finished non-blocking direct save, reused by the next one
-        # (same tensor sizes): one copy of this rank's state stays allocated between such saves.
-        self._spare: dict[str, FlatState | None] = {}
-        self._spare_lock = threading.Lock()
+        self._storage: Storage | None = None
+        self._snapshot = Snapshot()
 
     def save(
         self,
@@ -172,11 +196,24 @@ class WorkerClient:
     ) -> SaveFuture:
         """Hand this rank's state for ``step`` to the checkpointer.
 
+        ``state_dict`` and ``trainer_state`` may hold DTensors (FSDP2, tensor parallel, any mesh
+        and placement) or :class:`~ray_ckpt.Shard` values: each rank hands over only its local
+        shard, with no collective, and the step commits full tensors in Hugging Face layout.
+        Every rank's ``trainer_state`` is kept (sharded optimizer state is merged like the model;
+        its non-tensor values must be the same on every rank).
+
         Returns once the state is snapshotted (training may then change the tensors); with
         ``blocking=True`` only after the step has committed. Blocks while ``max_pending_saves``
         saves are in flight (back-pressure).
         """
-        flat = flatten_state(state_dict, what=f"state_dict (rank {self.rank})")
+        if blocking:
+            flat = flatten_state(state_dict, what=f"state_dict (rank {self.rank})")
+            trainer_flat = flatten_state(trainer_state, what="trainer_state") if trainer_state is not None else None
+        else:
+            flat = self._snapshot.take(MODEL, state_dict, f"state_dict (rank {self.rank})")
+            trainer_flat = (
+                self._snapshot.take(TRAINER, trainer_state, "trainer_state") if trainer_state is not None else None
+            )
         if not flat.tensors:
             raise ValueError(f"state_dict (rank {self.rank}): empty (no tensors to save)")
         if self.world_size > 1 and flat.structure is not None:
@@ -184,111 +221,123 @@ class WorkerClient:
                 f"state_dict (rank {self.rank}): with world_size > 1 each rank must pass a flat "
                 "{name: tensor} dict (put nested state in trainer_state)"
             )
-        trainer_flat = None
-        if trainer_state is not None:
-            if self.rank == 0:
-                trainer_flat = flatten_state(trainer_state, what="trainer_state")
-            else:
-                logger.debug("rank %d: trainer_state is taken from rank 0 only; ignoring this rank's", self.rank)
         report = RankReport(
             rank=self.rank,
             world_size=self.world_size,
-            model=_describe(flat, with_digests=False),  # digests (world_size > 1) off the critical path below
-            trainer=_describe(trainer_flat, False) if trainer_flat is not None else None,
+            model=describe(flat),
+            trainer=describe(trainer_flat) if trainer_flat is not None else None,
             metrics=validate_metrics(metrics),
             metadata=dict(metadata or {}),
         )
-        if self.config.write_mode == "direct":
-            future = self._save_direct(step, flat, trainer_flat, report, overwrite, blocking)
-        else:
-            future = self._save_gather(step, flat, trainer_flat, report, overwrite)
-        self._futures = [f for f in self._futures if not f.done()] + [future]
+        flats = {MODEL: flat, TRAINER: trainer_flat}
         if blocking:
-            future.result()
-        return future
-
-    def _save_gather(
-        self, step: int, flat: FlatState, trainer_flat: FlatState | None, report: RankReport, overwrite: bool
-    ) -> SaveFuture:
-        # ray.put is the snapshot (one copy into the object store); replicated keys are compared
-        # by the checkpointer, which has every rank's bytes: nothing else holds the training loop.
-        report.model_ref = [ray.put({k: b.data for k, b in flat.tensors.items()})]
-        if trainer_flat is not None:
-            report.trainer_ref = [ray.put({k: b.data for k, b in trainer_flat.tensors.items()})]
-        actor = self.handle.actor
-        _get(actor.report.remote(step, report, overwrite), step)  # waits here under back-pressure
-        return SaveFuture(step, ref=actor.wait_committed_at.remote(step), actor=actor)
-
-    def _save_direct(
-        self,
-        step: int,
-        flat: FlatState,
-        trainer_flat: FlatState | None,
-        report: RankReport,
-        overwrite: bool,
-        blocking: bool,
-    ) -> SaveFuture:
-        if blocking:
-            fut: concurrent.futures.Future = concurrent.futures.Future()
+            future: concurrent.futures.Future = concurrent.futures.Future()
             try:
-                fut.set_result(self._write_direct(step, flat, trainer_flat, report, overwrite))
+                future.set_result(self._run(step, flats, report, overwrite))
             except BaseException as exc:
-                fut.set_exception(exc)
-            return SaveFuture(step, future=fut)
-        with self._spare_lock:
-            spare_model, spare_trainer = self._spare.pop("model", None), self._spare.pop("trainer", None)
-        # snapshot: training may change the tensors once we return
-        flat = _copy(flat, into=spare_model)
-        trainer_flat = _copy(trainer_flat, into=spare_trainer) if trainer_flat is not None else None
-        if self._background is None:
-            self._background = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ray-ckpt-direct")
-        self._slots.acquire()
-        future = self._background.submit(self._write_direct, step, flat, trainer_flat, report, overwrite)
+                future.set_exception(exc)
+        else:
+            if self._background is None:
+                self._background = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ray-ckpt-save")
+            self._slots.acquire()
+            future = self._background.submit(self._run, step, flats, report, overwrite)
 
-        def finished(_: concurrent.futures.Future) -> None:
-            with self._spare_lock:
-                self._spare = {"model": flat, "trainer": trainer_flat}
-            self._slots.release()
+            def finished(_: concurrent.futures.Future) -> None:
+                for part_flat in flats.values():
+                    if part_flat is not None:
+                        self._snapshot.give_back(part_flat)
+                self._slots.release()
 
-        future.add_done_callback(finished)
-        return SaveFuture(step, future=future)
+            future.add_done_callback(finished)
+        save = SaveFuture(step, future=future)
+        self._futures = [f for f in self._futures if not f.done()] + [save]
+        if blocking:
+            save.result()
+        return save
 
-    def _write_direct(
-        self, step: int, flat: FlatState, trainer_flat: FlatState | None, report: RankReport, overwrite: bool
+    def _run(
+        self, step: int, flats: dict[str, FlatState | None], report: RankReport, overwrite: bool
     ) -> CheckpointInfo:
+        """This rank's part of the save protocol (see :mod:`ray_ckpt.planner`): join, write its share, finish."""
         actor = self.handle.actor
-        if self.world_size > 1:  # of the snapshot when not blocking: the loop does not wait for them
-            _set_digests(report.model, _digests(flat))
-        plan = _get(actor.plan_direct.remote(step, self.rank, self.world_size, report.model, overwrite), step)
-        try:
-            if self._storage is None:
-                self._storage = CheckpointStore(config=self.config).storage
-            directory, shards = plan.directory, plan.shards
-            files = {
-                s.name: write_shard_file(
-                    self._storage,
-                    directory,
-                    s,
-                    flat.tensors,
-                    self.config.checkpoint_format,
-                    direct_io=self.config.direct_io,
-                )
-                for s in shards
-            }
-            if trainer_flat is not None:
-                files.update(write_trainer_state_files(self._storage, directory, trainer_flat))
-        except Exception as exc:
-            actor.abort_step.remote(step, f"rank {self.rank} failed to write its shards: {exc}")
-            raise
-        report.files = files
-        _get(actor.report_direct.remote(step, report), step)
+        if self.config.write_mode == "gather":
+            # ray.put copies into the object store; the master writes every file from there.
+            report.model_ref = [_put(flats[MODEL])]
+            if flats[TRAINER] is not None:
+                report.trainer_ref = [_put(flats[TRAINER])]
+            _get(actor.report.remote(step, report, overwrite), step)  # waits here under back-pressure
+            return _committed(actor, _get(actor.wait_committed_at.remote(step), step))
+        plan: SavePlan = _get(actor.plan.remote(step, report, overwrite, "direct"), step)
+        if not plan.idle(self.rank):
+            try:
+                result = self._write_share(plan, flats)
+            except Exception as exc:
+                actor.abort_step.remote(step, _sendable(exc), self.rank)
+                raise
+            _get(actor.finish_rank.remote(step, result), step)
         return _committed(actor, _get(actor.wait_committed_at.remote(step), step))
+
+    def _write_share(self, plan: SavePlan, flats: dict[str, FlatState | None]) -> RankResult:
+        """Write what the plan gives this rank: its files, its ranges of shared files; hash its replicas."""
+
+        def source(part: str, key: str, rank: int) -> np.ndarray:
+            return flats[part].tensors[key].data  # type: ignore[union-attr]
+
+        if self._storage is None:
+            self._storage = CheckpointStore(config=self.config).storage
+        result = RankResult(self.rank)
+        result.files = write_share(self._storage, plan, self.rank, source, direct_io=self.config.direct_io)
+        result.digests = {
+            (p, k): xxhash.xxh3_64_hexdigest(source(p, k, self.rank)) for p, k in plan.replicas(self.rank)
+        }
+        sends = plan.sends(self.rank)
+        for part in (MODEL, TRAINER):
+            keys = [k for p, k in sends if p == part]
+            if keys:
+                ref = [ray.put({k: source(part, k, self.rank) for k in keys})]
+                if part == MODEL:
+                    result.model_ref = ref
+                else:
+                    result.trainer_ref = ref
+        return result
+
+    def load(
+        self, step: Selector = "latest", *, into: Mapping[str, Any], trainer_into: Mapping[str, Any] | None = None
+    ) -> int:
+        """Fill this rank's tensors in place from a committed step; the step loaded.
+
+        ``into`` is this rank's state dict (tensors, DTensors of any mesh and placement, Shards):
+        each value gets only its own box of the saved tensor, read straight from storage (positioned
+        reads locally, ranged reads on an object store), whatever world size saved the step.
+        ``trainer_into`` (e.g. the optimizer state from ``get_state_dict``) is filled the same way.
+        """
+        store = CheckpointStore(config=self.config)
+        resolved = store.resolve(step)
+        store.load(resolved, into=into)
+        if trainer_into is not None:
+            store.load_trainer_state(resolved, into=trainer_into)
+        return resolved
 
     def wait(self, timeout: float | None = None) -> list[CheckpointInfo]:
         """Wait for every pending save of this worker; returns their CheckpointInfos."""
         results = [f.result(timeout) for f in self._futures]
         self._futures = []
         return results
+
+
+def _put(flat: FlatState | None) -> Any:
+    """One object-store copy of a flattened state's bytes ({key: uint8 numpy view}, never pickled)."""
+    assert flat is not None
+    return ray.put({k: b.data for k, b in flat.tensors.items()})
+
+
+def _sendable(exc: BaseException) -> BaseException:
+    """The exception itself when Ray can pass it to the master, else a RuntimeError with its text."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:  # noqa: BLE001 - anything unpicklable travels as text
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
 
 
 def _committed(actor: Any, result: tuple[CheckpointInfo, tuple[str, int] | None]) -> CheckpointInfo:

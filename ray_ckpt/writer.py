@@ -12,16 +12,20 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import logging
+import math
+import os
 import posixpath
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from ray_ckpt.config import CheckpointConfig
 from ray_ckpt.errors import CorruptCheckpointError
 from ray_ckpt.format import (
+    DTYPE_SIZE,
     Checksum,
     FileDigest,
     FlatState,
@@ -30,10 +34,7 @@ from ray_ckpt.format import (
     TensorBuffer,
     hf_index_bytes,
     index_file_name,
-    plan_shards,
-    safetensors_layout,
     to_tensor,
-    write_safetensors,
 )
 from ray_ckpt.index import CheckpointInfo
 from ray_ckpt.layout import (
@@ -44,8 +45,7 @@ from ray_ckpt.layout import (
     MARKER_FILE,
     REPLACE_RE,
     RETIRING_FILE,
-    TRAINER_JSON,
-    TRAINER_TENSORS,
+    TRAINER_STATE_JSON,
     Manifest,
     parse_step_dir,
     retired_dir,
@@ -53,6 +53,20 @@ from ray_ckpt.layout import (
     step_dir,
     validate_metrics,
 )
+from ray_ckpt.planner import (
+    MASTER,
+    MODEL,
+    SHARED,
+    TRAINER,
+    FilePlan,
+    PartPlan,
+    RankState,
+    SavePlan,
+    TensorLayout,
+    describe,
+    plan_save,
+)
+from ray_ckpt.shard import box_runs, box_view
 from ray_ckpt.storage import Storage, is_temp_name
 
 logger = logging.getLogger(__name__)
@@ -99,32 +113,90 @@ class StepWriter:
         self.replace_id: str | None = store.prepare_step(step, overwrite=overwrite)
         self.dir = step_dir(step) if self.replace_id is None else staging_dir(step, self.replace_id)
 
-    # -- model shards -------------------------------------------------------------------------
-    def plan(self, groups: Iterable[Iterable[tuple[str, int]]]) -> list[ShardSpec]:
-        """Shard plan for (key, nbytes) groups, one group per rank (see :func:`plan_shards`)."""
-        fmt = self.store.config.checkpoint_format
-        prefix, ext = ("model", "safetensors") if fmt == "safetensors" else ("pytorch_model", "bin")
-        return plan_shards(groups, int(self.store.config.max_shard_size), prefix=prefix, ext=ext)
+    # -- planned files (the one write path of every save) ---------------------------------------
+    def plan(self, states: Mapping[int, Mapping[str, RankState | None]], *, mode: str = "gather") -> SavePlan:
+        """The plan of this step from every rank's descriptions (see :func:`ray_ckpt.planner.plan_save`).
 
-    def write_shard(self, shard: ShardSpec, buffers: Mapping[str, TensorBuffer]) -> FileDigest:
-        """Write one shard file from in-memory buffers (streamed, no extra copy)."""
+        SHARED files (direct mode, tensors chunked over ranks, local disk) are created here, header
+        written and sized, so that every rank can write its byte ranges into place.
+        """
         config = self.store.config
-        digest = write_shard_file(
-            self.store.storage, self.dir, shard, buffers, config.checkpoint_format, direct_io=config.direct_io
+        plan = plan_save(
+            self.step,
+            states,
+            directory=self.dir,
+            mode=mode,  # type: ignore[arg-type]
+            max_shard_size=int(config.max_shard_size),
+            fmt=config.checkpoint_format,
+            local_storage=self.store.storage.is_local,
         )
-        self.files[shard.name] = digest
-        return digest
+        for _, fplan in plan.streams(SHARED):
+            create_shared_file(self.store.storage, self.dir, fplan)
+        return plan
 
-    def write_shards(self, shards: list[ShardSpec], buffers: Mapping[str, TensorBuffer]) -> None:
-        """Write every shard; on a local disk up to SHARD_WRITERS at once (parallel writes and fsyncs)."""
-        if len(shards) < 2 or not self.store.storage.is_local:
-            for shard in shards:
-                self.write_shard(shard, buffers)
-            return
-        workers = min(SHARD_WRITERS, len(shards))
-        with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="ray-ckpt-shard") as pool:
-            for future in [pool.submit(self.write_shard, shard, buffers) for shard in shards]:
-                future.result()  # the first error; leaving the pool still waits for the other writes
+    def write_share(self, plan: SavePlan, source: ChunkSource) -> None:
+        """Write the master's share of a plan (every file in gather mode)."""
+        self.files.update(write_share(self.store.storage, plan, MASTER, source, direct_io=self.store.config.direct_io))
+
+    def seal_shared(self, plan: SavePlan) -> None:
+        """fsync and checksum the SHARED files once every rank has written its ranges into them."""
+        for _, fplan in plan.streams(SHARED):
+            self.files[fplan.name] = seal_file(self.store.storage, f"{self.dir}/{fplan.name}")
+
+    def write_indexes(self, plan: SavePlan) -> None:
+        """Write each part's index (the HF ``*.index.json``; trainer_state.json) and record them for the marker."""
+        model = plan.parts.get(MODEL)
+        if model is not None:
+            fmt = plan.fmt
+            name = index_file_name(*(("model", "safetensors") if fmt == "safetensors" else ("pytorch_model", "bin")))
+            shards = [ShardSpec(f.name, list(f.keys)) for f in model.files]
+            self._write_small(name, hf_index_bytes(shards, model.total_size))
+            self.model = {
+                "format": fmt,
+                "index": name,
+                "total_size": model.total_size,
+                "structure": model.structure,
+                "aliases": dict(model.aliases),
+            }
+            chunks = plan.chunk_map(MODEL)
+            if chunks:
+                self.model["sharded"] = chunks
+        trainer = plan.parts.get(TRAINER)
+        if trainer is not None:
+            payload = {
+                "format_version": FORMAT_VERSION,
+                "structure": trainer.structure,
+                "aliases": dict(trainer.aliases),
+                "weight_map": {key: layout.file for key, layout in trainer.tensors.items()},
+            }
+            chunks = plan.chunk_map(TRAINER)
+            if chunks:
+                payload["sharded"] = chunks
+            self._write_small(TRAINER_STATE_JSON, json.dumps(payload, indent=1).encode())
+            self.trainer_state = True
+
+    def write_state(self, flat: FlatState | None, trainer: FlatState | None = None) -> SavePlan:
+        """Plan and write a single process's state (and trainer state), with their indexes."""
+        states = {
+            0: {
+                MODEL: describe(flat) if flat is not None else None,
+                TRAINER: describe(trainer) if trainer is not None else None,
+            }
+        }
+        plan = self.plan(states)
+        flats = {MODEL: flat, TRAINER: trainer}
+        self.write_share(plan, lambda part, key, rank: flats[part].tensors[key].data)  # type: ignore[union-attr]
+        self.write_indexes(plan)
+        return plan
+
+    def write_trainer_state(self, flat: FlatState) -> None:
+        """Write a trainer state alone (a step of trainer files, e.g. the Metta layout)."""
+        self.write_state(None, flat)
+
+    def adopt_records(self, manifest: Manifest) -> None:
+        """Record the model index and trainer state of a step whose files were copied here as-is."""
+        self.model = dict(manifest.model)
+        self.trainer_state = manifest.trainer_state
 
     def add_file(self, name: str, digest: FileDigest) -> None:
         """Record a file some other process wrote into the step directory (direct mode)."""
@@ -151,46 +223,6 @@ class StepWriter:
                         f"{name}: size {size} differs from the reported {files[name].size}", path=name
                     )
         self.files.update(files)
-        if TRAINER_TENSORS in files:
-            self.trainer_state = True
-
-    def write_model_index(
-        self,
-        shards: list[ShardSpec],
-        total_size: int,
-        *,
-        structure: Any = None,
-        aliases: Mapping[str, str] | None = None,
-    ) -> None:
-        """Write the HF ``*.index.json`` and remember what the marker says of the model."""
-        fmt = self.store.config.checkpoint_format
-        name = (
-            index_file_name("model", "safetensors") if fmt == "safetensors" else index_file_name("pytorch_model", "bin")
-        )
-        self._write_small(name, hf_index_bytes(shards, total_size))
-        self.model = {
-            "format": fmt,
-            "index": name,
-            "total_size": total_size,
-            "structure": structure,
-            "aliases": dict(aliases or {}),
-        }
-
-    def write_state(self, flat: FlatState) -> None:
-        """Plan, write every shard of a flattened state and its index (single-process save)."""
-        shards = self.plan([[(k, b.nbytes) for k, b in flat.tensors.items()]])
-        self.write_shards(shards, flat.tensors)
-        self.write_model_index(shards, flat.total_size, structure=flat.structure, aliases=flat.aliases)
-
-    def adopt_records(self, manifest: Manifest) -> None:
-        """Record the model index and trainer state of a step whose files were copied here as-is."""
-        self.model = dict(manifest.model)
-        self.trainer_state = manifest.trainer_state
-
-    def write_trainer_state(self, flat: FlatState) -> None:
-        """Write trainer_state.safetensors (tensors) + trainer_state.json (structure)."""
-        self.files.update(write_trainer_state_files(self.store.storage, self.dir, flat))
-        self.trainer_state = True
 
     def _write_small(self, name: str, data: bytes) -> None:
         self.files[name] = write_small_file(self.store.storage, self.dir, name, data)
@@ -330,48 +362,153 @@ def write_small_file(storage: Storage, directory: str, name: str, data: bytes) -
     return FileDigest(len(data), checksum.hexdigest())
 
 
-def write_trainer_state_files(storage: Storage, directory: str, flat: FlatState) -> dict[str, FileDigest]:
-    """Write trainer_state.safetensors + trainer_state.json (used by the store and by rank 0 in direct mode)."""
-    keys = list(flat.tensors)
-    digests = {
-        TRAINER_TENSORS: storage.write_stream(
-            f"{directory}/{TRAINER_TENSORS}", lambda f: write_safetensors(f, flat.tensors, keys)
+ChunkSource = Callable[[str, str, int], np.ndarray]
+"""(part, key, rank) -> that rank's bytes of the key, a flat uint8 array (its local chunk)."""
+
+
+def write_share(
+    storage: Storage, plan: SavePlan, writer: int, source: ChunkSource, *, direct_io: bool = True
+) -> dict[str, FileDigest]:
+    """Execute one writer's share of a plan: the files it streams and its ranges of SHARED files.
+
+    The one write path: the master (``writer=MASTER``) and every rank in a direct-mode save call
+    it. Streamed files go SHARD_WRITERS at a time on a local disk (parallel writes and fsyncs).
+    Returns the digests of the files written whole; SHARED files are sealed by the master.
+    """
+    streams = plan.streams(writer)
+    files: dict[str, FileDigest] = {}
+
+    def one(item: tuple[PartPlan, FilePlan]) -> None:
+        part, fplan = item
+        files[fplan.name] = write_planned_file(
+            storage, plan.directory, part, fplan, source, plan.fmt, direct_io=direct_io
         )
-    }
-    payload = {"format_version": FORMAT_VERSION, "structure": flat.structure, "aliases": flat.aliases}
-    digests[TRAINER_JSON] = write_small_file(storage, directory, TRAINER_JSON, json.dumps(payload, indent=1).encode())
-    return digests
+
+    if len(streams) < 2 or not storage.is_local:
+        for item in streams:
+            one(item)
+    else:
+        with concurrent.futures.ThreadPoolExecutor(min(SHARD_WRITERS, len(streams)), "ray-ckpt-shard") as pool:
+            for future in [pool.submit(one, item) for item in streams]:
+                future.result()  # the first error; leaving the pool still waits for the other writes
+    pieces = plan.pieces(writer)
+    if pieces:
+        write_pieces(storage, plan.directory, pieces, source)
+    return files
 
 
-def write_shard_file(
+def write_planned_file(
     storage: Storage,
     directory: str,
-    shard: ShardSpec,
-    buffers: Mapping[str, TensorBuffer],
+    part: PartPlan,
+    fplan: FilePlan,
+    source: ChunkSource,
     fmt: str = "safetensors",
     *,
     direct_io: bool = True,
 ) -> FileDigest:
-    """Write one shard into ``directory`` (used by the store and by ranks in direct mode).
+    """Stream one planned file: its header, then each tensor's bytes, hashed on the way out.
 
-    With ``direct_io`` a big safetensors shard on a local disk bypasses the page cache."""
-    missing = [k for k in shard.keys if k not in buffers]
-    if missing:
-        raise KeyError(f"{shard.name}: no buffer for keys {missing[:5]}")
-    path = f"{directory}/{shard.name}"
-    if fmt == "safetensors":
-        layout = safetensors_layout(buffers, shard.keys)  # a header no reader could open is refused here
-        size = sum(buffers[k].nbytes for k in shard.keys) if direct_io else 0
-        return storage.write_stream(
-            path, lambda f: write_safetensors(f, buffers, shard.keys, layout=layout), size_hint=size
-        )
+    A tensor held whole by one rank is written from that rank's buffer (no copy); one chunked over
+    ranks is assembled in a buffer of its own size first (memory bounded by the biggest tensor).
+    """
+    path = f"{directory}/{fplan.name}"
+    if fmt != "safetensors":
 
-    def write_pt(f: Any) -> FileDigest:
+        def write_pt(f: Any) -> FileDigest:
+            out = HashingWriter(f)
+            tensors = {}
+            for key in fplan.keys:
+                layout = part.tensors[key]
+                data = source(part.part, key, layout.chunks[0].writer)
+                tensors[key] = to_tensor(TensorBuffer(layout.dtype, layout.shape, data))
+            torch.save(tensors, out)
+            return FileDigest(out.size, out.checksum.hexdigest())
+
+        return storage.write_stream(path, write_pt)
+
+    def write(f: Any) -> FileDigest:
         out = HashingWriter(f)
-        torch.save({k: to_tensor(buffers[k]) for k in shard.keys}, out)
+        out.write(fplan.header)
+        for key in fplan.keys:
+            layout = part.tensors[key]
+            if not layout.nbytes:
+                continue
+            out.write(assemble(layout, lambda rank, key=key: source(part.part, key, rank)))
         return FileDigest(out.size, out.checksum.hexdigest())
 
-    return storage.write_stream(path, write_pt)
+    return storage.write_stream(path, write, size_hint=fplan.size if direct_io else 0)
+
+
+def assemble(layout: TensorLayout, chunk_bytes: Callable[[int], np.ndarray]) -> np.ndarray:
+    """A tensor's full bytes from its chunks (a whole tensor's buffer as it is, without a copy)."""
+    if layout.whole:
+        return chunk_bytes(layout.chunks[0].writer)
+    full = np.empty(layout.nbytes, dtype=np.uint8)
+    itemsize = DTYPE_SIZE[layout.dtype]
+    for chunk in layout.chunks:
+        if math.prod(chunk.shape):
+            data = chunk_bytes(chunk.writer)
+            box_view(full, layout.shape, chunk.offsets, chunk.shape)[...] = data.reshape(*chunk.shape, itemsize)
+    return full
+
+
+def write_pieces(
+    storage: Storage, directory: str, pieces: list[tuple[PartPlan, FilePlan, TensorLayout, int]], source: ChunkSource
+) -> int:
+    """Write chunks into place in SHARED files (positioned writes; local disk only); bytes written."""
+    written = 0
+    fds: dict[str, int] = {}
+    try:
+        for part, fplan, layout, index in pieces:
+            chunk = layout.chunks[index]
+            if fplan.name not in fds:
+                local = storage.local_path(f"{directory}/{fplan.name}")
+                if local is None:
+                    raise ValueError(f"{fplan.name}: positioned writes need local storage, not {storage.uri!r}")
+                fds[fplan.name] = os.open(local, os.O_WRONLY)
+            fd = fds[fplan.name]
+            starts, length = box_runs(layout.shape, chunk.offsets, chunk.shape, DTYPE_SIZE[layout.dtype])
+            view = memoryview(source(part.part, layout.key, chunk.writer)).cast("B")
+            for n, start in enumerate(starts.tolist()):
+                piece = view[n * length : (n + 1) * length]
+                position = layout.begin + start
+                while piece:
+                    done = os.pwrite(fd, piece, position)
+                    piece, position = piece[done:], position + done
+                written += length
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return written
+
+
+def create_shared_file(storage: Storage, directory: str, fplan: FilePlan) -> None:
+    """Create a SHARED file at its final size with its header written: ranks fill in the rest."""
+
+    def write(f: Any) -> None:
+        f.write(fplan.header)
+        f.flush()
+        os.ftruncate(f.fileno(), fplan.size)
+
+    storage.write_stream(f"{directory}/{fplan.name}", write, durable=False)
+
+
+def seal_file(storage: Storage, path: str) -> FileDigest:
+    """fsync a file others wrote into and read it back for its digest (the page cache serves it)."""
+    local = storage.local_path(path)
+    assert local is not None
+    fd = os.open(local, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    checksum, size = Checksum(), 0
+    with storage.open_read(path) as f:
+        while chunk := f.read(COPY_CHUNK):
+            checksum.update(chunk)
+            size += len(chunk)
+    return FileDigest(size, checksum.hexdigest())
 
 
 def collect_leftovers(
@@ -448,6 +585,7 @@ def _recover_replacement(
     if not dry_run:
         storage.rm(path, recursive=True, missing_ok=True)
     return [path]
+
 
 def _age(storage: Storage, path: str, now: float) -> float:
     """Seconds since anything under ``path`` last changed (inf when unknown).
