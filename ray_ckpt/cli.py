@@ -1,21 +1,45 @@
-"""The ``ray-ckpt`` command line: list, rank, inspect, verify, retain, collect, migrate and plot checkpoints.
+"""The ``ray-ckpt`` command line (also ``python -m ray_ckpt``).
 
-Human-readable tables by default, ``--json`` for scripts. Errors exit non-zero with a one-line
-message (``--debug`` shows the traceback). Everything goes through the library: the store for
-runs, :mod:`ray_ckpt.legacy` for legacy files, :mod:`ray_ckpt.migrate` for migration.
+Commands: ``ls`` (a run's checkpoints, or the runs under a storage root), ``best``, ``inspect``,
+``verify``, ``gc``, ``retention``, ``migrate`` (legacy files and model folders into runs),
+``import`` (one model folder or file as a step of a run), ``export`` (a step as a standalone
+Hugging Face folder), ``download`` (a step's files, checksum-verified) and ``plot``.
+
+Tables (rich) and byte progress bars on a terminal, plain text on pipes, ``--json`` for scripts
+(errors too: ``{"error": ..., "type": ...}``). Errors exit non-zero with a one-line message
+(``--debug`` shows the traceback); a closed pipe (``ray-ckpt ls | head``) ends quietly. See
+docs/CLI.md. Everything goes through the library: the store for runs, :mod:`ray_ckpt.legacy`
+for legacy files and model folders, :mod:`ray_ckpt.migrate` for migration and import.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import io
 import json
 import logging
 import math
 import os
+import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from importlib import metadata
 from typing import Any
+
+from rich import box
+from rich.console import Console
+from rich.filesize import decimal
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
 
 from ray_ckpt.artifact import CheckpointArtifact, load_from_uri, open_run
 from ray_ckpt.errors import (
@@ -24,8 +48,16 @@ from ray_ckpt.errors import (
     CorruptCheckpointError,
     RayCkptError,
 )
-from ray_ckpt.format import read_safetensors_header
-from ray_ckpt.layout import CHECKPOINTS_DIR, MARKER_FILE, TRAINER_TENSORS, parse_step_dir, step_dir
+from ray_ckpt.format import Checksum, FileDigest, read_safetensors_header
+from ray_ckpt.layout import (
+    CHECKPOINTS_DIR,
+    INDEX_LOG_DIR,
+    INDEX_SNAPSHOT,
+    MARKER_FILE,
+    TRAINER_TENSORS,
+    parse_step_dir,
+    step_dir,
+)
 from ray_ckpt.retention import LEASED, explain, policy_from_config
 from ray_ckpt.safejson import parse_json
 from ray_ckpt.store import CheckpointStore
@@ -34,7 +66,22 @@ from ray_ckpt.uri import ParsedURI, parse_uri
 EXIT_OK = 0
 EXIT_ERROR = 1  # corruption, a missing run or checkpoint, a failed migration
 EXIT_USAGE = 2  # bad arguments or a malformed URI
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
+EXIT_BROKEN_PIPE = 141  # the reader of stdout went away (128 + SIGPIPE), as coreutils exit
 STORAGE_OPTIONS_ENV = "RAY_CKPT_STORAGE_OPTIONS"
+COPY_CHUNK = 8 << 20  # bytes per read when export/download copy a file
+
+SELECTOR_GRAMMAR = ":latest (the default), :best (by the run's metric, or --metric), :vN or :step_N (step N)"
+RUN_URI_HELP = (
+    "a run: <storage>/<run_name>, where <storage> is a path, file:// or s3://bucket/prefix (any fsspec URI), "
+    f"optionally followed by a selector: {SELECTOR_GRAMMAR}; e.g. s3://bucket/runs/exp:best. "
+    "A step directory <run>/checkpoints/step_NNNNNNNNN works too"
+)
+CKPT_URI_HELP = (
+    f"a checkpoint: a run URI with a selector ({SELECTOR_GRAMMAR}), a step directory, a legacy file "
+    "(.pt/.pth/.bin/.ckpt/.safetensors), a Hugging Face model folder or its model.safetensors.index.json, "
+    "or mock://NAME"
+)
 
 logger = logging.getLogger("ray_ckpt.cli")
 
@@ -51,13 +98,8 @@ class CommandError(Exception):
 # Output helpers.
 # ---------------------------------------------------------------------------------------------
 def human_size(n: int | float) -> str:
-    """``1234567`` -> ``1.2 MB`` (decimal units, as the config's size parser uses)."""
-    value = float(n)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(value) < 1000 or unit == "TB":
-            return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    return f"{value:.1f} TB"  # pragma: no cover
+    """``1234567`` -> ``1.2 MB`` (decimal units, as the config's size parser uses; rich's formatter)."""
+    return decimal(int(n))
 
 
 def _fmt_number(value: float) -> str:
@@ -72,44 +114,80 @@ def _fmt_time(ts: float) -> str:
     return datetime.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def render_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A plain left-aligned text table."""
-    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+def _stdout_is_terminal() -> bool:
+    return bool(getattr(sys.stdout, "isatty", lambda: False)())
 
 
-class Progress:
-    """A one-line progress indicator on stderr, shown only when stderr is a terminal."""
-
-    def __init__(self, total: int, label: str) -> None:
-        self.total = total
-        self.label = label
-        self.enabled = sys.stderr.isatty() and total > 1
-        self.count = 0
-
-    def advance(self, what: str = "") -> None:
-        self.count += 1
-        if self.enabled:
-            width = 24
-            filled = int(width * self.count / max(self.total, 1))
-            bar = "#" * filled + "." * (width - filled)
-            sys.stderr.write(f"\r{self.label} [{bar}] {self.count}/{self.total} {what[:40]:<40}")
-            sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
+def render_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> Table:
+    """A rich table: ruled and styled on a terminal, plain aligned columns on a pipe."""
+    terminal = _stdout_is_terminal()
+    table = Table(
+        box=box.SIMPLE_HEAD if terminal else None,
+        show_edge=False,
+        pad_edge=False,
+        highlight=False,
+        header_style="bold" if terminal else "",
+    )
+    for header in headers:
+        table.add_column(str(header), overflow="fold" if terminal else "ignore", no_wrap=not terminal)
+    for row in rows:
+        table.add_row(*(str(c) for c in row))
+    return table
 
 
-def _emit(args: argparse.Namespace, payload: Any, human: Callable[[], str]) -> None:
-    if getattr(args, "json", False):
-        print(json.dumps(payload, indent=2, default=str))
+def plain_text(renderable: Any) -> str:
+    """A renderable (a table, a string) as plain text: no colour, no wrapping, no trailing blanks."""
+    if isinstance(renderable, str):
+        return renderable
+    console = Console(file=io.StringIO(), width=1 << 16, no_color=True, highlight=False, emoji=False)
+    with console.capture() as captured:
+        console.print(renderable)
+    return "\n".join(line.rstrip() for line in captured.get().rstrip("\n").splitlines())
+
+
+def _show(parts: Any) -> None:
+    """Print text and tables on stdout: through rich on a terminal, as plain text on a pipe."""
+    items = list(parts) if isinstance(parts, (list, tuple)) else [parts]
+    if _stdout_is_terminal():
+        console = Console(file=sys.stdout, highlight=False)
+        for item in items:
+            console.print(item, markup=False) if isinstance(item, str) else console.print(item)
     else:
-        print(human())
+        print("\n".join(plain_text(item) for item in items), flush=True)
+
+
+@contextlib.contextmanager
+def byte_progress(label: str, total: int, *, enabled: bool = True) -> Iterator[Callable[..., None]]:
+    """A rich progress bar on stderr (bytes, rate, ETA), shown only when stderr is a terminal.
+
+    Yields ``advance(nbytes, what="")``.
+    """
+    shown = enabled and bool(getattr(sys.stderr, "isatty", lambda: False)())
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=Console(file=sys.stderr),
+        disable=not shown,
+        transient=False,
+    )
+    with progress:
+        task = progress.add_task(label, total=max(total, 0))
+
+        def advance(nbytes: int, what: str = "") -> None:
+            progress.update(task, advance=nbytes, description=f"{label} {what}".rstrip())
+
+        yield advance
+
+
+def _emit(args: argparse.Namespace, payload: Any, human: Callable[[], str | Sequence[Any]]) -> None:
+    """``payload`` as JSON under ``--json``, else what ``human()`` returns (text and tables)."""
+    if getattr(args, "json", False):
+        print(json.dumps(payload, indent=2, default=str), flush=True)
+    else:
+        _show(human())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,7 +258,78 @@ def _marks(store: CheckpointStore) -> tuple[set[int], set[int], int | None]:
 # ---------------------------------------------------------------------------------------------
 # Commands.
 # ---------------------------------------------------------------------------------------------
+def _is_run(storage: Any) -> bool:
+    """Whether a directory holds a ray-ckpt run (its checkpoints or its index)."""
+    return any(storage.exists(name) for name in (CHECKPOINTS_DIR, INDEX_SNAPSHOT, INDEX_LOG_DIR))
+
+
+def _runs_under(args: argparse.Namespace, parsed: ParsedURI) -> list[CheckpointStore] | None:
+    """The runs directly under a directory that is not a run itself (a storage root); None when it is a run."""
+    from ray_ckpt.storage import Storage
+    from ray_ckpt.uri import validate_run_name
+
+    if parsed.kind != "run" or parsed.selector is not None:
+        return None
+    options = _storage_options(args)
+    root = Storage(parsed.location, options)
+    if _is_run(root):
+        return None
+    runs = []
+    for name in root.list_names(""):
+        try:
+            validate_run_name(name)
+        except ConfigError:
+            continue
+        if _is_run(Storage(root.url(name), options)):
+            runs.append(open_run(root.url(name), options, metric_name=getattr(args, "metric", None)))
+    return runs if runs else None
+
+
+def _ls_runs(args: argparse.Namespace, location: str, runs: list[CheckpointStore]) -> int:
+    """``ls`` of a storage root: one row per run."""
+    rows = []
+    for store in runs:
+        records = store.list()
+        best = store.best() if store.config.metric_name else None
+        rows.append(
+            {
+                "run": store.run_name,
+                "uri": store.uri,
+                "checkpoints": len(records),
+                "latest_step": records[-1].step if records else None,
+                "best_step": best.step if best is not None else None,
+                "metric_name": store.config.metric_name,
+                "files_size": sum(r.files_size for r in records),
+                "updated": max((r.created for r in records), default=0.0),
+            }
+        )
+
+    def human() -> list[Any]:
+        table = render_table(
+            ["run", "checkpoints", "latest", "best", "size", "updated"],
+            [
+                (
+                    r["run"],
+                    r["checkpoints"],
+                    "-" if r["latest_step"] is None else r["latest_step"],
+                    "-" if r["best_step"] is None else f"{r['best_step']} ({r['metric_name']})",
+                    human_size(r["files_size"]),
+                    _fmt_time(r["updated"]),
+                )
+                for r in rows
+            ],
+        )
+        return [f"storage {location}: {len(rows)} run(s)", table]
+
+    _emit(args, {"storage": location, "runs": rows}, human)
+    return EXIT_OK
+
+
 def cmd_ls(args: argparse.Namespace) -> int:
+    parsed = parse_uri(args.run_uri)
+    runs = _runs_under(args, parsed)
+    if runs is not None:
+        return _ls_runs(args, parsed.location, runs)
     store, _ = _open(args)
     records = store.list()
     keep, leased, best = _marks(store)
@@ -232,7 +381,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
                 for r, marks in rows
             ],
         )
-        return f"{head}\n{table}"
+        return [head, table]
 
     _emit(args, payload, human)
     return EXIT_OK
@@ -297,7 +446,9 @@ def _inspect_run(args: argparse.Namespace, parsed: ParsedURI) -> dict[str, Any]:
     try:
         arch = store.read_architecture()
         architecture: dict[str, Any] | None = {
-            "class_path": arch.class_path, "config": arch.config, "config_class": arch.config_class
+            "class_path": arch.class_path,
+            "config": arch.config,
+            "config_class": arch.config_class,
         }
     except FileNotFoundError:
         architecture = None
@@ -324,8 +475,13 @@ def _tensor_rows(state: Any, prefix: str) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     if isinstance(state, torch.Tensor):
         return [
-            {"key": prefix, "dtype": str(state.dtype).removeprefix("torch."), "shape": list(state.shape),
-             "nbytes": state.numel() * state.element_size(), "file": ""}
+            {
+                "key": prefix,
+                "dtype": str(state.dtype).removeprefix("torch."),
+                "shape": list(state.shape),
+                "nbytes": state.numel() * state.element_size(),
+                "file": "",
+            }
         ]
     if isinstance(state, dict):
         for k, v in state.items():
@@ -380,8 +536,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         artifact = load_from_uri(args.ckpt_uri)
         arch = artifact.architecture
         payload = {
-            "uri": artifact.uri, "run_name": artifact.run_name, "step": artifact.step, "format": "mock",
-            "metrics": {}, "metadata": {},
+            "uri": artifact.uri,
+            "run_name": artifact.run_name,
+            "step": artifact.step,
+            "format": "mock",
+            "metrics": {},
+            "metadata": {},
             "architecture": {"class_path": arch.class_path, "config": arch.config} if arch else None,
             "tensors": _tensor_rows(artifact.state_dict, ""),
             "trainer_state": None,
@@ -416,7 +576,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                 for t in payload["tensors"]
             ],
         )
-        return "\n".join(lines) + "\n\n" + table
+        return ["\n".join(lines) + "\n", table]
 
     _emit(args, payload, human)
     return EXIT_OK
@@ -452,26 +612,34 @@ def cmd_verify(args: argparse.Namespace) -> int:
             except FileNotFoundError:
                 pass
             except CorruptCheckpointError as exc:
-                results.append({"target": f"{store.uri}/model_architecture.json", "step": None, "ok": False,
-                                "error": _one_line(exc)})
-        progress = Progress(len(steps), "verify")
-        for step in steps:
-            target = store.step_uri(step)
-            try:
-                store.verify(step)
-                results.append({"target": target, "step": step, "ok": True, "error": None})
-            except (CorruptCheckpointError, CheckpointNotFoundError) as exc:
-                results.append({"target": target, "step": step, "ok": False, "error": _one_line(exc)})
-            progress.advance(f"step {step}")
-        progress.close()
+                results.append(
+                    {
+                        "target": f"{store.uri}/model_architecture.json",
+                        "step": None,
+                        "ok": False,
+                        "error": _one_line(exc),
+                    }
+                )
+        sizes = {r.step: r.files_size for r in store.list()}
+        with byte_progress("verify", sum(sizes.get(s, 0) for s in steps), enabled=not _json(args)) as advance:
+            for step in steps:
+                target = store.step_uri(step)
+                try:
+                    store.verify(step)
+                    results.append({"target": target, "step": step, "ok": True, "error": None})
+                except (CorruptCheckpointError, CheckpointNotFoundError) as exc:
+                    results.append({"target": target, "step": step, "ok": False, "error": _one_line(exc)})
+                advance(sizes.get(step, 0), f"step {step}")
         if not steps and parsed.kind == "run" and parsed.selector is None:
             results.append({"target": store.uri, "step": None, "ok": True, "error": None, "note": "no checkpoints"})
     ok = all(r["ok"] for r in results)
     payload = {"ok": ok, "results": results}
 
     def human() -> str:
-        lines = [f"{'ok' if r['ok'] else 'CORRUPT':8} {r['target']}" + (f"  {r['error']}" if r["error"] else "")
-                 for r in results]
+        lines = [
+            f"{'ok' if r['ok'] else 'CORRUPT':8} {r['target']}" + (f"  {r['error']}" if r["error"] else "")
+            for r in results
+        ]
         bad = sum(not r["ok"] for r in results)
         lines.append(f"{len(results) - bad} ok, {bad} corrupt")
         return "\n".join(lines)
@@ -502,8 +670,11 @@ def cmd_gc(args: argparse.Namespace) -> int:
         elif doomed and not args.apply_retention:
             lines.append(f"retention would delete steps {doomed} (pass --apply-retention to delete them)")
         elif doomed:
-            lines.append(f"retention would delete steps {doomed} (not deleted: dry run)" if args.dry_run
-                         else f"retention deleted nothing: steps {doomed} were leased meanwhile")
+            lines.append(
+                f"retention would delete steps {doomed} (not deleted: dry run)"
+                if args.dry_run
+                else f"retention deleted nothing: steps {doomed} were leased meanwhile"
+            )
         else:
             lines.append("retention would delete nothing")
         return "\n".join(lines)
@@ -549,17 +720,19 @@ def cmd_retention(args: argparse.Namespace) -> int:
 
     def human() -> str:
         cfg = store.config
-        rules = ", ".join(
-            f"{name}={value}" for name, value in store.policy().items() if value is not None
-        )
+        rules = ", ".join(f"{name}={value}" for name, value in store.policy().items() if value is not None)
         head = f"run {store.uri}: {len(rows)} checkpoint(s); retention {rules}"
         if not rows:
             return head
         table = render_table(
             ["step", "action", "kept by", metric or "metric"],
             [
-                (r["step"], r["action"], ",".join(r["reasons"]) or "-",
-                 _fmt_number(r["metric"]) if r["metric"] is not None else "-")
+                (
+                    r["step"],
+                    r["action"],
+                    ",".join(r["reasons"]) or "-",
+                    _fmt_number(r["metric"]) if r["metric"] is not None else "-",
+                )
                 for r in rows
             ],
         )
@@ -570,9 +743,12 @@ def cmd_retention(args: argparse.Namespace) -> int:
         elif doomed:
             tail = f"would delete {len(doomed)} step(s): {doomed} (dry run; pass --apply to delete)"
         else:
-            tail = "nothing to delete" + ("" if cfg.keep_top_k is not None or cfg.keep_last_n is not None
-                                          else " (neither keep_top_k nor keep_last_n is set)")
-        return f"{head}\n{table}\n{tail}"
+            tail = "nothing to delete" + (
+                ""
+                if cfg.keep_top_k is not None or cfg.keep_last_n is not None
+                else " (neither keep_top_k nor keep_last_n is set)"
+            )
+        return [head, table, tail]
 
     _emit(args, payload, human)
     return EXIT_OK
@@ -581,29 +757,194 @@ def cmd_retention(args: argparse.Namespace) -> int:
 def cmd_migrate(args: argparse.Namespace) -> int:
     from ray_ckpt.migrate import migrate
 
-    as_json = getattr(args, "json", False)
+    as_json = _json(args)
+    with contextlib.ExitStack() as stack:
+        advance: list[Callable[..., None]] = []
 
-    def on_item(item: Any) -> None:
-        if not as_json:
-            where = f"{item.run_name} step {item.step}" if item.run_name is not None else ""
-            print(f"{item.action:14} {item.source}  {where}  {item.detail}".rstrip(), flush=True)
+        def on_plan(plan: list[tuple[str, int]]) -> None:
+            total = sum(n for _, n in plan)
+            advance.append(stack.enter_context(byte_progress("migrate", total, enabled=not as_json)))
 
-    report = migrate(
-        args.src,
-        args.dst,
-        dry_run=args.dry_run,
-        replace=args.replace,
-        trust_pickle=args.trust_pickle,
-        storage_options=_storage_options(args),
-        on_item=on_item,
-        allowed_architecture_prefixes=_allowed_architectures(args),
-    )
+        def on_item(item: Any) -> None:
+            if not as_json:
+                where = f"{item.run_name} step {item.step}" if item.run_name is not None else ""
+                print(f"{item.action:14} {item.source}  {where}  {item.detail}".rstrip(), flush=True)
+            if advance:
+                advance[0](item.nbytes, item.source.rsplit("/", 1)[-1])
+
+        report = migrate(
+            args.src,
+            args.dst,
+            dry_run=args.dry_run,
+            replace=args.replace,
+            trust_pickle=args.trust_pickle,
+            storage_options=_storage_options(args),
+            on_item=on_item,
+            on_plan=on_plan,
+            allowed_architecture_prefixes=_allowed_architectures(args),
+        )
     if as_json:
         print(json.dumps({"ok": report.ok, "items": [i.to_dict() for i in report.items]}, indent=2))
     else:
         counts = ", ".join(f"{n} {action}" for action, n in sorted(report.counts().items())) or "no legacy files"
         print(f"{'dry run: ' if args.dry_run else ''}{counts}")
     return EXIT_OK if report.ok else EXIT_ERROR
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    """One model folder (or legacy file) as a committed step of a run."""
+    from ray_ckpt.migrate import import_checkpoint
+
+    item = import_checkpoint(
+        args.src,
+        args.run_uri,
+        step=args.step,
+        dry_run=args.dry_run,
+        replace=args.replace,
+        trust_pickle=args.trust_pickle,
+        storage_options=_storage_options(args),
+        allowed_architecture_prefixes=_allowed_architectures(args),
+    )
+    payload = {"ok": item.ok, **item.to_dict()}
+
+    def human() -> str:
+        return f"{item.action} {item.source} -> run {item.run_name} step {item.step}  {item.detail}".rstrip()
+
+    _emit(args, payload, human)
+    return EXIT_OK if item.ok else EXIT_ERROR
+
+
+def _json(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "json", False))
+
+
+def _destination(args: argparse.Namespace, dest: str) -> Any:
+    """The storage of an export/download destination, refusing a non-empty one unless --overwrite."""
+    from ray_ckpt.storage import Storage
+    from ray_ckpt.uri import normalize_storage_uri
+
+    storage = Storage(normalize_storage_uri(dest), _storage_options(args))
+    present = storage.list_names("")
+    if present and not args.overwrite:
+        raise CommandError(
+            f"{storage.uri}: not empty ({', '.join(present[:5])}{', ...' if len(present) > 5 else ''}); "
+            "pass --overwrite to write into it",
+            EXIT_USAGE,
+        )
+    return storage
+
+
+def copy_verified(
+    src: Any, src_path: str, dst: Any, dst_path: str, digest: FileDigest, advance: Callable[..., None]
+) -> None:
+    """Stream one file from ``src`` to ``dst``, checking the committed size and checksum on the way.
+
+    A mismatch removes the copy and raises CorruptCheckpointError naming the source file.
+    """
+
+    def write(f: Any) -> tuple[int, str]:
+        checksum, size = Checksum(), 0
+        with src.open_read(src_path) as r:
+            while chunk := r.read(COPY_CHUNK):
+                checksum.update(chunk)
+                f.write(chunk)
+                size += len(chunk)
+                advance(len(chunk))
+        return size, checksum.hexdigest()
+
+    size, got = dst.write_stream(dst_path, write, size_hint=digest.size)
+    if (size, got) != (digest.size, digest.checksum):
+        dst.rm(dst_path, missing_ok=True)
+        where = src.url(src_path)
+        raise CorruptCheckpointError(
+            f"{where}: copied {size} bytes with checksum {got}, committed {digest.size} bytes with "
+            f"{digest.checksum}; the copy was removed",
+            path=where,
+        )
+
+
+def _step_of(args: argparse.Namespace) -> tuple[CheckpointStore, int, Any]:
+    store, parsed = _open(args, args.run_uri)
+    step = store.resolve(parsed.selector)
+    return store, step, store.read_manifest(step)
+
+
+def _model_files(store: CheckpointStore, manifest: Any) -> list[str]:
+    """The model's index and shards of a committed step (what a Hugging Face folder holds)."""
+    from ray_ckpt.safejson import JsonObject
+
+    index = manifest.model.get("index")
+    if manifest.kind != "state_dict" or not index:
+        raise CommandError(f"step {manifest.step}: holds no model index (kind {manifest.kind!r}); use download")
+    if manifest.model.get("format", "safetensors") != "safetensors":
+        raise CommandError(f"step {manifest.step}: model in {manifest.model.get('format')!r} format, not safetensors")
+    path = f"{step_dir(manifest.step)}/{index}"
+    weight_map = JsonObject.parse(store.storage.read_bytes(path), name=store.storage.url(path)).dict("weight_map")
+    shards = sorted({f for f in weight_map.values() if isinstance(f, str)})
+    unlisted = [f for f in shards if f not in manifest.files]
+    if unlisted:
+        raise CorruptCheckpointError(f"{store.storage.url(path)}: names files the marker does not list: {unlisted[:3]}")
+    return [index, *shards]
+
+
+def _copy_files(
+    args: argparse.Namespace, label: str, store: CheckpointStore, step: int, names: list[str], dst: Any, manifest: Any
+) -> dict[str, int]:
+    total = sum(manifest.files[n].size for n in names)
+    with byte_progress(label, total, enabled=not _json(args)) as advance:
+        for name in names:
+            copy_verified(store.storage, f"{step_dir(step)}/{name}", dst, name, manifest.files[name], advance)
+    return {name: manifest.files[name].size for name in names}
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """A step as a standalone Hugging Face folder: model shards, index, config.json (and
+    generation_config.json) from the run's architecture."""
+    from ray_ckpt.architecture import hf_config_files
+
+    store, step, manifest = _step_of(args)
+    names = _model_files(store, manifest)
+    dst = _destination(args, args.dest)
+    files = _copy_files(args, "export", store, step, names, dst, manifest)
+    try:
+        arch = store.read_architecture()
+    except FileNotFoundError:
+        arch = None
+    side = hf_config_files(arch, store.config.allowed_architecture_prefixes) if arch is not None else {}
+    for name, data in side.items():
+        dst.write_bytes(name, data)
+        files[name] = len(data)
+    note = None if side else "the run records no Hugging Face architecture: no config.json written"
+    payload = {"run": store.uri, "step": step, "dest": dst.uri, "files": files, "total_size": sum(files.values())}
+    if note:
+        payload["note"] = note
+
+    def human() -> str:
+        text = (
+            f"exported step {step} of {store.uri} to {dst.uri}: {len(files)} files ({human_size(sum(files.values()))})"
+        )
+        return text + (f"\nnote: {note}" if note else "")
+
+    _emit(args, payload, human)
+    return EXIT_OK
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    """Every file of a committed step (and its marker), checksum-verified, into a local directory."""
+    store, step, manifest = _step_of(args)
+    dst = _destination(args, args.dest)
+    files = _copy_files(args, "download", store, step, sorted(manifest.files), dst, manifest)
+    marker = store.storage.read_bytes(f"{step_dir(step)}/{MARKER_FILE}")
+    dst.write_bytes(MARKER_FILE, marker)
+    files[MARKER_FILE] = len(marker)
+    payload = {"run": store.uri, "step": step, "dest": dst.uri, "files": files, "total_size": sum(files.values())}
+
+    def human() -> str:
+        size = human_size(sum(files.values()))
+        return f"downloaded step {step} of {store.uri} to {dst.uri}: {len(files)} files ({size}), checksums ok"
+
+    _emit(args, payload, human)
+    return EXIT_OK
 
 
 def _allowed_architectures(args: argparse.Namespace) -> list[str] | None:
@@ -653,10 +994,22 @@ def cmd_plot(args: argparse.Namespace) -> int:
     if held:
         ax.scatter(*_xy(held), marker="s", facecolors="none", edgecolors="tab:green", s=90, zorder=3, label="leased")
     if best is not None:
-        ax.scatter([best.step], [best.metrics[metric]], marker="*", color="tab:red", s=260, zorder=4,
-                   label=f"best ({mode}): step {best.step}")
-        ax.annotate(f"{_fmt_number(best.metrics[metric])}", (best.step, best.metrics[metric]),
-                    textcoords="offset points", xytext=(8, 8), color="tab:red")
+        ax.scatter(
+            [best.step],
+            [best.metrics[metric]],
+            marker="*",
+            color="tab:red",
+            s=260,
+            zorder=4,
+            label=f"best ({mode}): step {best.step}",
+        )
+        ax.annotate(
+            f"{_fmt_number(best.metrics[metric])}",
+            (best.step, best.metrics[metric]),
+            textcoords="offset points",
+            xytext=(8, 8),
+            color="tab:red",
+        )
     ax.set_xlabel("step")
     ax.set_ylabel(metric)
     ax.set_title(f"{store.run_name}: {metric}")
@@ -677,7 +1030,10 @@ def _common() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
     common.add_argument(
-        "--storage-option", action="append", metavar="KEY=VALUE", default=argparse.SUPPRESS,
+        "--storage-option",
+        action="append",
+        metavar="KEY=VALUE",
+        default=argparse.SUPPRESS,
         help=f"fsspec storage option, repeatable (e.g. endpoint_url=http://host:9000); also ${STORAGE_OPTIONS_ENV}",
     )
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
@@ -702,60 +1058,7 @@ def _ranking_args(parser: argparse.ArgumentParser, *, ranking: bool = True, rete
         parser.add_argument("--keep-period", type=int, help="retention: keep every step divisible by P")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argparse parser of ``ray-ckpt`` and its subcommands."""
-    common = _common()
-    parser = argparse.ArgumentParser(
-        prog="ray-ckpt", parents=[common], description="Inspect, verify, migrate and plot ray-ckpt checkpoints."
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("ls", parents=[common], help="list a run's checkpoints with metrics and marks")
-    p.add_argument("run_uri", metavar="RUN_URI")
-    _ranking_args(p)
-    p.set_defaults(func=cmd_ls)
-
-    p = sub.add_parser("best", parents=[common], help="the top-k checkpoints by a metric")
-    p.add_argument("run_uri", metavar="RUN_URI")
-    p.add_argument("-k", type=int, default=1, help="how many (default 1)")
-    _ranking_args(p, retention=False)
-    p.set_defaults(func=cmd_best)
-
-    p = sub.add_parser("inspect", parents=[common], help="keys, shapes, dtypes, sizes, metrics, architecture")
-    p.add_argument("ckpt_uri", metavar="CKPT_URI")
-    _checkpoint_selector_args(p)
-    p.set_defaults(func=cmd_inspect)
-
-    p = sub.add_parser("verify", parents=[common], help="checksums and structure; exit 1 on any corruption")
-    p.add_argument("uri", metavar="RUN_URI|CKPT_URI")
-    _checkpoint_selector_args(p)
-    p.set_defaults(func=cmd_verify)
-
-    p = sub.add_parser("gc", parents=[common], help="remove uncommitted leftovers; show what retention would delete")
-    p.add_argument("run_uri", metavar="RUN_URI")
-    p.add_argument("--dry-run", action="store_true", help="only show what would be removed")
-    p.add_argument("--apply-retention", action="store_true",
-                   help="also delete the checkpoints retention does not keep (leased ones stay)")
-    _ranking_args(p)
-    p.set_defaults(func=cmd_gc)
-
-    p = sub.add_parser(
-        "retention", parents=[common],
-        help="which checkpoints the run's retention keeps and why; --apply deletes the rest (dry run by default)",
-    )
-    p.add_argument("run_uri", metavar="RUN_URI")
-    p.add_argument("--apply", action="store_true", help="delete the checkpoints no rule keeps (leased ones stay)")
-    _ranking_args(p)
-    p.add_argument("--keep-checkpoints-without-metrics", action="store_true", default=None,
-                   help="retention: also keep steps without a finite metric (needs --keep-top-k or a recorded one)")
-    p.set_defaults(func=cmd_retention)
-
-    p = sub.add_parser("migrate", parents=[common], help="legacy checkpoint files into ray-ckpt runs")
-    p.add_argument("src", metavar="SRC", help="a legacy checkpoint file or a directory of them")
-    p.add_argument("dst", metavar="DST", help="storage URI under which one run per run name is written")
-    p.add_argument("--dry-run", action="store_true", help="report what would happen; write nothing")
-    p.add_argument("--replace", action="store_true", help="replace steps that were already migrated")
-    p.add_argument("--trust-pickle", action="store_true", help="allow unpickling whole-model .pt files")
+def _allow_architecture_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--allow-architecture",
         action="append",
@@ -763,10 +1066,143 @@ def build_parser() -> argparse.ArgumentParser:
         help="also allow model classes under this module prefix (repeatable) to be rebuilt and recorded in "
         "model_architecture.json; default: torch.nn and transformers only",
     )
+
+
+class UsageError(Exception):
+    """Bad command-line arguments (exit 2), raised instead of argparse printing and exiting."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors reach :func:`main` (so ``--json`` can report them as JSON)."""
+
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def version() -> str:
+    """The installed ray-ckpt version (from the package metadata)."""
+    try:
+        return metadata.version("ray-ckpt")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of ``ray-ckpt`` and its subcommands."""
+    common = _common()
+    parser = _Parser(
+        prog="ray-ckpt",
+        parents=[common],
+        description="Inspect, verify, migrate, import, export, download and plot ray-ckpt checkpoints.",
+        epilog=f"Selectors: {SELECTOR_GRAMMAR}. Exit codes: 0 ok, 1 error or corruption, 2 usage, "
+        "130 interrupted. See docs/CLI.md.",
+    )
+    parser.add_argument("--version", action="version", version=f"ray-ckpt {version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "ls", parents=[common], help="list a run's checkpoints with metrics and marks, or the runs under a storage root"
+    )
+    p.add_argument("run_uri", metavar="RUN_URI", help=RUN_URI_HELP + "; a directory holding runs lists its runs")
+    _ranking_args(p)
+    p.set_defaults(func=cmd_ls)
+
+    p = sub.add_parser("best", parents=[common], help="the top-k checkpoints by a metric")
+    p.add_argument("run_uri", metavar="RUN_URI", help=RUN_URI_HELP)
+    p.add_argument("-k", type=int, default=1, help="how many (default 1)")
+    _ranking_args(p, retention=False)
+    p.set_defaults(func=cmd_best)
+
+    p = sub.add_parser("inspect", parents=[common], help="keys, shapes, dtypes, sizes, metrics, architecture")
+    p.add_argument("ckpt_uri", metavar="CKPT_URI", help=CKPT_URI_HELP)
+    _checkpoint_selector_args(p)
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("verify", parents=[common], help="checksums and structure; exit 1 on any corruption")
+    p.add_argument(
+        "uri", metavar="RUN_URI|CKPT_URI", help="a run (every step is verified) or one checkpoint: " + CKPT_URI_HELP
+    )
+    _checkpoint_selector_args(p)
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("gc", parents=[common], help="remove uncommitted leftovers; show what retention would delete")
+    p.add_argument("run_uri", metavar="RUN_URI", help=RUN_URI_HELP)
+    p.add_argument("--dry-run", action="store_true", help="only show what would be removed")
+    p.add_argument(
+        "--apply-retention",
+        action="store_true",
+        help="also delete the checkpoints retention does not keep (leased ones stay)",
+    )
+    _ranking_args(p)
+    p.set_defaults(func=cmd_gc)
+
+    p = sub.add_parser(
+        "retention",
+        parents=[common],
+        help="which checkpoints the run's retention keeps and why; --apply deletes the rest (dry run by default)",
+    )
+    p.add_argument("run_uri", metavar="RUN_URI", help=RUN_URI_HELP)
+    p.add_argument("--apply", action="store_true", help="delete the checkpoints no rule keeps (leased ones stay)")
+    _ranking_args(p)
+    p.add_argument(
+        "--keep-checkpoints-without-metrics",
+        action="store_true",
+        default=None,
+        help="retention: also keep steps without a finite metric (needs --keep-top-k or a recorded one)",
+    )
+    p.set_defaults(func=cmd_retention)
+
+    p = sub.add_parser(
+        "migrate", parents=[common], help="legacy checkpoint files and Hugging Face model folders into ray-ckpt runs"
+    )
+    p.add_argument(
+        "src",
+        metavar="SRC",
+        help="a legacy checkpoint file, a model folder or a directory of them (searched recursively)",
+    )
+    p.add_argument("dst", metavar="DST", help="storage URI under which one run per run name is written")
+    p.add_argument("--dry-run", action="store_true", help="report what would happen; write nothing")
+    p.add_argument("--replace", action="store_true", help="replace steps that were already migrated")
+    p.add_argument("--trust-pickle", action="store_true", help="allow unpickling whole-model .pt files")
+    _allow_architecture_arg(p)
     p.set_defaults(func=cmd_migrate)
 
+    p = sub.add_parser(
+        "import",
+        parents=[common],
+        help="one Hugging Face model folder (save_pretrained, huggingface_hub, DCP) or legacy file as a step of a run",
+    )
+    p.add_argument("src", metavar="SOURCE", help="a model folder, its model.safetensors.index.json, or a legacy file")
+    p.add_argument("run_uri", metavar="DEST_RUN_URI", help="the run to import into: <storage>/<run_name>, no selector")
+    p.add_argument("--step", type=int, help="the step to commit (default: what the source records, else 0)")
+    p.add_argument("--dry-run", action="store_true", help="report what would happen; write nothing")
+    p.add_argument("--replace", action="store_true", help="replace the step if it exists with other content")
+    p.add_argument("--trust-pickle", action="store_true", help="allow unpickling whole-model .pt files")
+    _allow_architecture_arg(p)
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser(
+        "export",
+        parents=[common],
+        help="a step as a standalone Hugging Face folder (shards, index, config.json) that from_pretrained reads",
+    )
+    p.add_argument("run_uri", metavar="RUN_URI", help=RUN_URI_HELP)
+    p.add_argument("dest", metavar="DEST_DIR", help="the folder to write (a path, or any storage URI)")
+    p.add_argument("--overwrite", action="store_true", help="write into a destination that is not empty")
+    _ranking_args(p, retention=False)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "download", parents=[common], help="copy every file of a committed step, checksum-verified, to a directory"
+    )
+    p.add_argument("run_uri", metavar="RUN_URI", help=RUN_URI_HELP)
+    p.add_argument("dest", metavar="DEST_DIR", help="the local directory to write")
+    p.add_argument("--overwrite", action="store_true", help="write into a destination that is not empty")
+    _ranking_args(p, retention=False)
+    p.set_defaults(func=cmd_download)
+
     p = sub.add_parser("plot", parents=[common], help="a metric against step, kept and best checkpoints marked")
-    p.add_argument("run_uri", metavar="RUN_URI")
+    p.add_argument("run_uri", metavar="RUN_URI", help=RUN_URI_HELP)
     p.add_argument("--metric", required=True)
     p.add_argument("--mode", choices=("max", "min"), help="which way is best (default: the run's, else min)")
     p.add_argument("-o", "--output", required=True, help="output image (PNG)")
@@ -782,12 +1218,50 @@ def _one_line(exc: BaseException) -> str:
     return (text.splitlines() or [type(exc).__name__])[0]
 
 
+def _error_exit(exc: BaseException, code: int, command: str | None, as_json: bool) -> int:
+    """Report an error as one line on stderr, or as a JSON object on stdout under ``--json``."""
+    message = _one_line(exc)
+    if as_json:
+        print(json.dumps({"error": message, "type": type(exc).__name__, "exit_code": code}), flush=True)
+    else:
+        print(f"ray-ckpt{f' {command}' if command else ''}: error: {message}", file=sys.stderr)
+    return code
+
+
+def _quiet_broken_pipe() -> int:
+    """stdout's reader went away: point stdout at /dev/null (so the interpreter's final flush
+    stays quiet) and exit as coreutils do."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    return EXIT_BROKEN_PIPE
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``ray-ckpt``; returns the exit status (0 ok, 1 error or corruption, 2 usage)."""
+    """Run ``ray-ckpt``; returns the exit status (0 ok, 1 error or corruption, 2 usage, 130 interrupted).
+
+    Run as the program (``argv`` None), a closed stdout ends it silently, as standard tools
+    do: SIGPIPE gets its default action back.
+    """
+    if argv is None and hasattr(signal, "SIGPIPE"):
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    as_json = "--json" in argv
+    try:
+        return _run(argv, as_json)
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
+
+
+def _run(argv: list[str], as_json: bool) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse already printed its message
+    except UsageError as exc:
+        if not as_json:
+            parser.print_usage(sys.stderr)
+        return _error_exit(exc, EXIT_USAGE, None, as_json)
+    except SystemExit as exc:  # --help, --version: argparse already printed
         return int(exc.code or 0)
     if not logging.getLogger().handlers:
         logging.basicConfig(
@@ -798,13 +1272,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except KeyboardInterrupt:
         print("ray-ckpt: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        raise
     except Exception as exc:
         if getattr(args, "debug", False):
             raise
         code = exc.code if isinstance(exc, CommandError) else EXIT_USAGE if isinstance(exc, ConfigError) else EXIT_ERROR
-        print(f"ray-ckpt {args.command}: error: {_one_line(exc)}", file=sys.stderr)
-        return code
+        return _error_exit(exc, code, args.command, as_json)
 
 
 if __name__ == "__main__":

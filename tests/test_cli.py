@@ -44,7 +44,7 @@ def test_ls_human_and_json(run: str, capsys: pytest.CaptureFixture[str]) -> None
     code, out, err = run_cli(capsys, "ls", run)
     assert code == 0 and err == ""
     assert "6 checkpoint(s); ranked by loss (min)" in out
-    lines = {line.split()[0]: line for line in out.splitlines()[3:]}
+    lines = {line.split()[0]: line for line in out.splitlines()[2:]}
     assert "best" in lines["2"] and "leased" in lines["3"] and "loss=0.9" in lines["1"]
     code, out, _ = run_cli(capsys, "ls", run, "--json", "--keep-top-k", "2")
     data = json.loads(out)
@@ -61,7 +61,7 @@ def test_best(run: str, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run_cli(capsys, "best", run, "-k", "3", "--json")
     assert code == 0 and [r["step"] for r in json.loads(out)] == [2, 4, 3]
     code, out, _ = run_cli(capsys, "best", run, "--metric", "reward", "--mode", "max")
-    assert code == 0 and out.splitlines()[2].split()[:3] == ["1", "6", "60"]
+    assert code == 0 and out.splitlines()[1].split()[:3] == ["1", "6", "60"]
 
 
 def test_best_needs_a_metric_when_the_run_records_none(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -155,7 +155,7 @@ def test_gc_apply_retention(run: str, capsys: pytest.CaptureFixture[str]) -> Non
 
 def _rows(out: str) -> dict[int, list[str]]:
     """``ray-ckpt retention``'s table: step -> [action, kept by, metric]."""
-    return {int(line.split()[0]): line.split()[1:] for line in out.splitlines()[3:-1]}
+    return {int(line.split()[0]): line.split()[1:] for line in out.splitlines()[2:-1]}
 
 
 def test_retention_dry_run_by_default_then_apply(run: str, capsys: pytest.CaptureFixture[str]) -> None:
