@@ -1,11 +1,12 @@
-"""The end-to-end demo: local Ray, 2 worker actors training a small torch model and saving through
-the checkpointer, 2 evaluation actors following the run (wait, lease, load, report_eval), retention
-running, and a closing table of the top-k checkpoints with train and eval metrics.
+"""The end-to-end demo: 2 worker actors train a small torch model and save through the run's
+checkpointer, 2 evaluation actors follow the run (wait, lease, load, report_eval), retention runs,
+and a closing table shows the top-k checkpoints with train and eval metrics.
 
-    python -m ray_ckpt.demo --config configs/example.yaml [--steps 40] [--fresh]
+    python -m ray_ckpt.demo --config configs/example.yaml [--steps 40] [--fresh] [--address auto]
 
 Each rank owns one "tower" of the model (partitioned keys) and both hold the same frozen input
-projection (replicated keys, written once). Re-running resumes from the run's latest checkpoint.
+projection (replicated keys, written once). Re-running resumes from the run's latest checkpoint:
+model weights and optimizer state.
 """
 
 from __future__ import annotations
@@ -13,7 +14,10 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
+import sys
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import ray
@@ -27,6 +31,7 @@ from ray_ckpt.index import CheckpointInfo
 logger = logging.getLogger(__name__)
 
 DIM, HIDDEN = 16, 32
+EVAL_METRIC = "eval/return"
 
 
 class DemoNet(nn.Module):
@@ -55,89 +60,204 @@ def make_data(seed: int, n: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-@ray.remote(num_cpus=0)
-class DemoTrainer:
-    """One rank: trains its own tower and saves its share of the model each interval."""
+# -- one rank's training: everything that knows how the model is trained and sharded -------------
+class RankTraining:
+    """One rank's model, optimizer and data, and the state it saves and restores.
 
-    def __init__(self, run_name: str, rank: int, world_size: int) -> None:
-        logging.basicConfig(level=logging.INFO)
+    The only place that knows how a rank trains and which part of the model it holds: swapping
+    the hand-partitioned towers for another parallelism (e.g. FSDP2) changes this class alone.
+    """
+
+    def __init__(self, rank: int, world_size: int) -> None:
         self.rank = rank
-        self.client = ray_ckpt.WorkerClient(run_name, rank, world_size)
-        self.model = DemoNet()
+        self.model = DemoNet(towers=world_size)
         self.model.proj.requires_grad_(False)
         self.opt = torch.optim.Adam(self.model.towers[rank].parameters(), lr=3e-2)
         self.x, self.y = make_data(seed=rank)
+
+    def train_step(self) -> float:
+        """One optimizer step on this rank's tower; the loss."""
+        loss = nn.functional.mse_loss(self.model.tower_output(self.x, self.rank), self.y)
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+        return loss.item()
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        """This rank's share of the model: the replicated projection plus its own tower."""
+        own = ("proj.", f"towers.{self.rank}.")
+        return {k: v for k, v in self.model.state_dict().items() if k.startswith(own)}
+
+    def trainer_state(self, step: int) -> dict[str, Any]:
+        """What resuming needs besides the weights: the optimizer (keyed by rank) and the step."""
+        return {"optimizer": {f"rank{self.rank}": self.opt.state_dict()}, "step": step}
+
+    def restore(self, store: ray_ckpt.CheckpointStore, step: int) -> bool:
+        """Load this rank's weights and optimizer state from ``step``; whether the optimizer was restored."""
+        own = ("proj.", f"towers.{self.rank}.")
+        self.model.load_state_dict({k: v for k, v in store.load(step).items() if k.startswith(own)}, strict=False)
+        trainer = store.load_trainer_state(step) or {}
+        saved = (trainer.get("optimizer") or {}).get(f"rank{self.rank}")
+        if saved is None:
+            return False
+        self.opt.load_state_dict(saved)
+        return True
+
+
+@ray.remote(num_cpus=0)
+class DemoTrainer:
+    """One rank: trains its own tower and saves its share of the model each interval.
+
+    Created before the checkpointer is up (its process starts meanwhile); :meth:`connect` then
+    joins the run and resumes from its latest checkpoint.
+    """
+
+    def __init__(self, rank: int, world_size: int) -> None:
+        self.rank, self.world_size = rank, world_size
+        self.training = RankTraining(rank, world_size)
         self.step = 0
+        self.client: ray_ckpt.WorkerClient | None = None
+        self._pending: list[Any] = []
+
+    def connect(self, run_name: str) -> dict[str, Any]:
+        """Join the run; resume weights and optimizer state from its latest checkpoint."""
+        self.client = ray_ckpt.WorkerClient(run_name, self.rank, self.world_size)
         store = ray_ckpt.CheckpointStore(config=self.client.config)
         latest = store.latest()
-        if latest is not None:  # resume this rank's share from the run's latest checkpoint
-            state = store.load(latest.step)
-            self.model.load_state_dict({k: v for k, v in state.items()}, strict=False)
+        restored = False
+        if latest is not None:
+            restored = self.training.restore(store, latest.step)
             self.step = latest.step
+        return {"rank": self.rank, "step": self.step, "optimizer_restored": restored}
 
-    def shard(self) -> dict[str, torch.Tensor]:
-        """This rank's keys: the replicated projection plus its own tower."""
-        return {k: v for k, v in self.model.state_dict().items() if k.startswith(("proj.", f"towers.{self.rank}."))}
+    def optimizer_steps(self) -> int:
+        """Adam's step count of this rank's parameters (it continues across a resume)."""
+        states = self.training.opt.state_dict()["state"].values()
+        return max((int(s["step"]) for s in states), default=0)
 
-    def train(self, steps: int, save_every: int) -> list[int]:
-        saved = []
+    def train(self, steps: int, save_every: int) -> dict[str, Any]:
+        """Train ``steps`` steps, saving every ``save_every``; the last loss and the commits seen since."""
+        assert self.client is not None, "connect() first"
+        loss = math.nan
         for _ in range(steps):
             self.step += 1
-            loss = nn.functional.mse_loss(self.model.tower_output(self.x, self.rank), self.y)
-            self.opt.zero_grad()
-            loss.backward()
-            self.opt.step()
+            loss = self.training.train_step()
             if self.step % save_every == 0:
-                self.client.save(
+                future = self.client.save(
                     self.step,
-                    self.shard(),
-                    metrics={f"train/loss_rank{self.rank}": loss.item(), "train/loss": loss.item()},
-                    trainer_state={"optimizer": self.opt.state_dict(), "step": self.step},
+                    self.training.model_state(),
+                    metrics={f"train/loss_rank{self.rank}": loss, "train/loss": loss},
+                    trainer_state=self.training.trainer_state(self.step),
                     blocking=False,  # training goes on while the checkpointer writes
                 )
-                saved.append(self.step)
-        self.client.wait()
-        return saved
+                self._pending.append(future)
+        return {"rank": self.rank, "step": self.step, "loss": loss, "committed": self._settled(wait=False)}
+
+    def finish(self) -> list[CheckpointInfo]:
+        """Wait for this rank's pending saves; the commits not reported yet."""
+        return self._settled(wait=True)
+
+    def _settled(self, wait: bool) -> list[CheckpointInfo]:
+        done = [f for f in self._pending if wait or f.done()]
+        self._pending = [f for f in self._pending if f not in done]
+        return [f.result() for f in done]
 
 
 @ray.remote(num_cpus=0)
 class DemoEvaluator:
     """Follows the run: waits for new checkpoints, leases, loads the model, reports a score."""
 
-    def __init__(self, run_name: str, index: int, count: int) -> None:
-        logging.basicConfig(level=logging.INFO)
-        self.ev = ray_ckpt.EvalClient(run_name)
+    def __init__(self, index: int, count: int) -> None:
         self.index, self.count = index, count
         self.x, self.y = make_data(seed=10_000)
+        self.ev: ray_ckpt.EvalClient | None = None
 
-    def follow(self, final_step: int, save_every: int, timeout: float = 120.0) -> list[int]:
+    def connect(self, run_name: str) -> int:
+        self.ev = ray_ckpt.EvalClient(run_name)
+        return self.index
+
+    def evaluate(self, model: nn.Module) -> float:
+        """The score of a model: minus its mean squared error on held-out data."""
+        with torch.no_grad():
+            return -nn.functional.mse_loss(model(self.x), self.y).item()
+
+    def follow(self, final_step: int, save_every: int, timeout: float = 120.0) -> list[tuple[int, float]]:
+        """Evaluate this evaluator's share of the checkpoints up to ``final_step``; (step, score) pairs."""
+        assert self.ev is not None, "connect() first"
         seen, evaluated = None, []
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             info = self.ev.wait_for_checkpoint(seen, timeout=5.0)
             if info is None:
                 continue
-            new = [i.step for i in self.ev.list() if seen is None or i.step > seen]
+            # steps not seen yet and not scored yet (a resumed run's old steps have their scores)
+            new = [i.step for i in self.ev.list() if (seen is None or i.step > seen) and EVAL_METRIC not in i.metrics]
             seen = info.step
             for step in new:
                 if (step // save_every) % self.count != self.index:
                     continue  # the other evaluator's share
                 try:
                     with self.ev.lease(step):
-                        model = self.ev.load_model(step)
-                        with torch.no_grad():
-                            mse = nn.functional.mse_loss(model(self.x), self.y).item()
-                        self.ev.report_eval(step, {"eval/return": -mse})
-                        evaluated.append(step)
+                        score = self.evaluate(self.ev.load_model(step))
+                        self.ev.report_eval(step, {EVAL_METRIC: score})
+                        evaluated.append((step, score))
                 except ray_ckpt.CheckpointNotFoundError:
                     pass  # retention removed it before we leased it
             if seen >= final_step:
                 break
+        self.ev.close()
         return evaluated
 
 
-def run_demo(config: CheckpointConfig, steps: int = 40, workers: int = 2, evaluators: int = 2) -> list[CheckpointInfo]:
-    """Train, checkpoint and evaluate a run on the current Ray cluster; returns the final top-k."""
+class Progress:
+    """Prints one line per commit and per score as the driver learns of them."""
+
+    def __init__(self, out: Any = None) -> None:
+        self.out = out or sys.stdout
+        self.alive: set[int] = set()
+        self.scored: set[int] = set()
+
+    def line(self, text: str) -> None:
+        print(text, file=self.out, flush=True)
+
+    def update(self, commits: Iterable[CheckpointInfo], records: list[CheckpointInfo]) -> None:
+        """``commits`` just learned of; ``records`` the run's index now (for deletions and scores)."""
+        now = {r.step for r in records}
+        for info in sorted(commits, key=lambda i: i.step):
+            gone = sorted(self.alive - now)
+            self.alive = (self.alive - set(gone)) | ({info.step} & now)
+            loss = info.metrics.get("train/loss")
+            self.line(
+                f"commit  step {info.step:>4}  train/loss {_fmt(loss)}  {info.files_size / 1e3:.1f} kB"
+                f"  ranks {info.world_size}  retention deleted {_steps(gone)}  kept {_steps(sorted(now))}"
+            )
+        for record in records:
+            score = record.metrics.get(EVAL_METRIC)
+            if score is not None and record.step not in self.scored:
+                self.scored.add(record.step)
+                self.line(f"eval    step {record.step:>4}  {EVAL_METRIC} {_fmt(score)}")
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) and math.isfinite(value) else "-"
+
+
+def _steps(steps: list[int]) -> str:
+    return ",".join(map(str, steps)) if steps else "-"
+
+
+def run_demo(
+    config: CheckpointConfig, steps: int = 40, workers: int = 2, evaluators: int = 2, *, out: Any = None
+) -> list[CheckpointInfo]:
+    """Train, checkpoint and evaluate a run on the current Ray cluster; returns the final top-k.
+
+    The actors' processes start while the checkpointer does (nothing waits for one before
+    starting the next); progress lines go to ``out`` (default stdout).
+    """
+    progress = Progress(out)
+    started = time.monotonic()
+    trainers = [DemoTrainer.remote(r, workers) for r in range(workers)]
+    evals = [DemoEvaluator.remote(i, evaluators) for i in range(evaluators)]
     handle = ray_ckpt.start_checkpointer(config)
     # The class as every process imports it (run as __main__, this module's own DemoNet would be
     # recorded as "__main__.DemoNet"). A live class trusts its module: the checkpointer serves it to
@@ -145,28 +265,52 @@ def run_demo(config: CheckpointConfig, steps: int = 40, workers: int = 2, evalua
     from ray_ckpt.demo import DemoNet as importable
 
     handle.register(importable, {"dim": DIM, "hidden": HIDDEN, "towers": workers})
-    start = handle.latest().step if handle.latest() else 0
-    save_every = config.save_interval_steps
+    joined = ray.get([t.connect.remote(config.run_name) for t in trainers])
+    ray.get([e.connect.remote(config.run_name) for e in evals])
+    start = joined[0]["step"]
+    records = handle.list()
+    progress.alive = {i.step for i in records}
+    progress.scored = {i.step for i in records if EVAL_METRIC in i.metrics}
+    resumed = (
+        f"resumed from step {start} (optimizer state restored on ranks "
+        f"{[j['rank'] for j in joined if j['optimizer_restored']] or 'none'})"
+        if start
+        else "a new run"
+    )
+    progress.line(
+        f"ready in {time.monotonic() - started:.1f}s: checkpointer for run {config.run_name!r} on "
+        f"{config.storage_uri}, {workers} trainers, {evaluators} evaluators; {resumed}"
+    )
+
+    save_every = config.save_interval_steps or 1
     final_step = start + steps - (steps % save_every)
-    trainers = [DemoTrainer.remote(config.run_name, r, workers) for r in range(workers)]
-    evals = [DemoEvaluator.remote(config.run_name, i, evaluators) for i in range(evaluators)]
     followed = [e.follow.remote(final_step, save_every) for e in evals]
-    saved = ray.get([t.train.remote(steps, save_every) for t in trainers])
-    evaluated = ray.get(followed)
-    logger.info("saved steps %s; evaluated %s", saved[0], evaluated)
+    done = 0
+    while done < steps:
+        chunk = min(save_every, steps - done)
+        results = ray.get([t.train.remote(chunk, save_every) for t in trainers])
+        done += chunk
+        progress.update(results[0]["committed"], handle.list())
+    progress.update(ray.get(trainers[0].finish.remote()), handle.list())
+    ray.get([t.finish.remote() for t in trainers[1:]])
+    pending = list(followed)
+    while pending:  # the evaluators' last scores, as they come
+        _, pending = ray.wait(pending, timeout=0.5)
+        progress.update([], handle.list())
+    scores = sum((len(s) for s in ray.get(followed)), 0)
+    progress.line(
+        f"done in {time.monotonic() - started:.1f}s: trained steps {start + 1}-{start + steps}, "
+        f"{scores} checkpoints evaluated"
+    )
     return handle.top_k(config.keep_top_k or 3) or handle.list()[-3:]
 
 
 def format_table(infos: list[CheckpointInfo], kept: list[CheckpointInfo]) -> str:
     """A Markdown table of checkpoints with train and eval metrics."""
-
-    def fmt(value: Any) -> str:
-        return f"{value:.4f}" if isinstance(value, float) and math.isfinite(value) else "-"
-
     lines = ["| rank | step | train/loss | eval/return | MB | world_size |", "|---|---|---|---|---|---|"]
     for i, info in enumerate(infos, 1):
         lines.append(
-            f"| {i} | {info.step} | {fmt(info.metrics.get('train/loss'))} | {fmt(info.metrics.get('eval/return'))} "
+            f"| {i} | {info.step} | {_fmt(info.metrics.get('train/loss'))} | {_fmt(info.metrics.get(EVAL_METRIC))} "
             f"| {info.files_size / 1e6:.3f} | {info.world_size} |"
         )
     lines.append("")
@@ -174,21 +318,56 @@ def format_table(infos: list[CheckpointInfo], kept: list[CheckpointInfo]) -> str
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/example.yaml", help="run config YAML")
-    parser.add_argument("--steps", type=int, default=40, help="training steps per worker")
-    parser.add_argument("--storage", default=None, help="override storage_uri")
+def _absolute(uri: str) -> str:
+    """A local storage path made absolute: actors on a cluster do not share the driver's cwd."""
+    return uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The demo's command line."""
+    parser = argparse.ArgumentParser(
+        prog="python -m ray_ckpt.demo",
+        description=(
+            "Train a small model on 2 Ray worker actors that checkpoint through ray-ckpt, with 2 evaluation "
+            "actors scoring each checkpoint, then print the top-k checkpoints. Re-running resumes the run."
+        ),
+    )
+    parser.add_argument("--config", default="configs/example.yaml", help="run config YAML (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=40, help="training steps per worker (default: %(default)s)")
+    parser.add_argument("--storage", default=None, help="storage URI or directory, instead of the config's")
+    parser.add_argument("--run-name", default=None, help="run name, instead of the config's")
     parser.add_argument("--fresh", action="store_true", help="delete the run first instead of resuming it")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--address",
+        default=None,
+        help="attach to this Ray cluster ('auto': the one running on this machine; default: RAY_ADDRESS, "
+        "else start a local Ray)",
+    )
+    parser.add_argument(
+        "--num-cpus", type=int, default=2, help="logical CPUs of a local Ray (ignored with --address; default: 2)"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the demo; exit status 0 once it has printed the top-k table."""
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = CheckpointConfig.from_yaml(args.config)
-    if args.storage:
-        config = config.replace(storage_uri=args.storage)
+    changes = {"storage_uri": _absolute(args.storage or config.storage_uri)}
+    if args.run_name:
+        changes["run_name"] = args.run_name
+    config = config.replace(**changes)
     if args.fresh:
         store = ray_ckpt.CheckpointStore(config=config)
         store.storage.rm("", recursive=True, missing_ok=True)
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    started = time.monotonic()
+    if address:  # an existing cluster has its own resources: never pass num_cpus to it
+        ray.init(address=address, logging_level="WARNING")
+    else:
+        ray.init(num_cpus=args.num_cpus, include_dashboard=False, logging_level="WARNING")
+    print(f"Ray up in {time.monotonic() - started:.1f}s ({address or 'local'})", flush=True)
     try:
         top = run_demo(config, steps=args.steps)
         kept = ray_ckpt.CheckpointStore(config=config).list()

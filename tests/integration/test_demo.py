@@ -7,20 +7,26 @@ ones depended on timing.
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from ray_ckpt import CheckpointConfig, CheckpointStore
 from ray_ckpt.cli import main
-from ray_ckpt.demo import format_table, run_demo
+from ray_ckpt.demo import RankTraining, format_table, run_demo
 from ray_ckpt.layout import parse_step_dir
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "configs" / "example.yaml"
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE = REPO / "configs" / "example.yaml"
 
 
 def test_demo_storage_is_what_its_retention_keeps(
@@ -28,7 +34,8 @@ def test_demo_storage_is_what_its_retention_keeps(
 ) -> None:
     config = CheckpointConfig.from_yaml(str(EXAMPLE)).replace(storage_uri=str(tmp_path / "runs"), run_name=run_name)
     assert (config.keep_top_k, config.keep_last_n, config.keep_period) == (3, 2, 10)
-    top = run_demo(config, steps=40)
+    out = io.StringIO()
+    top = run_demo(config, steps=40, out=out)
 
     store = CheckpointStore(config=config)
     records = store.list()
@@ -40,8 +47,9 @@ def test_demo_storage_is_what_its_retention_keeps(
     assert on_disk == keep and delete == [], (on_disk, keep, delete)
 
     # the rules, recomputed from the records: top 3 by eval/return, the last 2, every 10th, the latest
-    scored = sorted((r for r in records if r.metric("eval/return") is not None),
-                    key=lambda r: (-r.metrics["eval/return"], -r.step))
+    scored = sorted(
+        (r for r in records if r.metric("eval/return") is not None), key=lambda r: (-r.metrics["eval/return"], -r.step)
+    )
     expected = {r.step for r in scored[:3]} | {38, 40} | {s for s in on_disk if s % 10 == 0}
     assert set(on_disk) == expected
     assert [i.step for i in top] == [r.step for r in scored[:3]]
@@ -53,3 +61,61 @@ def test_demo_storage_is_what_its_retention_keeps(
     assert main(["retention", str(tmp_path / "runs" / run_name)]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == "nothing to delete"
     assert "kept on storage: " + ", ".join(map(str, on_disk)) in format_table(top, records)
+
+    # progress: one summary line per commit (in step order), scores as they come, start-up timed
+    lines = out.getvalue().splitlines()
+    assert re.match(r"ready in \d+\.\ds: checkpointer for run .*; a new run$", lines[0]), lines[0]
+    commits = [int(line.split()[2]) for line in lines if line.startswith("commit ")]
+    assert commits == list(range(2, 41, 2)), lines
+    assert all("train/loss 0." in line for line in lines if line.startswith("commit "))
+    scored = [int(line.split()[2]) for line in lines if line.startswith("eval ")]
+    assert set(scored) <= set(commits) and len(scored) == len(set(scored)) and len(scored) >= 5, lines
+    assert lines[-1].startswith("done in ") and "trained steps 1-40" in lines[-1]
+
+    # a resumed rank gets its weights and its optimizer state back (Adam's step count goes on)
+    rank0 = RankTraining(0, 2)
+    assert rank0.restore(store, 40)
+    assert {int(s["step"]) for s in rank0.opt.state_dict()["state"].values()} == {40}
+    saved = store.load(40)
+    for key, value in rank0.model_state().items():
+        assert torch.equal(value, saved[key]), key
+
+
+def test_demo_help_is_whole_sentences() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "ray_ckpt.demo", "--help"], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
+    assert out.returncode == 0, out.stderr
+    description = out.stdout.split("\n\n")[1]
+    assert description.rstrip().endswith("Re-running resumes the run."), out.stdout
+    assert "--address" in out.stdout and "--num-cpus" in out.stdout
+
+
+def test_demo_attaches_to_an_existing_cluster_and_resumes(tmp_path: Path, run_name: str) -> None:
+    """``--address`` of the session's own Ray (a cluster the demo did not start: no num_cpus passed to
+    it), twice: the second driver resumes the run (a new checkpointer, weights and optimizer state)."""
+    import ray
+
+    address = ray.get_runtime_context().gcs_address
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+
+    def demo(steps: int) -> str:
+        out = subprocess.run(
+            [sys.executable, "-m", "ray_ckpt.demo", "--config", str(EXAMPLE), "--address", address,
+             "--storage", "rel_runs", "--run-name", run_name, "--steps", str(steps)],
+            capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+        assert f"({address})" in out.stdout and "Top checkpoints of run" in out.stdout
+        return out.stdout
+
+    first = demo(4)
+    assert "; a new run" in first
+    assert [int(line.split()[2]) for line in first.splitlines() if line.startswith("commit ")] == [2, 4]
+    second = demo(2)
+    assert "resumed from step 4 (optimizer state restored on ranks [0" in second, second
+    assert [int(line.split()[2]) for line in second.splitlines() if line.startswith("commit ")] == [6]
+    # a relative --storage is made absolute by the driver (the actors do not share its cwd)
+    store = CheckpointStore(str(tmp_path / "rel_runs"), run_name=run_name)
+    assert [i.step for i in store.list()] == [2, 4, 6]
+    assert store.load_trainer_state(6)["step"] == 6
