@@ -339,9 +339,7 @@ def test_mock_artifact_builds_by_default() -> None:
 REEXPORT = "from tests.models import TinyMLP  # re-exported: defined elsewhere\n"
 
 
-def test_class_defined_outside_the_allowed_module_is_refused(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_class_defined_outside_the_allowed_module_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "rckpt_reexport.py").write_text(REEXPORT)
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "rckpt_reexport", raising=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -51,8 +52,12 @@ def test_ls_human_and_json(run: str, capsys: pytest.CaptureFixture[str]) -> None
     marks = {c["step"]: (c["kept"], c["best"], c["leased"]) for c in data["checkpoints"]}
     # top-2 by loss are 2 and 4, the latest (6) is always kept, and 3 is leased
     assert marks == {
-        1: (False, False, False), 2: (True, True, False), 3: (True, False, True),
-        4: (True, False, False), 5: (False, False, False), 6: (True, False, False),
+        1: (False, False, False),
+        2: (True, True, False),
+        3: (True, False, True),
+        4: (True, False, False),
+        5: (False, False, False),
+        6: (True, False, False),
     }
     assert data["checkpoints"][0]["files_size"] > 0 and data["checkpoints"][0]["metrics"]["reward"] == 10
 
@@ -82,7 +87,9 @@ def test_inspect_run_checkpoint(run: str, capsys: pytest.CaptureFixture[str]) ->
     data = json.loads(out)
     assert data["step"] == 4 and data["metrics"]["loss"] == 0.4
     assert {t["key"]: (t["dtype"], t["shape"], t["nbytes"]) for t in data["tensors"]}["head.weight"] == (
-        "F32", [2, 8], 64
+        "F32",
+        [2, 8],
+        64,
     )
     assert data["architecture"]["config"] == {"obs_dim": 4, "hidden": 8, "num_actions": 2}
     assert "model.safetensors" in data["files"]
@@ -166,8 +173,12 @@ def test_retention_dry_run_by_default_then_apply(run: str, capsys: pytest.Captur
     assert "keep_top_k=2" in out.splitlines()[0]
     rows = _rows(out)
     assert {step: row[:2] for step, row in rows.items()} == {
-        1: ["delete", "-"], 2: ["keep", "top-k"], 3: ["keep", "leased"], 4: ["keep", "top-k"],
-        5: ["delete", "-"], 6: ["keep", "latest"],
+        1: ["delete", "-"],
+        2: ["keep", "top-k"],
+        3: ["keep", "leased"],
+        4: ["keep", "top-k"],
+        5: ["delete", "-"],
+        6: ["keep", "latest"],
     }
     assert rows[2][2] == "0.2"  # the ranking metric
     assert out.splitlines()[-1] == "would delete 2 step(s): [1, 5] (dry run; pass --apply to delete)"
@@ -177,7 +188,12 @@ def test_retention_dry_run_by_default_then_apply(run: str, capsys: pytest.Captur
     data = json.loads(out)
     assert code == 0 and data["dry_run"] and data["would_delete"] == [1, 5] and data["deleted"] == []
     assert {r["step"]: r["reasons"] for r in data["steps"]} == {
-        1: [], 2: ["top-k"], 3: ["leased", "period"], 4: ["top-k"], 5: [], 6: ["latest", "period"],
+        1: [],
+        2: ["top-k"],
+        3: ["leased", "period"],
+        4: ["top-k"],
+        5: [],
+        6: ["latest", "period"],
     }
     assert data["policy"]["keep_top_k"] == 2 and data["policy"]["metric_name"] == "loss"
 
@@ -191,15 +207,16 @@ def test_retention_dry_run_by_default_then_apply(run: str, capsys: pytest.Captur
 
 
 def test_retention_shows_the_recorded_policy(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    store = CheckpointStore(str(tmp_path), "w", metric_name="loss", keep_top_k=1,
-                            keep_checkpoints_without_metrics=True)
+    store = CheckpointStore(str(tmp_path), "w", metric_name="loss", keep_top_k=1, keep_checkpoints_without_metrics=True)
     for step, loss in ((1, 0.5), (2, None), (3, 0.2), (4, None)):
         store.save(step, {"w": torch.ones(1)}, metrics={} if loss is None else {"loss": loss})
     code, out, _ = run_cli(capsys, "retention", str(tmp_path / "w"), "--json")
     data = json.loads(out)
     assert code == 0 and data["policy"]["keep_checkpoints_without_metrics"] is True
     assert {r["step"]: r["reasons"] for r in data["steps"]} == {
-        2: ["no-metric"], 3: ["top-k"], 4: ["latest", "no-metric"],
+        2: ["no-metric"],
+        3: ["top-k"],
+        4: ["latest", "no-metric"],
     }
     assert data["would_delete"] == []
     code, out, _ = run_cli(capsys, "retention", str(tmp_path / "w"))
@@ -283,22 +300,33 @@ def test_parse_storage_options() -> None:
         env='{"secret": "s", "key": "from-env"}',
     )
     assert options == {
-        "secret": "s", "key": "abc", "anon": False,
+        "secret": "s",
+        "key": "abc",
+        "anon": False,
         "client_kwargs": {"endpoint_url": "http://127.0.0.1:9000", "retries": 3},
     }
 
 
-def test_ls_on_s3_with_storage_options(s3_bucket: tuple[str, dict[str, Any]], capsys: pytest.CaptureFixture[str],
-                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ls_on_s3_with_storage_options(
+    s3_bucket: tuple[str, dict[str, Any]], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     bucket, options = s3_bucket
     store = CheckpointStore(f"{bucket}/runs", "exp", options)
     store.save(3, {"w": torch.ones(2)}, {"loss": 0.5})
     kwargs = options["client_kwargs"]
     code, out, err = run_cli(
-        capsys, "ls", f"{bucket}/runs/exp", "--json",
-        "--storage-option", f"key={options['key']}", "--storage-option", f"secret={options['secret']}",
-        "--storage-option", f"client_kwargs.endpoint_url={kwargs['endpoint_url']}",
-        "--storage-option", f"client_kwargs.region_name={kwargs['region_name']}",
+        capsys,
+        "ls",
+        f"{bucket}/runs/exp",
+        "--json",
+        "--storage-option",
+        f"key={options['key']}",
+        "--storage-option",
+        f"secret={options['secret']}",
+        "--storage-option",
+        f"client_kwargs.endpoint_url={kwargs['endpoint_url']}",
+        "--storage-option",
+        f"client_kwargs.region_name={kwargs['region_name']}",
     )
     assert code == 0, err
     assert [c["step"] for c in json.loads(out)["checkpoints"]] == [3]
@@ -313,3 +341,139 @@ def test_console_script_in_a_real_process(run: str) -> None:
     done = subprocess.run([*cmd, "ls", run, "--json"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert len(json.loads(done.stdout)["checkpoints"]) == 6
+
+
+def _real_process(*argv: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ray_ckpt", *argv], capture_output=True, text=True, timeout=120, **kwargs
+    )
+
+
+def test_version_and_python_dash_m(run: str) -> None:
+    from importlib.metadata import version
+
+    done = _real_process("--version")
+    assert done.returncode == 0 and done.stdout.strip() == f"ray-ckpt {version('ray-ckpt')}"
+    done = _real_process("ls", run, "--json")
+    assert done.returncode == 0, done.stderr
+    assert len(json.loads(done.stdout)["checkpoints"]) == 6
+
+
+def test_errors_under_json_are_json_with_the_same_exit_code(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_cli(capsys, "ls", str(tmp_path / "missing"), "--json")
+    assert code == 1 and err == ""
+    assert json.loads(out) == {
+        "error": f"no run at file://{tmp_path}/missing",
+        "type": "CheckpointNotFoundError",
+        "exit_code": 1,
+    }
+    code, out, _ = run_cli(capsys, "best", f"{tmp_path}/r:sometimes", "--json")
+    assert code == 2 and json.loads(out)["type"] == "ConfigError" and "bad selector" in json.loads(out)["error"]
+    code, out, _ = run_cli(capsys, "best", "x", "-k", "zero", "--json")  # an argparse error
+    assert code == 2 and json.loads(out)["type"] == "UsageError" and "invalid int value" in json.loads(out)["error"]
+    code, out, err = run_cli(capsys, "best", "x", "-k", "zero")  # without --json: usage on stderr
+    assert code == 2 and out == "" and "usage:" in err and "invalid int value" in err
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "SIGPIPE"), reason="POSIX pipes")
+def test_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
+    store = CheckpointStore(str(tmp_path), "many")
+    for step in range(1, 6):
+        store.save(step, {"w": torch.ones(1)}, {"loss": 1.0 / step})
+    # `true` exits at once, long before the interpreter has started: every write meets a closed pipe
+    for extra in ("", " --json"):
+        cmd = f"set -o pipefail; {sys.executable} -m ray_ckpt ls {tmp_path / 'many'}{extra} | true"
+        done = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=120)
+        assert done.stderr == "" and done.returncode == 141, (done.returncode, done.stderr)
+    # in-process (no SIGPIPE reset): BrokenPipeError is caught, stdout silenced, 141 returned
+    code = subprocess.run(
+        [
+            "bash",
+            "-c",
+            f"{sys.executable} -c 'import sys; from ray_ckpt.cli import main; "
+            f'sys.exit(main(["ls", "{tmp_path / "many"}"]))\' | true; echo ${{PIPESTATUS[0]}}',
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert code.stderr == "" and code.stdout.strip() == "141", (code.stdout, code.stderr)
+
+
+def test_ls_on_a_storage_root_lists_its_runs(run: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "runs"
+    CheckpointStore(str(root), "other").save(4, {"w": torch.ones(1)})
+    (root / "not-a-run").mkdir()
+    code, out, err = run_cli(capsys, "ls", str(root))
+    assert code == 0 and err == ""
+    assert out.splitlines()[0] == f"storage file://{root}: 2 run(s)"
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[2:]}
+    assert set(rows) == {"exp", "other"} and rows["exp"][:3] == ["6", "6", "2"] and rows["other"][:3] == ["1", "4", "-"]
+    code, out, _ = run_cli(capsys, "ls", str(root), "--json")
+    data = json.loads(out)
+    assert [r["run"] for r in data["runs"]] == ["exp", "other"] and data["runs"][0]["best_step"] == 2
+    code, _, err = run_cli(capsys, "ls", str(root / "not-a-run"))  # an empty directory: no run, no runs
+    assert code == 0 and "0 checkpoint(s)" in _
+
+
+def test_help_gives_the_selector_grammar_and_the_docstring_only_real_commands(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import ray_ckpt.cli as cli
+
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, __import__("argparse")._SubParsersAction))
+    commands = set(sub.choices)
+    assert {"import", "export", "download"} <= commands
+    listed = set(re.findall(r"``([a-z]+)``", cli.__doc__.split("Commands:", 1)[1].split("\n\n", 1)[0]))
+    assert listed == commands  # every command the docstring names exists, and every command is named
+    for command in ("ls", "export", "download", "verify", "best"):
+        assert main([command, "--help"]) == 0
+        text = " ".join(capsys.readouterr().out.split())
+        assert ":best" in text and ":vN" in text and ":step_N" in text and ":latest" in text, command
+
+
+def test_download_copies_a_step_verified(run: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    dest = tmp_path / "copy"
+    code, out, _ = run_cli(capsys, "download", f"{run}:best", str(dest), "--json")
+    assert code == 0
+    payload = json.loads(out)
+    step_dir = Path(run) / "checkpoints" / "step_000000002"
+    on_storage = {str(p.relative_to(step_dir)) for p in step_dir.rglob("*") if p.is_file()}
+    assert payload["step"] == 2 and set(payload["files"]) == on_storage
+    for name in on_storage:
+        assert (dest / name).read_bytes() == (step_dir / name).read_bytes(), name
+    # a shard changed on storage after its commit: the copy is refused and removed
+    shard = Path(run) / "checkpoints" / "step_000000004" / "model.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    code, out, err = run_cli(capsys, "download", f"{run}:v4", str(tmp_path / "bad"))
+    assert code == 1 and "model.safetensors" in err and "checksum" in err
+    assert not (tmp_path / "bad" / "model.safetensors").exists()
+    assert run_cli(capsys, "download", f"{run}:v3", str(dest))[0] == 2  # not empty, no --overwrite
+
+
+def test_terminal_output_uses_rich_tables_and_progress(run: str) -> None:
+    import pty
+
+    leader, follower = pty.openpty()
+    env = {**os.environ, "COLUMNS": "160", "TERM": "xterm"}
+    with subprocess.Popen(
+        [sys.executable, "-m", "ray_ckpt", "verify", run], stdout=follower, stderr=follower, env=env
+    ) as proc:
+        os.close(follower)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        assert proc.wait(timeout=120) == 0
+    os.close(leader)
+    text = b"".join(chunks).decode(errors="replace")
+    assert "6 ok, 0 corrupt" in text
+    assert "verify" in text and "kB" in text and "/s" in text  # rich's bytes and rate columns

@@ -93,7 +93,11 @@ def test_pt_json_pair(tmp_path: Path) -> None:
     artifact = ray_ckpt.load_from_uri(str(tmp_path / "model_0100.pt"))
     assert (artifact.run_name, artifact.step) == ("nav_run", 100)
     assert artifact.metrics == {
-        "epoch": 100.0, "agent_step": 123456.0, "score": 0.75, "evals/navigation/maze": 0.5, "evals/combat": 0.25
+        "epoch": 100.0,
+        "agent_step": 123456.0,
+        "score": 0.75,
+        "evals/navigation/maze": 0.5,
+        "evals/combat": 0.25,
     }
     assert artifact.metadata["legacy_metadata"]["model_info"] == {"type": "lstm", "hidden": 128}
 
@@ -125,8 +129,10 @@ def test_training_dict_splits_weights_optimizer_and_counters(tmp_path: Path) -> 
     opt = torch.optim.Adam(model.parameters())
     model(torch.ones(1, 4)).sum().backward()
     opt.step()
-    torch.save({"model_state_dict": model.state_dict(), "optimizer": opt.state_dict(), "epoch": 9, "tag": "a"},
-               tmp_path / "train.pt")
+    torch.save(
+        {"model_state_dict": model.state_dict(), "optimizer": opt.state_dict(), "epoch": 9, "tag": "a"},
+        tmp_path / "train.pt",
+    )
     ckpt = read_legacy(str(tmp_path / "train.pt"))
     assert set(ckpt.state_dict) == set(model.state_dict())
     assert set(ckpt.trainer_state) == {"optimizer"} and ckpt.trainer_state["optimizer"]["state"]

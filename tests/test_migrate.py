@@ -28,8 +28,9 @@ def legacy_dir(tmp_path: Path) -> Path:
     for epoch in (2, 4):
         torch.save(_weights(epoch), src / f"alpha:v{epoch}.pt")
     torch.save(_weights(10), src / "model_0010.pt")
-    (src / "model_0010.json").write_text(json.dumps({"run_name": "beta", "epoch": 10, "score": 0.5,
-                                                     "evals": {"maze": 0.25}}))
+    (src / "model_0010.json").write_text(
+        json.dumps({"run_name": "beta", "epoch": 10, "score": 0.5, "evals": {"maze": 0.25}})
+    )
     (src / "nested").mkdir()
     save_file(_weights(30), str(src / "nested" / "gamma_30.safetensors"))
     (src / "nested" / "gamma_30.metrics.json").write_text(json.dumps({"loss": 0.125}))

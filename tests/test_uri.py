@@ -87,8 +87,20 @@ def test_key_and_version(uri: str, expected: tuple[str, int | None]) -> None:
 
 @pytest.mark.parametrize(
     "uri",
-    ["", "   ", "s3://bucket", "s3://", "/r/run1:newest", "/r/run1:v", "/r/run1:v-1", "/r/.hidden", "/r/a:b:latest",
-     "/x/model.pt:latest", "/x/run1/checkpoints/step_000000001:latest", "/"],
+    [
+        "",
+        "   ",
+        "s3://bucket",
+        "s3://",
+        "/r/run1:newest",
+        "/r/run1:v",
+        "/r/run1:v-1",
+        "/r/.hidden",
+        "/r/a:b:latest",
+        "/x/model.pt:latest",
+        "/x/run1/checkpoints/step_000000001:latest",
+        "/",
+    ],
 )
 def test_bad_uris_raise_config_error(uri: str) -> None:
     with pytest.raises(ConfigError):
@@ -188,7 +200,9 @@ def test_load_from_uri_on_s3(s3_bucket: tuple[str, dict[str, Any]]) -> None:
 
 _names = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_\-+=@,]{0,20}", fullmatch=True)
 _selectors = st.one_of(
-    st.none(), st.sampled_from(["latest", "best"]), st.integers(0, 10**12).map(lambda n: f"v{n}"),
+    st.none(),
+    st.sampled_from(["latest", "best"]),
+    st.integers(0, 10**12).map(lambda n: f"v{n}"),
     st.integers(0, 10**12).map(lambda n: f"step_{n:09d}"),
 )
 
