@@ -73,17 +73,37 @@ def _shutdown_checkpointers(prefix: str) -> list[str]:
     return names
 
 
+def _barrier(directory: str, role: str, step: int, timeout_s: float = 60.0) -> None:
+    """Order two asynchronous PBT trials: the learner ("good") reports step 4 only after the other
+    ("bad") has reached its first perturbation (step 2), which reports step 4 only once the learner
+    has reported step 6. So the learner is in the upper quantile with a checkpoint when the other
+    one perturbs again, and the learner has saved past that checkpoint by then."""
+    import time
+
+    Path(directory, f"{role}-{step}").touch()
+    wait_for = {("good", 4): "bad-2", ("bad", 4): "good-7"}.get((role, step))
+    deadline = time.monotonic() + timeout_s
+    while wait_for and not Path(directory, wait_for).exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def _trainable(config: dict[str, Any]) -> None:
     """A Tune function trainable checkpointing every step through ray-ckpt."""
     from ray import tune
 
     from ray_ckpt import WorkerClient, start_checkpointer
-    from ray_ckpt.integrations import load_from_ray_checkpoint, read_pointer, report, resume_step
+    from ray_ckpt.integrations import get_checkpoint, load_from_ray_checkpoint, read_pointer, report, resume_step
 
     torch.set_num_threads(1)
     trial_id = tune.get_context().get_trial_id()
     run_name = f"{config['run_prefix']}-{trial_id}"
-    ckpt_config = CheckpointConfig(storage_uri=config["storage"], run_name=run_name, metric_name="loss", mode="min")
+    ckpt_config = CheckpointConfig(
+        storage_uri=config["storage"],
+        run_name=run_name,
+        metric_name="loss",
+        mode="min",
+        keep_last_n=config.get("keep_last_n"),
+    )
     # DEFAULT scheduling: not inside the trial's placement group (Tune captures child actors into
     # it, and removes it, killing whatever runs there, when the trial stops or fails)
     handle = start_checkpointer(ckpt_config, detached=True, scheduling_strategy="DEFAULT")
@@ -95,7 +115,8 @@ def _trainable(config: dict[str, Any]) -> None:
     x, y = _data()
 
     restored_step = None
-    checkpoint = tune.get_checkpoint()
+    checkpoint = get_checkpoint(ckpt_config)  # Tune's checkpoint (a PBT donor's, a retry's) if it has one
+    role = None if checkpoint is not None else config.get("roles", {}).get(str(config["lr"]))
     if checkpoint is not None:
         pointer = read_pointer(checkpoint)
         restored_step, state, trainer_state = load_from_ray_checkpoint(checkpoint)
@@ -130,6 +151,8 @@ def _trainable(config: dict[str, Any]) -> None:
         trainer_state = {"optimizer": optimizer.state_dict()}
         info = client.save(step, model.state_dict(), metrics=metrics, trainer_state=trainer_state).result(timeout=60)
         _log_event(config["events"], trial_id, {"event": "save", "own_run": run_name, "step": step})
+        if role is not None:  # asynchronous PBT: order the two fresh trials (see the test)
+            _barrier(config["events"], role, step)
         report({**metrics, "step": step, "lr": config["lr"]}, info, ckpt_config)
 
 
@@ -145,6 +168,7 @@ def _fit(tmp_path: Path, param_space: dict[str, Any], **kwargs: Any) -> Any:
             name="exp",
             verbose=0,
             failure_config=kwargs.pop("failure_config", None),
+            checkpoint_config=kwargs.pop("checkpoint_config", None),
         ),
         **kwargs,
     )
@@ -212,22 +236,32 @@ def test_tune_trials_checkpoint_through_ray_ckpt_and_resume_after_failure(tmp_pa
     assert _digest(finals[3]) == _digest(finals[None])
 
 
-def test_pbt_exploit_restores_the_donor_trial_weights_from_ray_ckpt(tmp_path: Path, run_name: str) -> None:
-    """PBT clones the good trial into the bad one: the bad trial loads the donor run's checkpoint from ray-ckpt."""
+@pytest.mark.parametrize("synch", [True, False], ids=["sync", "async"])
+def test_pbt_exploit_restores_the_donor_trial_weights_from_ray_ckpt(tmp_path: Path, run_name: str, synch: bool) -> None:
+    """PBT clones the good trial into the bad one, which loads the donor's step from ray-ckpt.
+
+    ray-ckpt keeps one step per run (keep_last_n=1). Synchronous PBT: Ray keeps the newest two
+    checkpoints per trial. Asynchronous PBT: Ray's default (every checkpoint), the donor saves past
+    the exploited step before the exploit (``_barrier``); that step must still be there. Every
+    checkpoint Ray lists loads, and once Ray's leases are settled each run holds exactly the steps
+    Ray lists for it.
+    """
     from ray import tune
     from ray.tune.schedulers import PopulationBasedTraining
+
+    from ray_ckpt.integrations import load_from_ray_checkpoint, read_pointer, release_unreferenced
 
     events = tmp_path / "events"
     events.mkdir()
     storage = str(tmp_path / "ckpt")
-    steps = 3
+    steps = 3 if synch else 8
     pbt = PopulationBasedTraining(
         time_attr="training_iteration",
         perturbation_interval=2,
         quantile_fraction=0.5,
         resample_probability=0.0,
         hyperparam_mutations={"lr": [0.0, 0.05]},
-        synch=True,
+        synch=synch,
     )
     results = _fit(
         tmp_path,
@@ -236,9 +270,12 @@ def test_pbt_exploit_restores_the_donor_trial_weights_from_ray_ckpt(tmp_path: Pa
             "storage": storage,
             "events": str(events),
             "steps": steps,
+            "keep_last_n": 1,
+            "roles": {} if synch else {"0.05": "good", "0.0": "bad"},
             "lr": tune.grid_search([0.05, 0.0]),  # 0.0 never learns: clearly the worse trial
         },
         tune_config=tune.TuneConfig(metric="loss", mode="min", scheduler=pbt, reuse_actors=True),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=2) if synch else None,
     )
     assert len(results) == 2
     assert not results.errors, results.errors
@@ -250,20 +287,37 @@ def test_pbt_exploit_restores_the_donor_trial_weights_from_ray_ckpt(tmp_path: Pa
     exploits = [e for e in log if e["event"] == "restore" and e["pointer_run"] != e["own_run"]]
     assert exploits, f"no PBT exploit happened: {log}"
     exploit = exploits[0]
-    assert exploit["pointer_step"] == 2
     donor_run = exploit["pointer_run"]
     assert donor_run in runs_by_trial.values() and donor_run != exploit["own_run"]
-    # the donor is the trial that learns (lr 0.05): its run's losses go down, the other's do not
-    donor_losses = [i.metrics["loss"] for i in CheckpointStore(storage, run_name=donor_run).list()]
-    assert donor_losses[1] < donor_losses[0]
+    donor_saves = [e["step"] for e in saves if e["own_run"] == donor_run]
+    if synch:
+        assert exploit["pointer_step"] == 2
+    else:  # the donor had moved on: with keep_last_n=1 alone its step would have been deleted
+        assert max(donor_saves) > exploit["pointer_step"] >= 4
+    donor = CheckpointStore(storage, run_name=donor_run)
     # the exploited trial holds exactly the donor's saved weights of that step
-    assert exploit["digest"] == _digest(CheckpointStore(storage, run_name=donor_run).load(exploit["pointer_step"]))
+    assert exploit["digest"] == _digest(donor.load(exploit["pointer_step"]))
     # ... and carries on in its own run, numbering past what that run already holds
     own = CheckpointStore(storage, run_name=exploit["own_run"])
     steps_after = [e["step"] for e in saves if e["own_run"] == exploit["own_run"]]
     assert steps_after == sorted(set(steps_after)) and steps_after[-1] == steps
+
+    # every checkpoint Ray lists loads; after settling, each run holds exactly what Ray lists of it
+    listed: dict[str, set[int]] = {run: set() for run in runs_by_trial.values()}
+    for result in results:
+        for checkpoint in [c for c, _ in result.best_checkpoints] + [result.checkpoint]:
+            step, state, _ = load_from_ray_checkpoint(checkpoint)
+            listed[read_pointer(checkpoint)["run_name"]].add(step)
+    for run in listed:
+        config = CheckpointConfig(storage_uri=storage, run_name=run, keep_last_n=1)
+        release_unreferenced(config)
+        store = CheckpointStore(config=config)
+        store.apply_retention()  # the trials' checkpointers are gone: apply what the rules keep now
+        kept = {i.step for i in store.reload().list()}
+        assert kept == listed[run] | {store.latest().step}, (run, kept, listed[run])
+    if synch:  # Ray keeps two per trial: ray-ckpt's retention still deleted the rest
+        assert all(len(steps_kept) <= 3 for steps_kept in listed.values())
     assert own.latest() is not None and own.latest().step == steps
-    assert not torch.equal(own.load(steps)["weight"], own.load(2)["weight"])  # lr 0.0 before: only the clone moved it
 
 
 def test_pointer_checkpoints_round_trip_and_leave_secrets_out(tmp_path: Path) -> None:
