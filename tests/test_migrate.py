@@ -150,3 +150,25 @@ def test_trainer_state_is_carried_over(tmp_path: Path) -> None:
     assert artifact.trainer_state["optimizer"]["param_groups"][0]["momentum"] == 0.9
     momentum = artifact.trainer_state["optimizer"]["state"][0]["momentum_buffer"]
     torch.testing.assert_close(momentum, opt.state_dict()["state"][0]["momentum_buffer"])
+
+
+def test_a_sharded_model_folder_is_one_checkpoint_never_one_run_per_shard(tmp_path: Path) -> None:
+    from huggingface_hub import save_torch_state_dict
+
+    src, dst = tmp_path / "src", tmp_path / "runs"
+    folder = src / "policy-40"
+    folder.mkdir(parents=True)
+    weights = _weights(40)
+    save_torch_state_dict(weights, folder, max_shard_size=100)  # one tensor per shard
+    assert len(list(folder.glob("*.safetensors"))) > 1
+    dry = migrate(str(src), str(dst), dry_run=True)
+    assert [(i.action, i.run_name, i.step) for i in dry.items] == [(WOULD_MIGRATE, "policy", 40)]
+    report = migrate(str(src), str(dst))
+    assert report.ok and [(i.action, i.format) for i in report.items] == [(MIGRATED, "hf")]
+    assert sorted(p.name for p in dst.iterdir()) == ["policy"]
+    loaded = CheckpointStore(str(dst), "policy").load(40)
+    assert set(loaded) == set(weights) and all(torch.equal(loaded[k], v) for k, v in weights.items())
+    # one shard alone is refused, and reported as such
+    shard = sorted(folder.glob("*.safetensors"))[0]
+    alone = migrate(str(shard), str(tmp_path / "other"))
+    assert [i.action for i in alone.items] == [FAILED] and "model.safetensors.index.json" in alone.items[0].detail

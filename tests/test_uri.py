@@ -236,3 +236,12 @@ def test_best_selector_uses_the_policy_any_writer_recorded(tmp_path: Path) -> No
 
     reader = open_run(f"{tmp_path}/ranked")
     assert reader.config.metric_name == "score" and reader.config.mode == "max" and reader.config.keep_last_n == 5
+
+
+def test_a_hugging_face_index_is_a_file_and_a_model_folder_is_a_directory(tmp_path: Path) -> None:
+    index = parse_uri(f"{tmp_path}/gpt-tiny/model.safetensors.index.json")
+    assert index.kind == "file" and index.run_name == "gpt-tiny"
+    assert parse_uri("s3://b/models/llama/pytorch_model.bin.index.json").kind == "file"
+    assert parse_uri("s3://b/models/llama").kind == "run"  # a folder: load_from_uri looks inside
+    with pytest.raises(ConfigError, match="selector"):
+        parse_uri(f"{tmp_path}/gpt-tiny/model.safetensors.index.json:latest")
