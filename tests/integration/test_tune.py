@@ -369,3 +369,12 @@ def test_pointer_checkpoints_round_trip_and_leave_secrets_out(tmp_path: Path) ->
         read_pointer(ray.train.Checkpoint.from_directory(str(tmp_path / "other")))
     with pytest.raises(RuntimeError, match="not inside a Ray Tune trial or a Ray Train worker"):
         report({"loss": 1.0}, info, store.config)
+
+    # Ray's CheckpointConfig from ray-ckpt's retention, and back
+    from ray_ckpt.integrations import ray_checkpoint_config, retention_from_ray
+
+    ranked = ray_checkpoint_config(CheckpointConfig(metric_name="loss", keep_top_k=3, keep_last_n=1))
+    assert (ranked.num_to_keep, ranked.checkpoint_score_attribute, ranked.checkpoint_score_order) == (3, "loss", "min")
+    assert retention_from_ray(ranked) == {"keep_top_k": 3, "metric_name": "loss", "mode": "min"}
+    assert ray_checkpoint_config(CheckpointConfig(keep_last_n=2)).num_to_keep == 2
+    assert ray_checkpoint_config(CheckpointConfig()).num_to_keep is None
