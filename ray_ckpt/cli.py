@@ -528,9 +528,46 @@ def _inspect_file(args: argparse.Namespace, parsed: ParsedURI) -> dict[str, Any]
     }
 
 
+def _hf_folder_of(args: argparse.Namespace, parsed: ParsedURI) -> str | None:
+    """The location of the Hugging Face model folder (or index) a URI names, if it names one."""
+    from ray_ckpt.legacy import find_hf_folder
+    from ray_ckpt.storage import Storage
+    from ray_ckpt.uri import is_hf_index_name
+
+    if parsed.kind == "file" and is_hf_index_name(parsed.location):
+        return parsed.location
+    if parsed.kind != "run" or _is_run(Storage(parsed.location, _storage_options(args))):
+        return None
+    found = find_hf_folder(parsed.location, storage_options=_storage_options(args))
+    return found.location if found is not None else None
+
+
+def _inspect_hf(args: argparse.Namespace, location: str) -> dict[str, Any]:
+    artifact = load_from_uri(location, storage_options=_storage_options(args))
+    arch = artifact.architecture
+    tensors = _tensor_rows(artifact.state_dict, "")
+    return {
+        "uri": location,
+        "run_name": artifact.run_name,
+        "step": artifact.step,
+        "format": "Hugging Face folder",
+        "metrics": artifact.metrics,
+        "metadata": artifact.metadata,
+        "architecture": {"class_path": arch.class_path, "config": arch.config, "config_class": arch.config_class}
+        if arch
+        else None,
+        "tensors": tensors,
+        "total_size": sum(t["nbytes"] for t in tensors),
+        "trainer_state": None,
+    }
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     parsed = parse_uri(args.ckpt_uri)
-    if parsed.kind == "file":
+    hf = _hf_folder_of(args, parsed)
+    if hf is not None:
+        payload = _inspect_hf(args, hf)
+    elif parsed.kind == "file":
         payload = _inspect_file(args, parsed)
     elif parsed.kind == "mock":
         artifact = load_from_uri(args.ckpt_uri)
@@ -595,9 +632,12 @@ def _marked_steps(store: CheckpointStore) -> list[int]:
 def cmd_verify(args: argparse.Namespace) -> int:
     parsed = parse_uri(args.uri)
     results: list[dict[str, Any]] = []
-    if parsed.kind in ("file", "mock"):
-        try:
-            artifact = load_from_uri(args.uri, storage_options=_storage_options(args), trust_pickle=args.trust_pickle)
+    hf = _hf_folder_of(args, parsed)
+    if parsed.kind in ("file", "mock") or hf is not None:
+        try:  # read whole: every header, every tensor the index lists
+            artifact = load_from_uri(
+                hf or args.uri, storage_options=_storage_options(args), trust_pickle=args.trust_pickle
+            )
             results.append({"target": parsed.location, "step": artifact.step, "ok": True, "error": None})
         except (CorruptCheckpointError, RayCkptError) as exc:
             results.append({"target": parsed.location, "step": None, "ok": False, "error": _one_line(exc)})

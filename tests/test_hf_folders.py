@@ -260,3 +260,18 @@ def test_import_checkpoint_api(gpt2: Any, tmp_path: Path) -> None:
     loaded = CheckpointStore(str(tmp_path / "runs"), "d").load(11)
     _same_weights(loaded, _reference(gpt2))
     assert import_checkpoint(str(folder), str(tmp_path / "runs" / "d"), step=11).action == "skipped"
+
+
+def test_inspect_and_verify_a_folder(gpt2: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = _write("save_pretrained_sharded", gpt2, tmp_path / "model")
+    assert main(["inspect", str(folder), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["format"] == "Hugging Face folder" and len(data["tensors"]) == len(gpt2.state_dict()) - 1
+    assert data["architecture"]["class_path"] == "transformers.GPT2LMHeadModel"
+    assert main(["verify", str(folder / "model.safetensors.index.json")]) == 0
+    capsys.readouterr()
+    shard = sorted(folder.glob("model-*.safetensors"))[2]
+    shard.write_bytes(shard.read_bytes()[:-4])  # truncated
+    assert main(["verify", str(folder), "--json"]) == 1
+    result = json.loads(capsys.readouterr().out)
+    assert not result["ok"] and shard.name in result["results"][0]["error"]
