@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -93,7 +94,9 @@ class LocalHead:
 
     def start(self) -> None:
         cmd = [
-            RAY_BIN, "start", "--head",
+            RAY_BIN,
+            "start",
+            "--head",
             f"--port={self.gcs_port}",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={self.dashboard_port}",
@@ -108,7 +111,12 @@ class LocalHead:
             "--disable-usage-stats",
         ]
         proc = subprocess.Popen(
-            cmd, env=self.env, cwd=self.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            cmd,
+            env=self.env,
+            cwd=self.root,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
             start_new_session=True,  # its daemons inherit this process group: that is what we stop later
         )
         self.pgid = proc.pid
@@ -209,13 +217,21 @@ def _job_status(head: LocalHead, job_id: str) -> str:
     return match.group(1) if match else f"UNKNOWN ({text[-500:]})"
 
 
-def test_ray_job_submit_runs_the_training_job_and_commits_checkpoints(run_name: str) -> None:
-    """`ray job submit` of cluster/train_job.py on a local head commits checkpoints and the index."""
+@pytest.fixture(scope="module")
+def head() -> Iterator[LocalHead]:
+    """One head for this module's jobs, stopped precisely at the end (never ``ray stop``).
+
+    Its daemons, and so the jobs' drivers, have a PATH without this interpreter's directory, as a
+    shell that never activated ``.venv`` would: a job whose entrypoint says ``python`` gets the
+    system's, which lacks ray (what ``cluster/submit.sh`` must not rely on).
+    """
     import ray
 
     before = _file_state(DEFAULT_ADDRESS_FILE)
     root = tempfile.mkdtemp(prefix="rck-", dir="/tmp")
     head = LocalHead(root)
+    venv_bin = os.path.dirname(sys.executable)
+    head.env["PATH"] = os.pathsep.join(p for p in head.env.get("PATH", "").split(os.pathsep) if p != venv_bin)
     try:
         head.start()
         # `ray start --temp-dir` records its address in that temp dir, never in /tmp/ray
@@ -223,39 +239,7 @@ def test_ray_job_submit_runs_the_training_job_and_commits_checkpoints(run_name: 
         assert _file_state(DEFAULT_ADDRESS_FILE) == before
         assert "RAY_ADDRESS" not in os.environ
         head.wait_for_job_server()
-
-        storage = os.path.join(root, "ckpt")
-        job_id = f"ray-ckpt-{run_name}"
-        submit = head.ray(
-            "job", "submit", "--address", head.address, "--submission-id", job_id, "--no-wait", "--",
-            sys.executable, str(REPO / "cluster" / "train_job.py"),
-            "--storage", storage, "--run-name", run_name, "--steps", "4",
-        )
-        assert submit.returncode == 0, submit.stdout + submit.stderr + head.logs()
-
-        deadline = time.monotonic() + JOB_TIMEOUT_S
-        status = _job_status(head, job_id)
-        while status not in ("SUCCEEDED", "FAILED", "STOPPED") and time.monotonic() < deadline:
-            time.sleep(2)
-            status = _job_status(head, job_id)
-        logs = head.ray("job", "logs", job_id, "--address", head.address)
-        assert status == "SUCCEEDED", f"job {job_id}: {status}\n{logs.stdout[-4000:]}{logs.stderr[-2000:]}"
-        assert "Top checkpoints of run" in logs.stdout
-
-        store = CheckpointStore(storage, run_name=run_name)
-        infos = store.list()
-        assert [i.step for i in infos] == [2, 4]  # save_interval_steps=2 over 4 steps
-        assert all(i.world_size == 2 for i in infos)
-        # the run index is on storage: a snapshot once compacted, else its change log (see ray_ckpt.layout)
-        run_dir = Path(storage, run_name)
-        log_dir = run_dir / INDEX_LOG_DIR
-        assert (run_dir / INDEX_SNAPSHOT).exists() or (log_dir.is_dir() and any(log_dir.iterdir())), sorted(
-            str(p.relative_to(run_dir)) for p in run_dir.rglob("*")
-        )
-        for info in infos:
-            store.verify(info.step)
-            assert "eval/return" in info.metrics  # the job's eval actor followed the run
-        assert set(store.load(4)) >= {"proj.weight", "towers.0.1.weight", "towers.1.1.weight"}
+        yield head
     finally:
         survivors = head.stop()
         shutil.rmtree(root, ignore_errors=True)
@@ -266,3 +250,66 @@ def test_ray_job_submit_runs_the_training_job_and_commits_checkpoints(run_name: 
     # the session's own Ray was left alone
     assert ray.is_initialized()
     assert ray.get(ray.remote(lambda: 41 + 1).remote(), timeout=60) == 42
+
+
+def _check_run(storage: str, run_name: str) -> None:
+    """The job's run: steps 2 and 4 committed by 2 ranks, scored, verified, the index on storage."""
+    store = CheckpointStore(storage, run_name=run_name)
+    infos = store.list()
+    assert [i.step for i in infos] == [2, 4]  # save_interval_steps=2 over 4 steps
+    assert all(i.world_size == 2 for i in infos)
+    # the run index is on storage: a snapshot once compacted, else its change log (see ray_ckpt.layout)
+    run_dir = Path(storage, run_name)
+    log_dir = run_dir / INDEX_LOG_DIR
+    assert (run_dir / INDEX_SNAPSHOT).exists() or (log_dir.is_dir() and any(log_dir.iterdir())), sorted(
+        str(p.relative_to(run_dir)) for p in run_dir.rglob("*")
+    )
+    for info in infos:
+        store.verify(info.step)
+        assert "eval/return" in info.metrics  # the job's eval actor followed the run
+    assert set(store.load(4)) >= {"proj.weight", "towers.0.1.weight", "towers.1.1.weight"}
+
+
+def test_ray_job_submit_runs_the_training_job_and_commits_checkpoints(head: LocalHead, run_name: str) -> None:
+    """`ray job submit` of cluster/train_job.py on a local head commits checkpoints and the index."""
+    storage = os.path.join(head.root, "ckpt")
+    job_id = f"ray-ckpt-{run_name}"
+    submit = head.ray(
+        "job", "submit", "--address", head.address, "--submission-id", job_id, "--no-wait", "--",
+        sys.executable, str(REPO / "cluster" / "train_job.py"),
+        "--storage", storage, "--run-name", run_name, "--steps", "4",
+    )  # fmt: skip
+    assert submit.returncode == 0, submit.stdout + submit.stderr + head.logs()
+
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    status = _job_status(head, job_id)
+    while status not in ("SUCCEEDED", "FAILED", "STOPPED") and time.monotonic() < deadline:
+        time.sleep(2)
+        status = _job_status(head, job_id)
+    logs = head.ray("job", "logs", job_id, "--address", head.address)
+    assert status == "SUCCEEDED", f"job {job_id}: {status}\n{logs.stdout[-4000:]}{logs.stderr[-2000:]}"
+    assert "Top checkpoints of run" in logs.stdout
+    _check_run(storage, run_name)
+
+
+def test_submit_sh_works_from_a_fresh_shell(head: LocalHead, run_name: str, tmp_path: Path) -> None:
+    """cluster/submit.sh as a new user runs it: no venv on PATH, RAY_AUTH_MODE unset, a relative STORAGE.
+
+    It finds this checkout's ray CLI, turns token auth on because a token is there, runs the job
+    with the checkout's interpreter (the head is on this machine), and makes STORAGE absolute:
+    relative, it would land in Ray's temporary copy of the working dir.
+    """
+    env = {k: v for k, v in head.env.items() if k != "RAY_AUTH_MODE"}  # the token path stays
+    env.update(RAY_ADDRESS=head.address, STORAGE="rel_ckpt", RUN_NAME=run_name)
+    assert shutil.which("ray", path=env["PATH"]) != RAY_BIN
+    out = subprocess.run(
+        ["bash", str(REPO / "cluster" / "submit.sh"), "--steps", "4"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=JOB_TIMEOUT_S + 60,
+    )  # fmt: skip
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-6000:] + head.logs()
+    venv_python = REPO / ".venv" / "bin" / "python"
+    python = venv_python if venv_python.exists() else "python"  # a checkout without .venv: the cluster's
+    assert f"on {tmp_path / 'rel_ckpt'} (python: {python})" in out.stderr, out.stderr[-2000:]
+    assert "succeeded" in text and "Top checkpoints of run" in out.stdout, text[-4000:]
+    _check_run(str(tmp_path / "rel_ckpt"), run_name)
