@@ -88,19 +88,39 @@ class RankTraining:
         own = ("proj.", f"towers.{self.rank}.")
         return {k: v for k, v in self.model.state_dict().items() if k.startswith(own)}
 
-    def trainer_state(self, step: int) -> dict[str, Any]:
-        """What resuming needs besides the weights: the optimizer (keyed by rank) and the step."""
-        return {"optimizer": {f"rank{self.rank}": self.opt.state_dict()}, "step": step}
+    def _own_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """The parameters this rank's optimizer steps, by name, in the optimizer's order."""
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        return [(names[id(p)], p) for group in self.opt.param_groups for p in group["params"]]
+
+    def trainer_state(self, step: int) -> dict[str, torch.Tensor]:
+        """What resuming needs besides the weights: the optimizer state and the step.
+
+        A flat ``{name: tensor}`` dict keyed by parameter name, so every rank's share is kept and
+        merged like the model's (each rank's optimizer state under its own keys, ``step`` the same
+        on every rank). The hyperparameters (lr) come from the constructor.
+        """
+        state: dict[str, torch.Tensor] = {"step": torch.tensor(step)}
+        for name, param in self._own_parameters():
+            for key, value in self.opt.state.get(param, {}).items():
+                state[f"optimizer.{name}.{key}"] = value
+        return state
 
     def restore(self, store: ray_ckpt.CheckpointStore, step: int) -> bool:
-        """Load this rank's weights and optimizer state from ``step``; whether the optimizer was restored."""
+        """Load this rank's weights and optimizer state from ``step``; whether the optimizer state was there."""
         own = ("proj.", f"towers.{self.rank}.")
         self.model.load_state_dict({k: v for k, v in store.load(step).items() if k.startswith(own)}, strict=False)
-        trainer = store.load_trainer_state(step) or {}
-        saved = (trainer.get("optimizer") or {}).get(f"rank{self.rank}")
-        if saved is None:
-            return False
-        self.opt.load_state_dict(saved)
+        saved = store.load_trainer_state(step) or {}
+        optimizer = self.opt.state_dict()
+        restored = {}
+        for index, (name, _) in enumerate(self._own_parameters()):
+            prefix = f"optimizer.{name}."
+            found = {k[len(prefix) :]: v for k, v in saved.items() if k.startswith(prefix)}
+            if not found:
+                return False  # saved without this rank's optimizer state: a fresh optimizer
+            restored[index] = found
+        optimizer["state"] = restored
+        self.opt.load_state_dict(optimizer)
         return True
 
 
