@@ -380,7 +380,7 @@ class Checkpointer:
         if pending.done.done() and pending.done.exception() is not None:
             raise pending.done.exception()  # type: ignore[misc]
         assert pending.plan is not None
-        return pending.plan
+        return pending.plan.share(report.rank)
 
     async def _join_step(self, step: int, report: RankReport, overwrite: bool, mode: str) -> _PendingStep:
         if not isinstance(report, RankReport):

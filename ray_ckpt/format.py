@@ -154,6 +154,8 @@ def to_buffer(value: torch.Tensor | np.ndarray | TensorBuffer | Shard, *, key: s
     dtype = TORCH_TO_DTYPE.get(tensor.dtype)
     if dtype is None:
         raise TypeError(f"{key}: dtype {tensor.dtype} is not supported by safetensors")
+    if dtype in DTYPE_PACKING and tensor.dim() == 0:
+        raise TypeError(f"{key}: a 0-d {tensor.dtype} tensor has no shape safetensors can record (packed dtype)")
     if tensor.device.type != "cpu":
         tensor = tensor.cpu()
     tensor = tensor.resolve_conj().resolve_neg()

@@ -23,6 +23,7 @@ through Ray's object store and the master streams their files. Nothing here does
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -132,6 +133,7 @@ class PartPlan:
     aliases: Mapping[str, str]
     structure: Any
     total_size: int
+    fmt: str = "safetensors"
 
     def file(self, name: str) -> FilePlan:
         return next(f for f in self.files if f.name == name)
@@ -153,49 +155,84 @@ class SavePlan:
             for fplan in part.files:
                 yield part, fplan
 
+    @functools.cached_property
+    def _duties(self) -> dict[int, _Duties]:
+        """Every writer's share, found in one pass (a plan of a thousand ranks is asked per rank)."""
+        duties: dict[int, _Duties] = {}
+
+        def of(rank: int) -> _Duties:
+            return duties.setdefault(rank, _Duties())
+
+        for part, fplan in self._files():
+            of(fplan.writer).streams.append((part, fplan))  # SHARED: the files the master creates and seals
+            for key in fplan.keys:
+                layout = part.tensors[key]
+                for i, chunk in enumerate(layout.chunks):
+                    if fplan.writer == SHARED:
+                        of(chunk.writer).pieces.append((part, fplan, layout, i))
+                    elif fplan.writer == MASTER and self.mode == "direct":
+                        of(chunk.writer).sends.append((part.part, key))
+        for part in self.parts.values():
+            for key, layout in part.tensors.items():
+                for chunk in layout.chunks:
+                    if len(chunk.ranks) > 1:
+                        for rank in chunk.ranks:
+                            of(rank).replicas.append((part.part, key))
+        return duties
+
     def streams(self, rank: int) -> list[tuple[PartPlan, FilePlan]]:
-        """Files ``rank`` (or MASTER) writes from start to end."""
-        return [(p, f) for p, f in self._files() if f.writer == rank]
+        """Files ``rank`` (or MASTER, or SHARED) writes from start to end."""
+        return list(self._duties.get(rank, _NONE).streams)
 
     def pieces(self, rank: int) -> list[tuple[PartPlan, FilePlan, TensorLayout, int]]:
         """Chunks ``rank`` writes into place in a SHARED file: (part, file, tensor, chunk index)."""
-        out = []
-        for part, fplan in self._files():
-            if fplan.writer != SHARED:
-                continue
-            for key in fplan.keys:
-                layout = part.tensors[key]
-                out.extend((part, fplan, layout, i) for i, c in enumerate(layout.chunks) if c.writer == rank)
-        return out
+        return list(self._duties.get(rank, _NONE).pieces)
 
     def sends(self, rank: int) -> list[tuple[str, str]]:
         """(part, key) of the chunks ``rank`` hands to the master, which writes their files (direct mode)."""
-        if self.mode == "gather":
-            return []
-        out = []
-        for part, fplan in self._files():
-            if fplan.writer != MASTER:
-                continue
-            out.extend(
-                (part.part, key) for key in fplan.keys if any(c.writer == rank for c in part.tensors[key].chunks)
-            )
-        return out
+        return list(self._duties.get(rank, _NONE).sends)
 
     def replicas(self, rank: int) -> list[tuple[str, str]]:
         """(part, key) of the chunks ``rank`` holds that other ranks hold too: the ones compared."""
-        return [
-            (part.part, key)
-            for part in self.parts.values()
-            for key, layout in part.tensors.items()
-            for c in layout.chunks
-            if len(c.ranks) > 1 and rank in c.ranks
-        ]
+        return list(self._duties.get(rank, _NONE).replicas)
 
     def idle(self, rank: int) -> bool:
         """Whether ``rank`` has nothing to do after planning (every gather-mode rank)."""
         if self.mode == "gather":
             return True
-        return not (self.streams(rank) or self.pieces(rank) or self.sends(rank) or self.replicas(rank))
+        duties = self._duties.get(rank)
+        return duties is None or not (duties.streams or duties.pieces or duties.sends or duties.replicas)
+
+    def share(self, rank: int) -> SavePlan:
+        """The part of the plan ``rank`` needs: its files and the tensors it writes, sends or compares.
+
+        What the master hands each rank (a plan of every rank's tensors is big at a thousand ranks).
+        """
+        duties = self._duties.get(rank, _NONE)
+        files: dict[str, set[str]] = {}
+        keys: dict[str, set[str]] = {}
+        for part, fplan in duties.streams:
+            files.setdefault(part.part, set()).add(fplan.name)
+        for part, fplan, _, _ in duties.pieces:
+            files.setdefault(part.part, set()).add(fplan.name)
+        for part_name, key in [*duties.sends, *duties.replicas]:
+            keys.setdefault(part_name, set()).add(key)
+        parts = {}
+        for name, part in self.parts.items():
+            mine = [f for f in part.files if f.name in files.get(name, ())]
+            wanted = {k for f in mine for k in f.keys} | keys.get(name, set())
+            if not mine and not wanted:
+                continue
+            if self.mode == "direct":
+                # a sent key's file stays so that sends() finds it, but without other ranks' tensors
+                mine += [
+                    FilePlan(f.name, tuple(k for k in f.keys if k in wanted), b"", 0, f.writer)
+                    for f in part.files
+                    if f not in mine and f.writer == MASTER and any(k in wanted for k in f.keys)
+                ]
+            tensors = {k: part.tensors[k] for k in wanted}
+            parts[name] = PartPlan(name, tuple(mine), tensors, {}, None, 0, part.fmt)
+        return SavePlan(self.step, self.directory, self.world_size, self.mode, self.fmt, parts)
 
     def chunk_map(self, part: str) -> dict[str, Any]:
         """What the marker records of each sharded tensor: its global shape and every chunk's box and ranks."""
@@ -211,6 +248,17 @@ class SavePlan:
                     ],
                 }
         return out
+
+
+@dataclass
+class _Duties:
+    streams: list[tuple[PartPlan, FilePlan]] = field(default_factory=list)
+    pieces: list[tuple[PartPlan, FilePlan, TensorLayout, int]] = field(default_factory=list)
+    sends: list[tuple[str, str]] = field(default_factory=list)
+    replicas: list[tuple[str, str]] = field(default_factory=list)
+
+
+_NONE = _Duties()
 
 
 def check_rank_state(state: Any, what: str) -> None:
@@ -290,8 +338,13 @@ def plan_save(
         by_rank = {r: s[part] for r, s in sorted(states.items()) if s.get(part) is not None}
         if not by_rank:
             continue
-        parts[part] = _plan_part(
-            part, by_rank, mode=mode, max_shard_size=max_shard_size, fmt=fmt, local_storage=local_storage
+        parts[part] = _plan_part(  # trainer state is always safetensors: it is never a model file
+            part,
+            by_rank,
+            mode=mode,
+            max_shard_size=max_shard_size,
+            fmt=fmt if part == MODEL else "safetensors",
+            local_storage=local_storage,
         )
     return SavePlan(step, directory, world_size, mode, fmt, parts)
 
@@ -354,7 +407,8 @@ def _plan_part(
         aliases.update(states[rank].aliases)
     structure = _structure(states, what)
     tensors = {key: placed[key] for key in layouts}
-    return PartPlan(part, tuple(files), tensors, aliases, structure, sum(t.nbytes for t in tensors.values()))
+    total = sum(t.nbytes for t in tensors.values())
+    return PartPlan(part, tuple(files), tensors, aliases, structure, total, fmt)
 
 
 @dataclass

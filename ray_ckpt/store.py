@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 import torch
 
-from ray_ckpt.architecture import ARCHITECTURE_FILE, Architecture
+from ray_ckpt.architecture import ARCHITECTURE_FILE, Architecture, hf_config_files
 from ray_ckpt.byo import PendingCheckpoint
 from ray_ckpt.config import CheckpointConfig
 from ray_ckpt.errors import CheckpointExistsError, CheckpointNotFoundError, ConfigError, CorruptCheckpointError
@@ -116,6 +116,7 @@ class CheckpointStore:
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._pending: threading.BoundedSemaphore | None = None
         self._writer_started = False  # the first save collects a crashed writer's leftovers
+        self._side_files: dict[str, bytes] | None = None  # config.json & co. of the run's architecture
         self._retention_lock = threading.RLock()  # one retention at a time (saves, uploads, scores)
         self._remote_leases: set[str] = set()  # ids of leases this store took on the remote tier
         # the remote tier plug-in: uploads after each commit, reads and queries over both tiers
@@ -160,6 +161,7 @@ class CheckpointStore:
         with self._lock:
             self.run_index.load()
             self._loaded_at = time.monotonic()
+            self._side_files = None
         if self.tiering is None:
             return self.index
         self.tiering.reload()
@@ -727,7 +729,26 @@ class CheckpointStore:
                 )
             return existing
         self.storage.write_atomic(ARCHITECTURE_FILE, arch.to_json_bytes())
+        self._side_files = None
         return arch
+
+    def model_side_files(self) -> dict[str, bytes]:
+        """The files that make each step a complete HF model folder (``config.json``, ...), from the
+        run's architecture; ``{}`` for a model that is not a transformers model or none recorded.
+
+        Read once (then again after :meth:`reload` or :meth:`write_architecture`): a save costs no
+        extra request.
+        """
+        if self._side_files is None:
+            try:
+                arch = self.read_architecture()
+                self._side_files = hf_config_files(arch, self.config.allowed_architecture_prefixes)
+            except FileNotFoundError:
+                self._side_files = {}
+            except Exception as exc:  # noqa: BLE001 - a damaged or refused architecture never fails a save
+                logger.warning("run %s: no config.json in its steps (%s: %s)", self.run_name, type(exc).__name__, exc)
+                self._side_files = {}
+        return self._side_files
 
     def read_architecture(self) -> Architecture:
         """The run's architecture, validated but not imported; FileNotFoundError when none was written.

@@ -94,6 +94,10 @@ class WriterHost(Protocol):
         """Add a just-committed step to the run's index; its record."""
         ...
 
+    def model_side_files(self) -> dict[str, bytes]:
+        """Files written beside each step's model index (``config.json`` of a HF model)."""
+        ...
+
 
 class StepWriter:
     """Writes the files of one step, then commits them with the marker written last.
@@ -161,6 +165,8 @@ class StepWriter:
             chunks = plan.chunk_map(MODEL)
             if chunks:
                 self.model["sharded"] = chunks
+            for side, data in self.store.model_side_files().items():  # a complete HF model folder
+                self._write_small(side, data)
         trainer = plan.parts.get(TRAINER)
         if trainer is not None:
             payload = {
@@ -381,7 +387,7 @@ def write_share(
     def one(item: tuple[PartPlan, FilePlan]) -> None:
         part, fplan = item
         files[fplan.name] = write_planned_file(
-            storage, plan.directory, part, fplan, source, plan.fmt, direct_io=direct_io
+            storage, plan.directory, part, fplan, source, part.fmt, direct_io=direct_io
         )
 
     if len(streams) < 2 or not storage.is_local:

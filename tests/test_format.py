@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from ray_ckpt import CorruptCheckpointError
 from ray_ckpt.format import (
+    DTYPE_PACKING,
     DTYPE_SIZE,
     DTYPE_TO_TORCH,
     MAX_HEADER_SIZE,
@@ -38,6 +39,9 @@ from ray_ckpt.format import (
 )
 
 DTYPES = sorted(DTYPE_TO_TORCH)
+# Packed dtypes (F4: two values per byte) support few torch ops (no clone, no transpose): they get
+# their own round trip below instead of the generic strategies.
+UNPACKED = [d for d in DTYPES if d not in DTYPE_PACKING]
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -126,7 +130,7 @@ def _checksum(path: Path) -> str:
 # Strategies.
 # ---------------------------------------------------------------------------------------------
 @st.composite
-def tensors(draw: st.DrawFn, dtypes: list[str] = DTYPES) -> torch.Tensor:
+def tensors(draw: st.DrawFn, dtypes: list[str] = UNPACKED) -> torch.Tensor:
     name = draw(st.sampled_from(dtypes))
     dtype = DTYPE_TO_TORCH[name]
     shape = tuple(draw(st.lists(st.integers(0, 4), min_size=0, max_size=3)))
@@ -203,6 +207,24 @@ def test_every_dtype_and_shape_roundtrips(tmp_path: Path, name: str, shape: tupl
     if dtype == torch.bool:
         raw = raw % 2
     t = raw.view(dtype).reshape(shape) if numel else torch.empty(shape, dtype=dtype)
+    if name in DTYPE_PACKING:
+        if not shape:
+            with pytest.raises(TypeError, match="0-d"):
+                flatten_state({"t": t})
+            return
+        # few torch ops exist for packed dtypes (and safetensors' own torch loader lacks them):
+        # written by us, read back by us, compared as raw bytes; the header counts F4 values
+        path = tmp_path / "x.safetensors"
+        with open(path, "wb") as f:
+            write_safetensors(f, flatten_state({"t": t}).tensors, ["t"])
+        with open(path, "rb") as f:
+            header = read_safetensors_header(f, name="x", file_size=path.stat().st_size)
+            assert header.entries["t"]["shape"][-1] == shape[-1] * DTYPE_PACKING[name]
+            f.seek(0)
+            out = read_safetensors(f, name="x", file_size=path.stat().st_size)
+        assert out["t"].dtype == dtype and out["t"].shape == t.shape
+        assert tensor_bytes(out["t"].view(torch.uint8)) == tensor_bytes(t.view(torch.uint8))
+        return
     state = {"t": t, "nested": {"t": t.T if t.dim() == 2 else t}}
     assert_same(state, roundtrip(tmp_path / "x.safetensors", state))
 

@@ -190,7 +190,7 @@ def test_nested_state_and_trainer_state_roundtrip(store: CheckpointStore) -> Non
 def test_trainer_state_absent(store: CheckpointStore) -> None:
     store.save(1, state())
     assert store.load_trainer_state(1) is None
-    assert not (sdir(store, 1) / "trainer_state.json").exists()
+    assert not (sdir(store, 1) / "trainer_state").exists()
 
 
 def test_tied_weights_stored_once_and_loaded_tied(store: CheckpointStore) -> None:
@@ -362,7 +362,9 @@ def test_marker_is_written_last_after_fsyncing_the_directory(store: CheckpointSt
     store.save(7, state(), trainer_state={"x": torch.ones(2)})
     marker_at = next(i for i, (_, p) in enumerate(events) if p.endswith(MARKER))
     step_files = [p for m, p in events[:marker_at] if m != "fsync_dir" and "step_000000007/" in p]
-    assert {Path(p).name for p in step_files} == set(json.loads((sdir(store, 7) / MARKER).read_text())["files"])
+    assert {p.split("step_000000007/", 1)[1] for p in step_files} == set(
+        json.loads((sdir(store, 7) / MARKER).read_text())["files"]
+    )
     assert ("fsync_dir", "checkpoints/step_000000007") in events[:marker_at]
     after = [p for m, p in events[marker_at + 1 :] if m != "fsync_dir" and "step_000000007/" in p]
     assert all(MARKER in p for p in after), after  # only the marker's own temp file + rename
@@ -481,7 +483,7 @@ def test_verify_catches_a_missing_shard(saved: CheckpointStore) -> None:
         saved.load(1, verify=False)
 
 
-@pytest.mark.parametrize("name", ["trainer_state.safetensors", "trainer_state.json", INDEX])
+@pytest.mark.parametrize("name", ["trainer_state/trainer_state.safetensors", "trainer_state/trainer_state.json", INDEX])
 def test_verify_catches_any_damaged_file(saved: CheckpointStore, name: str) -> None:
     flip_byte(sdir(saved, 1) / name, -2)
     with pytest.raises(CorruptCheckpointError, match=name):
@@ -499,7 +501,7 @@ def test_load_verifies_on_load(saved: CheckpointStore) -> None:
 
 def test_load_trainer_state_verifies(saved: CheckpointStore) -> None:
     assert saved.load_trainer_state(1)["epoch"] == 1
-    flip_byte(sdir(saved, 1) / "trainer_state.safetensors")
+    flip_byte(sdir(saved, 1) / "trainer_state" / "trainer_state.safetensors")
     with pytest.raises(CorruptCheckpointError, match="trainer_state.safetensors"):
         saved.load_trainer_state(1)
 

@@ -211,9 +211,9 @@ class Rank:
 
     def start_slow_direct_save(self, step: int, marker: str, hold_s: float) -> None:
         """Direct mode: write the first planned shard, touch ``marker``, then stall (a rank dying mid-write)."""
-        import ray_ckpt.worker as worker_module
+        import ray_ckpt.writer as writer_module
 
-        real = worker_module.write_shard_file
+        real = writer_module.write_planned_file
 
         def write_then_stall(*args: Any, **kwargs: Any) -> Any:
             digest = real(*args, **kwargs)
@@ -221,7 +221,7 @@ class Rank:
             time.sleep(hold_s)
             return digest
 
-        worker_module.write_shard_file = write_then_stall
+        writer_module.write_planned_file = write_then_stall
         self.start_save(step)
 
     def outcome(self, timeout_s: float) -> dict[str, Any]:

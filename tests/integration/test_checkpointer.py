@@ -65,7 +65,11 @@ def shared_and_own(rank: int) -> dict[str, torch.Tensor]:
 
 
 def files_of(step_dir: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(step_dir.iterdir()) if p.name != "checkpoint.json"}
+    return {
+        str(p.relative_to(step_dir)): p.read_bytes()
+        for p in sorted(step_dir.rglob("*"))
+        if p.is_file() and p.name != "checkpoint.json"
+    }
 
 
 @pytest.mark.parametrize("write_mode", ["gather", "direct"])
@@ -208,7 +212,8 @@ def test_back_pressure_bounds_pending_saves(tmp_path: Path, run_name: str) -> No
     ready, _ = ray.wait([second], timeout=1.5)
     assert not ready, "a second pending save was accepted beyond max_pending_saves"
     stats = handle.stats()
-    assert stats["pending"] == [1] and stats["queued"] == [2]
+    # the second save waits in the worker (its own max_pending_saves bound), not on the master
+    assert stats["pending"] == [1]
     ray.get(r1.save_nowait.remote(1, shared_and_own(1)))  # step 1 completes, the slot frees
     ray.get(second, timeout=30)
     ray.get(r1.save_nowait.remote(2, shared_and_own(1)))

@@ -117,12 +117,11 @@ SIMULATED_RANKS = 1200  # more than Ray's default of 1000 concurrent calls on an
 @pytest.mark.parametrize("write_mode", ["gather", "direct"])
 def test_more_ranks_than_the_actor_default_concurrency(tmp_path: Path, run_name: str, write_mode: str) -> None:
     """1,200 ranks, simulated from the driver (one RankReport each, no processes): every rank holds
-    a call open on the master (gather: wait_committed; direct: plan_direct), so a master that serves
+    a call open on the master (gather: wait_committed; direct: plan), so a master that serves
     at most 1000 calls at once would never see the last ranks and abort the step."""
-    from ray_ckpt.checkpointer import RankReport, RankState, TensorMeta
+    from ray_ckpt.checkpointer import RankReport, RankResult, RankState, TensorMeta
     from ray_ckpt.format import FlatState, flatten_state
-    from ray_ckpt.layout import step_dir
-    from ray_ckpt.worker import write_shard_file
+    from ray_ckpt.writer import write_share
 
     world = SIMULATED_RANKS
     config = CheckpointConfig(
@@ -151,12 +150,12 @@ def test_more_ranks_than_the_actor_default_concurrency(tmp_path: Path, run_name:
             waits.append(actor.wait_committed.remote(1))
     else:
         reports = {rank: report(rank) for rank in range(world)}
-        plans = [actor.plan_direct.remote(1, r, world, reports[r][0].model) for r in range(world)]
+        plans = [actor.plan.remote(1, reports[r][0], False, "direct") for r in range(world)]
         storage = CheckpointStore(config=config).storage
-        for rank, shards in enumerate(ray.get(plans, timeout=180)):
-            rep, flat = reports[rank]
-            rep.files = {s.name: write_shard_file(storage, step_dir(1), s, flat.tensors, "safetensors") for s in shards}
-            ray.get(actor.report_direct.remote(1, rep), timeout=120)
+        for rank, plan in enumerate(ray.get(plans, timeout=180)):
+            flat = reports[rank][1]
+            files = write_share(storage, plan, rank, lambda part, key, r, flat=flat: flat.tensors[key].data)
+            ray.get(actor.finish_rank.remote(1, RankResult(rank, files=files)), timeout=120)
             waits.append(actor.wait_committed.remote(1))
     infos = ray.get(waits, timeout=180)
     assert {(i.step, i.world_size) for i in infos} == {(1, world)}

@@ -84,7 +84,7 @@ def test_worker_node_dies_mid_save(tmp_path: Path) -> None:
         assert data["after_replacement"] == data["expected_committed"] + [data["replacement_step"]], case
         assert data["replacement_mismatches"] == [], case
     assert "ranks [1] did not report within save_timeout_s" in result["gather_before_report"]["outcome"]["error"]
-    assert "ranks [1] did not report" in result["direct_mid_write"]["outcome"]["error"]
+    assert "ranks [1] did not finish writing their share" in result["direct_mid_write"]["outcome"]["error"]
     assert result["direct_mid_write"]["partial_step_dir_before_kill"]  # the victim really was mid-write
     lost = result["gather_object_lost"]
     assert "rank 1's state was lost" in lost["outcome"]["error"]

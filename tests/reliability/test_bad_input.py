@@ -26,7 +26,8 @@ from ray_ckpt import (
     CorruptCheckpointError,
     load_from_uri,
 )
-from ray_ckpt.checkpointer import RankState, TensorMeta, merge_ranks
+from ray_ckpt.checkpointer import compare_replicas
+from ray_ckpt.planner import MODEL, RankState, SavePlan, TensorMeta, plan_save
 from ray_ckpt.format import Checksum
 from ray_ckpt.uri import MAX_RUN_NAME_LENGTH
 from tests.reliability.faults import SHARD_LIMIT, assert_state, tensors_for
@@ -147,10 +148,19 @@ def _rank(tensors: dict[str, tuple[str, tuple[int, ...], str]]) -> RankState:
 def test_conflicting_replicated_key_names_the_key_and_both_ranks(other: tuple[str, tuple[int, ...], str],
                                                                   detail: str) -> None:
     states = {0: _rank({"emb": ("F32", (4,), "aaaa"), "a": ("F32", (1,), "x")}), 1: _rank({"emb": other})}
+
+    def plan_and_compare(states: dict[int, RankState]) -> SavePlan:
+        plan = plan_save(1, {r: {MODEL: s} for r, s in states.items()}, directory="d", mode="gather",
+                         max_shard_size=1 << 20)
+        compare_replicas(plan, lambda part, key, rank: states[rank].tensors[key].digest)
+        return plan
+
     with pytest.raises(ValueError, match=rf"key 'emb': ranks 0 and 1 .*{detail}"):
-        merge_ranks(states)
-    owners, _ = merge_ranks({0: states[0], 1: _rank({"emb": ("F32", (4,), "aaaa")})})
-    assert owners == {"emb": 0, "a": 0}  # identical copies are fine: written once, by rank 0
+        plan_and_compare(states)
+    plan = plan_and_compare({0: states[0], 1: _rank({"emb": ("F32", (4,), "aaaa")})})
+    # identical copies are fine: one chunk, written once by rank 0, rank 1's copy compared
+    assert [c.ranks for c in plan.parts[MODEL].tensors["emb"].chunks] == [(0, 1)]
+    assert [c.ranks for c in plan.parts[MODEL].tensors["a"].chunks] == [(0,)]
 
 
 # ---------------------------------------------------------------------------------------------

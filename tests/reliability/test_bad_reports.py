@@ -20,7 +20,7 @@ import torch
 
 import ray_ckpt
 from ray_ckpt import CheckpointConfig, CheckpointStore, SaveAbortedError
-from ray_ckpt.checkpointer import RankReport, RankState, TensorMeta
+from ray_ckpt.checkpointer import RankReport, RankResult, RankState, TensorMeta
 from tests.reliability.faults import step_dirs, wait_for
 
 pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.slow]
@@ -168,9 +168,9 @@ def test_direct_plan_that_does_not_describe_tensors_aborts_naming_rank_and_key(
 ) -> None:
     handle = ray_ckpt.start_checkpointer(_config(tmp_path, run_name, write_mode="direct"))
     try:
-        waiting = handle.actor.plan_direct.remote(5, 0, 2, _good_state(0)[0], False)  # waits for rank 1
+        waiting = handle.actor.plan.remote(5, RankReport(0, 2, _good_state(0)[0]), False, "direct")  # waits for 1
         bad_state, _ = _bad_state(key, meta, data)
-        for ref in (handle.actor.plan_direct.remote(5, 1, 2, bad_state, False), waiting):
+        for ref in (handle.actor.plan.remote(5, RankReport(1, 2, bad_state), False, "direct"), waiting):
             with pytest.raises(ray.exceptions.RayTaskError) as excinfo:
                 ray.get(ref, timeout=60)
             cause = excinfo.value.as_instanceof_cause()
@@ -183,18 +183,33 @@ def test_direct_plan_that_does_not_describe_tensors_aborts_naming_rank_and_key(
         handle.shutdown()
 
 
-def test_direct_report_with_a_bad_trainer_state_aborts_and_removes_the_step(tmp_path: Path, run_name: str) -> None:
+def test_direct_plan_with_a_bad_trainer_state_aborts_and_removes_the_step(tmp_path: Path, run_name: str) -> None:
     handle = ray_ckpt.start_checkpointer(_config(tmp_path, run_name, write_mode="direct"))
     try:
         state, _ = _good_state(0)
-        ray.get(handle.actor.plan_direct.remote(1, 0, 1, state, False), timeout=60)
         report = RankReport(rank=0, world_size=1, model=state, trainer=RankState({"opt.m": TensorMeta("X9", (4,), 16)}))
-        report.files = {}
         with pytest.raises(SaveAbortedError, match=r"rank 0's report is invalid: trainer_state: key 'opt\.m': unknown"):
             try:
-                ray.get(handle.actor.report_direct.remote(1, report), timeout=60)
+                ray.get(handle.actor.plan.remote(1, report, False, "direct"), timeout=60)
             except ray.exceptions.RayTaskError as exc:
                 raise exc.as_instanceof_cause() from None
+        _assert_not_committed(tmp_path, run_name, 1, [])
+        _assert_next_step_commits(tmp_path, run_name, 2, [])
+    finally:
+        handle.shutdown()
+
+
+def test_direct_finish_from_a_rank_that_never_joined_aborts_naming_it(tmp_path: Path, run_name: str) -> None:
+    handle = ray_ckpt.start_checkpointer(_config(tmp_path, run_name, write_mode="direct"))
+    try:
+        waiting = handle.actor.plan.remote(1, RankReport(0, 2, _good_state(0)[0]), False, "direct")
+        with pytest.raises(SaveAbortedError, match=r"rank 1's report is invalid: it finished without joining"):
+            try:
+                ray.get(handle.actor.finish_rank.remote(1, RankResult(1)), timeout=60)
+            except ray.exceptions.RayTaskError as exc:
+                raise exc.as_instanceof_cause() from None
+        with pytest.raises(ray.exceptions.RayTaskError):
+            ray.get(waiting, timeout=60)
         _assert_not_committed(tmp_path, run_name, 1, [])
         _assert_next_step_commits(tmp_path, run_name, 2, [])
     finally:

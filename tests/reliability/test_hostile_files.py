@@ -160,9 +160,10 @@ def _huge_header_length(root: Path) -> None:
 
 
 def _trainer_structure(root: Path) -> None:
-    path = _step(root, 2) / "trainer_state.json"
-    path.write_text(json.dumps({"format_version": 1, "structure": {"__dtype__": "load"}, "aliases": {}}))
-    _rehash(root, 2, "trainer_state.json")
+    path = _step(root, 2) / "trainer_state" / "trainer_state.json"
+    doc = json.loads(path.read_text())
+    path.write_text(json.dumps({**doc, "structure": {"__dtype__": "load"}}))
+    _rehash(root, 2, "trainer_state/trainer_state.json")
 
 
 def _snapshot_garbage(root: Path) -> None:
@@ -252,7 +253,7 @@ DAMAGE: dict[str, Damage] = {
                                                                                          StorageError)
     ),
     "trainer_state.json: a dtype that is a torch function (re-hashed)": Damage(
-        _trainer_structure, "trainer-error", "checkpoints/step_000000002/trainer_state.json"
+        _trainer_structure, "trainer-error", "checkpoints/step_000000002/trainer_state/trainer_state.json"
     ),
     # run-level
     "index.parquet: garbage": Damage(_snapshot_garbage, "ignore-ok", "index.parquet"),
