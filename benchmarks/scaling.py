@@ -38,10 +38,11 @@ import torch
 
 import ray_ckpt
 from ray_ckpt import CheckpointConfig, CheckpointStore
-from ray_ckpt.checkpointer import RankReport, RankState, TensorMeta, merge_ranks
-from ray_ckpt.format import FileDigest, flatten_state, hf_index_bytes, plan_shards
+from ray_ckpt.checkpointer import RankReport, RankResult, RankState, TensorMeta
+from ray_ckpt.format import FileDigest, ShardSpec, flatten_state, hf_index_bytes
 from ray_ckpt.layout import Manifest, step_dir
-from ray_ckpt.worker import _describe, write_shard_file
+from ray_ckpt.planner import MODEL, describe, plan_save
+from ray_ckpt.writer import write_share
 
 logger = logging.getLogger("benchmarks.scaling")
 
@@ -75,7 +76,7 @@ def expected_state(world_size: int, per_rank_bytes: int, step: int) -> dict[str,
 def report_bytes(rank: int, world_size: int, per_rank_bytes: int) -> int:
     """Pickled size of the metadata one rank sends the master per step (tensor names, shapes, digests)."""
     flat = flatten_state(rank_state(rank, per_rank_bytes))
-    report = RankReport(rank=rank, world_size=world_size, model=_describe(flat, with_digests=world_size > 1))
+    report = RankReport(rank=rank, world_size=world_size, model=describe(flat))
     return len(pickle.dumps(report))
 
 
@@ -319,17 +320,15 @@ def simulate(
                 elapsed = time.perf_counter() - started
             else:
                 started = time.perf_counter()
-                plans = ray.get([actor.plan_direct.remote(step, r, world, metas[r]) for r in range(world)], timeout=600)
+                joins = [actor.plan.remote(step, RankReport(r, world, metas[r]), False, "direct") for r in range(world)]
+                plans = ray.get(joins, timeout=600)
                 planned = time.perf_counter()
-                reports = []
-                for r, shards in enumerate(plans):  # the ranks' own (parallel) work: not timed
-                    files = {
-                        s.name: write_shard_file(store.storage, step_dir(step), s, flats[r].tensors, "safetensors")
-                        for s in shards
-                    }
-                    reports.append(RankReport(r, world, metas[r], files=files))
+                results = []
+                for r, plan in enumerate(plans):  # the ranks' own (parallel) work: not timed
+                    files = write_share(store.storage, plan, r, lambda p, k, _, f=flats[r]: f.tensors[k].data)
+                    results.append(RankResult(r, files=files))
                 resumed = time.perf_counter()
-                done = [actor.report_direct.remote(step, rep) for rep in reports]
+                done = [actor.finish_rank.remote(step, res) for res in results]
                 waits = [actor.wait_committed.remote(step) for _ in range(world)]
                 ray.get(done + waits, timeout=600)
                 elapsed = (planned - started) + (time.perf_counter() - resumed)
@@ -386,22 +385,25 @@ def metadata_projection(ranks: int, tensors_per_rank: int, bytes_per_rank: int, 
     for rank in range(ranks):
         tensors = {
             f"model.layers.{rank}.mlp.experts.{i}.down_proj.weight": TensorMeta(
-                "bfloat16", (tensor_bytes // 2,), tensor_bytes, f"{rank:08x}{i:08x}"
+                "BF16", (tensor_bytes // 2,), tensor_bytes, f"{rank:08x}{i:08x}"
             )
             for i in range(tensors_per_rank)
         }
-        tensors["model.embed_tokens.weight"] = TensorMeta("bfloat16", (1024, 1024), 2 << 20, "e" * 16)
-        tensors["model.norm.weight"] = TensorMeta("bfloat16", (1024,), 2048, "f" * 16)
+        tensors["model.embed_tokens.weight"] = TensorMeta("BF16", (1024, 1024), 2 << 20, "e" * 16)
+        tensors["model.norm.weight"] = TensorMeta("BF16", (1024,), 2048, "f" * 16)
         states[rank] = RankState(tensors)
     timings: dict[str, list[float]] = {"merge": [], "plan": [], "hf_index": [], "manifest": []}
     for _ in range(3):
-        started = time.perf_counter()
-        owners, groups = merge_ranks(states)
+        started = time.perf_counter()  # merge + plan are one planner call now: both columns show it
+        plan = plan_save(
+            1, {r: {MODEL: st} for r, st in states.items()}, directory="d", mode="direct", max_shard_size=max_shard_size
+        )
+        share = plan.share(1)
         timings["merge"].append(time.perf_counter() - started)
-        started = time.perf_counter()
-        shards = plan_shards(groups, max_shard_size)
-        timings["plan"].append(time.perf_counter() - started)
-        total = sum(m.nbytes for r, st in states.items() for k, m in st.tensors.items() if owners[k] == r)
+        timings["plan"].append(timings["merge"][-1])
+        model = plan.parts[MODEL]
+        shards = [ShardSpec(f.name, list(f.keys)) for f in model.files]
+        total = model.total_size
         started = time.perf_counter()
         hf_index = hf_index_bytes(shards, total)
         timings["hf_index"].append(time.perf_counter() - started)
@@ -410,7 +412,6 @@ def metadata_projection(ranks: int, tensors_per_rank: int, bytes_per_rank: int, 
         manifest = Manifest(1, time.time(), {"loss": 1.0}, ranks, {}, files, {"total_size": total}, True)
         marker = manifest.to_json_bytes()
         timings["manifest"].append(time.perf_counter() - started)
-    mine = [s for s in shards if owners[s.keys[0]] == 1]
     return {
         "ranks": ranks,
         "tensors_per_rank": tensors_per_rank,
@@ -418,7 +419,7 @@ def metadata_projection(ranks: int, tensors_per_rank: int, bytes_per_rank: int, 
         "checkpoint_bytes": total,
         "shards": len(shards),
         "report_bytes_per_rank": len(pickle.dumps(RankReport(1, ranks, states[1]))),
-        "plan_bytes_per_rank": len(pickle.dumps(mine)),
+        "plan_bytes_per_rank": len(pickle.dumps(share)),
         "hf_index_bytes": len(hf_index),
         "manifest_bytes": len(marker),
         **{f"{name}_s": min(values) for name, values in timings.items()},
