@@ -33,7 +33,6 @@ from ray_ckpt.format import (
     DTYPE_SIZE,
     RESERVED_KEY,
     FlatState,
-    TensorBuffer,
     plan_shards,
     safetensors_layout,
 )
@@ -55,7 +54,7 @@ class TensorMeta:
     dtype: str
     shape: tuple[int, ...]
     nbytes: int
-    digest: str | None = None  # unused since replicas are compared after planning; kept for old reports
+    digest: str | None = None  # optional; replicas are compared after planning (gather: by the master)
     global_shape: tuple[int, ...] | None = None
     offsets: tuple[int, ...] | None = None
 
@@ -481,12 +480,3 @@ def _check_coverage(key: str, shape: tuple[int, ...], chunks: tuple[Chunk, ...],
             f"{what}: key {key!r}: the chunks of ranks {ranks} cover {covered} of the {math.prod(shape)} elements of "
             f"{list(shape)}: parts of the tensor are missing"
         )
-
-
-def buffers_of(plan_part: PartPlan, source: Mapping[int, Mapping[str, Any]]) -> dict[str, TensorBuffer]:
-    """Whole tensors of a part as buffers, from each writer rank's arrays (only for whole tensors)."""
-    out = {}
-    for key, layout in plan_part.tensors.items():
-        if layout.whole:
-            out[key] = TensorBuffer(layout.dtype, layout.shape, source[layout.chunks[0].writer][key])
-    return out
