@@ -35,6 +35,7 @@ import numpy as np
 import ray
 import xxhash
 
+from ray_ckpt import metrics as telemetry
 from ray_ckpt.config import CheckpointConfig
 from ray_ckpt.errors import CheckpointExistsError, SaveAbortedError
 from ray_ckpt.format import FileDigest
@@ -75,6 +76,17 @@ def seen_index_position(actor: Any) -> tuple[str, int] | None:
     """The newest index position of ``actor`` this process saw acknowledged (None: none yet)."""
     with _SEEN_LOCK:
         return _SEEN_POSITIONS.get(actor)
+
+
+def _log_to_stderr() -> None:
+    """INFO lines of the ``ray_ckpt`` loggers on stderr (Ray shows an actor's stderr in the driver)."""
+    package = logging.getLogger("ray_ckpt")
+    if not package.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        package.addHandler(handler)
+        package.setLevel(logging.INFO)
+        package.propagate = False
 
 
 def actor_name(run_name: str) -> str:
@@ -209,7 +221,7 @@ class Checkpointer:
     """Master rank of a run (use :func:`ray_ckpt.start_checkpointer` to create it)."""
 
     def __init__(self, config: CheckpointConfig) -> None:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        _log_to_stderr()  # ray-ckpt's own logger only: the process's root logger is not ours to configure
         sys.setswitchinterval(0.001)  # keep the event loop responsive while the writer thread runs
         self.config = config
         self.store = CheckpointStore(config=config)  # with remote_uri: its remote tier too
@@ -254,7 +266,6 @@ class Checkpointer:
         self._committed: asyncio.Condition | None = None
         self._architecture_written = False
         self._retention_task: asyncio.Task | None = None  # the periodic check (started on first call)
-        self._init_metrics()
         # Ray runs gc.collect() in every worker when the object store fills up (big gathered saves
         # do that). A full collection of this process's startup heap (torch, ray, pyarrow: ~250k
         # objects) holds the GIL ~100 ms, stalling queries; frozen, it is not scanned again.
@@ -262,27 +273,6 @@ class Checkpointer:
         gc.freeze()
 
     # -- observability ------------------------------------------------------------------------
-    def _init_metrics(self) -> None:
-        from ray.util import metrics
-
-        tags = {"run": self.config.run_name}
-        self._m_save_s = metrics.Histogram(
-            "ray_ckpt_save_seconds",
-            "Seconds from a step's first report to its commit",
-            boundaries=[0.1, 0.5, 1, 2, 5, 10, 30, 60, 300],
-            tag_keys=("run",),
-        )
-        self._m_bytes = metrics.Counter("ray_ckpt_bytes_written", "Checkpoint bytes committed", tag_keys=("run",))
-        self._m_pending = metrics.Gauge("ray_ckpt_pending_saves", "Steps waiting or being written", tag_keys=("run",))
-        self._m_query = metrics.Histogram(
-            "ray_ckpt_query_seconds",
-            "Index query latency inside the actor",
-            boundaries=[0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05],
-            tag_keys=("run",),
-        )
-        for m in (self._m_save_s, self._m_bytes, self._m_pending, self._m_query):
-            m.set_default_tags(tags)
-
     def _capture_loop(self) -> None:
         """Remember the actor's event loop (the remote tier's reports are applied there)."""
         if self._loop is None:
@@ -502,7 +492,7 @@ class Checkpointer:
             slots, _ = self._loop_state()
             pending = _PendingStep(step, world_size, mode, overwrite)
             self._pending[step] = pending
-            self._m_pending.set(len(self._pending))
+            telemetry.set_pending_saves(self.config.run_name, len(self._pending))
             pending.timeout_task = asyncio.get_running_loop().create_task(self._expire(pending))
             await slots.acquire()
             pending.slot_held = True
@@ -569,7 +559,7 @@ class Checkpointer:
             pending.slot_held = False
             assert self._slots is not None
             self._slots.release()
-        self._m_pending.set(len(self._pending))
+        telemetry.set_pending_saves(self.config.run_name, len(self._pending))
 
     async def _fetch(self, pending: _PendingStep) -> dict[int, dict[str, dict[str, Any]]]:
         """The bytes the ranks handed over (gather: all; direct: what the plan has them send), checked."""
@@ -621,8 +611,7 @@ class Checkpointer:
         else:
             pending.done.set_result(info)
         self._release(pending)
-        self._m_save_s.observe(time.monotonic() - pending.started)
-        self._m_bytes.inc(info.files_size)
+        telemetry.observe_commit(self.config.run_name, time.monotonic() - pending.started, info.files_size)
         logger.info(
             "commit run=%s step=%d world_size=%d mode=%s bytes=%d seconds=%.3f deleted=%s",
             self.config.run_name,
@@ -681,7 +670,7 @@ class Checkpointer:
 
     # -- queries (memory only; never wait for I/O) --------------------------------------------
     def _timed(self, started: float) -> None:
-        self._m_query.observe(time.perf_counter() - started)
+        telemetry.observe_query(self.config.run_name, time.perf_counter() - started)
 
     async def top_k(self, k: int, metric: str | None = None, mode: str | None = None) -> list[CheckpointInfo]:
         started = time.perf_counter()

@@ -13,6 +13,7 @@ import concurrent.futures
 import logging
 import pickle
 import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,6 +22,7 @@ import ray
 import torch
 import xxhash
 
+from ray_ckpt import metrics as telemetry
 from ray_ckpt.checkpointer import (
     CheckpointerHandle,
     RankReport,
@@ -206,6 +208,7 @@ class WorkerClient:
         ``blocking=True`` only after the step has committed. Blocks while ``max_pending_saves``
         saves are in flight (back-pressure).
         """
+        started = time.perf_counter()
         if blocking:
             flat = flatten_state(state_dict, what=f"state_dict (rank {self.rank})")
             trainer_flat = flatten_state(trainer_state, what="trainer_state") if trainer_state is not None else None
@@ -253,6 +256,8 @@ class WorkerClient:
         self._futures = [f for f in self._futures if not f.done()] + [save]
         if blocking:
             save.result()
+        snapshot = 0 if blocking else sum(f.total_size for f in flats.values() if f is not None)
+        telemetry.observe_worker_save(self.run_name, time.perf_counter() - started, snapshot)
         return save
 
     def _run(
