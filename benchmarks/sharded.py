@@ -235,7 +235,7 @@ class FsdpRank:
             if isinstance(value, torch.Tensor):
                 local = value.to_local() if hasattr(value, "to_local") else value
                 h.update(key.encode())
-                h.update(local.detach().contiguous().view(torch.uint8).numpy().tobytes())
+                h.update(local.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         return h.hexdigest()
 
     def leave(self) -> bool:
