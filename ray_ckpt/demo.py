@@ -348,7 +348,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m ray_ckpt.demo",
         description=(
-            "Train a small model on 2 Ray worker actors that checkpoint through ray-ckpt, with 2 evaluation "
+            "Train a small model on Ray worker actors that checkpoint through ray-ckpt, with evaluation "
             "actors scoring each checkpoint, then print the top-k checkpoints. Re-running resumes the run."
         ),
     )
@@ -357,6 +357,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--storage", default=None, help="storage URI or directory, instead of the config's")
     parser.add_argument("--run-name", default=None, help="run name, instead of the config's")
     parser.add_argument("--fresh", action="store_true", help="delete the run first instead of resuming it")
+    parser.add_argument("--workers", type=int, default=2, help="training worker actors (default: %(default)s)")
+    parser.add_argument(
+        "--evaluators", type=int, default=2, help="evaluation actors following the run (default: %(default)s)"
+    )
     parser.add_argument(
         "--address",
         default=None,
@@ -389,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         ray.init(num_cpus=args.num_cpus, include_dashboard=False, logging_level="WARNING")
     print(f"Ray up in {time.monotonic() - started:.1f}s ({address or 'local'})", flush=True)
     try:
-        top = run_demo(config, steps=args.steps)
+        top = run_demo(config, steps=args.steps, workers=args.workers, evaluators=args.evaluators)
         kept = ray_ckpt.CheckpointStore(config=config).list()
     finally:
         ray.shutdown()
