@@ -471,6 +471,9 @@ class Bench:
             nonblocking_total.append(t)
             logger.info("round %d non-blocking: blocked %.3f s, committed %.2f s", round_, b, t)
             memory.append(self.memory(pid))
+        hf_store = CheckpointStore(config=self.configs["ours_hf"])
+        manifest = hf_store.read_manifest(hf_store.list()[-1].step)
+        self.ours_hf_files = len([n for n in manifest.files if n.startswith("model-") and n.endswith(".safetensors")])
         # 4 -> 2: ranks 0 and 1 rejoin with a fresh model; the others free their state
         ray.get([r.leave.remote() for r in self.ranks])
         self._group(RESHARD_WORLD, seed=1)
@@ -552,6 +555,7 @@ class Bench:
                 "reshard_world": RESHARD_WORLD,
                 "max_shard_size": self.max_shard,
                 "hf_files": max(self.mapping.values()),
+                "ours_hf_files": self.ours_hf_files,
                 "repeat": self.args.repeat,
                 "nproc": os.cpu_count(),
                 "python": platform.python_version(),
@@ -599,7 +603,8 @@ def markdown(doc: dict[str, Any]) -> str:
     lines = [
         f"**FSDP2, {meta['world']} ranks (gloo, CPU): {meta['layers']} x Linear({meta['hidden']}, {meta['hidden']}) "
         f"= {_gib(meta['model_bytes'])} fp32 model + Adam = {_gib(meta['state_bytes'])} of state; max_shard_size "
-        f"{_gib(meta['max_shard_size'])} ({meta['hf_files']} model files); medians of {meta['repeat']} rounds; "
+        f"{_gib(meta['max_shard_size'])} ({meta['ours_hf_files']} model files, DCP HF {meta['hf_files']}); "
+        f"medians of {meta['repeat']} rounds; "
         f"{meta['nproc']} cores; load average at start {load['start'][0]:.2f}, at end {load['end'][0]:.2f} (1-min); "
         f"loads {'cold (page cache dropped)' if meta['loads_cold'] else 'page cache NOT dropped'}**",
         "",

@@ -70,3 +70,46 @@ def test_meta_records_the_machine_and_its_load(quick_results: dict[str, Any]) ->
     assert meta["size_bytes"] > 0 and meta["tensors"] == 16
     assert len(meta["load_average"]["start"]) == 3 and len(meta["load_average"]["end"]) == 3
     assert meta["filesystem"]
+
+
+def test_gpu_benchmark_exits_clearly_without_cuda_and_dry_runs_on_cpu(tmp_path: Path) -> None:
+    """benchmarks.gpu says why it cannot run without CUDA; --dry-run goes through its logic on CPU tensors."""
+    import torch
+
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    if not torch.cuda.is_available():
+        proc = subprocess.run(
+            [sys.executable, "-m", "benchmarks.gpu"], cwd=REPO, env=env, capture_output=True, text=True
+        )
+        assert proc.returncode == 2 and "no CUDA device" in proc.stderr, proc.stderr[-2000:]
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu", "--dry-run", "--size", "4MiB", "--steps", "2", "--out", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    doc = json.loads(out.read_text())
+    assert doc["saved_correctly"] and doc["meta"]["dry_run"]
+    assert set(doc["summary"]) == {"ray_ckpt", "dcp_sync_staging"}
+    assert all(s["blocked_median_s"] > 0 for s in doc["summary"].values())
+
+
+def test_sharded_benchmark_packs_hf_files_like_max_shard_size() -> None:
+    """The DCP HF side writes as many files as ray-ckpt: tensors packed in order up to max_shard_size."""
+    from benchmarks.sharded import hf_mapping, parse_args
+
+    assert hf_mapping({f"{i}.weight": 10 for i in range(5)}, 20) == {
+        "0.weight": 1,
+        "1.weight": 1,
+        "2.weight": 2,
+        "3.weight": 2,
+        "4.weight": 3,
+    }
+    assert hf_mapping({"big": 50, "small": 1}, 20) == {"big": 1, "small": 2}
+    quick = parse_args(["--quick"])
+    assert quick.size == "256MiB" and quick.repeat == 2
+    assert parse_args([]).size == "1GiB"
