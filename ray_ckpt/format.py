@@ -521,10 +521,17 @@ def plan_shards(
     return [ShardSpec(shard_file_name(i, len(shards), prefix, ext), keys) for i, keys in enumerate(shards)]
 
 
-def hf_index_bytes(shards: list[ShardSpec], total_size: int) -> bytes:
-    """The ``*.index.json`` of a sharded checkpoint (Hugging Face convention)."""
+def hf_index_bytes(shards: list[ShardSpec], total_size: int, total_parameters: int | None = None) -> bytes:
+    """The ``*.index.json`` of a sharded checkpoint, with the metadata transformers writes.
+
+    ``total_parameters`` (the number of values) sits beside ``total_size`` (bytes), as in
+    ``save_pretrained``'s index, when the caller knows it.
+    """
     weight_map = {key: shard.name for shard in shards for key in shard.keys}
-    return json.dumps({"metadata": {"total_size": total_size}, "weight_map": weight_map}, indent=2).encode()
+    metadata: dict[str, int] = {"total_size": total_size}
+    if total_parameters is not None:
+        metadata = {"total_parameters": total_parameters, **metadata}
+    return json.dumps({"metadata": metadata, "weight_map": weight_map}, indent=2).encode()
 
 
 def parse_hf_index(data: bytes, *, name: str) -> dict[str, str]:

@@ -25,6 +25,7 @@ import torch
 from ray_ckpt.config import CheckpointConfig
 from ray_ckpt.errors import CorruptCheckpointError
 from ray_ckpt.format import (
+    DTYPE_PACKING,
     DTYPE_SIZE,
     Checksum,
     FileDigest,
@@ -154,7 +155,8 @@ class StepWriter:
             fmt = plan.fmt
             name = index_file_name(*(("model", "safetensors") if fmt == "safetensors" else ("pytorch_model", "bin")))
             shards = [ShardSpec(f.name, list(f.keys)) for f in model.files]
-            self._write_small(name, hf_index_bytes(shards, model.total_size))
+            values = sum(math.prod(t.shape) * DTYPE_PACKING.get(t.dtype, 1) for t in model.tensors.values())
+            self._write_small(name, hf_index_bytes(shards, model.total_size, values))
             self.model = {
                 "format": fmt,
                 "index": name,
