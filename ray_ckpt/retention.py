@@ -39,6 +39,9 @@ KEEP_ALL = "no-deleting-rule"
 LEASED = "leased"
 
 
+_TOLD_UNRANKED: set[tuple[str | None, int]] = set()  # (metric, step) already logged as unranked
+
+
 @dataclass(frozen=True)
 class KeepAll:
     """Keeps every step (a run with neither ``keep_top_k`` nor ``keep_last_n``)."""
@@ -94,11 +97,16 @@ class BestN:
         if self.keep_unranked:
             kept.update(dict.fromkeys(unranked, NO_METRIC))
         elif unranked:
-            logger.info(
-                "retention: steps %s have no finite %r; they are never best and are kept only by the other rules",
-                unranked,
-                self.metric,
-            )
+            new = [step for step in unranked if (self.metric, step) not in _TOLD_UNRANKED]
+            if new:  # once per step, not at every retention run
+                _TOLD_UNRANKED.update((self.metric, step) for step in new)
+                if len(_TOLD_UNRANKED) > 100_000:
+                    _TOLD_UNRANKED.clear()
+                logger.info(
+                    "retention: steps %s have no finite %r; they are never best and are kept only by the other rules",
+                    new,
+                    self.metric,
+                )
         return kept
 
 

@@ -218,14 +218,17 @@ class CheckpointStore:
         with StepWriter(self, step, overwrite=overwrite) as writer:
             writer.write_state(flat, trainer_flat)
             info = writer.commit(metrics=checked_metrics, metadata=metadata)
+        seconds = time.perf_counter() - started
+        deleted = self.retain_after_commit(step)
+        # one line per commit (retention's deletions included; they are not logged again)
         logger.info(
-            "committed step %d of %s: %d bytes in %.3fs",
+            "committed step %d of %s: %d bytes in %.3fs; retention deleted %s",
             step,
             self.run_name,
             info.files_size,
-            time.perf_counter() - started,
+            seconds,
+            deleted,
         )
-        self.retain_after_commit(step)
         return info
 
     def save_async(self, step: int, state_dict: Mapping[str, Any], **kwargs: Any) -> concurrent.futures.Future:
@@ -549,7 +552,7 @@ class CheckpointStore:
         if self.storage.is_local and self.storage.exists(directory):
             self.storage.fsync_dir(directory)
         self.storage.rm(directory, recursive=True, missing_ok=True)
-        logger.info("deleted step %d of %s", step, self.run_name)
+        logger.debug("deleted step %d of %s", step, self.run_name)
 
     def retention_plan(self, protected: Iterable[int] = ()) -> tuple[list[int], list[int]]:
         """Which steps retention keeps and which it would delete: ``(keep, delete)``.
@@ -581,8 +584,8 @@ class CheckpointStore:
         with self._retention_lock:
             _, doomed = self.retention_plan(protected)
             deleted = [step for step in doomed if self.leases.retire(step, self._delete_local)]
-        if deleted:
-            logger.info("retention deleted steps %s of %s", deleted, self.run_name)
+        if deleted:  # the caller's line reports them (a commit's, an operator's): debug here
+            logger.debug("retention deleted steps %s of %s", deleted, self.run_name)
         if self.tiering is None:
             return deleted
         return self.tiering.after_local_retention(deleted, remote=remote)
