@@ -1,9 +1,14 @@
 """The checkpointer: a named async Ray actor that acts as the master rank of a run.
 
-Workers report their state as numpy views in the object store (gather mode) or write their own
-shards (direct mode); once every rank of a step is in, the actor commits the step through
-:class:`~ray_ckpt.store.CheckpointStore` (marker last), applies retention and serves a top-k
-index from memory. Queries run on the event loop and never wait behind a save's I/O, which runs
+A save follows one protocol (:mod:`ray_ckpt.planner`): every rank joins with a description of
+its state (whole tensors, or shards of global tensors); once all are in, the actor plans the
+step (who writes which byte ranges of which file) and hands each rank its share; the ranks write
+it (direct mode) or have the master write everything from their object-store views (gather
+mode); the actor then commits through :class:`~ray_ckpt.store.CheckpointStore` (marker last),
+applies retention and serves a top-k index from memory. Call order for a rank:
+:meth:`Checkpointer.report` (gather: join with the bytes) or :meth:`Checkpointer.plan` (direct),
+then :meth:`Checkpointer.finish_rank` unless the plan gives it nothing to do; a rank whose write
+fails calls :meth:`Checkpointer.abort_step` with its exception. Queries run on the event loop and never wait behind a save's I/O, which runs
 on a writer thread. Everything that must survive a restart lives in storage.
 
 Retention runs whenever what it keeps may change: after each commit, after an eval score joins
