@@ -52,7 +52,8 @@ def build_config(args: argparse.Namespace) -> CheckpointConfig:
         )
     changes = {}
     if args.storage:
-        changes["storage_uri"] = args.storage
+        # a local path made absolute: under `ray job submit` the cwd is Ray's temporary copy of the working dir
+        changes["storage_uri"] = args.storage if "://" in args.storage else os.path.abspath(args.storage)
     if args.run_name:
         changes["run_name"] = args.run_name
     return config.replace(**changes) if changes else config
