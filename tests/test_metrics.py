@@ -40,6 +40,12 @@ def test_names_are_exported_with_one_ray_prefix() -> None:
     assert "ray_ckpt_worker_blocked_seconds" in metrics.EXPORTED_NAMES
 
 
+def test_the_readme_lists_every_metric() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    listed = set(re.findall(r"^\| `(ray_ckpt_\w+)` \|", readme, re.M))
+    assert listed == set(metrics.EXPORTED_NAMES)
+
+
 def test_observations_without_ray_do_nothing_and_never_import_or_start_ray() -> None:
     """In a process without Ray, and in one that imported Ray but never called ray.init."""
     code = """
