@@ -2,8 +2,9 @@
 
 The export is checked where Prometheus would read it: the session node's metrics agent
 (``/metrics`` on its metrics export port), which Ray's workers and driver report to about every
-10 s. Observations come from real actors (an EvalClient loading and querying) and a real
-tiered store in the driver (an upload, then one that is retried and fails for good).
+10 s. Observations come from real actors (a WorkerClient saving through a real checkpointer, an
+EvalClient loading and querying) and a real tiered store in the driver (an upload, then one that
+is retried and fails for good).
 """
 
 from __future__ import annotations
@@ -127,7 +128,8 @@ def test_metrics_reach_the_metrics_agent_from_actors_and_uploads(tmp_path: Path,
         def save(self, step: int) -> int:
             client = ray_ckpt.WorkerClient(run_name, 0, 1)
             state = torch.nn.Linear(4, 2).state_dict()
-            return client.save(step, state, metrics={"loss": 1.0 / step}, blocking=True).result().step
+            client.save(step, state, metrics={"loss": 1.0 / step}, blocking=False)  # a snapshot is taken
+            return client.wait()[-1].step
 
     @ray.remote(num_cpus=0)
     class Evaluator:
@@ -147,6 +149,7 @@ def test_metrics_reach_the_metrics_agent_from_actors_and_uploads(tmp_path: Path,
     trainer, evaluator = Trainer.remote(), Evaluator.remote()
     assert ray.get(trainer.save.remote(2), timeout=120) == 2
     assert ray.get(evaluator.run.remote(), timeout=120) == 2
+    assert handle.latest().step == 2  # a query answered by the checkpointer itself
 
     # -- uploads in this process: one that succeeds, one retried once then failing for good ------
     upload_run = f"{run_name}-up"
@@ -167,7 +170,30 @@ def test_metrics_reach_the_metrics_agent_from_actors_and_uploads(tmp_path: Path,
         failing.upload_future(2).result(timeout=30)
     failing.close()
 
-    found = _wait_for(run_name, {"ray_ckpt_eval_load_seconds_count", "ray_ckpt_eval_query_seconds_count"})
+    found = _wait_for(
+        run_name,
+        {
+            # the checkpointer: the commit of step 2, the pending-saves gauge, a query
+            "ray_ckpt_commits_total",
+            "ray_ckpt_committed_bytes_total",
+            "ray_ckpt_save_seconds_count",
+            "ray_ckpt_pending_saves",
+            "ray_ckpt_query_seconds_count",
+            # the trainer's WorkerClient
+            "ray_ckpt_worker_blocked_seconds_count",
+            "ray_ckpt_worker_snapshot_bytes_total",
+            # the evaluator's EvalClient
+            "ray_ckpt_eval_load_seconds_count",
+            "ray_ckpt_eval_query_seconds_count",
+        },
+    )
+    committed = CheckpointStore(config=config).list()
+    assert found["ray_ckpt_commits_total"] == 1 and found["ray_ckpt_save_seconds_count"] == 1
+    assert found["ray_ckpt_committed_bytes_total"] == committed[0].files_size
+    assert found["ray_ckpt_pending_saves"] == 0
+    assert found["ray_ckpt_query_seconds_count"] >= 1
+    assert found["ray_ckpt_worker_blocked_seconds_count"] == 1
+    assert found["ray_ckpt_worker_snapshot_bytes_total"] >= 4 * 2 * 4 + 2 * 4  # Linear(4, 2) in fp32
     assert found["ray_ckpt_eval_load_seconds_count"] == 2  # load() and load_model()
     assert found["ray_ckpt_eval_query_seconds_count"] >= 10
     uploads = _wait_for(
