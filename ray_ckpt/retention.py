@@ -13,9 +13,10 @@ Orbax's ``max_to_keep``/``keep_period``/``best_fn``: docs/RETENTION.md.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from ray_ckpt.config import CheckpointConfig
 from ray_ckpt.index import CheckpointIndex, rankable
@@ -39,7 +40,15 @@ KEEP_ALL = "no-deleting-rule"
 LEASED = "leased"
 
 
-_TOLD_UNRANKED: set[tuple[str | None, int]] = set()  # (metric, step) already logged as unranked
+# Per run index: the (metric, step) pairs already logged as unranked.
+_TOLD_UNRANKED: weakref.WeakKeyDictionary[Any, set[tuple[str | None, int]]] = weakref.WeakKeyDictionary()
+
+
+def _told_unranked(index: Any) -> set[tuple[str | None, int]]:
+    try:
+        return _TOLD_UNRANKED.setdefault(index, set())
+    except TypeError:  # not weakly referenceable: log every time rather than keep it alive
+        return set()
 
 
 @dataclass(frozen=True)
@@ -97,11 +106,10 @@ class BestN:
         if self.keep_unranked:
             kept.update(dict.fromkeys(unranked, NO_METRIC))
         elif unranked:
-            new = [step for step in unranked if (self.metric, step) not in _TOLD_UNRANKED]
-            if new:  # once per step, not at every retention run
-                _TOLD_UNRANKED.update((self.metric, step) for step in new)
-                if len(_TOLD_UNRANKED) > 100_000:
-                    _TOLD_UNRANKED.clear()
+            told = _told_unranked(index)
+            new = [step for step in unranked if (self.metric, step) not in told]
+            if new:  # once per step of a run's index, not at every retention run
+                told.update((self.metric, step) for step in new)
                 logger.info(
                     "retention: steps %s have no finite %r; they are never best and are kept only by the other rules",
                     new,

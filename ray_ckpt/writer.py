@@ -144,9 +144,17 @@ class StepWriter:
         self.files.update(write_share(self.store.storage, plan, MASTER, source, direct_io=self.store.config.direct_io))
 
     def seal_shared(self, plan: SavePlan) -> None:
-        """fsync and checksum the SHARED files once every rank has written its ranges into them."""
-        for _, fplan in plan.streams(SHARED):
-            self.files[fplan.name] = seal_file(self.store.storage, f"{self.dir}/{fplan.name}")
+        """fsync and checksum the SHARED files once every rank has written its ranges into them.
+
+        SHARD_WRITERS files at a time (the page cache serves the read-back; xxh3 and the reads
+        release the GIL).
+        """
+        names = [fplan.name for _, fplan in plan.streams(SHARED)]
+        if not names:
+            return
+        with concurrent.futures.ThreadPoolExecutor(min(SHARD_WRITERS, len(names)), "ray-ckpt-seal") as pool:
+            digests = pool.map(lambda name: seal_file(self.store.storage, f"{self.dir}/{name}"), names)
+            self.files.update(zip(names, digests, strict=True))
 
     def write_indexes(self, plan: SavePlan) -> None:
         """Write each part's index (the HF ``*.index.json``; trainer_state.json) and record them for the marker."""
@@ -442,10 +450,31 @@ def write_planned_file(
             layout = part.tensors[key]
             if not layout.nbytes:
                 continue
-            out.write(assemble(layout, lambda rank, key=key: source(part.part, key, rank)))
+            for piece in tensor_bytes(layout, lambda rank, key=key: source(part.part, key, rank)):
+                out.write(piece)
         return FileDigest(out.size, out.checksum.hexdigest())
 
     return storage.write_stream(path, write, size_hint=fplan.size if direct_io else 0)
+
+
+def tensor_bytes(layout: TensorLayout, chunk_bytes: Callable[[int], np.ndarray]) -> list[np.ndarray]:
+    """A tensor's full bytes, in order, as buffers to write one after another.
+
+    A whole tensor is its buffer; chunks that are each one contiguous range of the tensor (dim-0
+    shards, the FSDP case) are their own buffers in offset order: no copy. Only chunks that
+    interleave (dim-1 shards) are assembled into one buffer of the tensor's size.
+    """
+    if layout.whole:
+        return [chunk_bytes(layout.chunks[0].writer)]
+    itemsize = DTYPE_SIZE[layout.dtype]
+    runs = []
+    for chunk in layout.chunks:
+        starts, length = box_runs(layout.shape, chunk.offsets, chunk.shape, itemsize)
+        if len(starts) > 1:
+            return [assemble(layout, chunk_bytes)]
+        if len(starts):
+            runs.append((int(starts[0]), chunk))
+    return [chunk_bytes(chunk.writer) for _, chunk in sorted(runs, key=lambda r: r[0])]
 
 
 def assemble(layout: TensorLayout, chunk_bytes: Callable[[int], np.ndarray]) -> np.ndarray:
