@@ -278,7 +278,7 @@ class WorkerClient:
                 result = self._write_share(plan, flats)
             except Exception as exc:
                 actor.abort_step.remote(step, _sendable(exc), self.rank)
-                raise
+                raise _root_cause(actor, step, self.rank) or exc from exc
             _get(actor.finish_rank.remote(step, result), step)
         return _committed(actor, _get(actor.wait_committed_at.remote(step), step))
 
@@ -334,6 +334,20 @@ def _put(flat: FlatState | None) -> Any:
     """One object-store copy of a flattened state's bytes ({key: uint8 numpy view}, never pickled)."""
     assert flat is not None
     return ray.put({k: b.data for k, b in flat.tensors.items()})
+
+
+def _root_cause(actor: Any, step: int, rank: int) -> SaveAbortedError | None:
+    """The step's abort when another rank's failure caused it (then this rank's error, e.g. its
+    files removed under it, is a consequence); None when this rank's failure came first."""
+    try:
+        ray.get(actor.wait_committed_at.remote(step), timeout=30)
+    except ray.exceptions.RayTaskError as exc:
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, SaveAbortedError) and rank not in getattr(cause, "failures", {}):
+            return cause
+    except Exception:  # noqa: BLE001 - the master is gone or slow: report this rank's own error
+        return None
+    return None
 
 
 def _sendable(exc: BaseException) -> BaseException:
