@@ -8,8 +8,8 @@ mode); the actor then commits through :class:`~ray_ckpt.store.CheckpointStore` (
 applies retention and serves a top-k index from memory. Call order for a rank:
 :meth:`Checkpointer.report` (gather: join with the bytes) or :meth:`Checkpointer.plan` (direct),
 then :meth:`Checkpointer.finish_rank` unless the plan gives it nothing to do; a rank whose write
-fails calls :meth:`Checkpointer.abort_step` with its exception. Queries run on the event loop and never wait behind a save's I/O, which runs
-on a writer thread. Everything that must survive a restart lives in storage.
+fails calls :meth:`Checkpointer.abort_step` with its exception. Queries run on the event loop and
+never wait behind a save's I/O, which runs on a writer thread. Everything that must survive a restart lives in storage.
 
 Retention runs whenever what it keeps may change: after each commit, after an eval score joins
 (:meth:`Checkpointer.report_eval`), when an eval client releases a lease

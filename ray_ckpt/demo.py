@@ -1,12 +1,13 @@
-"""The end-to-end demo: 2 worker actors train a small torch model and save through the run's
-checkpointer, 2 evaluation actors follow the run (wait, lease, load, report_eval), retention runs,
-and a closing table shows the top-k checkpoints with train and eval metrics.
+"""The end-to-end demo: 2 worker actors train a small transformer with FSDP2 and save their shards
+through the run's checkpointer, 2 evaluation actors follow the run (wait, lease, load, report_eval),
+retention runs, and a closing table shows the top-k checkpoints with train and eval metrics.
 
     python -m ray_ckpt.demo --config configs/example.yaml [--steps 40] [--fresh] [--address auto]
 
-Each rank owns one "tower" of the model (partitioned keys) and both hold the same frozen input
-projection (replicated keys, written once). Re-running resumes from the run's latest checkpoint:
-model weights and optimizer state.
+Each rank holds a shard of every parameter and of Adam's state (a gloo group over the ranks); it
+hands the checkpointer only that shard, and every step commits full tensors that the evaluators
+load as a plain model. Re-running resumes from the run's latest checkpoint, weights and optimizer
+state, resharded into the ranks' layout.
 """
 
 from __future__ import annotations
@@ -30,33 +31,36 @@ from ray_ckpt.index import CheckpointInfo
 
 logger = logging.getLogger(__name__)
 
-DIM, HIDDEN = 16, 32
+SEQ, DIM, D_MODEL, HEADS, LAYERS = 8, 16, 32, 2, 2
 EVAL_METRIC = "eval/return"
 
 
-class DemoNet(nn.Module):
-    """A frozen shared projection feeding two towers whose outputs are averaged."""
+class DemoTransformer(nn.Module):
+    """A small transformer encoder that regresses a sequence to one number."""
 
-    def __init__(self, dim: int = DIM, hidden: int = HIDDEN, towers: int = 2) -> None:
+    def __init__(self, dim: int = DIM, d_model: int = D_MODEL, heads: int = HEADS, layers: int = LAYERS) -> None:
         super().__init__()
-        torch.manual_seed(1234)  # the shared projection is identical on every rank
-        self.proj = nn.Linear(dim, hidden)
-        self.towers = nn.ModuleList(nn.Sequential(nn.Tanh(), nn.Linear(hidden, 1)) for _ in range(towers))
+        torch.manual_seed(1234)  # every rank starts from the same weights
+        self.embed = nn.Linear(dim, d_model)
+        self.layers = nn.ModuleList(
+            nn.TransformerEncoderLayer(d_model, heads, dim_feedforward=2 * d_model, dropout=0.0, batch_first=True)
+            for _ in range(layers)
+        )
+        self.head = nn.Linear(d_model, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.proj(x)
-        return torch.stack([t(h) for t in self.towers]).mean(0).squeeze(-1)
+        h = self.embed(x)
+        for layer in self.layers:
+            h = layer(h)
+        return self.head(h.mean(1)).squeeze(-1)
 
-    def tower_output(self, x: torch.Tensor, i: int) -> torch.Tensor:
-        return self.towers[i](self.proj(x)).squeeze(-1)
 
-
-def make_data(seed: int, n: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
-    """A synthetic regression task (the same target function for every rank)."""
+def make_data(seed: int, n: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """A synthetic sequence regression task (the same target function for every rank)."""
     g = torch.Generator().manual_seed(seed)
     w = torch.linspace(-1, 1, DIM)
-    x = torch.randn(n, DIM, generator=g)
-    y = torch.tanh(0.5 * (x @ w)) + 0.05 * torch.randn(n, generator=g)
+    x = torch.randn(n, SEQ, DIM, generator=g)
+    y = torch.tanh(2.0 * (x.mean(1) @ w)) + 0.05 * torch.randn(n, generator=g)
     return x, y
 
 
@@ -64,83 +68,94 @@ def make_data(seed: int, n: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
 class RankTraining:
     """One rank's model, optimizer and data, and the state it saves and restores.
 
-    The only place that knows how a rank trains and which part of the model it holds: swapping
-    the hand-partitioned towers for another parallelism (e.g. FSDP2) changes this class alone.
+    With several ranks the model is sharded with FSDP2 (``fully_shard`` per encoder layer and at
+    the root, a gloo group over the ranks): each rank holds a shard of every parameter and of
+    Adam's state, and hands ray-ckpt only that shard. With one rank it is a plain module (a
+    resharding load of the same checkpoint). The only place that knows how a rank trains.
     """
 
-    def __init__(self, rank: int, world_size: int) -> None:
-        self.rank = rank
-        self.model = DemoNet(towers=world_size)
-        self.model.proj.requires_grad_(False)
-        self.opt = torch.optim.Adam(self.model.towers[rank].parameters(), lr=3e-2)
+    def __init__(self, rank: int, world_size: int, address: tuple[str, int] | None = None) -> None:
+        self.rank, self.world_size = rank, world_size
+        self.model = DemoTransformer()
+        if world_size > 1:
+            import torch.distributed as dist
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+
+            if not dist.is_initialized():
+                assert address is not None, "several ranks need rank 0's (host, port)"
+                os.environ.update(MASTER_ADDR=address[0], MASTER_PORT=str(address[1]))
+                dist.init_process_group("gloo", rank=rank, world_size=world_size)
+            mesh = init_device_mesh("cpu", (world_size,))
+            for layer in self.model.layers:
+                fully_shard(layer, mesh=mesh)
+            fully_shard(self.model, mesh=mesh)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=3e-3)
         self.x, self.y = make_data(seed=rank)
 
     def train_step(self) -> float:
-        """One optimizer step on this rank's tower; the loss."""
-        loss = nn.functional.mse_loss(self.model.tower_output(self.x, self.rank), self.y)
+        """One optimizer step on this rank's data (FSDP2 averages the gradients); the loss."""
+        loss = nn.functional.mse_loss(self.model(self.x), self.y)
         self.opt.zero_grad()
         loss.backward()
         self.opt.step()
         return loss.item()
 
-    def model_state(self) -> dict[str, torch.Tensor]:
-        """This rank's share of the model: the replicated projection plus its own tower."""
-        own = ("proj.", f"towers.{self.rank}.")
-        return {k: v for k, v in self.model.state_dict().items() if k.startswith(own)}
+    def states(self, step: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(model state, trainer state) as this rank holds them: DTensor shards under FSDP2."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    def _own_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        """The parameters this rank's optimizer steps, by name, in the optimizer's order."""
-        names = {id(p): n for n, p in self.model.named_parameters()}
-        return [(names[id(p)], p) for group in self.opt.param_groups for p in group["params"]]
-
-    def trainer_state(self, step: int) -> dict[str, torch.Tensor]:
-        """What resuming needs besides the weights: the optimizer state and the step.
-
-        A flat ``{name: tensor}`` dict keyed by parameter name, so every rank's share is kept and
-        merged like the model's (each rank's optimizer state under its own keys, ``step`` the same
-        on every rank). The hyperparameters (lr) come from the constructor.
-        """
-        state: dict[str, torch.Tensor] = {"step": torch.tensor(step)}
-        for name, param in self._own_parameters():
-            for key, value in self.opt.state.get(param, {}).items():
-                state[f"optimizer.{name}.{key}"] = value
-        return state
+        model_sd, optim_sd = get_state_dict(self.model, self.opt)
+        return model_sd, {"optim": optim_sd, "step": step}
 
     def restore(self, store: ray_ckpt.CheckpointStore, step: int) -> bool:
-        """Load this rank's weights and optimizer state from ``step``; whether the optimizer state was there."""
-        own = ("proj.", f"towers.{self.rank}.")
-        self.model.load_state_dict({k: v for k, v in store.load(step).items() if k.startswith(own)}, strict=False)
-        saved = store.load_trainer_state(step) or {}
-        optimizer = self.opt.state_dict()
-        restored = {}
-        for index, (name, _) in enumerate(self._own_parameters()):
-            prefix = f"optimizer.{name}."
-            found = {k[len(prefix) :]: v for k, v in saved.items() if k.startswith(prefix)}
-            if not found:
-                return False  # saved without this rank's optimizer state: a fresh optimizer
-            restored[index] = found
-        optimizer["state"] = restored
-        self.opt.load_state_dict(optimizer)
-        return True
+        """Load weights and optimizer state from ``step`` into this rank's shards (any world size
+        saved it); whether the optimizer state was there."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.model, self.opt)
+        store.load(step, into=model_sd)
+        try:
+            store.load_trainer_state(step, into={"optim": optim_sd})
+            restored = True
+        except (KeyError, ValueError):
+            restored = False  # saved without (this layout of) optimizer state: a fresh optimizer
+        set_state_dict(self.model, self.opt, model_state_dict=model_sd, optim_state_dict=optim_sd)
+        return restored
+
+
+def rendezvous() -> tuple[str, int]:
+    """This node's address and a free port: where rank 0 hosts the ranks' gloo group."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = int(s.getsockname()[1])
+    return ray.util.get_node_ip_address(), port
 
 
 @ray.remote(num_cpus=0)
 class DemoTrainer:
-    """One rank: trains its own tower and saves its share of the model each interval.
+    """One rank: trains its FSDP2 shard of the model and saves it each interval.
 
     Created before the checkpointer is up (its process starts meanwhile); :meth:`connect` then
-    joins the run and resumes from its latest checkpoint.
+    joins the ranks' group and the run, and resumes from the run's latest checkpoint.
     """
 
     def __init__(self, rank: int, world_size: int) -> None:
         self.rank, self.world_size = rank, world_size
-        self.training = RankTraining(rank, world_size)
+        self.training: RankTraining | None = None
         self.step = 0
         self.client: ray_ckpt.WorkerClient | None = None
         self._pending: list[Any] = []
 
-    def connect(self, run_name: str) -> dict[str, Any]:
-        """Join the run; resume weights and optimizer state from its latest checkpoint."""
+    def rendezvous(self) -> tuple[str, int]:
+        """Rank 0: the address of the ranks' group."""
+        return rendezvous()
+
+    def connect(self, run_name: str, address: tuple[str, int] | None = None) -> dict[str, Any]:
+        """Join the ranks' group and the run; resume weights and optimizer state from its latest checkpoint."""
+        self.training = RankTraining(self.rank, self.world_size, address)
         self.client = ray_ckpt.WorkerClient(run_name, self.rank, self.world_size)
         store = ray_ckpt.CheckpointStore(config=self.client.config)
         latest = store.latest()
@@ -152,22 +167,24 @@ class DemoTrainer:
 
     def optimizer_steps(self) -> int:
         """Adam's step count of this rank's parameters (it continues across a resume)."""
+        assert self.training is not None, "connect() first"
         states = self.training.opt.state_dict()["state"].values()
         return max((int(s["step"]) for s in states), default=0)
 
     def train(self, steps: int, save_every: int) -> dict[str, Any]:
         """Train ``steps`` steps, saving every ``save_every``; the last loss and the commits seen since."""
-        assert self.client is not None, "connect() first"
+        assert self.client is not None and self.training is not None, "connect() first"
         loss = math.nan
         for _ in range(steps):
             self.step += 1
             loss = self.training.train_step()
             if self.step % save_every == 0:
+                model_state, trainer_state = self.training.states(self.step)
                 future = self.client.save(
                     self.step,
-                    self.training.model_state(),
+                    model_state,  # this rank's shards only: no gather
                     metrics={f"train/loss_rank{self.rank}": loss, "train/loss": loss},
-                    trainer_state=self.training.trainer_state(self.step),
+                    trainer_state=trainer_state,
                     blocking=False,  # training goes on while the checkpointer writes
                 )
                 self._pending.append(future)
@@ -279,13 +296,14 @@ def run_demo(
     trainers = [DemoTrainer.remote(r, workers) for r in range(workers)]
     evals = [DemoEvaluator.remote(i, evaluators) for i in range(evaluators)]
     handle = ray_ckpt.start_checkpointer(config)
-    # The class as every process imports it (run as __main__, this module's own DemoNet would be
-    # recorded as "__main__.DemoNet"). A live class trusts its module: the checkpointer serves it to
+    # The class as every process imports it (run as __main__, this module's own DemoTransformer would
+    # be recorded as "__main__.DemoTransformer"). A live class trusts its module: the checkpointer serves it to
     # the evaluators' allow-list, so they build the model with the default settings.
-    from ray_ckpt.demo import DemoNet as importable
+    from ray_ckpt.demo import DemoTransformer as importable
 
-    handle.register(importable, {"dim": DIM, "hidden": HIDDEN, "towers": workers})
-    joined = ray.get([t.connect.remote(config.run_name) for t in trainers])
+    handle.register(importable, {"dim": DIM, "d_model": D_MODEL, "heads": HEADS, "layers": LAYERS})
+    address = ray.get(trainers[0].rendezvous.remote()) if workers > 1 else None
+    joined = ray.get([t.connect.remote(config.run_name, address) for t in trainers])
     ray.get([e.connect.remote(config.run_name) for e in evals])
     start = joined[0]["step"]
     records = handle.list()

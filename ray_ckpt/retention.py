@@ -110,7 +110,7 @@ class BestN:
             new = [step for step in unranked if (self.metric, step) not in told]
             if new:  # once per step of a run's index, not at every retention run
                 told.update((self.metric, step) for step in new)
-                logger.info(
+                logger.debug(  # the usual state of a step waiting for its eval score: not worth an INFO line
                     "retention: steps %s have no finite %r; they are never best and are kept only by the other rules",
                     new,
                     self.metric,

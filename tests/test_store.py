@@ -662,7 +662,7 @@ def test_expired_lease_no_longer_protects(tmp_run: Any) -> None:
 
 def test_retention_logs_unranked_steps(tmp_run: Any, caplog: pytest.LogCaptureFixture) -> None:
     store = tmp_run(metric_name="loss", keep_top_k=1, keep_checkpoints_without_metrics=False)
-    caplog.set_level("INFO", logger="ray_ckpt.retention")
+    caplog.set_level("DEBUG", logger="ray_ckpt.retention")
     store.save(1, {"w": torch.ones(1)}, metrics={"loss": NAN})
     store.save(2, {"w": torch.ones(1)}, metrics={"loss": 0.5})
     assert any("never best" in r.getMessage() and "[1]" in r.getMessage() for r in caplog.records)
