@@ -145,12 +145,14 @@ def _proc_status(pid: int) -> dict[str, int]:
     return out
 
 
-class _RssSampler:
-    """Samples a process's /proc status every few ms on a thread; keeps the peak of each field."""
+class ProcSampler:
+    """Samples a process's memory (``read(pid)``: /proc status fields by default) every few ms on a
+    thread; keeps the peak of each field."""
 
-    def __init__(self, pid: int, interval_s: float = 0.002) -> None:
+    def __init__(self, pid: int, interval_s: float = 0.002, read: Any = None) -> None:
         self.pid = pid
         self.interval_s = interval_s
+        self.read = read or _proc_status
         self.peak: dict[str, int] = {}
         self.samples = 0
         self._stop = threading.Event()
@@ -158,12 +160,12 @@ class _RssSampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            for key, value in _proc_status(self.pid).items():
+            for key, value in self.read(self.pid).items():
                 self.peak[key] = max(self.peak.get(key, 0), value)
             self.samples += 1
             time.sleep(self.interval_s)
 
-    def __enter__(self) -> _RssSampler:
+    def __enter__(self) -> ProcSampler:
         self._thread.start()
         return self
 
@@ -307,7 +309,7 @@ class RayBench:
         except OSError:
             hwm_reset = False
         before = _proc_status(pid)
-        with _RssSampler(pid) as sampler:
+        with ProcSampler(pid) as sampler:
             self.save_all("gather")
         after = _proc_status(pid)
         growth = {

@@ -38,7 +38,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from typing import Any
@@ -47,6 +46,7 @@ import ray
 import torch
 
 from benchmarks.measure import drop_page_cache, fsync_file, load_average
+from benchmarks.ray_cases import ProcSampler
 from ray_ckpt import CheckpointConfig, CheckpointStore, start_checkpointer
 from ray_ckpt.config import parse_size
 
@@ -282,31 +282,9 @@ def _proc_memory(pid: int) -> dict[str, int]:
     return out
 
 
-class MemorySampler:
-    """Samples a process's memory every ``interval_s`` on a thread; keeps each field's peak."""
-
-    def __init__(self, pid: int, interval_s: float = 0.002) -> None:
-        self.pid = pid
-        self.interval_s = interval_s
-        self.peak: dict[str, int] = {}
-        self.samples = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="mem-sampler", daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            for key, value in _proc_memory(self.pid).items():
-                self.peak[key] = max(self.peak.get(key, 0), value)
-            self.samples += 1
-            time.sleep(self.interval_s)
-
-    def __enter__(self) -> MemorySampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: Any) -> None:
-        self._stop.set()
-        self._thread.join()
+def MemorySampler(pid: int) -> ProcSampler:  # noqa: N802 - reads like the class it returns
+    """Peaks of the process's private and resident memory while a save runs."""
+    return ProcSampler(pid, read=_proc_memory)
 
 
 def hf_mapping(keys_bytes: dict[str, int], max_shard_size: int) -> dict[str, int]:

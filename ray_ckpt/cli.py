@@ -48,7 +48,7 @@ from ray_ckpt.errors import (
     CorruptCheckpointError,
     RayCkptError,
 )
-from ray_ckpt.format import Checksum, FileDigest, read_safetensors_header
+from ray_ckpt.format import read_safetensors_header
 from ray_ckpt.layout import (
     CHECKPOINTS_DIR,
     INDEX_LOG_DIR,
@@ -62,6 +62,7 @@ from ray_ckpt.retention import LEASED, explain, policy_from_config
 from ray_ckpt.safejson import parse_json
 from ray_ckpt.store import CheckpointStore
 from ray_ckpt.uri import ParsedURI, parse_uri
+from ray_ckpt.writer import copy_checked
 
 EXIT_OK = 0
 EXIT_ERROR = 1  # corruption, a missing run or checkpoint, a failed migration
@@ -69,7 +70,6 @@ EXIT_USAGE = 2  # bad arguments or a malformed URI
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
 EXIT_BROKEN_PIPE = 141  # the reader of stdout went away (128 + SIGPIPE), as coreutils exit
 STORAGE_OPTIONS_ENV = "RAY_CKPT_STORAGE_OPTIONS"
-COPY_CHUNK = 8 << 20  # bytes per read when export/download copy a file
 
 SELECTOR_GRAMMAR = ":latest (the default), :best (by the run's metric, or --metric), :vN or :step_N (step N)"
 RUN_URI_HELP = (
@@ -874,35 +874,6 @@ def _destination(args: argparse.Namespace, dest: str) -> Any:
     return storage
 
 
-def copy_verified(
-    src: Any, src_path: str, dst: Any, dst_path: str, digest: FileDigest, advance: Callable[..., None]
-) -> None:
-    """Stream one file from ``src`` to ``dst``, checking the committed size and checksum on the way.
-
-    A mismatch removes the copy and raises CorruptCheckpointError naming the source file.
-    """
-
-    def write(f: Any) -> tuple[int, str]:
-        checksum, size = Checksum(), 0
-        with src.open_read(src_path) as r:
-            while chunk := r.read(COPY_CHUNK):
-                checksum.update(chunk)
-                f.write(chunk)
-                size += len(chunk)
-                advance(len(chunk))
-        return size, checksum.hexdigest()
-
-    size, got = dst.write_stream(dst_path, write, size_hint=digest.size)
-    if (size, got) != (digest.size, digest.checksum):
-        dst.rm(dst_path, missing_ok=True)
-        where = src.url(src_path)
-        raise CorruptCheckpointError(
-            f"{where}: copied {size} bytes with checksum {got}, committed {digest.size} bytes with "
-            f"{digest.checksum}; the copy was removed",
-            path=where,
-        )
-
-
 def _step_of(args: argparse.Namespace) -> tuple[CheckpointStore, int, Any]:
     store, parsed = _open(args, args.run_uri)
     step = store.resolve(parsed.selector)
@@ -933,7 +904,7 @@ def _copy_files(
     total = sum(manifest.files[n].size for n in names)
     with byte_progress(label, total, enabled=not _json(args)) as advance:
         for name in names:
-            copy_verified(store.storage, f"{step_dir(step)}/{name}", dst, name, manifest.files[name], advance)
+            copy_checked(store.storage, f"{step_dir(step)}/{name}", dst, name, manifest.files[name], on_chunk=advance)
     return {name: manifest.files[name].size for name in names}
 
 

@@ -339,16 +339,23 @@ COPY_CHUNK = 16 << 20  # bytes read at a time by copy_checked
 
 
 def copy_checked(
-    src: Storage, src_path: str, dst: Storage, dst_path: str, expected: FileDigest | None = None
+    src: Storage,
+    src_path: str,
+    dst: Storage,
+    dst_path: str,
+    expected: FileDigest | None = None,
+    *,
+    on_chunk: Callable[[int], None] | None = None,
 ) -> FileDigest:
     """Stream one file from ``src`` to ``dst``, hashing the bytes as they pass; their digest.
 
-    The one checksum-checking copy between storages (a tiered store's uploads use it).
-    With ``expected`` (the size and checksum a marker committed) a copy that differs raises
-    CorruptCheckpointError naming ``src_path``: a damaged file is never passed on as good. The
-    target is fsync'd when local; a failed remote write is retried by ``dst`` from the start.
-    Hashed on the calling thread (xxh3 is far faster than any upload): a background copy puts
-    no work on the thread pools that commits share.
+    The one checksum-checking copy between storages (a tiered store's uploads, the CLI's
+    ``download``). With ``expected`` (the size and checksum a marker committed) a copy that
+    differs is removed and raises CorruptCheckpointError naming ``src_path``: a damaged file is
+    never passed on as good. ``on_chunk`` gets each chunk's size (progress). The target is fsync'd
+    when local; a failed remote write is retried by ``dst`` from the start. Hashed on the calling
+    thread (xxh3 is far faster than any upload): a background copy puts no work on the thread
+    pools that commits share.
     """
 
     def copy(f: Any) -> FileDigest:
@@ -358,13 +365,16 @@ def copy_checked(
                 checksum.update(chunk)
                 f.write(chunk)
                 size += len(chunk)
+                if on_chunk is not None:
+                    on_chunk(len(chunk))
         return FileDigest(size, checksum.hexdigest())
 
     got = dst.write_stream(dst_path, copy, size_hint=expected.size if expected is not None else 0)
     if expected is not None and got != expected:
+        dst.rm(dst_path, missing_ok=True)
         raise CorruptCheckpointError(
             f"{src.url(src_path)}: reads {got.size} bytes with checksum {got.checksum}, committed "
-            f"{expected.size} bytes with {expected.checksum}; not copying a damaged file",
+            f"{expected.size} bytes with {expected.checksum}; not copying a damaged file (the copy was removed)",
             path=src_path,
         )
     return got
