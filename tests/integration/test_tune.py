@@ -73,7 +73,7 @@ def _shutdown_checkpointers(prefix: str) -> list[str]:
     return names
 
 
-def _barrier(directory: str, role: str, step: int, timeout_s: float = 60.0) -> None:
+def _barrier(directory: str, role: str, step: int, timeout_s: float = 120.0) -> None:
     """Order two asynchronous PBT trials: the learner ("good") reports step 4 only after the other
     ("bad") has reached its first perturbation (step 2), which reports step 4 only once the learner
     has reported step 6. So the learner is in the upper quantile with a checkpoint when the other
@@ -81,7 +81,9 @@ def _barrier(directory: str, role: str, step: int, timeout_s: float = 60.0) -> N
     import time
 
     Path(directory, f"{role}-{step}").touch()
-    wait_for = {("good", 4): "bad-2", ("bad", 4): "good-7"}.get((role, step))
+    # ... and the learner's last report waits for the exploit: PBT only clones a trial that is
+    # still running (a finished one leaves the quantiles), so it must not finish first
+    wait_for = {("good", 4): "bad-2", ("bad", 4): "good-7", ("good", 8): "exploited"}.get((role, step))
     deadline = time.monotonic() + timeout_s
     while wait_for and not Path(directory, wait_for).exists() and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -124,6 +126,8 @@ def _trainable(config: dict[str, Any]) -> None:
         optimizer.load_state_dict(trainer_state["optimizer"])
         for group in optimizer.param_groups:  # a PBT exploit brings the donor's lr along
             group["lr"] = config["lr"]
+        if pointer["run_name"] != run_name:
+            Path(config["events"], "exploited").touch()  # see _barrier
         _log_event(
             config["events"],
             trial_id,
