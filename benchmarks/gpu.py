@@ -26,7 +26,6 @@ blocked time <= the best DCP variant's. Writes ``bench_out/gpu.json`` (``--out``
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -40,6 +39,8 @@ import uuid
 from typing import Any
 
 import torch
+
+from benchmarks.measure import write_report
 
 logger = logging.getLogger("benchmarks.gpu")
 
@@ -308,11 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         print(NO_CUDA.format(version=torch.__version__), file=sys.stderr)
         return 2
     doc = run(args)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(doc, f, indent=2, default=str)
-    print(markdown(doc))
-    print(f"\nwrote {args.out}")
+    write_report(doc, args.out, markdown)
     return 0 if doc["saved_correctly"] else 1
 
 

@@ -5,6 +5,7 @@ Kept apart from the cases so that each case module only says *what* it times.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -185,3 +186,12 @@ def percentile(values: list[float], q: float) -> float:
     lo = int(pos)
     hi = min(lo + 1, len(ordered) - 1)
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def write_report(doc: dict[str, Any], out: str, render: Callable[[dict[str, Any]], str]) -> None:
+    """Write a standalone case's results as JSON to ``out`` and print its Markdown report."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(doc, f, indent=2, default=str)
+    print(render(doc))
+    print(f"\nwrote {out}")

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import logging
 import math
 import os
@@ -45,7 +44,7 @@ from typing import Any
 import ray
 import torch
 
-from benchmarks.measure import drop_page_cache, fsync_file, load_average
+from benchmarks.measure import drop_page_cache, fsync_file, load_average, write_report
 from benchmarks.ray_cases import ProcSampler
 from ray_ckpt import CheckpointConfig, CheckpointStore, start_checkpointer
 from ray_ckpt.config import parse_size
@@ -630,11 +629,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     doc = run(args)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(doc, f, indent=2, default=str)
-    print(markdown(doc))
-    print(f"\nwrote {args.out}")
+    write_report(doc, args.out, markdown)
     return 0
 
 

@@ -22,7 +22,6 @@ Prints a Markdown table, writes every save's figure to JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -39,7 +38,7 @@ from typing import Any
 import ray
 
 from benchmarks import s3_cases
-from benchmarks.measure import load_average, make_state_dict, percentile, rank_indices, state_nbytes
+from benchmarks.measure import load_average, make_state_dict, percentile, rank_indices, state_nbytes, write_report
 from benchmarks.ray_cases import NAMESPACE, start_ray
 from ray_ckpt import CheckpointConfig, start_checkpointer
 from ray_ckpt.config import parse_size
@@ -255,11 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("werkzeug", "botocore", "s3fs", "aiobotocore", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     doc = run(args)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(doc, f, indent=2, default=str)
-    print(markdown(doc))
-    print(f"\nwrote {args.out}")
+    write_report(doc, args.out, markdown)
     return 0
 
 
