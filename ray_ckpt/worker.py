@@ -120,35 +120,27 @@ class Snapshot:
 class SaveFuture:
     """The outcome of one ``WorkerClient.save``: ``result()`` gives the committed CheckpointInfo."""
 
-    def __init__(
-        self, step: int, *, ref: Any = None, future: concurrent.futures.Future | None = None, actor: Any = None
-    ) -> None:
+    def __init__(self, step: int, future: concurrent.futures.Future, handed_over: threading.Event) -> None:
         self.step = step
-        self._ref = ref  # of the checkpointer's wait_committed_at
         self._future = future
-        self._actor = actor
+        self._handed_over = handed_over
 
     def result(self, timeout: float | None = None) -> CheckpointInfo:
         """Wait for the commit; raises SaveAbortedError (or the rank's error) if it failed."""
         try:
-            if self._future is not None:
-                return self._future.result(timeout)
-            return _committed(self._actor, ray.get(self._ref, timeout=timeout))
-        except ray.exceptions.GetTimeoutError:
+            return self._future.result(timeout)
+        except concurrent.futures.TimeoutError:
             raise TimeoutError(f"step {self.step}: not committed within {timeout}s") from None
-        except ray.exceptions.RayActorError as exc:
-            raise SaveAbortedError(
-                f"step {self.step}: the checkpointer died during the save ({exc.__class__.__name__}); retry the save"
-            ) from exc
-        except ray.exceptions.RayTaskError as exc:
-            cause = exc.as_instanceof_cause()
-            raise cause from None
 
     def done(self) -> bool:
-        if self._future is not None:
-            return self._future.done()
-        ready, _ = ray.wait([self._ref], timeout=0)
-        return bool(ready)
+        return self._future.done()
+
+    def handed_over(self, timeout: float | None = None) -> bool:
+        """Wait until this rank's share is with the checkpointer (gather: its report and bytes
+        accepted; direct: its share written and reported); False if the save failed first or
+        ``timeout`` passed. After this the step no longer needs this rank's buffers."""
+        self._handed_over.wait(timeout)
+        return self._handed_over.is_set() and not (self._future.done() and self._future.exception() is not None)
 
 
 class WorkerClient:
@@ -233,17 +225,18 @@ class WorkerClient:
             metadata=dict(metadata or {}),
         )
         flats = {MODEL: flat, TRAINER: trainer_flat}
+        handed_over = threading.Event()
         if blocking:
             future: concurrent.futures.Future = concurrent.futures.Future()
             try:
-                future.set_result(self._run(step, flats, report, overwrite))
+                future.set_result(self._run(step, flats, report, overwrite, handed_over))
             except BaseException as exc:
                 future.set_exception(exc)
         else:
             if self._background is None:
                 self._background = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ray-ckpt-save")
             self._slots.acquire()
-            future = self._background.submit(self._run, step, flats, report, overwrite)
+            future = self._background.submit(self._run, step, flats, report, overwrite, handed_over)
 
             def finished(_: concurrent.futures.Future) -> None:
                 for part_flat in flats.values():
@@ -252,7 +245,8 @@ class WorkerClient:
                 self._slots.release()
 
             future.add_done_callback(finished)
-        save = SaveFuture(step, future=future)
+        future.add_done_callback(lambda _: handed_over.set())  # a failed save wakes its waiters too
+        save = SaveFuture(step, future, handed_over)
         self._futures = [f for f in self._futures if not f.done()] + [save]
         if blocking:
             save.result()
@@ -261,7 +255,12 @@ class WorkerClient:
         return save
 
     def _run(
-        self, step: int, flats: dict[str, FlatState | None], report: RankReport, overwrite: bool
+        self,
+        step: int,
+        flats: dict[str, FlatState | None],
+        report: RankReport,
+        overwrite: bool,
+        handed_over: threading.Event,
     ) -> CheckpointInfo:
         """This rank's part of the save protocol (see :mod:`ray_ckpt.planner`): join, write its share, finish."""
         actor = self.handle.actor
@@ -271,6 +270,7 @@ class WorkerClient:
             if flats[TRAINER] is not None:
                 report.trainer_ref = [_put(flats[TRAINER])]
             _get(actor.report.remote(step, report, overwrite), step)  # waits here under back-pressure
+            handed_over.set()
             return _committed(actor, _get(actor.wait_committed_at.remote(step), step))
         plan: SavePlan = _get(actor.plan.remote(step, report, overwrite, "direct"), step)
         if not plan.idle(self.rank):
@@ -280,6 +280,7 @@ class WorkerClient:
                 actor.abort_step.remote(step, _sendable(exc), self.rank)
                 raise _root_cause(actor, step, self.rank) or exc from exc
             _get(actor.finish_rank.remote(step, result), step)
+        handed_over.set()
         return _committed(actor, _get(actor.wait_committed_at.remote(step), step))
 
     def _write_share(self, plan: SavePlan, flats: dict[str, FlatState | None]) -> RankResult:

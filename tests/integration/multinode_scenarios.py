@@ -204,10 +204,13 @@ class Rank:
         info = info.result(timeout_s)
         return {"step": info.step, "world_size": info.world_size, "seconds": time.perf_counter() - started}
 
-    def start_save(self, step: int) -> None:
-        """Hand the state over and return (the step stays pending until every rank is in)."""
+    def start_save(self, step: int, handed_over: bool = False) -> None:
+        """Start a non-blocking save and return (the step stays pending until every rank is in);
+        with ``handed_over``, once this rank's share is with the checkpointer."""
         assert self.client is not None
         self.future = self.client.save(step, rank_state(self.rank, step), metrics={"loss": 1.0 / step})
+        if handed_over:
+            assert self.future.handed_over(60), "the share never reached the checkpointer"
 
     def start_slow_direct_save(self, step: int, marker: str, hold_s: float) -> None:
         """Direct mode: write the first planned shard, touch ``marker``, then stall (a rank dying mid-write)."""
@@ -375,7 +378,7 @@ def scenario_worker_node_failure(storage: str) -> dict[str, Any]:
         handle = ray_ckpt.start_checkpointer(config, **pinned("node_a"))
         store = CheckpointStore(config=config)
         connect([(r0, 0), (victims["victim_2"], 1), (r2, 2)], "wf-lost", 3)
-        ray.get([r0.start_save.remote(1), victims["victim_2"].start_save.remote(1)], timeout=60)
+        ray.get([r0.start_save.remote(1, True), victims["victim_2"].start_save.remote(1, True)], timeout=60)
         dead_after = kill_node(cluster, nodes["victim_2"])
         started = time.monotonic()
         ray.get(r2.start_save.remote(1), timeout=60)
