@@ -685,7 +685,11 @@ class Storage:
                     return f.read()
 
             return self._call("read", path, read_local)
-        return self._call("read", path, lambda: self.fs.cat_file(self.full_path(path)))
+        # One GET: s3fs's concurrent cat_file first asks the size (HEAD, then a listing for a
+        # missing key, or neither when its listing cache happens to answer), which made the
+        # requests of a read depend on what was listed before.
+        kwargs = {"max_concurrency": 1} if _is_s3(self.fs) else {}
+        return self._call("read", path, lambda: self.fs.cat_file(self.full_path(path), **kwargs))
 
     def _require_regular(self, what: str, path: str, st: os.stat_result) -> None:
         """Raise a StorageError naming ``path`` unless ``st`` is a regular file's."""
