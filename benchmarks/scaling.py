@@ -39,7 +39,8 @@ import torch
 import ray_ckpt
 from ray_ckpt import CheckpointConfig, CheckpointStore
 from ray_ckpt.checkpointer import RankReport, RankResult, RankState, TensorMeta
-from ray_ckpt.format import FileDigest, ShardSpec, flatten_state, hf_index_bytes
+from ray_ckpt.digests import FileDigest
+from ray_ckpt.format import ShardSpec, flatten_state, hf_index_bytes
 from ray_ckpt.layout import Manifest, step_dir
 from ray_ckpt.planner import MODEL, describe, plan_save
 from ray_ckpt.writer import write_share

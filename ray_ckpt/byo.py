@@ -40,8 +40,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from ray_ckpt.digests import Checksum, FileDigest
 from ray_ckpt.errors import CorruptCheckpointError
-from ray_ckpt.format import Checksum, FileDigest
 from ray_ckpt.index import CheckpointInfo
 from ray_ckpt.layout import EVAL_FILE, MARKER_FILE, Selector, step_dir
 from ray_ckpt.safejson import JsonObject

@@ -42,8 +42,8 @@ import xxhash
 
 from ray_ckpt import metrics as telemetry
 from ray_ckpt.config import CheckpointConfig
+from ray_ckpt.digests import FileDigest, merge_files
 from ray_ckpt.errors import CheckpointExistsError, SaveAbortedError
-from ray_ckpt.format import FileDigest
 from ray_ckpt.index import CheckpointIndex, CheckpointInfo, IndexDelta, IndexFeed
 from ray_ckpt.layout import validate_metrics, validate_step
 from ray_ckpt.planner import MODEL, TRAINER, RankState, SavePlan, check_rank_state
@@ -658,7 +658,7 @@ class Checkpointer:
             else:
                 compare_replicas(plan, lambda part, key, rank: pending.results[rank].digests.get((part, key)))
             writer.write_share(plan, lambda part, key, rank: arrays[rank][part][key])
-            writer.add_files({n: d for res in pending.results.values() for n, d in res.files.items()})
+            writer.add_files(merge_files(res.files for res in pending.results.values()))
             writer.seal_shared(plan)
             expected = {f.name for part in plan.parts.values() for f in part.files}
             missing = expected - set(writer.files)

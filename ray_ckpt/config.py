@@ -186,7 +186,14 @@ class StoreOptions(OptionGroup):
     checkpoint_format: Literal["safetensors", "pt"] = Field(
         "safetensors", description="File format of the tensor shards."
     )
-    verify_on_load: bool = Field(True, description="Check sizes and xxh3 checksums when a checkpoint is loaded.")
+    verify_on_load: bool = Field(
+        True,
+        description=(
+            "Check every byte a load returns (into= and ranged reads included) against the xxh3 digests "
+            "recorded when it was written. False is the explicit way to skip the check: damaged bytes are "
+            "then returned without an error."
+        ),
+    )
     direct_io: bool = Field(
         True,
         description="Write big shards on a local disk with O_DIRECT (faster durable saves; the files are then "

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import contextlib
+import io
 import json
 import math
 import mmap
 import os
 import re
 import struct
-import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -23,6 +24,18 @@ import numpy as np
 import torch
 import xxhash
 
+from ray_ckpt.digests import (
+    DIGEST_CHARS,
+    PARALLEL_HASH_MIN,
+    BlockDigests,
+    Checksum,
+    ChunkDigest,
+    FileDigest,
+    HashingWriter,
+    check_chunk_blocks,
+    digest_hex,
+    hash_pool,
+)
 from ray_ckpt.errors import CorruptCheckpointError
 from ray_ckpt.safejson import JsonObject, corrupt, parse_json
 from ray_ckpt.shard import Shard, box_runs, is_dtensor, local_part
@@ -83,7 +96,6 @@ def torch_shape(dtype: str, shape: list[int]) -> list[int] | None:
 
 
 MAX_HEADER_SIZE = 100 * 1024 * 1024  # safetensors' own limit
-CHECKSUM_ALGORITHM = "xxh3_64"  # ~10+ GB/s on one core: far below disk time, unlike sha256
 INDEX_SUFFIX = ".index.json"
 MAX_DIM = 2**62  # a dimension beyond this cannot describe bytes on any disk
 RESERVED_KEY = "__metadata__"  # safetensors keeps the header's metadata under this name
@@ -360,11 +372,24 @@ def tensor_leaves(state: Mapping[str, Any], *, what: str = "into") -> dict[str, 
     return dict(flatten_state(state, what=what, convert=False).tensors)
 
 
-def read_box_into(f: IO[bytes], entry: Mapping[str, Any], data_start: int, target: Any, *, key: str, name: str) -> None:
+def read_box_into(
+    f: IO[bytes],
+    entry: Mapping[str, Any],
+    data_start: int,
+    target: Any,
+    *,
+    key: str,
+    name: str,
+    chunks: list[ChunkBytes] | None = None,
+    block_size: int = 0,
+) -> None:
     """Fill ``target`` (tensor, numpy array, DTensor or Shard) with its box of a saved tensor.
 
     Reads only the box's byte runs (one run for a dim-0 shard or a whole tensor); a target that is
-    not contiguous CPU memory (e.g. on a GPU) is filled through one host buffer of its size.
+    not contiguous CPU memory (e.g. on a GPU) is filled through one host buffer of its size. With
+    ``chunks`` (:func:`tensor_chunks`) every byte is checked against its chunk's block digests: the
+    reads widen to the blocks around the box (at most one block more at each edge of each chunk)
+    and a mismatch raises CorruptCheckpointError naming the file, the key and the byte range.
     """
     local, global_shape, offsets = local_part(target, key=key)
     if isinstance(local, np.ndarray):
@@ -379,27 +404,105 @@ def read_box_into(f: IO[bytes], entry: Mapping[str, Any], data_start: int, targe
     if TORCH_TO_DTYPE.get(local.dtype) != dtype or global_shape != saved:
         have = f"{TORCH_TO_DTYPE.get(local.dtype, local.dtype)}{list(global_shape)}"
         raise ValueError(f"{key}: the checkpoint holds {dtype}{list(saved)}, the target is {have} ({name})")
-    starts, length = box_runs(global_shape, offsets, shape, DTYPE_SIZE[dtype])
-    if not len(starts):
+    itemsize = DTYPE_SIZE[dtype]
+    if not math.prod(shape):
         return
     direct = local.device.type == "cpu" and local.is_contiguous()
     buf = local if direct else torch.empty(shape, dtype=local.dtype, pin_memory=_can_pin(local))
-    view = memoryview(buf.reshape(-1).view(torch.uint8).numpy())
-    base = data_start + int(entry["data_offsets"][0])
-    for n, start in enumerate(starts.tolist()):
-        f.seek(base + start)
-        piece = view[n * length : (n + 1) * length]
-        got = 0
-        while got < length:
-            read = f.readinto(piece[got:])
-            if not read:
-                raise CorruptCheckpointError(f"{name}: truncated while reading {key!r}", path=name)
-            got += read
+    view = buf.reshape(-1).view(torch.uint8).numpy()
+    if chunks is None:
+        starts, length = box_runs(global_shape, offsets, shape, itemsize)
+        base = data_start + int(entry["data_offsets"][0])
+        for n, start in enumerate(starts.tolist()):
+            _read_exactly(f, base + start, view[n * length : (n + 1) * length], name=name, key=key)
+    else:
+        for chunk in chunks:
+            _read_verified(f, chunk, offsets, shape, view, itemsize, block_size, name=name)
     if not direct:
         with torch.no_grad():
             local.copy_(buf, non_blocking=buf.is_pinned())
         if buf.is_pinned():
             torch.accelerator.synchronize(local.device)
+
+
+def _read_exactly(f: IO[bytes], position: int, out: Any, *, name: str, key: str) -> None:
+    """Fill ``out`` (a writable buffer) with the file's bytes from ``position``."""
+    piece = memoryview(out).cast("B")
+    f.seek(position)
+    got = 0
+    while got < len(piece):
+        read = f.readinto(piece[got:])
+        if not read:
+            raise CorruptCheckpointError(f"{name}: truncated while reading {key!r}", path=name)
+        got += read
+
+
+def _read_local(f: IO[bytes], chunk: ChunkBytes, lo: int, hi: int, out: np.ndarray, *, name: str) -> None:
+    """Read bytes ``[lo, hi)`` of a chunk (in its own row-major order) from its runs in the file."""
+    pos = lo
+    while pos < hi:
+        run, within = divmod(pos, chunk.run)
+        n = min(chunk.run - within, hi - pos)
+        _read_exactly(f, int(chunk.starts[run]) + within, out[pos - lo : pos - lo + n], name=name, key=chunk.key)
+        pos += n
+
+
+def _split_runs(starts: np.ndarray, length: int, fine: int) -> np.ndarray:
+    """Runs of ``length`` bytes as runs of ``fine`` bytes (``fine`` divides ``length``)."""
+    if length == fine:
+        return starts
+    return (starts[:, None] + np.arange(0, length, fine, dtype=np.int64)[None, :]).reshape(-1)
+
+
+def _read_verified(
+    f: IO[bytes],
+    chunk: ChunkBytes,
+    offsets: tuple[int, ...],
+    shape: tuple[int, ...],
+    view: np.ndarray,
+    itemsize: int,
+    block_size: int,
+    *,
+    name: str,
+) -> None:
+    """Copy the part of ``chunk`` inside the box ``offsets``/``shape`` into ``view`` (the box's bytes), checked.
+
+    The chunk's bytes from the block before the overlap's first byte to the block after its last
+    are read and hashed. Where the overlap is one run in the chunk and one in the box (dim-0
+    shards, a whole tensor) the middle is read straight into the target, else through one buffer.
+    """
+    lo_box = [max(c, t) for c, t in zip(chunk.offsets, offsets, strict=True)]
+    hi_box = [min(c + n, t + m) for c, n, t, m in zip(chunk.offsets, chunk.shape, offsets, shape, strict=True)]
+    if any(h <= lo for lo, h in zip(lo_box, hi_box, strict=True)):
+        return
+    inner = tuple(h - lo for lo, h in zip(lo_box, hi_box, strict=True))
+    in_chunk, length = box_runs(
+        chunk.shape, tuple(a - c for a, c in zip(lo_box, chunk.offsets, strict=True)), inner, itemsize
+    )
+    in_box, box_length = box_runs(shape, tuple(a - t for a, t in zip(lo_box, offsets, strict=True)), inner, itemsize)
+    if box_length != length:  # the overlap is contiguous on one side only: walk both in the finer runs
+        fine = min(length, box_length)
+        in_chunk, in_box = _split_runs(in_chunk, length, fine), _split_runs(in_box, box_length, fine)
+        length = fine
+    first, last = int(in_chunk[0]), int(in_chunk[-1]) + length
+    lo = first // block_size * block_size
+    hi = min(-(-last // block_size) * block_size, chunk.nbytes)
+    check = ChunkCheck(chunk, block_size, name=name, start=lo)
+    if len(in_chunk) == 1 and len(in_box) == 1:
+        target = view[int(in_box[0]) : int(in_box[0]) + length]
+        pieces = [(lo, first, np.empty(first - lo, dtype=np.uint8)), (first, last, target)]
+        pieces.append((last, hi, np.empty(hi - last, dtype=np.uint8)))
+        for a, b, out in pieces:
+            _read_local(f, chunk, a, b, out, name=name)
+            check.update(out)
+        check.finish(hi)
+        return
+    span = np.empty(hi - lo, dtype=np.uint8)
+    _read_local(f, chunk, lo, hi, span, name=name)
+    check.update(span)
+    check.finish(hi)
+    for c, t in zip((in_chunk - lo).tolist(), in_box.tolist(), strict=True):
+        view[t : t + length] = span[c : c + length]
 
 
 def _can_pin(tensor: torch.Tensor) -> bool:
@@ -547,78 +650,6 @@ def parse_hf_index(data: bytes, *, name: str) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Checksums.
-# ---------------------------------------------------------------------------------------------
-class Checksum:
-    """Streaming xxh3_64 of a file's bytes; rendered as ``xxh3_64:<hex>``."""
-
-    def __init__(self) -> None:
-        self._h = xxhash.xxh3_64()
-
-    def update(self, data: Any) -> None:
-        self._h.update(data)
-
-    def hexdigest(self) -> str:
-        return f"{CHECKSUM_ALGORITHM}:{self._h.hexdigest()}"
-
-
-# Buffers at least this big are hashed on a helper thread while the caller writes/reads them:
-# xxhash and file I/O both release the GIL, so on two cores the checksum costs no wall time.
-PARALLEL_HASH_MIN = 1 << 20
-_hash_pool: concurrent.futures.ThreadPoolExecutor | None = None
-_hash_pool_lock = threading.Lock()
-
-
-def hash_pool() -> concurrent.futures.ThreadPoolExecutor:
-    """The shared threads that checksum big buffers alongside the I/O on them (created on first use)."""
-    global _hash_pool
-    with _hash_pool_lock:
-        if _hash_pool is None:
-            _hash_pool = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="ray-ckpt-hash")
-        return _hash_pool
-
-
-class HashingWriter:
-    """A write-only file wrapper that checksums and counts what passes through it.
-
-    A big buffer is hashed on a helper thread while it is written (same bytes, same order).
-    """
-
-    def __init__(self, f: IO[bytes]) -> None:
-        self.f = f
-        self.checksum = Checksum()
-        self.size = 0
-
-    def write(self, data: Any) -> int:
-        view = memoryview(data).cast("B")
-        if view.nbytes >= PARALLEL_HASH_MIN:
-            hashed = hash_pool().submit(self.checksum.update, view)
-            try:
-                self.f.write(view)
-            finally:
-                hashed.result()  # the next update must follow this one
-        else:
-            self.checksum.update(view)
-            self.f.write(view)
-        self.size += view.nbytes
-        return view.nbytes
-
-    def flush(self) -> None:
-        self.f.flush()
-
-
-@dataclass
-class FileDigest:
-    """What the commit marker records of each file."""
-
-    size: int
-    checksum: str
-
-    def to_json(self) -> dict[str, Any]:
-        return {"size": self.size, "checksum": self.checksum}
-
-
-# ---------------------------------------------------------------------------------------------
 # safetensors writing (streamed) and reading (validated).
 # ---------------------------------------------------------------------------------------------
 def safetensors_layout(
@@ -738,26 +769,32 @@ def read_safetensors(
     name: str,
     file_size: int,
     keys: Iterable[str] | None = None,
+    expected: FileDigest | None = None,
     expected_checksum: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """Read tensors from a safetensors file into torch (one sequential read of the data).
 
     Every tensor gets a buffer of its own (storage offset 0, as safetensors' own loader gives):
     some torch APIs, e.g. ``torch.set_rng_state``, ignore a view's storage offset.
-    With ``keys`` only those tensors are read. With ``expected_checksum`` (whole-file reads
-    only) the bytes are checked and a mismatch raises CorruptCheckpointError naming the file.
+    With ``keys`` only those tensors are read. With ``expected`` (the file's record in a marker;
+    ``expected_checksum`` is the same for a whole-file checksum) every byte returned is checked:
+    a whole read hashes the file as it streams, a read of some keys checks those tensors' blocks
+    (a file with only a whole-file checksum is then read whole once). A mismatch raises
+    CorruptCheckpointError naming the file (and, for block digests, the key and byte range).
     """
+    if expected is None and expected_checksum is not None:
+        expected = FileDigest(file_size, expected_checksum)
     header = read_safetensors_header(f, name=name, file_size=file_size)
     wanted = list(header.entries) if keys is None else [k for k in keys if k in header.entries]
     out: dict[str, torch.Tensor] = {}
-    if keys is None:
-        data_size = file_size - header.data_start
-        checksum = Checksum() if expected_checksum is not None else None
-        hasher = _OrderedHasher(checksum) if checksum is not None else None
-        if checksum is not None:
-            checksum.update(header.header_bytes)
+    if keys is None or (expected is not None and expected.blocks is None):
+        check = FileCheck(expected, name=name) if expected is not None else None
+        hasher = _OrderedHasher(check) if check is not None else None
+        if check is not None:
+            check.update(header.header_bytes)
         on_chunk = hasher.update if hasher is not None else None
         raw: dict[str, torch.Tensor] = {}
+        data_size = file_size - header.data_start
         position = 0  # the file is read in order; bytes no tensor claims are hashed all the same
         spans = sorted((e["data_offsets"][0], e["data_offsets"][1], k) for k, e in header.entries.items())
         try:
@@ -775,13 +812,13 @@ def read_safetensors(
         finally:
             if hasher is not None:
                 hasher.finish()
-        if checksum is not None and checksum.hexdigest() != expected_checksum:
-            raise CorruptCheckpointError(
-                f"{name}: checksum mismatch (expected {expected_checksum}, got {checksum.hexdigest()})", path=name
-            )
+        if check is not None:
+            check.finish()
         for key in wanted:
             out[key] = _view(raw[key], header.entries[key])
         return out
+    if expected is not None:
+        check_header(header, expected, name=name)
     for key in wanted:
         entry = header.entries[key]
         begin, end = entry["data_offsets"]
@@ -789,38 +826,44 @@ def read_safetensors(
         buf = torch.empty(end - begin, dtype=torch.uint8)
         if end > begin:
             _readinto(f, buf, name=name)
+        if expected is not None:
+            check_tensor(buf.numpy(), entry, header.data_start, expected, key=key, name=name)
         out[key] = _view(buf, entry)
     return out
 
 
 def map_safetensors(
-    path: str, *, name: str, keys: Iterable[str] | None = None, expected_checksum: str | None = None
+    path: str,
+    *,
+    name: str,
+    keys: Iterable[str] | None = None,
+    expected: FileDigest | None = None,
+    expected_checksum: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """Tensors backed by a private memory map of a local safetensors file (nothing copied).
 
     Pages come from the page cache when first touched and are shared with every process that
-    maps the file; writes to the tensors stay private (copy-on-write). With ``expected_checksum``
-    every byte is hashed first (which brings every page in), else nothing is read until used.
+    maps the file; writes to the tensors stay private (copy-on-write). With ``expected`` every
+    byte that is returned is hashed once, when the file is mapped (which brings those pages in;
+    a file with only a whole-file checksum is hashed whole), else nothing is read until used.
     """
+    if expected is None and expected_checksum is not None:
+        expected = FileDigest(os.stat(path).st_size, expected_checksum)
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         header = read_safetensors_header(f, name=name, file_size=size)
         # no MAP_POPULATE: on a writable private map it copies every page (0.48 s per GiB here)
         mapped = mmap.mmap(f.fileno(), size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-    if expected_checksum is not None:
-        checksum = Checksum()
-        mapped.madvise(mmap.MADV_SEQUENTIAL)  # read ahead hard while hashing (a cold file)
-        with memoryview(mapped) as view:
-            for start in range(0, size, READ_CHUNK):
-                checksum.update(view[start : start + READ_CHUNK])
-        mapped.madvise(mmap.MADV_NORMAL)
-        if checksum.hexdigest() != expected_checksum:
-            mapped.close()
-            raise CorruptCheckpointError(
-                f"{name}: checksum mismatch (expected {expected_checksum}, got {checksum.hexdigest()})", path=name
-            )
+    wanted = list(header.entries) if keys is None else [k for k in keys if k in header.entries]
+    if expected is not None:
+        try:
+            _check_mapped(mapped, header, expected, wanted, whole=keys is None, name=name)
+        except BaseException:
+            with contextlib.suppress(BufferError):  # a view may live on in the traceback: the GC closes it then
+                mapped.close()
+            raise
     out: dict[str, torch.Tensor] = {}
-    for key in list(header.entries) if keys is None else [k for k in keys if k in header.entries]:
+    for key in wanted:
         entry = header.entries[key]
         begin, end = entry["data_offsets"]
         raw = (
@@ -830,6 +873,251 @@ def map_safetensors(
         )
         out[key] = _view(raw, entry)  # each tensor holds the mapping open; it closes with the last one
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Bytes read, checked against the digests their writers recorded (see ray_ckpt.digests).
+# ---------------------------------------------------------------------------------------------
+MAX_RUNS = 1 << 22  # byte runs of one chunk a reader maps out (a dim-1 shard of a 4M-row tensor)
+
+
+@dataclass(frozen=True)
+class ChunkBytes:
+    """One chunk of a tensor as it lies in its file: its digests, its box and its byte runs."""
+
+    key: str
+    index: int
+    digest: ChunkDigest
+    offsets: tuple[int, ...]
+    shape: tuple[int, ...]
+    starts: np.ndarray  # file offsets of the chunk's runs, ascending: its bytes in its own order
+    run: int  # bytes per run
+    nbytes: int
+
+    def file_span(self, lo: int, hi: int) -> tuple[int, int]:
+        """The file byte range that holds bytes ``[lo, hi)`` of the chunk."""
+        first = int(self.starts[lo // self.run]) + lo % self.run
+        last = int(self.starts[(hi - 1) // self.run]) + (hi - 1) % self.run + 1
+        return first, last
+
+
+def tensor_chunks(
+    entry: Mapping[str, Any], data_start: int, blocks: BlockDigests, *, key: str, name: str
+) -> list[ChunkBytes]:
+    """The chunks a file's record gives one tensor, checked against the file's header.
+
+    CorruptCheckpointError (naming file and key) unless every box lies inside the tensor, holds the
+    right number of block digests, and the chunks' byte runs cover the tensor's bytes exactly once.
+    """
+    records = blocks.tensors.get(key)
+    if records is None:
+        raise corrupt(name, f"tensor {key!r}: no block digests recorded for it")
+    dtype = entry["dtype"]
+    shape = tuple(torch_shape(dtype, entry["shape"]) or ())
+    itemsize = DTYPE_SIZE[dtype]
+    begin, end = (data_start + int(o) for o in entry["data_offsets"])
+    chunks: list[ChunkBytes] = []
+    for i, rec in enumerate(records):
+        offsets = rec.offsets if rec.offsets is not None else (0,) * len(shape)
+        box = rec.shape if rec.shape is not None else shape
+        if len(offsets) != len(shape) or any(o + n > g for o, n, g in zip(offsets, box, shape, strict=True)):
+            raise corrupt(
+                name,
+                f"tensor {key!r}: chunk {i} (offsets {list(offsets)}, shape {list(box)}) lies outside {list(shape)}",
+            )
+        nbytes = math.prod(box) * itemsize
+        problem = check_chunk_blocks(rec, nbytes, blocks.block_size)
+        if problem is not None:
+            raise corrupt(name, f"tensor {key!r}: chunk {i}: {problem}")
+        partial = [d for d in range(len(shape)) if box[d] != shape[d]]
+        if partial and math.prod(box[: partial[-1]]) > MAX_RUNS:
+            raise corrupt(name, f"tensor {key!r}: chunk {i} lies in more than {MAX_RUNS} runs of bytes")
+        if nbytes:
+            starts, run = box_runs(shape, offsets, box, itemsize)
+            chunks.append(ChunkBytes(key, i, rec, offsets, box, starts + begin, run, nbytes))
+    starts = np.concatenate([c.starts for c in chunks]) if chunks else np.zeros(0, dtype=np.int64)
+    ends = starts + np.concatenate([np.full(len(c.starts), c.run) for c in chunks]) if chunks else starts
+    order = np.argsort(starts, kind="stable")
+    starts, ends = starts[order], ends[order]
+    tiled = (
+        begin == end
+        if not len(starts)
+        else (starts[0] == begin and ends[-1] == end and np.array_equal(starts[1:], ends[:-1]))
+    )
+    if not tiled:
+        raise corrupt(name, f"tensor {key!r}: its chunks' digests do not cover its bytes exactly once")
+    return chunks
+
+
+class ChunkCheck:
+    """Hashes a chunk's bytes, fed in its own order from block boundary ``start``, block by block."""
+
+    def __init__(self, chunk: ChunkBytes, block_size: int, *, name: str, start: int = 0) -> None:
+        self.chunk, self.block_size, self.name = chunk, block_size, name
+        self.position = start
+        self._hash: Any = None
+
+    def update(self, data: Any) -> None:
+        view = memoryview(data).cast("B")
+        size, pos = self.block_size, 0
+        while pos < len(view):
+            fill = self.position % size
+            take = min(len(view) - pos, size - fill, self.chunk.nbytes - self.position)
+            if take <= 0:
+                raise corrupt(
+                    self.name, f"tensor {self.chunk.key!r}: more bytes than its chunk {self.chunk.index} holds"
+                )
+            piece = view[pos : pos + take]
+            done = self.position + take
+            if fill == 0 and (done % size == 0 or done == self.chunk.nbytes):
+                self._compare(self.position, digest_hex(piece))  # a whole block in one piece: no hasher object
+            else:
+                if self._hash is None:
+                    self._hash = xxhash.xxh3_64()
+                self._hash.update(piece)
+                if done % size == 0 or done == self.chunk.nbytes:
+                    self._compare(done - (fill + take), self._hash.hexdigest())
+                    self._hash = None
+            self.position, pos = done, pos + take
+
+    def _compare(self, block_start: int, got: str) -> None:
+        k = block_start // self.block_size
+        want = self.chunk.digest.blocks[k * DIGEST_CHARS : (k + 1) * DIGEST_CHARS]
+        if got != want:
+            end = min(block_start + self.block_size, self.chunk.nbytes)
+            first, last = self.chunk.file_span(block_start, end)
+            raise corrupt(
+                self.name,
+                f"tensor {self.chunk.key!r}: checksum mismatch in bytes {first}-{last} of the file "
+                f"(block {k} of chunk {self.chunk.index}; expected {want}, got {got})",
+            )
+
+    def finish(self, end: int | None = None) -> None:
+        """Every byte up to ``end`` (the chunk's end by default) was fed and matched."""
+        end = self.chunk.nbytes if end is None else end
+        if self.position != end or self._hash is not None:
+            raise corrupt(self.name, f"tensor {self.chunk.key!r}: chunk {self.chunk.index} is incomplete")
+
+
+def check_header(header: SafetensorsHeader, expected: FileDigest, *, name: str) -> None:
+    """A file's header bytes against the digest its writer recorded (block-digest records only)."""
+    if expected.blocks is not None and digest_hex(header.header_bytes) != expected.blocks.header:
+        raise corrupt(name, f"checksum mismatch in its header (bytes 0-{len(header.header_bytes)})")
+
+
+def check_tensor(
+    data: np.ndarray, entry: Mapping[str, Any], data_start: int, expected: FileDigest, *, key: str, name: str
+) -> None:
+    """Check one tensor's bytes (all of them, in memory) against the file's block digests."""
+    assert expected.blocks is not None
+    begin = data_start + int(entry["data_offsets"][0])
+    for chunk in tensor_chunks(entry, data_start, expected.blocks, key=key, name=name):
+        check = ChunkCheck(chunk, expected.blocks.block_size, name=name)
+        for start in (chunk.starts - begin).tolist():
+            check.update(data[start : start + chunk.run])
+        check.finish()
+
+
+class FileCheck:
+    """Checks a file's bytes, fed in order from its first byte, against its record in a marker.
+
+    A whole-file checksum is compared at :meth:`finish`; block digests are checked as the bytes
+    pass (the header's first, once it has arrived, then each chunk's blocks), so a copy or a
+    verify streams any file in bounded memory. CorruptCheckpointError names the file, and for a
+    block the tensor and the byte range; bytes that no digest covers are refused.
+    """
+
+    def __init__(self, expected: FileDigest, *, name: str) -> None:
+        self.expected, self.name = expected, name
+        self.position = 0
+        self._checksum = Checksum() if expected.blocks is None else None
+        self._head = bytearray()
+        self._segments: list[tuple[int, int, ChunkCheck]] | None = None
+        self._next = 0
+
+    def update(self, data: Any) -> None:
+        view = memoryview(data).cast("B")
+        if self.position + len(view) > self.expected.size:
+            raise corrupt(self.name, f"longer than the committed {self.expected.size} bytes")
+        if self._checksum is not None:
+            self._checksum.update(view)
+            self.position += len(view)
+            return
+        while len(view) and self._segments is None:
+            need = 8 if len(self._head) < 8 else 8 + struct.unpack("<Q", self._head[:8])[0]
+            take = min(need - len(self._head), len(view))
+            self._head += view[:take]
+            view = view[take:]
+            self.position += take
+            if len(self._head) >= 8:
+                need = 8 + struct.unpack("<Q", self._head[:8])[0]
+                if need > min(self.expected.size, 8 + MAX_HEADER_SIZE):
+                    raise corrupt(self.name, f"header length {need - 8} exceeds the file or safetensors' limit")
+                if len(self._head) == need:
+                    self._start(bytes(self._head))
+        while len(view):
+            start, end, check = self._segments[self._next]  # type: ignore[index]
+            take = min(end - self.position, len(view))
+            check.update(view[:take])
+            view = view[take:]
+            self.position += take
+            if self.position == end:
+                self._next += 1
+
+    def _start(self, head: bytes) -> None:
+        blocks = self.expected.blocks
+        assert blocks is not None
+        header = read_safetensors_header(io.BytesIO(head), name=self.name, file_size=self.expected.size)
+        check_header(header, self.expected, name=self.name)
+        unknown = sorted(set(blocks.tensors) - set(header.entries))
+        if unknown:
+            raise corrupt(self.name, f"block digests recorded for tensors {unknown[:3]} the file does not hold")
+        segments = []
+        for key, entry in header.entries.items():
+            for chunk in tensor_chunks(entry, header.data_start, blocks, key=key, name=self.name):
+                check = ChunkCheck(chunk, blocks.block_size, name=self.name)
+                segments += [(s, s + chunk.run, check) for s in chunk.starts.tolist()]
+        segments.sort(key=lambda seg: seg[0])
+        edges = [header.data_start] + [end for _, end, _ in segments]
+        if [start for start, _, _ in segments] != edges[:-1] or edges[-1] != self.expected.size:
+            raise corrupt(self.name, "bytes between or after its tensors are covered by no digest")
+        self._segments = segments
+        self._checks = {id(c): c for _, _, c in segments}
+
+    def finish(self) -> None:
+        """All the committed bytes arrived and matched (CorruptCheckpointError otherwise)."""
+        if self.position != self.expected.size:
+            raise corrupt(self.name, f"{self.position} bytes read, {self.expected.size} committed (truncated)")
+        if self._checksum is not None:
+            got = self._checksum.hexdigest()
+            if got != self.expected.checksum:
+                raise corrupt(self.name, f"checksum mismatch (expected {self.expected.checksum}, got {got})")
+            return
+        if self._segments is None:
+            raise corrupt(self.name, "too short to hold its header")
+        for check in self._checks.values():
+            check.finish()
+
+
+def _check_mapped(
+    mapped: mmap.mmap, header: SafetensorsHeader, expected: FileDigest, wanted: list[str], *, whole: bool, name: str
+) -> None:
+    """Hash the mapped bytes that will be returned (the whole file for a whole-file checksum)."""
+    mapped.madvise(mmap.MADV_SEQUENTIAL)  # read ahead hard while hashing (a cold file)
+    view = memoryview(mapped)
+    if whole or expected.blocks is None:
+        check = FileCheck(expected, name=name)
+        for start in range(0, len(view), READ_CHUNK):
+            check.update(view[start : start + READ_CHUNK])
+        check.finish()
+    else:
+        check_header(header, expected, name=name)
+        for key in wanted:
+            begin, end = header.entries[key]["data_offsets"]
+            data = np.frombuffer(view, dtype=np.uint8, count=end - begin, offset=header.data_start + begin)
+            check_tensor(data, header.entries[key], header.data_start, expected, key=key, name=name)
+    del view
+    mapped.madvise(mmap.MADV_NORMAL)
 
 
 def _view(raw: torch.Tensor, entry: dict[str, Any]) -> torch.Tensor:
@@ -844,9 +1132,9 @@ READ_CHUNK = 64 << 20  # a checksummed read hands its bytes to the hasher in pie
 
 
 class _OrderedHasher:
-    """Feeds a Checksum on a helper thread, strictly in order, while the caller reads the next bytes."""
+    """Feeds a checker (a :class:`FileCheck`) on a helper thread, strictly in order, while the caller reads on."""
 
-    def __init__(self, checksum: Checksum) -> None:
+    def __init__(self, checksum: FileCheck) -> None:
         self.checksum = checksum
         self._pending: concurrent.futures.Future | None = None
 

@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ray_ckpt.format import FileDigest, check_structure
+from ray_ckpt.digests import FileDigest
+from ray_ckpt.format import check_structure
 from ray_ckpt.safejson import MAX_STEP, JsonObject, parse_json
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -40,7 +41,7 @@ TRAINER_STATE_JSON = f"{TRAINER_STATE_DIR}/trainer_state.json"  # structure, ali
 # Before the trainer_state/ directory (steps written by earlier versions, still read):
 TRAINER_TENSORS = "trainer_state.safetensors"
 TRAINER_JSON = "trainer_state.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: tensor files carry block digests (version 1 steps, whole-file checksums, still load)
 _STEP_RE = re.compile(r"^step_(\d{9,})$")
 _SELECTOR_RE = re.compile(r"^(?:(latest|best)|(?:v|step_)(\d+)|(\d+))$")
 REPLACE_RE = re.compile(r"^\.step_(\d{9,})\.(replace|old)-([0-9a-f]{12})$")  # see staging_dir
@@ -206,7 +207,7 @@ class Manifest:
                 _file_name(fname)
             except ValueError as exc:
                 raise doc.error("files", str(exc)) from None
-            files[fname] = FileDigest(entry.int("size", lo=0, hi=MAX_STEP), entry.str("checksum"))
+            files[fname] = FileDigest.parse(entry)
         kind = doc.str("kind", "state_dict")
         if kind not in MANIFEST_KINDS:
             raise doc.error("kind", f"{kind!r} is not one of {sorted(MANIFEST_KINDS)}")

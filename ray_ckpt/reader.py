@@ -16,11 +16,13 @@ from typing import Any
 
 import torch
 
+from ray_ckpt.digests import FileDigest
 from ray_ckpt.errors import CheckpointNotFoundError, CorruptCheckpointError
 from ray_ckpt.format import (
-    Checksum,
-    FileDigest,
+    READ_CHUNK,
+    FileCheck,
     SafetensorsHeader,
+    check_header,
     check_structure,
     map_safetensors,
     parse_hf_index,
@@ -28,6 +30,7 @@ from ray_ckpt.format import (
     read_safetensors,
     read_safetensors_header,
     structure_keys,
+    tensor_chunks,
     tensor_leaves,
     unflatten_state,
 )
@@ -60,8 +63,9 @@ class StepReader:
     ) -> dict[str, Any]:
         """A committed step's state dict (tensors on CPU), or only ``keys`` of it.
 
-        With ``verify`` every file read whole is checksummed. With ``mmap`` (local storage only)
-        the tensors are copy-on-write maps of the files. A step deleted or replaced while it is
+        With ``verify`` every byte returned is checked against the digests its writer recorded
+        (see :mod:`ray_ckpt.digests`). With ``mmap`` (local storage only) the tensors are
+        copy-on-write maps of the files, checked once when mapped. A step deleted or replaced while it is
         read raises CheckpointNotFoundError, never a mix of versions.
         """
         if mmap and not self.storage.is_local:
@@ -93,12 +97,11 @@ class StepReader:
                 files[fname].append(key)  # type: ignore[union-attr]
         tensors: dict[str, torch.Tensor] = {}
         for fname, file_keys in files.items():
-            whole = wanted is None
             loaded = self._load_shard(
                 manifest,
                 fname,
-                None if whole else file_keys,
-                verify=verify and whole,
+                None if wanted is None else file_keys,
+                verify=verify,
                 fmt=model.get("format", "safetensors"),
                 mmap=mmap,
             )
@@ -251,15 +254,10 @@ class StepReader:
                 return loaded if keys is None else {k: loaded[k] for k in keys if k in loaded}
             if mmap:
                 return map_safetensors(
-                    self.storage.local_path(path),
-                    name=path,
-                    keys=keys,
-                    expected_checksum=expected.checksum if verify else None,
+                    self.storage.local_path(path), name=path, keys=keys, expected=expected if verify else None
                 )
             with self.storage.open_read(path) as f:
-                return read_safetensors(
-                    f, name=path, file_size=size, keys=keys, expected_checksum=expected.checksum if verify else None
-                )
+                return read_safetensors(f, name=path, file_size=size, keys=keys, expected=expected if verify else None)
         except FileNotFoundError as exc:
             raise self._missing(manifest.step, name) from exc
 
@@ -276,14 +274,19 @@ class StepReader:
         return unflatten_state(tensors, structure, aliases)
 
     # -- resharding loads -----------------------------------------------------------------------
-    def load_into(self, manifest: Manifest, into: Mapping[str, Any], *, trainer: bool = False) -> None:
+    def load_into(
+        self, manifest: Manifest, into: Mapping[str, Any], *, trainer: bool = False, verify: bool = True
+    ) -> None:
         """Fill the tensors of ``into`` in place from a committed step, resharding as needed.
 
         Each value may be a tensor (filled whole, e.g. pinned or GPU memory), a DTensor or a
         :class:`~ray_ckpt.shard.Shard` (filled with its own box of the saved tensor, for any world
         size, mesh and placements). Only the bytes of each box are read: positioned reads locally,
-        ranged reads on an object store. ValueError names the key when a target's dtype or global
-        shape differs from the checkpoint's; KeyError lists keys the step does not hold.
+        ranged reads on an object store. With ``verify`` every byte is checked against its block
+        digests (the reads widen to whole blocks: at most one block more at each edge of a box);
+        a step written before block digests has each file it reads from hashed whole once first.
+        ValueError names the key when a target's dtype or global shape differs from the
+        checkpoint's; KeyError lists keys the step does not hold.
         """
         if manifest.kind != "state_dict":
             raise ValueError(f"step {manifest.step} holds trainer-written files (kind {manifest.kind!r})")
@@ -305,16 +308,34 @@ class StepReader:
             for key in leaves:
                 by_file.setdefault(weight_map[aliases.get(key, key)], []).append(key)
             for fname, keys in sorted(by_file.items()):
-                headers[fname] = self.file_header(manifest, fname)
+                header = headers[fname] = self.file_header(manifest, fname)
                 path = self._file_path(manifest, fname)
+                blocks = manifest.files[fname].blocks if verify else None
+                if verify and blocks is None:
+                    self._check_file(manifest, fname)  # an older step: whole-file checksum, read whole once
+                if blocks is not None:
+                    check_header(header, manifest.files[fname], name=path)
                 with self.storage.open_read(path) as f:
                     for key in keys:
-                        entry = headers[fname].entries.get(aliases.get(key, key))
+                        saved = aliases.get(key, key)
+                        entry = header.entries.get(saved)
                         if entry is None:
                             raise CorruptCheckpointError(
                                 f"{path}: missing tensor {key!r} listed in the index", path=path
                             )
-                        read_box_into(f, entry, headers[fname].data_start, leaves[key], key=key, name=path)
+                        chunks = None
+                        if blocks is not None:
+                            chunks = tensor_chunks(entry, header.data_start, blocks, key=saved, name=path)
+                        read_box_into(
+                            f,
+                            entry,
+                            header.data_start,
+                            leaves[key],
+                            key=key,
+                            name=path,
+                            chunks=chunks,
+                            block_size=blocks.block_size if blocks is not None else 0,
+                        )
 
     @contextlib.contextmanager
     def _unchanged(self, manifest: Manifest) -> Iterator[None]:
@@ -344,8 +365,20 @@ class StepReader:
                 f"step {step} of run {self.run_name!r} was replaced (overwritten) while being read; load it again"
             )
 
+    def _check_file(self, manifest: Manifest, name: str) -> None:
+        """Stream one file of a step through its digests (every block, or its whole-file checksum)."""
+        path = self._file_path(manifest, name)
+        check = FileCheck(manifest.files[name], name=path)
+        try:
+            with self.storage.open_read(path) as f:
+                while chunk := f.read(READ_CHUNK):
+                    check.update(chunk)
+        except FileNotFoundError as exc:
+            raise self._missing(manifest.step, name) from exc
+        check.finish()
+
     def verify(self, manifest: Manifest) -> None:
-        """Check a checkpoint as strictly as :meth:`load` does, plus every file's checksum.
+        """Check a checkpoint as strictly as :meth:`load` does, plus every file's digests (every block).
 
         Every listed file present with its committed size and checksum; the model index, every
         shard header (dtypes, shapes, offsets) and every tensor the index and the state's structure
@@ -361,14 +394,7 @@ class StepReader:
                 raise CorruptCheckpointError(f"{path}: missing", path=path) from exc
             if size != digest.size:
                 raise CorruptCheckpointError(f"{path}: size {size} differs from the committed {digest.size}", path=path)
-            checksum = Checksum()
-            with self.storage.open_read(path) as f:
-                while chunk := f.read(16 << 20):
-                    checksum.update(chunk)
-            if checksum.hexdigest() != digest.checksum:
-                raise CorruptCheckpointError(
-                    f"{path}: checksum mismatch (expected {digest.checksum}, got {checksum.hexdigest()})", path=path
-                )
+            self._check_file(manifest, name)
             if name.endswith(".safetensors"):
                 self.file_header(manifest, name)
         if manifest.kind == "state_dict":
@@ -395,11 +421,9 @@ def _check_indexed(path: str, structure: Any, aliases: Mapping[str, str], presen
 
 
 def _check_digest(path: str, data: bytes, digest: FileDigest) -> None:
+    """A file read whole, against its record (CorruptCheckpointError naming it)."""
     if len(data) != digest.size:
         raise CorruptCheckpointError(f"{path}: size {len(data)} differs from the committed {digest.size}", path=path)
-    checksum = Checksum()
-    checksum.update(data)
-    if checksum.hexdigest() != digest.checksum:
-        raise CorruptCheckpointError(
-            f"{path}: checksum mismatch (expected {digest.checksum}, got {checksum.hexdigest()})", path=path
-        )
+    check = FileCheck(digest, name=path)
+    check.update(data)
+    check.finish()

@@ -455,22 +455,24 @@ class CheckpointStore:
     ) -> Any:
         """Load a checkpoint's state dict (tensors on CPU), or only ``keys`` of it.
 
-        With ``verify_on_load`` every file read whole is checksummed; a mismatch raises
-        CorruptCheckpointError naming the file. With ``mmap`` (local storage only) the tensors
+        With ``verify_on_load`` (or ``verify``) every byte returned, ``into=`` included, is checked
+        against the digests recorded when it was written; a mismatch raises CorruptCheckpointError
+        naming the file (and the tensor and byte range). ``verify=False`` is the explicit way to
+        skip it. With ``mmap`` (local storage only) the tensors
         are copy-on-write maps of the files: no copy is made, pages are read when first used and
         shared with other processes mapping the same checkpoint. With ``into`` (a state dict of
         tensors, DTensors or Shards, e.g. ``model.state_dict()`` of any world size and placement)
         the given tensors are filled in place, each with only the bytes of its own box, and
         ``into`` is returned.
         """
+        verify = self.config.verify_on_load if verify is None else verify
         if into is not None:
             if keys is not None or mmap:
                 raise ValueError("into= fills the given tensors: pass neither keys nor mmap with it")
-            self._read(self.resolve(step), lambda tier, manifest: tier.reader.load_into(manifest, into))
+            self._read(self.resolve(step), lambda tier, manifest: tier.reader.load_into(manifest, into, verify=verify))
             return into
         if mmap and not self.storage.is_local:
             raise ValueError(f"mmap=True needs local storage; run {self.run_name!r} is on {self.storage.uri!r}")
-        verify = self.config.verify_on_load if verify is None else verify
         keys = None if keys is None else list(keys)  # read again if the remote copy is read after all
         # a step only an object-store tier holds is read into memory (mmap needs a local file)
         return self._read(
@@ -484,10 +486,13 @@ class CheckpointStore:
         With ``into`` (e.g. the optimizer state dict from ``get_state_dict``, DTensors included)
         its tensors are filled in place, resharded to their placements, and ``into`` is returned.
         """
-        if into is not None:
-            self._read(self.resolve(step), lambda tier, manifest: tier.reader.load_into(manifest, into, trainer=True))
-            return into
         verify = self.config.verify_on_load
+        if into is not None:
+            self._read(
+                self.resolve(step),
+                lambda tier, manifest: tier.reader.load_into(manifest, into, trainer=True, verify=verify),
+            )
+            return into
         return self._read(
             self.resolve(step), lambda tier, manifest: tier.reader.load_trainer_state(manifest, verify=verify)
         )

@@ -23,14 +23,24 @@ import numpy as np
 import torch
 
 from ray_ckpt.config import CheckpointConfig
+from ray_ckpt.digests import (
+    BLOCK_SIZE,
+    BlockDigests,
+    Checksum,
+    ChunkDigest,
+    FileDigest,
+    HashingWriter,
+    block_digests,
+    digest_hex,
+    hash_pool,
+    merge_files,
+)
 from ray_ckpt.errors import CorruptCheckpointError
 from ray_ckpt.format import (
     DTYPE_PACKING,
     DTYPE_SIZE,
-    Checksum,
-    FileDigest,
+    FileCheck,
     FlatState,
-    HashingWriter,
     ShardSpec,
     TensorBuffer,
     hf_index_bytes,
@@ -136,28 +146,57 @@ class StepWriter:
             local_storage=self.store.storage.is_local,
         )
         for _, fplan in plan.streams(SHARED):
-            create_shared_file(self.store.storage, self.dir, fplan)
+            self.add_part(fplan.name, create_shared_file(self.store.storage, self.dir, fplan))
         return plan
 
     def write_share(self, plan: SavePlan, source: ChunkSource) -> None:
         """Write the master's share of a plan (every file in gather mode)."""
-        self.files.update(write_share(self.store.storage, plan, MASTER, source, direct_io=self.store.config.direct_io))
+        files = write_share(self.store.storage, plan, MASTER, source, direct_io=self.store.config.direct_io)
+        for name, digest in files.items():
+            self.add_part(name, digest)
+
+    def add_part(self, name: str, digest: FileDigest) -> None:
+        """Record one writer's digests of a file (merged with other writers' parts of a SHARED file)."""
+        self.files = merge_files([self.files, {name: digest}])
 
     def seal_shared(self, plan: SavePlan) -> None:
-        """fsync and checksum the SHARED files once every rank has written its ranges into them.
+        """fsync the SHARED files once every rank has written its ranges into them (nothing is read back:
+        each rank recorded the block digests of what it wrote)."""
+        for _, fplan in plan.streams(SHARED):
+            fsync_file(self.store.storage, f"{self.dir}/{fplan.name}")
 
-        SHARD_WRITERS files at a time (the page cache serves the read-back; xxh3 and the reads
-        release the GIL).
+    def check_digests(self, plan: SavePlan) -> None:
+        """Every planned tensor file holds its header's digest and one record per non-empty chunk.
+
+        What the master checks before the commit: a rank that wrote no digests, or digests of
+        chunks the plan did not give it, aborts the step (ValueError names the file and key).
         """
-        names = [fplan.name for _, fplan in plan.streams(SHARED)]
-        if not names:
-            return
-        with concurrent.futures.ThreadPoolExecutor(min(SHARD_WRITERS, len(names)), "ray-ckpt-seal") as pool:
-            digests = pool.map(lambda name: seal_file(self.store.storage, f"{self.dir}/{name}"), names)
-            self.files.update(zip(names, digests, strict=True))
+        for part in plan.parts.values():
+            if part.fmt != "safetensors":
+                continue
+            for fplan in part.files:
+                blocks = self.files[fplan.name].blocks if fplan.name in self.files else None
+                if blocks is None or blocks.header is None:
+                    raise ValueError(f"{fplan.name}: written without its header's digest")
+                for key in fplan.keys:
+                    layout = part.tensors[key]
+                    planned = sorted(recorded_boxes(layout))
+                    whole = ((0,) * len(layout.shape), layout.shape)
+                    recorded = sorted(
+                        whole if c.offsets is None else (c.offsets, c.shape) for c in blocks.tensors.get(key, ())
+                    )
+                    if recorded != planned:
+                        raise ValueError(
+                            f"{fplan.name}: tensor {key!r}: digests recorded for the chunks {recorded[:4]}, "
+                            f"planned {planned[:4]}"
+                        )
 
     def write_indexes(self, plan: SavePlan) -> None:
-        """Write each part's index (the HF ``*.index.json``; trainer_state.json) and record them for the marker."""
+        """Write each part's index (the HF ``*.index.json``; trainer_state.json) and record them for the marker.
+
+        Called once every file is written: the files' digests are checked against the plan first.
+        """
+        self.check_digests(plan)
         model = plan.parts.get(MODEL)
         if model is not None:
             fmt = plan.fmt
@@ -222,8 +261,9 @@ class StepWriter:
         """Record files other processes wrote into the step directory (direct mode).
 
         Each must exist with the reported size (one listing per directory, not a stat per file:
-        on an object store that is one request for a thousand ranks' shards); checksums are
-        taken as reported.
+        on an object store that is one request for a thousand ranks' shards); digests are taken
+        as reported (parts of one SHARED file from several ranks are merged; see
+        :meth:`check_digests`).
         """
         by_dir: dict[str, list[str]] = {}
         for name in files:
@@ -238,7 +278,8 @@ class StepWriter:
                     raise CorruptCheckpointError(
                         f"{name}: size {size} differs from the reported {files[name].size}", path=name
                     )
-        self.files.update(files)
+        for name, digest in files.items():
+            self.add_part(name, digest)
 
     def _write_small(self, name: str, data: bytes) -> None:
         self.files[name] = write_small_file(self.store.storage, self.dir, name, data)
@@ -350,33 +391,43 @@ def copy_checked(
     """Stream one file from ``src`` to ``dst``, hashing the bytes as they pass; their digest.
 
     The one checksum-checking copy between storages (a tiered store's uploads, the CLI's
-    ``download``). With ``expected`` (the size and checksum a marker committed) a copy that
-    differs is removed and raises CorruptCheckpointError naming ``src_path``: a damaged file is
-    never passed on as good. ``on_chunk`` gets each chunk's size (progress). The target is fsync'd
+    ``download``). With ``expected`` (the file's record in a marker: its size and checksum or
+    block digests, checked as the bytes pass, see :class:`~ray_ckpt.format.FileCheck`) a copy
+    that differs is removed and raises CorruptCheckpointError naming the file (and for a block,
+    the tensor and byte range): a damaged file is never passed on as good, and the copy's record
+    is ``expected`` itself. ``on_chunk`` gets each chunk's size (progress). The target is fsync'd
     when local; a failed remote write is retried by ``dst`` from the start. Hashed on the calling
     thread (xxh3 is far faster than any upload): a background copy puts no work on the thread
     pools that commits share.
     """
+    failure: list[CorruptCheckpointError] = []
 
     def copy(f: Any) -> FileDigest:
+        failure.clear()
+        check = FileCheck(expected, name=src.url(src_path)) if expected is not None else None
         checksum, size = Checksum(), 0
         with src.open_read(src_path) as source:
             while chunk := source.read(COPY_CHUNK):
-                checksum.update(chunk)
+                try:
+                    (check or checksum).update(chunk)
+                except CorruptCheckpointError as exc:
+                    failure.append(exc)  # not a storage failure: no retry, no partial copy kept
+                    break
                 f.write(chunk)
                 size += len(chunk)
                 if on_chunk is not None:
                     on_chunk(len(chunk))
-        return FileDigest(size, checksum.hexdigest())
+        if check is not None and not failure:
+            try:
+                check.finish()
+            except CorruptCheckpointError as exc:
+                failure.append(exc)
+        return expected if check is not None else FileDigest(size, checksum.hexdigest())  # type: ignore[return-value]
 
     got = dst.write_stream(dst_path, copy, size_hint=expected.size if expected is not None else 0)
-    if expected is not None and got != expected:
+    if failure:
         dst.rm(dst_path, missing_ok=True)
-        raise CorruptCheckpointError(
-            f"{src.url(src_path)}: reads {got.size} bytes with checksum {got.checksum}, committed "
-            f"{expected.size} bytes with {expected.checksum}; not copying a damaged file (the copy was removed)",
-            path=src_path,
-        )
+        raise CorruptCheckpointError(f"{failure[0]}; not copying a damaged file (the copy was removed)", path=src_path)
     return got
 
 
@@ -419,7 +470,7 @@ def write_share(
                 future.result()  # the first error; leaving the pool still waits for the other writes
     pieces = plan.pieces(writer)
     if pieces:
-        write_pieces(storage, plan.directory, pieces, source)
+        files.update(write_pieces(storage, plan.directory, pieces, source))
     return files
 
 
@@ -454,17 +505,46 @@ def write_planned_file(
         return storage.write_stream(path, write_pt)
 
     def write(f: Any) -> FileDigest:
-        out = HashingWriter(f)
-        out.write(fplan.header)
+        f.write(fplan.header)
+        hashed: dict[str, list[tuple[TensorLayout, int, concurrent.futures.Future]]] = {}
         for key in fplan.keys:
             layout = part.tensors[key]
+            hashed[key] = [
+                (layout, i, hash_pool().submit(block_digests, source(part.part, key, layout.chunks[i].writer)))
+                for i in recorded_chunks(layout)
+            ]
             if not layout.nbytes:
                 continue
             for piece in tensor_bytes(layout, lambda rank, key=key: source(part.part, key, rank)):
-                out.write(piece)
-        return FileDigest(out.size, out.checksum.hexdigest())
+                f.write(memoryview(piece).cast("B"))
+        tensors = {
+            key: tuple(chunk_digest(lay, i, job.result()) for lay, i, job in jobs) for key, jobs in hashed.items()
+        }
+        return FileDigest(fplan.size, None, BlockDigests(BLOCK_SIZE, digest_hex(fplan.header), tensors))
 
     return storage.write_stream(path, write, size_hint=fplan.size if direct_io else 0)
+
+
+def recorded_chunks(layout: TensorLayout) -> list[int]:
+    """The chunks of a tensor that get block digests: every non-empty one (an empty tensor: its one chunk)."""
+    if not layout.nbytes:
+        return [0]
+    return [i for i, c in enumerate(layout.chunks) if math.prod(c.shape)]
+
+
+def recorded_boxes(layout: TensorLayout) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """(offsets, shape) of each chunk :func:`recorded_chunks` gives (the whole tensor for an empty one)."""
+    if not layout.nbytes:
+        return [((0,) * len(layout.shape), layout.shape)]
+    return [(layout.chunks[i].offsets, layout.chunks[i].shape) for i in recorded_chunks(layout)]
+
+
+def chunk_digest(layout: TensorLayout, index: int, blocks: str) -> ChunkDigest:
+    """The record of one chunk's block digests: its box, unless it is the whole tensor."""
+    chunk = layout.chunks[index]
+    if not layout.nbytes or (layout.whole and chunk.shape == layout.shape):
+        return ChunkDigest(blocks)
+    return ChunkDigest(blocks, chunk.offsets, chunk.shape)
 
 
 def tensor_bytes(layout: TensorLayout, chunk_bytes: Callable[[int], np.ndarray]) -> list[np.ndarray]:
@@ -502,9 +582,13 @@ def assemble(layout: TensorLayout, chunk_bytes: Callable[[int], np.ndarray]) -> 
 
 def write_pieces(
     storage: Storage, directory: str, pieces: list[tuple[PartPlan, FilePlan, TensorLayout, int]], source: ChunkSource
-) -> int:
-    """Write chunks into place in SHARED files (positioned writes; local disk only); bytes written."""
-    written = 0
+) -> dict[str, FileDigest]:
+    """Write chunks into place in SHARED files (positioned writes; local disk only) and fsync them.
+
+    Returns this writer's part of each file's digests: the block digests of the chunks it wrote,
+    hashed from its own buffers while they are written (nothing is read back).
+    """
+    parts: dict[str, FileDigest] = {}
     fds: dict[str, int] = {}
     try:
         for part, fplan, layout, index in pieces:
@@ -516,22 +600,33 @@ def write_pieces(
                 fds[fplan.name] = os.open(local, os.O_WRONLY)
             fd = fds[fplan.name]
             starts, length = box_runs(layout.shape, chunk.offsets, chunk.shape, DTYPE_SIZE[layout.dtype])
-            view = memoryview(source(part.part, layout.key, chunk.writer)).cast("B")
-            for n, start in enumerate(starts.tolist()):
-                piece = view[n * length : (n + 1) * length]
-                position = layout.begin + start
-                while piece:
-                    done = os.pwrite(fd, piece, position)
-                    piece, position = piece[done:], position + done
-                written += length
+            data = source(part.part, layout.key, chunk.writer)
+            hashed = hash_pool().submit(block_digests, data)
+            view = memoryview(data).cast("B")
+            try:
+                for n, start in enumerate(starts.tolist()):
+                    piece = view[n * length : (n + 1) * length]
+                    position = layout.begin + start
+                    while piece:
+                        done = os.pwrite(fd, piece, position)
+                        piece, position = piece[done:], position + done
+            finally:
+                blocks = hashed.result()
+            if index in recorded_chunks(layout):
+                record = BlockDigests(BLOCK_SIZE, None, {layout.key: (chunk_digest(layout, index, blocks),)})
+                mine = FileDigest(fplan.size, None, record)
+                parts[fplan.name] = parts[fplan.name].merge(mine, name=fplan.name) if fplan.name in parts else mine
+        for fd in fds.values():
+            os.fsync(fd)
     finally:
         for fd in fds.values():
             os.close(fd)
-    return written
+    return parts
 
 
-def create_shared_file(storage: Storage, directory: str, fplan: FilePlan) -> None:
-    """Create a SHARED file at its final size with its header written: ranks fill in the rest."""
+def create_shared_file(storage: Storage, directory: str, fplan: FilePlan) -> FileDigest:
+    """Create a SHARED file at its final size with its header written (ranks fill in the rest);
+    the header's digest, the master's part of the file's record."""
 
     def write(f: Any) -> None:
         f.write(fplan.header)
@@ -539,10 +634,11 @@ def create_shared_file(storage: Storage, directory: str, fplan: FilePlan) -> Non
         os.ftruncate(f.fileno(), fplan.size)
 
     storage.write_stream(f"{directory}/{fplan.name}", write, durable=False)
+    return FileDigest(fplan.size, None, BlockDigests(BLOCK_SIZE, digest_hex(fplan.header), {}))
 
 
-def seal_file(storage: Storage, path: str) -> FileDigest:
-    """fsync a file others wrote into and read it back for its digest (the page cache serves it)."""
+def fsync_file(storage: Storage, path: str) -> None:
+    """fsync a local file that other processes wrote into."""
     local = storage.local_path(path)
     assert local is not None
     fd = os.open(local, os.O_RDONLY)
@@ -550,12 +646,6 @@ def seal_file(storage: Storage, path: str) -> FileDigest:
         os.fsync(fd)
     finally:
         os.close(fd)
-    checksum, size = Checksum(), 0
-    with storage.open_read(path) as f:
-        while chunk := f.read(COPY_CHUNK):
-            checksum.update(chunk)
-            size += len(chunk)
-    return FileDigest(size, checksum.hexdigest())
 
 
 def collect_leftovers(

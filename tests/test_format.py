@@ -18,12 +18,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ray_ckpt import CorruptCheckpointError
+from ray_ckpt.digests import Checksum
 from ray_ckpt.format import (
     DTYPE_PACKING,
     DTYPE_SIZE,
     DTYPE_TO_TORCH,
     MAX_HEADER_SIZE,
-    Checksum,
     flatten_state,
     hf_index_bytes,
     parse_hf_index,

@@ -28,7 +28,7 @@ from ray_ckpt import (
     ConfigError,
     CorruptCheckpointError,
 )
-from ray_ckpt.format import CHECKSUM_ALGORITHM
+from ray_ckpt.digests import CHECKSUM_ALGORITHM
 from ray_ckpt.storage import Storage
 from tests.models import TiedLM, TinyMLP
 from tests.test_format import assert_same
@@ -1075,7 +1075,7 @@ def test_mmap_load_checks_the_checksum_and_needs_local_storage(tmp_run: Any) -> 
 
 
 def test_add_files_checks_other_writers_files_by_name_and_size(store: CheckpointStore) -> None:
-    from ray_ckpt.format import FileDigest
+    from ray_ckpt.digests import FileDigest
 
     writer = store.begin_step(7)
     store.storage.write_bytes(f"{writer.dir}/model-a.safetensors", b"x" * 10)

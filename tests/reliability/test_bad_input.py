@@ -27,7 +27,7 @@ from ray_ckpt import (
     load_from_uri,
 )
 from ray_ckpt.checkpointer import compare_replicas
-from ray_ckpt.format import Checksum
+from ray_ckpt.digests import Checksum
 from ray_ckpt.planner import MODEL, RankState, SavePlan, TensorMeta, plan_save
 from ray_ckpt.uri import MAX_RUN_NAME_LENGTH
 from tests.reliability.faults import SHARD_LIMIT, assert_state, tensors_for

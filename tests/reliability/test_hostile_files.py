@@ -25,7 +25,7 @@ import torch
 import ray_ckpt
 from ray_ckpt import CheckpointStore, CorruptCheckpointError, StorageError
 from ray_ckpt.cli import main as cli_main
-from ray_ckpt.format import Checksum
+from ray_ckpt.digests import Checksum
 
 RUN = "hostile"
 STEPS = [1, 2, 3]
