@@ -28,7 +28,7 @@ from ray_ckpt import (
     ConfigError,
     CorruptCheckpointError,
 )
-from ray_ckpt.digests import CHECKSUM_ALGORITHM
+from ray_ckpt.digests import BLOCK_SIZE, CHECKSUM_ALGORITHM
 from ray_ckpt.storage import Storage
 from tests.models import TiedLM, TinyMLP
 from tests.test_format import assert_same
@@ -94,12 +94,16 @@ def test_save_load_and_layout(store: CheckpointStore) -> None:
     assert info.files_size == sum((sdir(store, 10) / n).stat().st_size for n in names if n != MARKER)
 
     marker = json.loads((sdir(store, 10) / MARKER).read_text())
-    assert marker["step"] == 10 and marker["format_version"] == 1 and marker["world_size"] == 1
+    assert marker["step"] == 10 and marker["format_version"] == 2 and marker["world_size"] == 1
     assert marker["metrics"] == {"loss": 0.5, "acc": 0.25}
     assert set(marker["files"]) == set(names) - {MARKER}
     for name, entry in marker["files"].items():
         assert entry["size"] == (sdir(store, 10) / name).stat().st_size
-        assert entry["checksum"].startswith(CHECKSUM_ALGORITHM + ":")
+        if name.endswith(".safetensors"):  # tensor files: block digests per tensor, made as they were written
+            assert entry["blocks"]["block_size"] == BLOCK_SIZE and len(entry["blocks"]["header"]) == 16
+            assert all(len(c[0]["blocks"]) == 16 for c in entry["blocks"]["tensors"].values())  # 1 block each
+        else:
+            assert entry["checksum"].startswith(CHECKSUM_ALGORITHM + ":")
 
     index = json.loads((sdir(store, 10) / INDEX).read_text())
     assert index["metadata"]["total_size"] == info.total_size
