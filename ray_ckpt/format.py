@@ -1000,9 +1000,15 @@ class ChunkCheck:
 
 
 def check_header(header: SafetensorsHeader, expected: FileDigest, *, name: str) -> None:
-    """A file's header bytes against the digest its writer recorded (block-digest records only)."""
-    if expected.blocks is not None and digest_hex(header.header_bytes) != expected.blocks.header:
+    """A file's header bytes against the digest its writer recorded, and no digests of tensors it lacks
+    (block-digest records only)."""
+    if expected.blocks is None:
+        return
+    if digest_hex(header.header_bytes) != expected.blocks.header:
         raise corrupt(name, f"checksum mismatch in its header (bytes 0-{len(header.header_bytes)})")
+    unknown = sorted(set(expected.blocks.tensors) - set(header.entries))
+    if unknown:
+        raise corrupt(name, f"block digests recorded for tensors {unknown[:3]} the file does not hold")
 
 
 def check_tensor(
@@ -1070,9 +1076,7 @@ class FileCheck:
         if digest_hex(head) != blocks.header:  # before parsing: a damaged header is a checksum mismatch
             raise corrupt(self.name, f"checksum mismatch in its header (bytes 0-{len(head)})")
         header = read_safetensors_header(io.BytesIO(head), name=self.name, file_size=self.expected.size)
-        unknown = sorted(set(blocks.tensors) - set(header.entries))
-        if unknown:
-            raise corrupt(self.name, f"block digests recorded for tensors {unknown[:3]} the file does not hold")
+        check_header(header, self.expected, name=self.name)
         segments = []
         for key, entry in header.entries.items():
             for chunk in tensor_chunks(entry, header.data_start, blocks, key=key, name=self.name):
