@@ -488,21 +488,29 @@ def _read_verified(
     lo = first // block_size * block_size
     hi = min(-(-last // block_size) * block_size, chunk.nbytes)
     check = ChunkCheck(chunk, block_size, name=name, start=lo)
-    if len(in_chunk) == 1 and len(in_box) == 1:
+    direct = len(in_chunk) == 1 and len(in_box) == 1
+    if direct:
         target = view[int(in_box[0]) : int(in_box[0]) + length]
-        pieces = [(lo, first, np.empty(first - lo, dtype=np.uint8)), (first, last, target)]
-        pieces.append((last, hi, np.empty(hi - last, dtype=np.uint8)))
+        empty = np.empty(0, dtype=np.uint8)
+        head, tail = np.empty(first - lo, dtype=np.uint8) if first > lo else empty, np.empty(hi - last, dtype=np.uint8)
+        pieces = [(lo, first, head), (first, last, target), (last, hi, tail)]
+    else:
+        span = np.empty(hi - lo, dtype=np.uint8)
+        pieces = [(lo, hi, span)]
+    hasher = _OrderedHasher(check)  # hashes what was read while the next piece is read
+    try:
         for a, b, out in pieces:
-            _read_local(f, chunk, a, b, out, name=name)
-            check.update(out)
-        check.finish(hi)
-        return
-    span = np.empty(hi - lo, dtype=np.uint8)
-    _read_local(f, chunk, lo, hi, span, name=name)
-    check.update(span)
+            for start in range(a, b, READ_CHUNK):
+                end = min(start + READ_CHUNK, b)
+                piece = out[start - a : end - a]
+                _read_local(f, chunk, start, end, piece, name=name)
+                hasher.update(piece)
+    finally:
+        hasher.finish()
     check.finish(hi)
-    for c, t in zip((in_chunk - lo).tolist(), in_box.tolist(), strict=True):
-        view[t : t + length] = span[c : c + length]
+    if not direct:
+        for c, t in zip((in_chunk - lo).tolist(), in_box.tolist(), strict=True):
+            view[t : t + length] = span[c : c + length]
 
 
 def _can_pin(tensor: torch.Tensor) -> bool:
@@ -1137,9 +1145,10 @@ READ_CHUNK = 64 << 20  # a checksummed read hands its bytes to the hasher in pie
 
 
 class _OrderedHasher:
-    """Feeds a checker (a :class:`FileCheck`) on a helper thread, strictly in order, while the caller reads on."""
+    """Feeds a checker (:class:`FileCheck`, :class:`ChunkCheck`) on a helper thread, strictly in order,
+    while the caller reads on."""
 
-    def __init__(self, checksum: FileCheck) -> None:
+    def __init__(self, checksum: FileCheck | ChunkCheck) -> None:
         self.checksum = checksum
         self._pending: concurrent.futures.Future | None = None
 

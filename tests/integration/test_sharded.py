@@ -136,4 +136,14 @@ def test_non_blocking_sharded_save_and_wrong_targets(tmp_path: Path, run_name: s
         store.load(5, into={key: torch.zeros(40, 16)})
     with pytest.raises(KeyError, match="nope"):
         store.load(5, into={"nope": torch.zeros(1)})
+    # One flipped byte: a rank's resharding WorkerClient.load and EvalClient.load name file and tensor.
+    name = max(n for n in store.read_manifest(5).files if n.startswith("model-") and n.endswith(".safetensors"))
+    path = tmp_path / run_name / "checkpoints" / "step_000000005" / name
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x10
+    path.write_bytes(bytes(data))
+    with pytest.raises(ray.exceptions.RayTaskError, match=f"{name}: checksum mismatch in tensor"):
+        ray.get([r.load.remote(run_name, 5) for r in two], timeout=120)
+    with pytest.raises(ray_ckpt.CorruptCheckpointError, match=f"{name}: checksum mismatch in tensor"):
+        ray_ckpt.EvalClient(run_name).load(5)
     handle.shutdown()
