@@ -33,7 +33,6 @@ from ray_ckpt.digests import (
     block_digests,
     digest_hex,
     hash_pool,
-    merge_files,
 )
 from ray_ckpt.errors import CorruptCheckpointError
 from ray_ckpt.format import (
@@ -157,7 +156,7 @@ class StepWriter:
 
     def add_part(self, name: str, digest: FileDigest) -> None:
         """Record one writer's digests of a file (merged with other writers' parts of a SHARED file)."""
-        self.files = merge_files([self.files, {name: digest}])
+        self.files[name] = self.files[name].merge(digest, name=name) if name in self.files else digest
 
     def seal_shared(self, plan: SavePlan) -> None:
         """fsync the SHARED files once every rank has written its ranges into them (nothing is read back:

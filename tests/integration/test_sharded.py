@@ -137,7 +137,7 @@ def test_non_blocking_sharded_save_and_wrong_targets(tmp_path: Path, run_name: s
     with pytest.raises(KeyError, match="nope"):
         store.load(5, into={"nope": torch.zeros(1)})
     # One flipped byte: a rank's resharding WorkerClient.load and EvalClient.load name file and tensor.
-    name = max(n for n in store.read_manifest(5).files if n.startswith("model-") and n.endswith(".safetensors"))
+    name = max(n for n in store.read_manifest(5).files if n.startswith("model") and n.endswith(".safetensors"))
     path = tmp_path / run_name / "checkpoints" / "step_000000005" / name
     data = bytearray(path.read_bytes())
     data[-3] ^= 0x10
