@@ -38,7 +38,7 @@ from ray_ckpt.digests import (
 )
 from ray_ckpt.errors import CorruptCheckpointError
 from ray_ckpt.safejson import JsonObject, corrupt, parse_json
-from ray_ckpt.shard import Shard, box_runs, is_dtensor, local_part
+from ray_ckpt.shard import Shard, box_runs, box_view, is_dtensor, local_part
 
 
 def _safetensors_dtypes() -> tuple[dict[str, torch.dtype], dict[str, int]]:
@@ -1022,14 +1022,45 @@ def check_header(header: SafetensorsHeader, expected: FileDigest, *, name: str) 
 def check_tensor(
     data: np.ndarray, entry: Mapping[str, Any], data_start: int, expected: FileDigest, *, key: str, name: str
 ) -> None:
-    """Check one tensor's bytes (all of them, in memory) against the file's block digests."""
+    """Check one tensor's bytes (all of them, in memory) against the file's block digests.
+
+    A chunk that is one run of the tensor is hashed where it lies; an interleaved one (a dim-1
+    shard: a run per row) is gathered by numpy into one buffer of its size first, so the cost
+    does not grow with the number of rows.
+    """
     assert expected.blocks is not None
     begin = data_start + int(entry["data_offsets"][0])
+    shape = tuple(torch_shape(entry["dtype"], entry["shape"]) or ())
     for chunk in tensor_chunks(entry, data_start, expected.blocks, key=key, name=name):
         check = ChunkCheck(chunk, expected.blocks.block_size, name=name)
-        for start in (chunk.starts - begin).tolist():
-            check.update(data[start : start + chunk.run])
+        if len(chunk.starts) == 1:
+            start = int(chunk.starts[0]) - begin
+            check.update(data[start : start + chunk.nbytes])
+        else:
+            check.update(np.ascontiguousarray(box_view(data, shape, chunk.offsets, chunk.shape)).reshape(-1))
         check.finish()
+
+
+class _TensorSink:
+    """Collects the bytes of a tensor whose chunks interleave, then checks them with :func:`check_tensor`."""
+
+    def __init__(self, entry: Mapping[str, Any], data_start: int, expected: FileDigest, *, key: str, name: str):
+        begin, end = entry["data_offsets"]
+        self.data = np.empty(end - begin, dtype=np.uint8)
+        self.entry, self.data_start, self.expected, self.key, self.name = entry, data_start, expected, key, name
+        self.filled = 0
+
+    def update(self, data: Any) -> None:
+        view = memoryview(data).cast("B")
+        self.data[self.filled : self.filled + len(view)] = view
+        self.filled += len(view)
+        if self.filled == len(self.data):
+            check_tensor(self.data, self.entry, self.data_start, self.expected, key=self.key, name=self.name)
+            self.data = np.empty(0, dtype=np.uint8)
+
+    def finish(self) -> None:
+        if len(self.data):
+            raise corrupt(self.name, f"tensor {self.key!r} is incomplete")
 
 
 class FileCheck:
@@ -1046,7 +1077,7 @@ class FileCheck:
         self.position = 0
         self._checksum = Checksum() if expected.blocks is None else None
         self._head = bytearray()
-        self._segments: list[tuple[int, int, ChunkCheck]] | None = None
+        self._segments: list[tuple[int, int, ChunkCheck | _TensorSink]] | None = None
         self._next = 0
 
     def update(self, data: Any) -> None:
@@ -1085,11 +1116,17 @@ class FileCheck:
             raise corrupt(self.name, f"checksum mismatch in its header (bytes 0-{len(head)})")
         header = read_safetensors_header(io.BytesIO(head), name=self.name, file_size=self.expected.size)
         check_header(header, self.expected, name=self.name)
-        segments = []
+        segments: list[tuple[int, int, ChunkCheck | _TensorSink]] = []
         for key, entry in header.entries.items():
-            for chunk in tensor_chunks(entry, header.data_start, blocks, key=key, name=self.name):
-                check = ChunkCheck(chunk, blocks.block_size, name=self.name)
-                segments += [(s, s + chunk.run, check) for s in chunk.starts.tolist()]
+            chunks = tensor_chunks(entry, header.data_start, blocks, key=key, name=self.name)
+            if all(len(chunk.starts) == 1 for chunk in chunks):  # streamed: each chunk is one range
+                for chunk in chunks:
+                    start = int(chunk.starts[0])
+                    segments.append((start, start + chunk.nbytes, ChunkCheck(chunk, blocks.block_size, name=self.name)))
+            else:  # interleaved chunks: the tensor is gathered, then checked (memory: that tensor)
+                begin, end = (header.data_start + int(o) for o in entry["data_offsets"])
+                sink = _TensorSink(entry, header.data_start, self.expected, key=key, name=self.name)
+                segments.append((begin, end, sink))
         segments.sort(key=lambda seg: seg[0])
         edges = [header.data_start] + [end for _, end, _ in segments]
         if [start for start, _, _ in segments] != edges[:-1] or edges[-1] != self.expected.size:
