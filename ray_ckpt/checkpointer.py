@@ -120,7 +120,8 @@ class RankResult:
     """What one rank reports once it has written its share of a direct-mode plan."""
 
     rank: int
-    files: dict[str, FileDigest] = field(default_factory=dict)  # the files it streamed
+    # the files it streamed, and its part (the digests of its chunks) of each shared file it wrote into
+    files: dict[str, FileDigest] = field(default_factory=dict)
     digests: dict[tuple[str, str], str] = field(default_factory=dict)  # xxh3 of its replicated chunks
     # The chunks the plan has it send to the master (files the master writes): [ref] per part.
     model_ref: list[ray.ObjectRef] | None = None
