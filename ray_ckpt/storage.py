@@ -716,6 +716,27 @@ class Storage:
             os.close(fd)
             raise
 
+    def symlinks(self, path: str) -> list[str]:
+        """The symlinks at or under ``path`` (root-relative; never followed); [] on object stores.
+
+        A directory about to be put in a step's place must hold only its own files: a link
+        would make the step's files somebody else's (or, swapped in, point at themselves).
+        """
+        if not self.is_local:
+            return []
+
+        def walk() -> list[str]:
+            full = self.full_path(path)
+            if os.path.islink(full):
+                return [path]
+            found = []
+            for top, dirs, files in os.walk(full):  # os.walk never descends into a linked directory
+                rel = posixpath.join(path, os.path.relpath(top, full)) if top != full else path
+                found += [posixpath.join(rel, n) for n in dirs + files if os.path.islink(os.path.join(top, n))]
+            return found
+
+        return self._call("stat", path, walk)
+
     def exists(self, path: str) -> bool:
         """Whether a file or directory exists."""
         return self._call("exists", path, lambda: self.fs.exists(self.full_path(path)))
@@ -754,6 +775,15 @@ class Storage:
             return []
         names = [posixpath.basename(str(e).rstrip("/")) for e in entries]
         return sorted(n for n in names if n and posixpath.join(full, n) != full)
+
+    def find(self, path: str) -> list[str]:
+        """Every file under ``path``, as paths relative to it (one recursive listing); [] when missing."""
+        full = self.full_path(path).rstrip("/")
+        try:
+            found = self._call("list", path, lambda: self.fs.find(full, withdirs=False))
+        except FileNotFoundError:
+            return []
+        return sorted(str(p)[len(full) + 1 :] for p in found if str(p).startswith(full + "/"))
 
     def glob(self, pattern: str) -> list[str]:
         """Root-relative paths matching a glob pattern."""

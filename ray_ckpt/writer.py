@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ray_ckpt.config import CheckpointConfig
-from ray_ckpt.errors import CorruptCheckpointError
+from ray_ckpt.errors import CheckpointNotFoundError, CorruptCheckpointError, StorageError
 from ray_ckpt.format import (
     DTYPE_PACKING,
     DTYPE_SIZE,
@@ -40,6 +40,7 @@ from ray_ckpt.format import (
 from ray_ckpt.index import CheckpointInfo
 from ray_ckpt.layout import (
     CHECKPOINTS_DIR,
+    EVAL_FILE,
     FORMAT_VERSION,
     INDEX_LOG_DIR,
     LEASES_DIR,
@@ -67,6 +68,7 @@ from ray_ckpt.planner import (
     describe,
     plan_save,
 )
+from ray_ckpt.reader import StepReader
 from ray_ckpt.shard import box_runs, box_view
 from ray_ckpt.storage import Storage, is_temp_name
 
@@ -280,7 +282,9 @@ class StepWriter:
         storage.fsync_dir(CHECKPOINTS_DIR)
         if self.replace_id is not None:
             # The new version is complete and committed under its staging name: swap it in.
-            # Any crash from here on leaves the old or the new version (see swap_in_replacement).
+            # Any crash from here on leaves the old or the new version (see swap_in_replacement);
+            # a failed swap keeps the staged copy (no abort removes it): the next start finishes it.
+            self.committed = True
             swap_in_replacement(storage, self.step, self.replace_id)
             self.dir = step_dir(self.step)
         self.committed = True
@@ -306,11 +310,14 @@ def swap_in_replacement(storage: Storage, step: int, replace_id: str) -> None:
     """Put the committed staging copy of ``step`` in place of the committed old one.
 
     A crash at any point leaves the old or the new version at the step's path, or the new one
-    committed under its staging name, which the next writer start (``gc``) swaps in:
+    committed under its staging name, which the next writer start (``gc``) proves complete and
+    swaps in:
     - local disk: one atomic ``renameat2(RENAME_EXCHANGE)`` of the two directories; where that
       is missing, the old directory is renamed aside, then the new one into place;
-    - object store (no renames): the old marker goes first (the step turns invisible), then the
-      old objects; the new ones are copied in server-side and the marker is copied last.
+    - object store (no renames): the old marker goes first (the step turns invisible), the new
+      files are copied in server-side over the old ones, the marker is copied last, and only
+      then are the old version's other objects removed. The staged copy stays complete until
+      the new version is in place, so a copy that fails loses nothing: the next start redoes it.
     """
     staged, target = staging_dir(step, replace_id), step_dir(step)
     if storage.is_local:
@@ -328,11 +335,34 @@ def swap_in_replacement(storage: Storage, step: int, replace_id: str) -> None:
     marker = f"{staged}/{MARKER_FILE}"
     manifest = Manifest.from_json_bytes(storage.read_bytes(marker), name=marker)
     storage.rm(f"{target}/{MARKER_FILE}", missing_ok=True)
-    storage.rm(target, recursive=True, missing_ok=True)
+    storage.rm(f"{target}/{EVAL_FILE}", missing_ok=True)  # the old version's scores are not the new one's
     for name in sorted(manifest.files):
         storage.copy(f"{staged}/{name}", f"{target}/{name}")
     storage.copy(marker, f"{target}/{MARKER_FILE}")
+    keep = {*manifest.files, MARKER_FILE}
+    for name in storage.find(target):
+        if name not in keep:
+            storage.rm(f"{target}/{name}", missing_ok=True)  # the old version's files the new one lacks
     storage.rm(staged, recursive=True, missing_ok=True)
+
+
+def prove_staged(storage: Storage, run_name: str, step: int, directory: str) -> Manifest:
+    """The marker of a staged version of ``step`` in ``directory``, proven complete; else an error.
+
+    What lets a crashed replacement be finished without trusting whatever sits under a staging
+    name: the directory is no symlink and holds none, its marker is one of ``step``, and every
+    file the marker lists is there with its committed size and checksum and passes every check
+    a load makes (the reader's own :meth:`~ray_ckpt.reader.StepReader.verify`). Raises
+    CorruptCheckpointError (or CheckpointNotFoundError without a marker) naming what is wrong;
+    a storage failure is a StorageError.
+    """
+    links = storage.symlinks(directory)
+    if links:
+        raise CorruptCheckpointError(f"{links[0]}: a symlink in a staged step (never swapped in)", path=links[0])
+    reader = StepReader(storage, run_name, directory=lambda _: directory)
+    manifest = reader.read_manifest(step)  # its step must be this one
+    reader.verify(manifest)
+    return manifest
 
 
 COPY_CHUNK = 16 << 20  # bytes read at a time by copy_checked
@@ -602,9 +632,12 @@ def _recover_replacement(
 ) -> list[str]:
     """Finish or drop what an interrupted ``overwrite=True`` save left; the paths removed.
 
-    A staging copy committed for this very replacement is swapped in (the save had
-    committed it; only the swap was cut short); the old version left aside is removed once
-    the step's path holds a committed version again, or moved back if it does not.
+    A staging copy committed for this very replacement is swapped in (the save had committed
+    it; only the swap was cut short), the old version left aside is moved back when the step's
+    path holds no committed version, but either only once :func:`prove_staged` has proven it a
+    complete, intact version of that step: anything else under a staging name (a copy of a
+    marker without its files, another step, a symlink, damaged files) is removed with a warning
+    and never touches the step. A storage failure leaves it for the next start.
     """
     match = REPLACE_RE.match(name)
     assert match is not None
@@ -612,23 +645,27 @@ def _recover_replacement(
     path = f"{CHECKPOINTS_DIR}/{name}"
     if older_than_s and _age(storage, path, now) < older_than_s:
         return []  # a writer may be in the middle of it
-    marker = f"{path}/{MARKER_FILE}"
-    try:
-        manifest: Manifest | None = Manifest.from_json_bytes(storage.read_bytes(marker), name=marker)
-    except (FileNotFoundError, CorruptCheckpointError):
-        manifest = None
     target_committed = storage.exists(f"{step_dir(step)}/{MARKER_FILE}")
-    if kind == "replace" and manifest is not None and manifest.extra.get("replace_id") == replace_id:
-        if not dry_run:
-            swap_in_replacement(storage, step, replace_id)
-            logger.warning("run %s: finished the interrupted replacement of step %d", run_name, step)
-        return [path]
-    if kind == "old" and manifest is not None and not target_committed:
-        if not dry_run:
-            storage.rm(step_dir(step), recursive=True, missing_ok=True)
-            storage.move(path, step_dir(step))
-            logger.warning("run %s: restored step %d from an interrupted replacement", run_name, step)
-        return [path]
+    if kind == "replace" or not target_committed:
+        try:
+            manifest = prove_staged(storage, run_name, step, path)
+            if kind == "replace" and manifest.extra.get("replace_id") != replace_id:
+                raise CorruptCheckpointError(f"{path}/{MARKER_FILE}: not committed for replacement {replace_id}")
+        except (CorruptCheckpointError, CheckpointNotFoundError) as exc:
+            logger.warning("run %s: %s is no complete version of step %d (%s); removing it", run_name, path, step, exc)
+        except StorageError as exc:
+            logger.warning("run %s: could not check %s (%s); left for the next start", run_name, path, exc)
+            return []
+        else:
+            if not dry_run:
+                if kind == "replace":
+                    swap_in_replacement(storage, step, replace_id)
+                    logger.warning("run %s: finished the interrupted replacement of step %d", run_name, step)
+                else:
+                    storage.rm(step_dir(step), recursive=True, missing_ok=True)
+                    storage.move(path, step_dir(step))
+                    logger.warning("run %s: restored step %d from an interrupted replacement", run_name, step)
+            return [path]
     if not dry_run:
         storage.rm(path, recursive=True, missing_ok=True)
     return [path]
