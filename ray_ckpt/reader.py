@@ -239,7 +239,7 @@ class StepReader:
                     f"{path}: size {size} differs from the committed {expected.size} (truncated or replaced)", path=path
                 )
             if fmt == "pt":
-                data = self.storage.read_bytes(path) if verify or not mmap else b""
+                data = self.storage.read_bytes(path, limit=None) if verify or not mmap else b""
                 if verify:
                     _check_digest(path, data, expected)
                 try:

@@ -14,13 +14,18 @@ import math
 from collections.abc import Iterator
 from typing import Any
 
-from ray_ckpt.errors import CorruptCheckpointError
+from ray_ckpt.errors import CorruptCheckpointError, StorageError
 
 MAX_DEPTH = 64  # deeper than any file ray-ckpt or Hugging Face writes; a recursion bomb stops here
 MAX_JSON_BYTES = 256 * 1024 * 1024  # an HF index of a huge model is a few MB; safetensors caps headers at 100 MiB
 MAX_STEP = 2**63 - 1  # steps are int64 in the Parquet index and in every tool that reads it
 
 _MISSING: Any = object()
+
+# What a reader treats as damage to skip (one warning naming the file), never as the end of the
+# run: a file that does not parse or validate, and one that cannot be read at all (a FIFO, a
+# device or a directory where a file should be, a file over its size limit, a read that fails).
+DAMAGE: tuple[type[Exception], ...] = (CorruptCheckpointError, StorageError)
 
 
 def corrupt(name: str, message: str) -> CorruptCheckpointError:
@@ -225,9 +230,10 @@ class DamageLog:
         self.run_name = run_name
         self._seen: set[str] = set()
 
-    def skip(self, exc: CorruptCheckpointError, what: str) -> None:
-        """Log ``exc`` (which names the file) and what is skipped, the first time for each file."""
-        key = exc.path or str(exc)
+    def skip(self, exc: Exception, what: str) -> None:
+        """Log ``exc`` (one of ``DAMAGE``, which name the file) and what is skipped, the first time
+        for each file."""
+        key = getattr(exc, "path", None) or str(exc)
         if key not in self._seen:
             self._seen.add(key)
             self.logger.warning("run %s: %s; %s", self.run_name, exc, what)

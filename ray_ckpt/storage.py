@@ -40,6 +40,7 @@ from fsspec.implementations.local import LocalFileSystem
 from fsspec.utils import get_protocol
 
 from ray_ckpt.errors import ConfigError, StorageError
+from ray_ckpt.safejson import MAX_JSON_BYTES
 from ray_ckpt.uri import normalize_storage_uri
 
 logger = logging.getLogger(__name__)
@@ -84,6 +85,9 @@ S3_PARTS_IN_FLIGHT = 4  # parts uploading at once: at most (1 + this) parts of m
 S3_BODY_TIMEOUT_S = 60.0
 S3_MIN_BODY_RATE = 1 << 20  # bytes/s
 
+
+# The most bytes a whole-file read takes (see Storage.read_bytes): the JSON reader's own limit.
+MAX_WHOLE_READ = MAX_JSON_BYTES
 
 DIRECT_IO_MIN = 64 << 20  # local files expected at least this big are written with O_DIRECT
 DIRECT_IO_CHUNK = 4 << 20  # one pwrite(); DIRECT_IO_IN_FLIGHT staging buffers this big per open file
@@ -676,20 +680,48 @@ class Storage:
         finally:
             f.close()
 
-    def read_bytes(self, path: str) -> bytes:
-        """Read a whole file (locally: a regular file only, as in :meth:`open_read`)."""
+    def read_bytes(self, path: str, *, limit: int | None = MAX_WHOLE_READ) -> bytes:
+        """Read a whole file (locally: a regular file only, as in :meth:`open_read`).
+
+        At most ``limit`` bytes are ever read: a file over it is a StorageError (EFBIG) naming
+        it, found before its bytes are read (locally the open file's size; on an object store
+        one ranged GET of ``limit + 1`` bytes). Every small file ray-ckpt reads whole (markers,
+        sidecars, leases, log entries, the index snapshot) is bounded so; callers that read a
+        file of known, checked size (a ``pt`` shard) pass ``limit=None``.
+        """
         if self.is_local:
 
             def read_local() -> bytes:
                 with self._open_regular(path, "read") as f:
+                    if limit is not None:
+                        self._check_limit(path, os.fstat(f.fileno()).st_size, limit)
                     return f.read()
 
             return self._call("read", path, read_local)
         # One GET: s3fs's concurrent cat_file first asks the size (HEAD, then a listing for a
         # missing key, or neither when its listing cache happens to answer), which made the
         # requests of a read depend on what was listed before.
-        kwargs = {"max_concurrency": 1} if _is_s3(self.fs) else {}
-        return self._call("read", path, lambda: self.fs.cat_file(self.full_path(path), **kwargs))
+        kwargs: dict[str, Any] = {"max_concurrency": 1} if _is_s3(self.fs) else {}
+
+        def read_remote() -> bytes:
+            if limit is None:
+                return self.fs.cat_file(self.full_path(path), **kwargs)
+            try:
+                data = self.fs.cat_file(self.full_path(path), start=0, end=limit + 1, **kwargs)
+            except OSError as exc:  # a ranged GET of an empty object: S3 answers 416 InvalidRange
+                if "InvalidRange" not in str(exc) and "416" not in str(exc):
+                    raise
+                data = b""
+            self._check_limit(path, len(data), limit)
+            return data
+
+        return self._call("read", path, read_remote)
+
+    def _check_limit(self, path: str, size: int, limit: int) -> None:
+        if size > limit:
+            raise StorageError(
+                errno.EFBIG, f"read refused for {self.url(path)}: over the {limit}-byte limit of a file read whole"
+            )
 
     def _require_regular(self, what: str, path: str, st: os.stat_result) -> None:
         """Raise a StorageError naming ``path`` unless ``st`` is a regular file's."""

@@ -189,3 +189,173 @@ def test_a_failed_copy_on_s3_loses_neither_version(
     assert [i.step for i in store.list()] == [1, 2]
     store.verify(1)
     assert _same(store.load(1), _state(7)) and _same(store.load(2), _state(2))
+
+
+# -- 2. a phantom step from the change log ---------------------------------------------------
+def _plant_commit_entry(storage: Storage, step: int, loss: float) -> str:
+    """A ``commit`` log entry (ranked best) for a step directory that holds no marker."""
+    storage.write_bytes(f"{step_dir(step)}/model.safetensors", b"junk")
+    record = {"created": 1.0, "total_size": 4, "files_size": 4, "world_size": 1, "metadata": {}}
+    entry = {"op": "commit", "step": step, "record": {**record, "metrics": {"loss": loss}, "durability": []}}
+    name = f"index_log/{99999999999999999999:020d}-0badc0de.json"
+    storage.write_bytes(name, json.dumps(entry).encode())
+    return name
+
+
+@pytest.mark.parametrize("when", ["at-open", "while-writing"])
+def test_a_commit_log_entry_without_a_marker_is_no_step(
+    where: tuple[str, dict[str, Any]], when: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = _open(where, keep_top_k=1, keep_last_n=1)
+    store.save(1, _state(1), metrics={"loss": 1.0})
+    store.save(2, _state(2), metrics={"loss": 0.5})
+    writer = _open(where, keep_top_k=1, keep_last_n=1) if when == "at-open" else store
+    with caplog.at_level(logging.WARNING, logger="ray_ckpt"):
+        entry = _plant_commit_entry(store.storage, 9, 1e-9)
+        writer.save(3, _state(3), metrics={"loss": 0.9})  # retention: the best (2) and the latest (3)
+    assert any(entry in r.getMessage() for r in caplog.records)
+    for reader in (writer, _open(where)):
+        assert [i.step for i in reader.list()] == [2, 3]
+        assert reader.best().step == 2 and reader.latest().step == 3
+        assert _same(reader.load(2), _state(2))
+        reader.verify(2)
+
+
+# -- 3. an unreadable file is damage: skipped with one warning naming it ----------------------
+def _fifo(path: Path) -> None:
+    os.mkfifo(path)
+
+
+def _directory(path: Path) -> None:
+    path.mkdir()
+
+
+def _device(path: Path) -> None:
+    os.symlink("/dev/zero", path)  # reads as a character device (an endless one)
+
+
+def _sparse_tib(path: Path) -> None:
+    with open(path, "wb") as f:
+        f.truncate(1 << 40)  # 1 TiB of holes: read whole, a MemoryError
+
+
+UNREADABLE = {"fifo": _fifo, "directory": _directory, "device": _device, "sparse-1TiB": _sparse_tib}
+PLACES = {
+    "marker": "checkpoints/step_000000002/checkpoint.json",
+    "eval-sidecar": "checkpoints/step_000000002/eval_metrics.json",
+    "lease": "leases/step_000000002.0123456789abcdef.json",
+    "log-entry": "index_log/00000000000000000001-0badc0de.json",
+    "snapshot": "index.parquet",
+}
+
+
+def _three_steps(root: Path) -> None:
+    store = CheckpointStore(str(root), run_name=RUN, metric_name="loss", mode="min", keep_last_n=5)
+    for step in (1, 2, 3):
+        store.save(step, _state(step), metrics={"loss": 1.0 / step})
+    store.report_eval(2, {"eval/return": 5.0})
+
+
+@pytest.mark.parametrize("kind", list(UNREADABLE), ids=list(UNREADABLE))
+@pytest.mark.parametrize("place", list(PLACES), ids=list(PLACES))
+def test_an_unreadable_file_is_skipped_naming_it_and_the_run_goes_on(
+    tmp_path: Path, place: str, kind: str, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ray_ckpt.cli import main as cli_main
+
+    root = tmp_path / "runs"
+    _three_steps(root)
+    path = root / RUN / PLACES[place]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        path.unlink()
+    UNREADABLE[kind](path)
+    visible = [1, 3] if place == "marker" else [1, 2, 3]
+    with caplog.at_level(logging.WARNING, logger="ray_ckpt"):
+        for forget in (False, True):  # from the snapshot and log, then from the markers alone
+            store = _open((str(root), {}), keep_last_n=5)
+            if forget:
+                for name in ("index.parquet", "index_log"):
+                    target = root / RUN / name
+                    if target.is_dir() and place != "log-entry":
+                        for entry in target.iterdir():
+                            entry.unlink()
+                    elif target.is_file():
+                        target.unlink()
+                store = _open((str(root), {}), keep_last_n=5)
+            assert [i.step for i in store.list()] == visible
+            assert store.best().step == 3 and store.latest().step == 3
+            for step in (1, 3):
+                assert _same(store.load(step), _state(step))
+            store.leased_steps()
+    assert any(PLACES[place] in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
+    store = _open((str(root), {}), keep_last_n=5)
+    store.save(4, _state(4), metrics={"loss": 0.1})
+    store.report_eval(3, {"eval/return": 1.0})
+    assert [i.step for i in _open((str(root), {})).list()] == [*visible, 4]
+    assert cli_main(["ls", str(root / RUN)]) == 0
+    capsys.readouterr()
+    code = cli_main(["verify", str(root / RUN), "--json"])
+    results = {r["step"]: r for r in json.loads(capsys.readouterr().out)["results"]}
+    if place == "marker":  # every step is reported, the unreadable one named
+        assert code != 0 and PLACES[place] in results[2]["error"]
+        assert all(results[s]["ok"] for s in (1, 3, 4))
+    else:
+        assert code == 0 and all(results[s]["ok"] for s in (*visible, 4))
+
+
+def test_a_whole_file_read_is_bounded_before_it_is_read(
+    where: tuple[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Over its limit, a marker or sidecar is refused before its bytes are read (locally by its
+    size, on S3 by one ranged GET), and skipped as damage."""
+    store = _two_steps(where)
+    store.report_eval(1, {"eval/return": 1.0})
+    big = json.dumps({"eval/return": 2.0, "pad": "x" * 4096}).encode()
+    store.storage.write_bytes(f"{step_dir(1)}/eval_metrics.json", big)
+    marker = store.storage.read_bytes(f"{step_dir(2)}/checkpoint.json")
+    store.storage.write_bytes(f"{step_dir(2)}/checkpoint.json", marker + b" " * 4096)
+    monkeypatch.setitem(Storage.read_bytes.__kwdefaults__, "limit", len(marker) + 100)
+    with pytest.raises(Exception, match="limit") as refused:
+        store.storage.read_bytes(f"{step_dir(2)}/checkpoint.json")
+    assert "checkpoint.json" in str(refused.value)
+    assert store.storage.read_bytes(f"{step_dir(1)}/checkpoint.json")  # under the limit: read
+    with caplog.at_level(logging.WARNING, logger="ray_ckpt"):
+        reader = _open(where)
+        reader.run_index.forget()
+        reader = _open(where)
+        assert [i.step for i in reader.list()] == [1]
+        assert "eval/return" not in reader.info(1).metrics
+    assert any("eval_metrics.json" in r.getMessage() for r in caplog.records)
+
+
+def test_the_checkpointer_starts_on_a_run_with_unreadable_files(
+    tmp_path: Path, ray_session: str, run_name: str
+) -> None:
+    import ray_ckpt
+
+    root = tmp_path / "runs"
+    store = CheckpointStore(str(root), run_name=run_name, metric_name="loss", mode="min", keep_last_n=5)
+    for step in (1, 2, 3):
+        store.save(step, _state(step), metrics={"loss": 1.0 / step})
+    run = root / run_name
+    (run / "checkpoints" / "step_000000002" / "checkpoint.json").unlink()
+    os.mkfifo(run / "checkpoints" / "step_000000002" / "checkpoint.json")
+    _sparse_tib(run / "checkpoints" / "step_000000001" / "eval_metrics.json")
+    (run / "leases").mkdir(exist_ok=True)
+    (run / "leases" / "step_000000003.0123456789abcdef.json").mkdir()
+    _sparse_tib(run / "index.parquet")
+    config = ray_ckpt.CheckpointConfig(
+        storage_uri=str(root), run_name=run_name, metric_name="loss", mode="min", keep_last_n=5, save_timeout_s=30.0
+    )
+    handle = ray_ckpt.start_checkpointer(config)
+    try:
+        assert [i.step for i in handle.list()] == [1, 3]
+        worker = ray_ckpt.WorkerClient(run_name, 0, 1)
+        worker.save(4, _state(4), metrics={"loss": 0.1}, blocking=True)
+        assert handle.latest().step == 4 and handle.best().step == 4
+        evaluator = ray_ckpt.EvalClient(run_name)
+        assert _same(evaluator.load(3), _state(3))
+        evaluator.close()
+    finally:
+        handle.shutdown()
