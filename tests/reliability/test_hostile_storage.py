@@ -359,3 +359,88 @@ def test_the_checkpointer_starts_on_a_run_with_unreadable_files(
         evaluator.close()
     finally:
         handle.shutdown()
+
+
+# -- 6. tiering proves the remote copy before counting it durable ----------------------------
+def _tiered(tmp_path: Path, remote: tuple[str, dict[str, Any]]) -> Any:
+    from ray_ckpt import CheckpointConfig
+
+    remote_uri, options = remote
+    return CheckpointConfig(
+        storage_uri=str(tmp_path / "local"), remote_uri=remote_uri, remote_storage_options=options,
+        run_name=RUN, metric_name="loss", mode="min", leftover_grace_s=0,
+    )
+
+
+def _local_only(cfg: Any, **options: Any) -> CheckpointStore:
+    """A writer of the same run without the remote tier (as if it died before uploading)."""
+    return CheckpointStore(config=cfg.replace(remote_uri=None, remote_storage_options=None, **options))
+
+
+@pytest.fixture(params=["local", "s3"])
+def remote(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, dict[str, Any]]:
+    """The remote tier: another local directory, or a bucket prefix on the loopback S3 endpoint."""
+    if request.param == "local":
+        return f"file://{tmp_path / 'remote'}", {}
+    bucket, options = request.getfixturevalue("s3_bucket")
+    return f"{bucket}/prefix", options
+
+
+@pytest.mark.parametrize("damage", ["missing-file", "damaged-file"])
+def test_a_remote_copy_with_missing_or_damaged_files_is_uploaded_again(
+    tmp_path: Path, remote: tuple[str, dict[str, Any]], damage: str
+) -> None:
+    cfg = _tiered(tmp_path, remote)
+    _local_only(cfg).save(1, _state(1), metrics={"loss": 1.0})
+    # The remote tier holds step 1's marker with the same file list, and missing or damaged files.
+    local = Storage(str(tmp_path / "local" / RUN))
+    far = Storage(f"{remote[0]}/{RUN}", remote[1])
+    marker = json.loads(local.read_bytes(f"{step_dir(1)}/checkpoint.json"))
+    shard = next(n for n in marker["files"] if n.endswith(".safetensors"))
+    for name in marker["files"]:
+        data = local.read_bytes(f"{step_dir(1)}/{name}")
+        if name == shard and damage == "damaged-file":
+            data = data[:-1] + bytes([data[-1] ^ 0xFF])
+        if name != shard or damage == "damaged-file":
+            far.write_bytes(f"{step_dir(1)}/{name}", data)
+    far.write_bytes(f"{step_dir(1)}/checkpoint.json", json.dumps(marker).encode())
+    store = CheckpointStore(config=cfg)
+    assert [i.durability for i in store.list()] == [["local"]]  # not verifiably uploaded yet
+    store.save(2, _state(2), metrics={"loss": 2.0})  # the writer start queues step 1's upload
+    assert sorted(store.tiering.wait_for_uploads(60)) == [1, 2]
+    reader = CheckpointStore(remote[0], run_name=RUN, storage_options=remote[1])
+    reader.verify(1)
+    assert _same(reader.load(1), _state(1))
+    assert all(i.durability == ["local", "remote"] for i in store.list())
+    store.close()
+
+
+def test_a_planted_uploaded_json_never_stops_an_upload(tmp_path: Path, remote: tuple[str, dict[str, Any]]) -> None:
+    cfg = _tiered(tmp_path, remote)
+    _local_only(cfg).save(1, _state(1), metrics={"loss": 1.0})
+    step1 = tmp_path / "local" / RUN / step_dir(1)
+    created = json.loads((step1 / "checkpoint.json").read_text())["created"]
+    # A well-formed claim of an upload the remote tier does not hold, and a damaged one.
+    (step1 / "uploaded.json").write_text(json.dumps({"step": 1, "uri": "x", "uploaded": 1.0, "created": created}))
+    _local_only(cfg).save(2, _state(2), metrics={"loss": 2.0})
+    (tmp_path / "local" / RUN / step_dir(2) / "uploaded.json").write_text('{"step": 2, "created": "yesterday"}')
+    store = CheckpointStore(config=cfg)
+    store.save(3, _state(3), metrics={"loss": 3.0})
+    assert sorted(store.tiering.wait_for_uploads(60)) == [1, 2, 3]
+    assert store.tiering.stats()["not_uploaded"] == []
+    reader = CheckpointStore(remote[0], run_name=RUN, storage_options=remote[1])
+    assert [i.step for i in reader.list()] == [1, 2, 3]
+    for step in (1, 2, 3):
+        reader.verify(step)
+    store.close()
+
+
+def test_not_uploaded_counts_a_planted_record(tmp_path: Path) -> None:
+    """Before any upload ran, ``stats()["not_uploaded"]`` lists a step whose record is planted."""
+    cfg = _tiered(tmp_path, (f"file://{tmp_path / 'remote'}", {}))
+    _local_only(cfg).save(1, _state(1), metrics={"loss": 1.0})
+    (tmp_path / "local" / RUN / step_dir(1) / "uploaded.json").write_text('{"step": 1, "created": 5.0}')
+    store = CheckpointStore(config=cfg)
+    assert store.tiering.stats()["not_uploaded"] == [1]
+    assert store.retention_plan() == ([1], [])
+    store.close(wait=False)
