@@ -26,7 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ray_ckpt.errors import CheckpointNotFoundError, CorruptCheckpointError, StorageError
-from ray_ckpt.index import CheckpointIndex, CheckpointInfo
+from ray_ckpt.index import CheckpointIndex, CheckpointInfo, check_name, check_record
 from ray_ckpt.layout import (
     CHECKPOINTS_DIR,
     EVAL_FILE,
@@ -157,6 +157,7 @@ class RunIndex:
                     metadata=record.dict("metadata", {}),
                     durability=[str(d) for d in record.list("durability", [])],
                 )
+                self._checked(info, path)
                 self.index.add(info)
                 self._logged[step] = path
             elif op == "delete":
@@ -164,6 +165,8 @@ class RunIndex:
                 self._logged.pop(step, None)
             elif op == "metrics":
                 metrics = metrics_from_json(doc.any("metrics") or {}, name=path)
+                for key in metrics:
+                    self._checked_name(key, path)
                 if step in self.index:
                     self.index.update_metrics(step, metrics)
             else:
@@ -229,8 +232,9 @@ class RunIndex:
 
     def read_step(self, step: int) -> CheckpointInfo | None:
         """A step's record from its marker and eval sidecar; None when it is not committed or damaged."""
+        marker = f"{step_dir(step)}/{MARKER_FILE}"
         try:
-            info = self._info_from_manifest(self.reader.read_manifest(step))
+            info = self._checked(self._info_from_manifest(self.reader.read_manifest(step)), marker)
         except (CheckpointNotFoundError, FileNotFoundError):
             return None  # no marker: a save in flight or a crash's leftover
         except DAMAGE as exc:
@@ -239,11 +243,30 @@ class RunIndex:
         info.metrics.update(self.read_eval_metrics(step))
         return info
 
+    @staticmethod
+    def _checked(info: CheckpointInfo, path: str) -> CheckpointInfo:
+        """``info`` if the snapshot can store it (:func:`check_record`), else damage naming ``path``."""
+        try:
+            check_record(info)
+        except ValueError as exc:
+            raise CorruptCheckpointError(f"{path}: {exc}", path=path) from None
+        return info
+
+    @staticmethod
+    def _checked_name(name: str, path: str) -> None:
+        try:
+            check_name(name, "metric")
+        except ValueError as exc:
+            raise CorruptCheckpointError(f"{path}: {exc}", path=path) from None
+
     def read_eval_metrics(self, step: int) -> dict[str, float]:
         """A step's eval_metrics.json ({} when absent; a damaged one is ignored with a warning)."""
         path = f"{step_dir(step)}/{EVAL_FILE}"
         try:
-            return read_metrics_file(self.storage.read_bytes(path), name=path)
+            metrics = read_metrics_file(self.storage.read_bytes(path), name=path)
+            for key in metrics:
+                self._checked_name(key, path)
+            return metrics
         except FileNotFoundError:
             return {}
         except DAMAGE as exc:
@@ -297,8 +320,8 @@ class RunIndex:
         try:
             data = self.index.to_parquet_bytes({FOLDED_KEY: json.dumps(folded)})
             self.storage.write_atomic(INDEX_SNAPSHOT, data)
-        except (OSError, StorageError) as exc:
-            logger.warning("could not write %s: %s", INDEX_SNAPSHOT, exc)
+        except Exception as exc:  # noqa: BLE001 - the snapshot is an optimisation: never a commit's error
+            logger.warning("could not write %s: %s (the log entries stay)", INDEX_SNAPSHOT, exc)
             return
         self._pending = []
         for name in folded:
@@ -308,15 +331,3 @@ class RunIndex:
                 logger.warning("could not remove %s/%s: %s", INDEX_LOG_DIR, name, exc)
                 self._pending.append(name)
         self.markers_read = 0
-
-
-def check_record(record: CheckpointInfo) -> None:
-    """Refuse a snapshot record whose fields a reader could trip on (the snapshot is then rebuilt)."""
-    if not (isinstance(record.step, int) and 0 <= record.step <= MAX_STEP):
-        raise ValueError(f"step {record.step!r} out of range")
-    if not isinstance(record.metadata, dict) or not isinstance(record.metrics, dict):
-        raise ValueError(f"step {record.step}: metadata and metrics must be objects")
-    if not all(isinstance(k, str) and isinstance(v, float) for k, v in record.metrics.items()):
-        raise ValueError(f"step {record.step}: metrics must map names to numbers")
-    if record.world_size < 1 or record.total_size < 0 or record.files_size < 0:
-        raise ValueError(f"step {record.step}: negative sizes or world size")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from ray_ckpt.errors import CorruptCheckpointError, StorageError
@@ -59,14 +59,28 @@ def _depth_exceeds(value: Any, limit: int) -> bool:
         node, depth = stack.pop()
         if isinstance(node, dict):
             children: Any = node.values()
-        elif isinstance(node, list):
+        elif isinstance(node, (list, tuple)):  # a tuple about to be written is a JSON array
             children = node
         else:
             continue
         if depth > limit:
             return True
-        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list, tuple)))
     return False
+
+
+def check_depth(doc: Mapping[str, Any], *, name: str) -> None:
+    """ValueError naming the file and field when an object about to be written as JSON nests
+    deeper than :data:`MAX_DEPTH`, the limit :func:`parse_json` applies when it is read back.
+
+    The writer refuses what its own reader would refuse (one limit, shared): a state, trainer
+    state or metadata nested that deep would commit and then never load.
+    """
+    for key, value in doc.items():
+        if _depth_exceeds(value, MAX_DEPTH - 1):  # the file's own object is the first level
+            raise ValueError(
+                f"{name}: {key} nests deeper than the {MAX_DEPTH}-level limit its readers apply; flatten it"
+            )
 
 
 def type_name(value: Any) -> str:

@@ -69,6 +69,7 @@ from ray_ckpt.planner import (
     plan_save,
 )
 from ray_ckpt.reader import StepReader
+from ray_ckpt.safejson import check_depth
 from ray_ckpt.shard import box_runs, box_view
 from ray_ckpt.storage import Storage, is_temp_name
 
@@ -158,6 +159,32 @@ class StepWriter:
             digests = pool.map(lambda name: seal_file(self.store.storage, f"{self.dir}/{name}"), names)
             self.files.update(zip(names, digests, strict=True))
 
+    def check_planned(self, plan: SavePlan) -> None:
+        """Every file the ranks wrote holds what the plan says: ValueError naming the file, key and ranks.
+
+        A rank's description is a claim: a file it streamed must have its planned size, and the
+        ranges it declared in a SHARED file must have been written (a range never written is a
+        hole in the sparse file the master created). So a rank declaring more than it holds
+        (halves of a 2 TiB tensor it does not have) is refused before the master reads or
+        commits anything of it.
+        """
+        for part, fplan in plan.streams(SHARED):
+            hole = first_hole(self.store.storage, f"{self.dir}/{fplan.name}", len(fplan.header), fplan.size)
+            if hole is not None:
+                key = next((k for k in fplan.keys if part.tensors[k].begin + part.tensors[k].nbytes > hole), "?")
+                ranks = sorted({r for c in part.tensors[key].chunks for r in c.ranks}) if key != "?" else []
+                raise ValueError(
+                    f"{fplan.name}: byte {hole} of key {key!r} was never written: ranks {ranks} declared more than "
+                    "they wrote"
+                )
+        for rank in range(plan.world_size):
+            for part, fplan in plan.streams(rank):
+                got = self.files.get(fplan.name)
+                if part.fmt == "safetensors" and got is not None and got.size != fplan.size:
+                    raise ValueError(
+                        f"{fplan.name}: rank {rank} wrote {got.size} bytes, its plan {fplan.size} bytes"
+                    )
+
     def write_indexes(self, plan: SavePlan) -> None:
         """Write each part's index (the HF ``*.index.json``; trainer_state.json) and record them for the marker."""
         model = plan.parts.get(MODEL)
@@ -190,6 +217,7 @@ class StepWriter:
             chunks = plan.chunk_map(TRAINER)
             if chunks:
                 payload["sharded"] = chunks
+            check_depth(payload, name=f"{self.dir}/{TRAINER_STATE_JSON}")  # what its reader would refuse
             self._write_small(TRAINER_STATE_JSON, json.dumps(payload, indent=1).encode())
             self.trainer_state = True
 
@@ -278,6 +306,11 @@ class StepWriter:
             json.dumps(manifest.metadata)
         except (TypeError, ValueError) as exc:
             raise TypeError(f"metadata: not JSON serialisable: {exc}") from exc
+        except RecursionError:
+            raise ValueError("metadata: nested too deep to be written as JSON") from None
+        check_depth(
+            {"metadata": manifest.metadata, "model": manifest.model, **manifest.extra}, name=f"{self.dir}/{MARKER_FILE}"
+        )
         storage.write_atomic(f"{self.dir}/{MARKER_FILE}", manifest.to_json_bytes())
         storage.fsync_dir(CHECKPOINTS_DIR)
         if self.replace_id is not None:
@@ -569,6 +602,25 @@ def create_shared_file(storage: Storage, directory: str, fplan: FilePlan) -> Non
         os.ftruncate(f.fileno(), fplan.size)
 
     storage.write_stream(f"{directory}/{fplan.name}", write, durable=False)
+
+
+def first_hole(storage: Storage, path: str, start: int, size: int) -> int | None:
+    """The first byte in ``[start, size)`` of a local file that was never written (a hole), if any.
+
+    ``lseek(SEEK_HOLE)``: a few system calls, no data read. Where the filesystem cannot tell, it
+    reports no hole.
+    """
+    local = storage.local_path(path)
+    if local is None or start >= size or not hasattr(os, "SEEK_HOLE"):
+        return None
+    fd = os.open(local, os.O_RDONLY)
+    try:
+        hole = os.lseek(fd, start, os.SEEK_HOLE)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return hole if hole < size else None
 
 
 def seal_file(storage: Storage, path: str) -> FileDigest:

@@ -444,3 +444,304 @@ def test_not_uploaded_counts_a_planted_record(tmp_path: Path) -> None:
     assert store.tiering.stats()["not_uploaded"] == [1]
     assert store.retention_plan() == ([1], [])
     store.close(wait=False)
+
+
+# -- 7. lying ranks ------------------------------------------------------------------------------
+def _cause(ref: Any, timeout: float = 60) -> BaseException:
+    """The exception a Ray call ended with (as the actor raised it)."""
+    import ray
+
+    with pytest.raises(ray.exceptions.RayTaskError) as excinfo:
+        ray.get(ref, timeout=timeout)
+    return excinfo.value.as_instanceof_cause()
+
+
+@pytest.mark.slow
+def test_an_alias_over_another_ranks_tensor_aborts_naming_key_and_ranks(
+    tmp_path: Path, ray_session: str, run_name: str
+) -> None:
+    import ray
+
+    import ray_ckpt
+    from ray_ckpt import SaveAbortedError
+    from ray_ckpt.checkpointer import RankState, TensorMeta
+    from tests.reliability.test_bad_reports import _assert_next_step_commits, _config, _f32, _gather_report
+
+    handle = ray_ckpt.start_checkpointer(_config(tmp_path, run_name))
+    try:
+        rank0 = RankState({"w": TensorMeta("F32", (4,), 16), "b": TensorMeta("F32", (3,), 12)})
+        rank1 = RankState({"w": TensorMeta("F32", (4,), 16)}, aliases={"b": "w"})  # b is rank 0's own tensor
+        ray.get(handle.actor.report.remote(5, _gather_report(0, 2, rank0, {"w": _f32(4), "b": _f32(3)})))
+        committed = handle.actor.wait_committed.remote(5)
+        ray.get(handle.actor.report.remote(5, _gather_report(1, 2, rank1, {"w": _f32(4)})))
+        cause = _cause(committed)
+        assert isinstance(cause, SaveAbortedError) and "key 'b'" in str(cause), cause
+        assert "rank 1" in str(cause) and "rank 0" in str(cause), cause
+        assert [i.step for i in CheckpointStore(str(tmp_path), run_name=run_name).list()] == []
+        _assert_next_step_commits(tmp_path, run_name, 6, [])
+    finally:
+        handle.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["declared-halves-of-2TiB", "2**62-elements"])
+def test_direct_ranks_declaring_more_than_they_hold_abort_fast_naming_rank_and_key(
+    tmp_path: Path, ray_session: str, run_name: str, case: str
+) -> None:
+    import time
+
+    import ray
+
+    import ray_ckpt
+    from ray_ckpt import SaveAbortedError
+    from ray_ckpt.checkpointer import RankReport, RankResult, RankState, TensorMeta
+    from tests.reliability.test_bad_reports import _assert_next_step_commits, _config, _good_state
+
+    handle = ray_ckpt.start_checkpointer(_config(tmp_path, run_name, write_mode="direct"))
+    try:
+        started = time.monotonic()
+        if case == "2**62-elements":
+            state = RankState({"huge": TensorMeta("F32", (2**62,), 2**64)})
+            waiting = handle.actor.plan.remote(5, RankReport(0, 2, _good_state(0)[0]), False, "direct")
+            cause = _cause(handle.actor.plan.remote(5, RankReport(1, 2, state), False, "direct"))
+            assert isinstance(cause, SaveAbortedError), cause
+            assert "rank 1's report is invalid: model: key 'huge'" in str(cause) and "limit" in str(cause), cause
+            _cause(waiting)
+        else:
+            half = 2**38  # two ranks "hold" halves of an F32[2**39]: 2 TiB they do not have
+            refs = [
+                handle.actor.plan.remote(
+                    5,
+                    RankReport(r, 2, RankState({"big": TensorMeta("F32", (half,), half * 4, None, (2 * half,),
+                                                                  (r * half,))})),
+                    False,
+                    "direct",
+                )
+                for r in range(2)
+            ]
+            ray.get(refs, timeout=60)
+            committed = handle.actor.wait_committed.remote(5)
+            for r in range(2):  # each rank writes what it holds (nothing) and says it is done
+                ray.get(handle.actor.finish_rank.remote(5, RankResult(r)), timeout=60)
+            cause = _cause(committed)
+            assert isinstance(cause, SaveAbortedError) and "key 'big'" in str(cause), cause
+            assert "ranks [0, 1]" in str(cause) and "never written" in str(cause), cause
+        assert time.monotonic() - started < 30  # refused before anything of it is read
+        assert [i.step for i in CheckpointStore(str(tmp_path), run_name=run_name).list()] == []
+        _assert_next_step_commits(tmp_path, run_name, 6, [])
+    finally:
+        handle.shutdown()
+
+
+# -- 4. what the index accepts it can always write back -----------------------------------------
+def _entry(root: Path, op: dict[str, Any], name: str = "00000000000000000002-0badc0de") -> str:
+    path = root / RUN / "index_log" / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(op))
+    return f"index_log/{name}.json"
+
+
+def _record(step: int, created: float, **fields: Any) -> dict[str, Any]:
+    record = {"created": created, "total_size": 4, "files_size": 4, "world_size": 1, "metadata": {}, "metrics": {}}
+    return {"op": "commit", "step": step, "record": {**record, **fields}}
+
+
+def _sums_past_int64(root: Path) -> str:
+    path = root / RUN / "checkpoints" / "step_000000002" / "checkpoint.json"
+    marker = json.loads(path.read_text())
+    for digest in marker["files"].values():
+        digest["size"] = 2**62  # each in range; their sum is not
+    path.write_text(json.dumps(marker))
+    return "checkpoints/step_000000002/checkpoint.json"
+
+
+def _created(root: Path, step: int) -> float:
+    return json.loads((root / RUN / "checkpoints" / f"step_{step:09d}" / "checkpoint.json").read_text())["created"]
+
+
+INDEX_VALUES = {
+    "marker-sizes-sum-past-int64": _sums_past_int64,
+    "log-total-size-2**70": lambda root: _entry(root, _record(2, _created(root, 2), total_size=2**70)),
+    "log-world-size-2**40": lambda root: _entry(root, _record(2, _created(root, 2), world_size=2**40)),
+    "log-metric-lone-surrogate": lambda root: _entry(
+        root, {"op": "metrics", "step": 2, "metrics": {"\ud800bad": 1.0}}
+    ),
+    "sidecar-metric-lone-surrogate": lambda root: (
+        (root / RUN / "checkpoints" / "step_000000002" / "eval_metrics.json").write_text('{"\\ud800bad": 1.0}'),
+        "checkpoints/step_000000002/eval_metrics.json",
+    )[1],
+}
+
+
+@pytest.mark.parametrize("case", list(INDEX_VALUES), ids=list(INDEX_VALUES))
+def test_values_the_snapshot_cannot_store_are_refused_on_the_way_in(
+    tmp_path: Path, case: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = tmp_path / "runs"
+    where = (str(root), {})
+    _three_steps(root)
+    _open(where).run_index.forget()  # the planted entry is the only change since the snapshot
+    named = INDEX_VALUES[case](root)
+    with caplog.at_level(logging.WARNING, logger="ray_ckpt"):
+        writer = _open(where, keep_last_n=100)
+        writer.save(4, _state(4), metrics={"loss": 0.1})  # the writer's first save compacts
+        for step in range(5, 5 + 40):  # past COMPACT_EVERY pending entries: every save commits, none raises
+            writer.save(step, _state(step), metrics={"loss": 1.0 + step})
+        writer.run_index.compact()
+    assert any(named in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
+    assert (root / RUN / "index.parquet").exists()
+    reader = _open(where)
+    listed = [i.step for i in reader.list()]
+    assert listed[:4] == ([1, 3, 4, 5] if case.startswith("marker") else [1, 2, 3, 4])
+    assert reader.best().step == 4
+    assert _same(reader.load(3), _state(3))
+
+
+def test_a_metric_name_that_cannot_be_stored_is_refused_at_report(tmp_path: Path) -> None:
+    root = tmp_path / "runs"
+    _three_steps(root)
+    store = _open((str(root), {}))
+    with pytest.raises(ValueError, match="lone surrogate"):
+        store.report_eval(2, {"\udcffscore": 1.0})
+    with pytest.raises(ValueError, match="lone surrogate"):
+        store.save(4, _state(4), metrics={"\ud800": 1.0})
+    assert [i.step for i in store.list()] == [1, 2, 3]
+    store.save(4, _state(4), metrics={"loss": 0.1})
+    store.run_index.compact()
+
+
+def test_a_snapshot_bomb_is_refused_before_it_is_decoded(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A tiny dictionary/RLE-encoded index.parquet claiming 2M rows is refused at once; the
+    markers rebuild the index."""
+    import io
+    import time
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = tmp_path / "runs"
+    _three_steps(root)
+    rows = 2_000_000
+    zeros = pa.array([0] * rows, pa.int32())
+    table = pa.table(
+        {
+            "step": pa.array([1] * rows, pa.int64()),
+            "uri": pa.DictionaryArray.from_arrays(zeros, pa.array(["x" * 1000])),
+            "created": pa.array([1.0] * rows, pa.float64()),
+            "total_size": pa.array([1] * rows, pa.int64()),
+            "files_size": pa.array([1] * rows, pa.int64()),
+            "world_size": pa.array([1] * rows, pa.int32()),
+            "metrics": pa.MapArray.from_arrays(
+                pa.array([0] * (rows + 1), pa.int32()), pa.array([], pa.string()), pa.array([], pa.float64())
+            ),
+            "metadata": pa.DictionaryArray.from_arrays(zeros, pa.array(["{}"])),
+            "durability": pa.array([[]] * rows, pa.list_(pa.string())),
+        }
+    )
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd")
+    (root / RUN / "index.parquet").write_bytes(sink.getvalue())
+    assert len(sink.getvalue()) < 1 << 20
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="ray_ckpt"):
+        store = _open((str(root), {}))
+        assert [i.step for i in store.list()] == [1, 2, 3]
+    assert time.monotonic() - started < 10
+    assert any("index.parquet" in r.getMessage() for r in caplog.records)
+    assert _same(store.load(2), _state(2))
+
+
+# -- 5. the writer refuses what its reader would refuse --------------------------------------------
+def _nested(depth: int, leaf: Any) -> Any:
+    value = leaf
+    for _ in range(depth):
+        value = {"n": value}
+    return value
+
+
+@pytest.mark.parametrize("what", ["state", "trainer_state", "metadata"])
+def test_state_nested_past_the_readers_limit_is_refused_at_save(where: tuple[str, dict[str, Any]], what: str) -> None:
+    store = _two_steps(where)
+    deep = 70  # past the 64 levels every JSON reader allows
+    kwargs: dict[str, Any] = {"metrics": {"loss": 0.1}}
+    state: Any = _state(3)
+    if what == "state":
+        state = {**_state(3), "deep": _nested(deep, torch.ones(2))}
+    elif what == "trainer_state":
+        kwargs["trainer_state"] = _nested(deep, torch.ones(2))
+    else:
+        kwargs["metadata"] = _nested(deep, 1)
+    with pytest.raises(ValueError, match="64-level limit") as refused:
+        store.save(3, state, **kwargs)
+    assert "checkpoint.json" in str(refused.value) or "trainer_state.json" in str(refused.value)
+    reader = _check_intact(where)
+    assert [n for n in reader.storage.list_names("checkpoints") if "000000003" in n] == []
+    # just under the limit commits and loads back
+    shallow = _nested(15, torch.ones(2))  # (a state's structure nests three JSON levels per dict)
+    store.save(3, {**_state(3), "deep": shallow}, trainer_state=shallow, metadata=_nested(50, 1))
+    loaded = _open(where).load(3)
+    assert _same({k: loaded[k] for k in ("w", "b")}, _state(3))
+
+
+# -- 9. header dimensions every tensor can be allocated with ----------------------------------------
+@pytest.mark.parametrize("shape", [[0, 2**62, 2**62], [2**62, 0, 4], [2**40, 2**40, 0]], ids=str)
+def test_header_dims_that_cannot_be_allocated_are_refused_naming_the_file(tmp_path: Path, shape: list[int]) -> None:
+    import struct
+
+    from ray_ckpt import CorruptCheckpointError
+    from ray_ckpt.writer import write_small_file
+
+    root = tmp_path / "runs"
+    _three_steps(root)
+    step2 = root / RUN / "checkpoints" / "step_000000002"
+    shard = next(p for p in step2.iterdir() if p.name.endswith(".safetensors"))
+    raw = shard.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + length])
+    end = max(e["data_offsets"][1] for k, e in header.items() if k != "__metadata__")
+    header["evil"] = {"dtype": "F32", "shape": shape, "data_offsets": [end, end]}  # zero bytes, checksum re-hashed
+    body = json.dumps(header).encode()
+    body += b" " * (-(len(body) + 8) % 8)
+    # written as the writer writes a file, its digest recorded in the marker (an attacker who re-hashes)
+    storage = Storage(str(root / RUN))
+    digest = write_small_file(storage, step_dir(2), shard.name, struct.pack("<Q", len(body)) + body + raw[8 + length :])
+    marker = json.loads(storage.read_bytes(f"{step_dir(2)}/checkpoint.json"))
+    marker["files"][shard.name] = digest.to_json()
+    storage.write_bytes(f"{step_dir(2)}/checkpoint.json", json.dumps(marker).encode())
+    store = _open((str(root), {}))
+    for load in (lambda: store.load(2), lambda: store.load(2, verify=False), lambda: store.verify(2)):
+        with pytest.raises(CorruptCheckpointError, match=shard.name) as refused:
+            load()
+        assert "dimensions multiply past" in str(refused.value)
+    assert [i.step for i in store.list()] == [1, 2, 3]
+    assert _same(store.load(3), _state(3))
+
+
+# -- 8. config files -------------------------------------------------------------------------------
+YAML_BOMBS = {
+    "20000-deep": "metric_name: loss\nstorage_options: " + "[" * 20_000 + "]" * 20_000 + "\n",
+    "20000-deep-block": "storage_options:\n" + "".join(f"{' ' * (i + 1)}k{i}:\n" for i in range(2_000)) + "\n",
+    "self-referencing-alias": "storage_options: &opts {anon: true, again: *opts}\n",
+    "alias-bomb": "a: &a [x, x, x, x, x, x, x, x, x]\n"
+    + "".join(f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 9)}]\n" for i in range(7))
+    + "storage_options: {k: *h}\n",
+}
+
+
+@pytest.mark.parametrize("case", list(YAML_BOMBS), ids=list(YAML_BOMBS))
+def test_a_hostile_yaml_config_is_refused_naming_the_file(tmp_path: Path, case: str) -> None:
+    import time
+
+    from ray_ckpt import CheckpointConfig, ConfigError
+
+    path = tmp_path / "hostile.yaml"
+    path.write_text(YAML_BOMBS[case])
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match="hostile.yaml") as refused:
+        CheckpointConfig.from_yaml(path)
+    assert time.monotonic() - started < 5
+    assert "alias" in str(refused.value) or "deeper than 64" in str(refused.value), refused.value
+    # a plain config still loads
+    path.write_text("metric_name: loss\nstorage_options: {anon: true}\nretention: {keep_last_n: 2}\n")
+    config = CheckpointConfig.from_yaml(path)
+    assert config.metric_name == "loss" and config.keep_last_n == 2
