@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -529,6 +530,52 @@ def test_direct_ranks_declaring_more_than_they_hold_abort_fast_naming_rank_and_k
         assert time.monotonic() - started < 30  # refused before anything of it is read
         assert [i.step for i in CheckpointStore(str(tmp_path), run_name=run_name).list()] == []
         _assert_next_step_commits(tmp_path, run_name, 6, [])
+    finally:
+        handle.shutdown()
+
+
+def _slow_once(checkpointer: Any, needle: str, seconds: float) -> None:
+    """Runs inside the actor: the first write of a path containing ``needle`` completes, then its
+    writer thread stalls ``seconds`` (a master whose own share outlasts ``save_timeout_s``)."""
+    import time
+
+    storage = checkpointer.store.storage
+    original = storage.write_stream
+    fired: list[str] = []
+
+    def write_stream(path: str, writer: Any, **kwargs: Any) -> Any:
+        result = original(path, writer, **kwargs)
+        if needle in path and not fired:
+            fired.append(path)
+            time.sleep(seconds)
+        return result
+
+    storage.write_stream = write_stream
+
+
+@pytest.mark.slow
+def test_save_timeout_covers_the_masters_share_too(tmp_path: Path, ray_session: str, run_name: str) -> None:
+    import ray
+
+    import ray_ckpt
+    from ray_ckpt import SaveAbortedError
+
+    config = ray_ckpt.CheckpointConfig(
+        storage_uri=str(tmp_path), run_name=run_name, metric_name="loss", mode="min", save_timeout_s=8.0
+    )
+    handle = ray_ckpt.start_checkpointer(config)
+    try:
+        worker = ray_ckpt.WorkerClient(run_name, 0, 1)
+        worker.save(1, _state(1), metrics={"loss": 1.0}, blocking=True).result(60)
+        ray.get(handle.actor.__ray_call__.remote(_slow_once, "step_000000002/model", 16.0))
+        with pytest.raises(SaveAbortedError, match="did not finish writing and committing it within save_timeout_s"):
+            worker.save(2, _state(2), metrics={"loss": 0.5}, blocking=True).result(90)
+        time.sleep(14)  # the stalled writer thread resumes: the aborted step must not commit after all
+        store = CheckpointStore(str(tmp_path), run_name=run_name)
+        assert [i.step for i in store.list()] == [1]
+        assert not (tmp_path / run_name / "checkpoints" / "step_000000002").exists()
+        info = worker.save(3, _state(3), metrics={"loss": 0.2}, blocking=True).result(60)
+        assert info.step == 3 and _same(CheckpointStore(str(tmp_path), run_name=run_name).load(3), _state(3))
     finally:
         handle.shutdown()
 
