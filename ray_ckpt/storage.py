@@ -410,6 +410,20 @@ def _is_timeout(error: BaseException) -> bool:
     return False
 
 
+def _is_invalid_range(error: BaseException) -> bool:
+    """Whether ``error`` (or what caused it) is an object store's 416 InvalidRange (a ranged read of
+    an empty object)."""
+    seen: BaseException | None = error
+    for _ in range(8):
+        if seen is None:
+            return False
+        text = str(seen)
+        if "InvalidRange" in text or "not satisfiable" in text:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def _file_kind(mode: int) -> str:
     """What a non-regular file is, for error messages."""
     for test, kind in (
@@ -709,7 +723,7 @@ class Storage:
             try:
                 data = self.fs.cat_file(self.full_path(path), start=0, end=limit + 1, **kwargs)
             except OSError as exc:  # a ranged GET of an empty object: S3 answers 416 InvalidRange
-                if "InvalidRange" not in str(exc) and "416" not in str(exc):
+                if not _is_invalid_range(exc):
                     raise
                 data = b""
             self._check_limit(path, len(data), limit)

@@ -330,6 +330,20 @@ def test_a_whole_file_read_is_bounded_before_it_is_read(
     assert any("eval_metrics.json" in r.getMessage() for r in caplog.records)
 
 
+def test_bounded_reads_of_empty_and_exact_size_files(where: tuple[str, dict[str, Any]]) -> None:
+    """The limit is exact: an empty file reads as empty (on S3 a ranged GET of an empty object is
+    refused by the server), a file of exactly ``limit`` bytes reads whole, one byte more is refused."""
+    storage = Storage(f"{where[0]}/{RUN}", where[1])
+    storage.write_bytes("empty.json", b"")
+    storage.write_bytes("ten.json", b"0123456789")
+    assert storage.read_bytes("empty.json", limit=10) == b""
+    assert storage.read_bytes("ten.json", limit=10) == b"0123456789"
+    with pytest.raises(OSError, match="ten.json.*limit"):
+        storage.read_bytes("ten.json", limit=9)
+    with pytest.raises(FileNotFoundError):
+        storage.read_bytes("missing.json", limit=10)
+
+
 def test_the_checkpointer_starts_on_a_run_with_unreadable_files(
     tmp_path: Path, ray_session: str, run_name: str
 ) -> None:
