@@ -525,13 +525,16 @@ class Checkpointer:
         missing = sorted(set(range(pending.world_size)) - set(arrived))
         if missing:
             what = "did not report" if pending.plan is None else "did not finish writing their share"
-            self._abort(
-                pending,
-                SaveAbortedError(
-                    f"step {pending.step}: ranks {missing} {what} within save_timeout_s="
-                    f"{self.config.save_timeout_s}; the step was aborted and nothing was committed"
-                ),
-            )
+            problem = f"ranks {missing} {what}"
+        else:  # every rank is done, the master's share is not: the deadline covers the whole step
+            problem = "the master did not finish writing and committing it"
+        self._abort(
+            pending,
+            SaveAbortedError(
+                f"step {pending.step}: {problem} within save_timeout_s={self.config.save_timeout_s}; the step "
+                "was aborted and nothing was committed"
+            ),
+        )
 
     def _abort(self, pending: _PendingStep, exc: BaseException) -> None:
         if pending.done.done():
@@ -660,6 +663,11 @@ class Checkpointer:
                 compare_replicas(plan, lambda part, key, rank: pending.results[rank].digests.get((part, key)))
             writer.write_share(plan, lambda part, key, rank: arrays[rank][part][key])
             writer.add_files(merge_files(res.files for res in pending.results.values()))
+            try:  # what the ranks declared is what they wrote (and hashed), before any of it is read
+                writer.check_planned(plan)
+                writer.check_digests(plan)
+            except ValueError as exc:
+                raise SaveAbortedError(f"step {pending.step}: {exc}; nothing was committed") from None
             writer.seal_shared(plan)
             expected = {f.name for part in plan.parts.values() for f in part.files}
             missing = expected - set(writer.files)
@@ -669,6 +677,8 @@ class Checkpointer:
             return self._commit(writer, pending)
 
     def _commit(self, writer: StepWriter, pending: _PendingStep) -> tuple[CheckpointInfo, list[int]]:
+        if pending.done.done():  # aborted meanwhile (save_timeout_s covers the whole step): never commit
+            raise pending.done.exception() or SaveAbortedError(f"step {pending.step}: aborted")
         metrics, metadata = self._merged_metrics(pending)
         info = writer.commit(metrics=metrics, metadata=metadata, world_size=pending.world_size)
         protected = {s for s in self._pending if s != pending.step}

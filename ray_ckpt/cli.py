@@ -47,6 +47,7 @@ from ray_ckpt.errors import (
     ConfigError,
     CorruptCheckpointError,
     RayCkptError,
+    StorageError,
 )
 from ray_ckpt.format import read_safetensors_header
 from ray_ckpt.layout import (
@@ -651,7 +652,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 store.read_architecture()
             except FileNotFoundError:
                 pass
-            except CorruptCheckpointError as exc:
+            except (CorruptCheckpointError, StorageError) as exc:
                 results.append(
                     {
                         "target": f"{store.uri}/model_architecture.json",
@@ -667,7 +668,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 try:
                     store.verify(step)
                     results.append({"target": target, "step": step, "ok": True, "error": None})
-                except (CorruptCheckpointError, CheckpointNotFoundError) as exc:
+                except (CorruptCheckpointError, CheckpointNotFoundError, StorageError) as exc:
+                    # every step is reported: one unreadable file (a FIFO, a directory) is one bad step
                     results.append({"target": target, "step": step, "ok": False, "error": _one_line(exc)})
                 advance(sizes.get(step, 0), f"step {step}")
         if not steps and parsed.kind == "run" and parsed.selector is None:

@@ -28,6 +28,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from ray_ckpt.errors import ConfigError
+from ray_ckpt.safejson import MAX_DEPTH
 from ray_ckpt.uri import validate_run_name
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
@@ -293,7 +294,9 @@ class CheckpointerOptions(OptionGroup):
         "writes its own shards and the master commits.",
     )
     save_timeout_s: Seconds = Field(
-        300.0, description="Seconds a step may wait for all ranks before it is aborted (nothing committed)."
+        300.0,
+        description="Seconds a step may take, from the first rank's report to its commit, before it is aborted "
+        "(nothing committed).",
     )
     lease_ttl_s: Seconds = Field(600.0, description="Default lifetime of an EvalClient lease, in seconds.")
     max_restarts: Annotated[int, Field(ge=-1)] = Field(
@@ -464,7 +467,7 @@ class CheckpointConfig(BaseModel):
         import yaml
 
         try:
-            data = yaml.safe_load(Path(path).read_text())
+            data = load_yaml(Path(path).read_text())
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
         except UnicodeDecodeError as exc:
@@ -758,3 +761,43 @@ def _config_error(problems: list[Problem], *, context: str | None = None, fallba
     error = ConfigError(f"{context}: {text}" if context else text)
     error.problems = list(problems)  # type: ignore[attr-defined]
     return error
+
+
+MAX_YAML_DEPTH = MAX_DEPTH  # the nesting every reader of ray-ckpt's files allows (safejson)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse a config's YAML with limits: no aliases, nesting at most ``MAX_YAML_DEPTH`` deep.
+
+    PyYAML's safe loader expands aliases (a kilobyte "billion laughs" bomb takes minutes and
+    gigabytes; a self-referencing one yields a cyclic value that later recurses) and composes
+    nodes recursively (a document 20,000 levels deep is a bare RecursionError). A config needs
+    neither, so an alias and too deep a nesting are a ``yaml.YAMLError`` pointing at the line;
+    :meth:`CheckpointConfig.from_yaml` names the file.
+    """
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        depth = 0
+
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            event = self.peek_event()
+            if isinstance(event, yaml.AliasEvent):
+                raise yaml.composer.ComposerError(
+                    None, None, f"aliases (*{event.anchor}) are not allowed in a ray-ckpt config", event.start_mark
+                )
+            self.depth += 1
+            try:
+                if self.depth > MAX_YAML_DEPTH:
+                    raise yaml.composer.ComposerError(
+                        None, None, f"nested deeper than {MAX_YAML_DEPTH} levels", event.start_mark
+                    )
+                return super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
+
+    loader = Loader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()

@@ -98,6 +98,7 @@ def torch_shape(dtype: str, shape: list[int]) -> list[int] | None:
 MAX_HEADER_SIZE = 100 * 1024 * 1024  # safetensors' own limit
 INDEX_SUFFIX = ".index.json"
 MAX_DIM = 2**62  # a dimension beyond this cannot describe bytes on any disk
+MAX_TENSOR_BYTES = 2**63 - 1  # torch sizes and strides are int64: every shape must be allocatable
 RESERVED_KEY = "__metadata__"  # safetensors keeps the header's metadata under this name
 _PLAIN_FILE_RE = re.compile(r"[^/\\\x00]+")
 
@@ -752,6 +753,10 @@ def read_safetensors_header(f: IO[bytes], *, name: str, file_size: int) -> Safet
         shape = entry.list("shape")
         if not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_DIM for d in shape):
             raise entry.error("shape", f"expected non-negative integer dimensions, got {str(shape)[:60]}")
+        # Every tensor must be allocatable: torch's strides multiply the dimensions (a 0 among them
+        # does not stop that), so the product of the non-zero ones, in bytes, must fit an int64.
+        if math.prod(max(d, 1) for d in shape) * DTYPE_SIZE[dtype] > MAX_TENSOR_BYTES:
+            raise entry.error("shape", f"{str(shape)[:60]} of {dtype}: dimensions multiply past 2**63 (no tensor fits)")
         offsets = entry.list("data_offsets")
         if len(offsets) != 2 or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets):
             raise entry.error("data_offsets", f"expected [begin, end], got {str(offsets)[:60]}")

@@ -48,6 +48,53 @@ class CheckpointInfo:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+MAX_INT64 = 2**63 - 1  # the snapshot's step and size columns
+MAX_INT32 = 2**31 - 1  # its world_size column
+# A snapshot's rows are bounded by its size before it is decoded: a real row holds at least a
+# distinct int64 step and float64 creation time, so a file of n bytes holds at most n / 8 rows
+# (a dictionary/RLE-encoded bomb claims millions of rows in kilobytes), and at most
+# SNAPSHOT_VALUES_PER_BYTE values (metrics, durability entries) per byte.
+SNAPSHOT_MIN_ROW_BYTES = 8
+SNAPSHOT_VALUES_PER_BYTE = 64
+
+
+def check_record(record: CheckpointInfo) -> None:
+    """ValueError naming the field unless the snapshot can store ``record`` as it is.
+
+    The one check of a record on its way into an index from storage (a marker, a log entry, a
+    snapshot): what is accepted can always be written back (int64 steps and sizes, an int32
+    world size, UTF-8 names), so a compaction never fails on a value a reader took.
+    """
+    for name, lo, hi in (("step", 0, MAX_INT64), ("total_size", 0, MAX_INT64), ("files_size", 0, MAX_INT64),
+                         ("world_size", 1, MAX_INT32)):
+        value = getattr(record, name)
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise ValueError(f"step {record.step!r}: {name} {value!r} is outside [{lo}, {hi}]")
+    if not isinstance(record.created, float):
+        raise ValueError(f"step {record.step}: created {record.created!r} is not a number")
+    if not isinstance(record.metadata, dict) or not isinstance(record.metrics, dict):
+        raise ValueError(f"step {record.step}: metadata and metrics must be objects")
+    for key, value in record.metrics.items():
+        check_name(key, f"step {record.step}: metric")
+        if not isinstance(value, float):
+            raise ValueError(f"step {record.step}: metric {key!r} is not a number")
+    if not isinstance(record.durability, list):
+        raise ValueError(f"step {record.step}: durability must be a list")
+    for tier in record.durability:
+        check_name(tier, f"step {record.step}: durability")
+    check_name(record.uri, f"step {record.step}: uri")
+
+
+def check_name(name: Any, what: str) -> None:
+    """ValueError unless ``name`` is a string that UTF-8 can encode (no lone surrogates)."""
+    if not isinstance(name, str):
+        raise ValueError(f"{what} {name!r} is not a string")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} {name!r} is not valid Unicode (a lone surrogate)") from None
+
+
 def rankable(value: Any) -> float | None:
     """A metric value usable for ranking: a finite real number, else None."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -231,6 +278,7 @@ class CheckpointIndex:
         # during finalisation and the process aborts ("terminate called without an active exception").
         owned = pa.allocate_buffer(len(data))
         memoryview(owned).cast("B")[:] = data
+        _check_snapshot_size(pq.ParquetFile(pa.BufferReader(owned)).metadata, len(data))
         table = pq.read_table(pa.BufferReader(owned))
         file_metadata = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
         if table.num_rows == 0:
@@ -418,6 +466,17 @@ def _gc_paused() -> Iterator[None]:
     finally:
         if was_enabled:
             gc.enable()
+
+
+def _check_snapshot_size(meta: pq.FileMetaData, size: int) -> None:
+    """ValueError unless a snapshot's rows and values fit its size (checked before decoding)."""
+    if meta.num_rows > max(size // SNAPSHOT_MIN_ROW_BYTES, 1):
+        raise ValueError(f"{meta.num_rows} rows in {size} bytes: not a snapshot this index wrote (refused undecoded)")
+    values = sum(
+        meta.row_group(g).column(c).num_values for g in range(meta.num_row_groups) for c in range(meta.num_columns)
+    )
+    if values > SNAPSHOT_VALUES_PER_BYTE * size:
+        raise ValueError(f"{values} values in {size} bytes: not a snapshot this index wrote (refused undecoded)")
 
 
 def _json_column(texts: list[str | None]) -> list[Any]:

@@ -110,6 +110,10 @@ def validate_metrics(metrics: Mapping[str, Any] | None, *, what: str = "metrics"
     for key, value in (metrics or {}).items():
         if not isinstance(key, str):
             raise TypeError(f"{what}: metric names must be strings, got {key!r}")
+        try:
+            key.encode("utf-8")  # the index stores names as UTF-8: a lone surrogate could never be written
+        except UnicodeEncodeError:
+            raise ValueError(f"{what}: metric name {key!r} is not valid Unicode (a lone surrogate)") from None
         if isinstance(value, np.generic) or (isinstance(value, torch.Tensor) and value.numel() == 1):
             value = value.item()
         if isinstance(value, bool) or not isinstance(value, (int, float)):

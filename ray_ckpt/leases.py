@@ -17,9 +17,9 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from ray_ckpt.errors import CheckpointNotFoundError, CorruptCheckpointError
+from ray_ckpt.errors import CheckpointNotFoundError
 from ray_ckpt.layout import LEASES_DIR, MARKER_FILE, RETIRING_FILE, step_dir, validate_step
-from ray_ckpt.safejson import MAX_STEP, DamageLog, JsonObject
+from ray_ckpt.safejson import DAMAGE, MAX_STEP, DamageLog, JsonObject
 from ray_ckpt.storage import Storage, is_temp_name
 
 logger = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ class Leases:
                 }
             except FileNotFoundError:
                 continue
-            except CorruptCheckpointError as exc:
+            except DAMAGE as exc:
                 self.damaged.skip(exc, "the lease is ignored")
                 continue
             yield path, record

@@ -272,7 +272,7 @@ def _read_safetensors_bundle(storage: Storage, name: str, location: str) -> Lega
 
 def _torch_load(storage: Storage, name: str, location: str, *, weights_only: bool) -> Any:
     local = storage.local_path(name)
-    source: Any = local if local is not None else io.BytesIO(storage.read_bytes(name))
+    source: Any = local if local is not None else io.BytesIO(storage.read_bytes(name, limit=None))
     return torch.load(source, map_location="cpu", weights_only=weights_only)
 
 

@@ -31,11 +31,16 @@ from typing import Any, Literal
 
 from ray_ckpt.format import (
     DTYPE_SIZE,
+    MAX_TENSOR_BYTES,
     RESERVED_KEY,
     FlatState,
     plan_shards,
     safetensors_layout,
 )
+
+# The most bytes a tensor (and a file) may hold: the readers' own limit (a file offset, torch sizes
+# and strides are int64), so a description past it could never be written or read back.
+MAX_BYTES = MAX_TENSOR_BYTES
 
 MASTER = -1  # a file the checkpointer writes
 SHARED = -2  # a file every rank holding chunks of it fills with positioned writes
@@ -298,6 +303,14 @@ def check_rank_state(state: Any, what: str) -> None:
                     raise ValueError(
                         f"{what}: key {key!r}: dimension {d}: offset {o} + local size {n} is past the global size {g}"
                     )
+        else:
+            global_shape = shape
+        total = math.prod(global_shape) * DTYPE_SIZE[meta.dtype]
+        if total > MAX_BYTES:
+            raise ValueError(
+                f"{what}: key {key!r}: {meta.dtype}{list(global_shape)} is {total} bytes, past the {MAX_BYTES}-byte "
+                "limit of a file"
+            )
     if not isinstance(state.aliases, dict):
         raise ValueError(f"{what}: aliases must be a dict, got {type(state.aliases).__name__}")
     for alias, target in state.aliases.items():
@@ -400,10 +413,10 @@ def _plan_part(
                 key, layouts[key].dtype, layouts[key].shape, layouts[key].chunks, spec.name, position
             )
             position += layouts[key].nbytes
+        if position > MAX_BYTES:
+            raise ValueError(f"{what}: file {spec.name} would hold {position} bytes, past the {MAX_BYTES}-byte limit")
         files.append(FilePlan(spec.name, tuple(keys), header, position, writer))
-    aliases: dict[str, str] = {}
-    for rank in sorted(states, reverse=True):
-        aliases.update(states[rank].aliases)
+    aliases = _merge_aliases(states, layouts, what)
     structure = _structure(states, what)
     tensors = {key: placed[key] for key in layouts}
     total = sum(t.nbytes for t in tensors.values())
@@ -415,6 +428,31 @@ class _Entry:
     dtype: str
     shape: tuple[int, ...]
     nbytes: int
+
+
+def _merge_aliases(states: Mapping[int, RankState], layouts: Mapping[str, TensorLayout], what: str) -> dict[str, str]:
+    """Every rank's ties (alias -> tensor), checked against the other ranks' keys.
+
+    A rank checks its own aliases (:func:`check_rank_state`); across ranks an alias must not be
+    a tensor another rank holds (the load would return the target's values for it), and ranks
+    that declare the same alias must tie it to the same tensor. ValueError names key and ranks.
+    """
+    aliases: dict[str, tuple[str, int]] = {}
+    holders = {key: min(c.ranks[0] for c in layout.chunks) for key, layout in layouts.items()}
+    for rank in sorted(states):
+        for alias, target in states[rank].aliases.items():
+            if alias in holders:
+                raise ValueError(
+                    f"{what}: key {alias!r}: rank {rank} ties it to {target!r}, but rank {holders[alias]} holds it "
+                    "as a tensor of its own"
+                )
+            seen = aliases.setdefault(alias, (target, rank))
+            if seen[0] != target:
+                raise ValueError(
+                    f"{what}: key {alias!r}: ranks {seen[1]} and {rank} tie it to different tensors "
+                    f"({seen[0]!r} vs {target!r})"
+                )
+    return {alias: target for alias, (target, _) in aliases.items()}
 
 
 def _structure(states: Mapping[int, RankState], what: str) -> Any:

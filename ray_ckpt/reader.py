@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import pickle
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -42,18 +42,21 @@ from ray_ckpt.storage import Storage
 class StepReader:
     """Reads the committed steps of one run on one storage."""
 
-    def __init__(self, storage: Storage, run_name: str) -> None:
+    def __init__(self, storage: Storage, run_name: str, *, directory: Callable[[int], str] = step_dir) -> None:
         self.storage = storage
         self.run_name = run_name
+        # Where a step's files are: its own directory, or a staged replacement being proven
+        # before it is swapped in (see ray_ckpt.writer.prove_staged).
+        self.step_dir = directory
 
     def read_manifest(self, step: int) -> Manifest:
         """The parsed checkpoint.json of a committed step."""
-        path = f"{step_dir(step)}/{MARKER_FILE}"
+        path = f"{self.step_dir(step)}/{MARKER_FILE}"
         try:
             data = self.storage.read_bytes(path)
         except FileNotFoundError as exc:
             raise CheckpointNotFoundError(f"run {self.run_name!r} has no committed step {step}") from exc
-        manifest = Manifest.from_json_bytes(data, name=f"{step_dir(step)}/{MARKER_FILE}")
+        manifest = Manifest.from_json_bytes(data, name=f"{self.step_dir(step)}/{MARKER_FILE}")
         if manifest.step != step:
             raise CorruptCheckpointError(f"{path}: records step {manifest.step}, expected {step}", path=path)
         return manifest
@@ -108,7 +111,7 @@ class StepReader:
             missing = [k for k in (file_keys or []) if k not in loaded]
             if missing:
                 raise CorruptCheckpointError(
-                    f"{step_dir(step)}/{fname}: missing tensors {missing[:5]} listed in {index_name}"
+                    f"{self.step_dir(step)}/{fname}: missing tensors {missing[:5]} listed in {index_name}"
                 )
             tensors.update({k: loaded[k] for k in file_keys or loaded})
         if wanted is not None:
@@ -122,7 +125,7 @@ class StepReader:
         structure or its aliases refer to is indexed.
         """
         index_name = manifest.model.get("index")
-        directory = step_dir(manifest.step)
+        directory = self.step_dir(manifest.step)
         if not index_name:
             raise CorruptCheckpointError(f"{directory}/{MARKER_FILE}: no model index recorded")
         path = f"{directory}/{index_name}"
@@ -180,7 +183,7 @@ class StepReader:
         """
         legacy = TRAINER_STATE_JSON not in manifest.files
         name = TRAINER_JSON if legacy else TRAINER_STATE_JSON
-        path = f"{step_dir(manifest.step)}/{name}"
+        path = f"{self.step_dir(manifest.step)}/{name}"
         doc = JsonObject.parse(self._read_file(manifest, name, verify=verify), name=path)
         aliases = doc.dict("aliases", {})
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()):
@@ -202,8 +205,8 @@ class StepReader:
 
     def _file_path(self, manifest: Manifest, name: str) -> str:
         if name not in manifest.files:
-            raise CorruptCheckpointError(f"{step_dir(manifest.step)}/{name}: not listed in {MARKER_FILE}")
-        return f"{step_dir(manifest.step)}/{name}"
+            raise CorruptCheckpointError(f"{self.step_dir(manifest.step)}/{name}: not listed in {MARKER_FILE}")
+        return f"{self.step_dir(manifest.step)}/{name}"
 
     def _read_file(self, manifest: Manifest, name: str, *, verify: bool) -> bytes:
         path = self._file_path(manifest, name)
@@ -216,9 +219,9 @@ class StepReader:
         return data
 
     def _missing(self, step: int, name: str) -> Exception:
-        if not self.storage.exists(f"{step_dir(step)}/{MARKER_FILE}"):
+        if not self.storage.exists(f"{self.step_dir(step)}/{MARKER_FILE}"):
             return CheckpointNotFoundError(f"step {step} of run {self.run_name!r} was deleted while being read")
-        return CorruptCheckpointError(f"{step_dir(step)}/{name}: missing", path=f"{step_dir(step)}/{name}")
+        return CorruptCheckpointError(f"{self.step_dir(step)}/{name}: missing", path=f"{self.step_dir(step)}/{name}")
 
     def _load_shard(
         self,
@@ -239,7 +242,7 @@ class StepReader:
                     f"{path}: size {size} differs from the committed {expected.size} (truncated or replaced)", path=path
                 )
             if fmt == "pt":
-                data = self.storage.read_bytes(path) if verify or not mmap else b""
+                data = self.storage.read_bytes(path, limit=None) if verify or not mmap else b""
                 if verify:
                     _check_digest(path, data, expected)
                 try:
@@ -270,7 +273,7 @@ class StepReader:
             tensors: dict[str, torch.Tensor] = {}
             for fname in sorted(set(weight_map.values())):
                 tensors.update(self._load_shard(manifest, fname, None, verify=verify))
-            _check_indexed(f"{step_dir(manifest.step)}/{TRAINER_STATE_JSON}", structure, aliases, tensors)
+            _check_indexed(f"{self.step_dir(manifest.step)}/{TRAINER_STATE_JSON}", structure, aliases, tensors)
         return unflatten_state(tensors, structure, aliases)
 
     # -- resharding loads -----------------------------------------------------------------------
@@ -387,7 +390,7 @@ class StepReader:
         """
         step = manifest.step
         for name, digest in sorted(manifest.files.items()):
-            path = f"{step_dir(step)}/{name}"
+            path = f"{self.step_dir(step)}/{name}"
             try:
                 size = self.storage.size(path)
             except FileNotFoundError as exc:
@@ -405,7 +408,7 @@ class StepReader:
                 entries = self.file_header(manifest, fname).entries
                 missing = [k for k, f in weight_map.items() if f == fname and k not in entries]
                 if missing:
-                    path = f"{step_dir(step)}/{fname}"
+                    path = f"{self.step_dir(step)}/{fname}"
                     raise CorruptCheckpointError(f"{path}: missing trainer tensors {missing[:5]}", path=path)
 
 

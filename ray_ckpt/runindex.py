@@ -26,12 +26,13 @@ from collections.abc import Callable
 from typing import Any
 
 from ray_ckpt.errors import CheckpointNotFoundError, CorruptCheckpointError, StorageError
-from ray_ckpt.index import CheckpointIndex, CheckpointInfo
+from ray_ckpt.index import CheckpointIndex, CheckpointInfo, check_name, check_record
 from ray_ckpt.layout import (
     CHECKPOINTS_DIR,
     EVAL_FILE,
     INDEX_LOG_DIR,
     INDEX_SNAPSHOT,
+    MARKER_FILE,
     REPLACE_RE,
     Manifest,
     metrics_from_json,
@@ -41,7 +42,7 @@ from ray_ckpt.layout import (
     step_dir,
 )
 from ray_ckpt.reader import StepReader
-from ray_ckpt.safejson import MAX_STEP, DamageLog, JsonObject
+from ray_ckpt.safejson import DAMAGE, MAX_STEP, DamageLog, JsonObject
 from ray_ckpt.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ class RunIndex:
         self.markers_read = 0  # markers read at the last load (a snapshot is then worth writing)
         self._known: set[str] = set()  # log entries applied or folded into the snapshot
         self._pending: list[str] = []  # log entries not yet folded into a snapshot we wrote
+        self._logged: dict[int, str] = {}  # steps a log entry committed, not yet checked against markers
 
     # -- opening ------------------------------------------------------------------------------
     def load(self) -> None:
@@ -94,7 +96,9 @@ class RunIndex:
         """Apply log entries other processes appended since (one listing); how many."""
         names = self._log_names()
         self._known &= set(names) | set(self._pending)
-        return self._apply_new(names)
+        applied = self._apply_new(names)
+        self._check_logged()
+        return applied
 
     def _apply_new(self, names: list[str]) -> int:
         new = [n for n in names if n not in self._known]
@@ -109,6 +113,9 @@ class RunIndex:
         try:
             data = self.storage.read_bytes(INDEX_SNAPSHOT)
         except FileNotFoundError:
+            return set()
+        except StorageError as exc:
+            self.damaged.skip(exc, "rebuilding the index from the checkpoint.json files")
             return set()
         try:
             records, metadata = CheckpointIndex.read_parquet_bytes(data)
@@ -150,18 +157,23 @@ class RunIndex:
                     metadata=record.dict("metadata", {}),
                     durability=[str(d) for d in record.list("durability", [])],
                 )
+                self._checked(info, path)
                 self.index.add(info)
+                self._logged[step] = path
             elif op == "delete":
                 self.index.remove(step)
+                self._logged.pop(step, None)
             elif op == "metrics":
                 metrics = metrics_from_json(doc.any("metrics") or {}, name=path)
+                for key in metrics:
+                    self._checked_name(key, path)
                 if step in self.index:
                     self.index.update_metrics(step, metrics)
             else:
                 raise doc.error("op", f"unknown operation {op!r}")
         except FileNotFoundError:
             return
-        except CorruptCheckpointError as exc:
+        except DAMAGE as exc:
             self.damaged.skip(exc, "the change is ignored (the markers still list every commit)")
 
     def _reconcile(self) -> int:
@@ -176,6 +188,7 @@ class RunIndex:
         replacing = {int(m.group(1)) for m in map(REPLACE_RE.match, names) if m is not None}
         for step in sorted(replacing & set(self.index.steps())):
             self.index.remove(step)
+        self._check_logged()
         unknown = sorted(on_storage - set(self.index.steps()))
         for step in unknown:
             info = self.read_step(step)
@@ -183,26 +196,80 @@ class RunIndex:
                 self.index.add(info)
         return len(unknown)
 
+    def _check_logged(self) -> None:
+        """Cross-check the steps log entries committed against their markers.
+
+        A log entry is a claim, not a commit: only a marker commits a step. A ``commit`` entry
+        for a directory without a marker (planted, or a deletion cut short) would list a phantom
+        step, rank it, and let retention delete real ones for it. Each such step's marker is
+        read once (the entries since the last compaction, not the run's steps); a step without
+        one is dropped with one warning naming the entry, and a record that differs from its
+        marker is replaced by the marker's.
+        """
+        logged, self._logged = self._logged, {}
+        for step, entry in sorted(logged.items()):
+            info = self.index.get(step)
+            if info is None:
+                continue
+            try:
+                manifest = self.reader.read_manifest(step)
+            except CheckpointNotFoundError:
+                self.index.remove(step)
+                self.damaged.skip(
+                    CorruptCheckpointError(f"{entry}: commits step {step}, which has no {MARKER_FILE}", path=entry),
+                    "the step is not listed",
+                )
+                continue
+            except DAMAGE as exc:
+                self.index.remove(step)
+                self.damaged.skip(exc, f"step {step} is skipped")
+                continue
+            if manifest.created != info.created:  # the entry is not this marker's: the marker wins
+                self.index.remove(step)
+                found = self.read_step(step)
+                if found is not None:
+                    self.index.add(found)
+
     def read_step(self, step: int) -> CheckpointInfo | None:
         """A step's record from its marker and eval sidecar; None when it is not committed or damaged."""
+        marker = f"{step_dir(step)}/{MARKER_FILE}"
         try:
-            info = self._info_from_manifest(self.reader.read_manifest(step))
+            info = self._checked(self._info_from_manifest(self.reader.read_manifest(step)), marker)
         except (CheckpointNotFoundError, FileNotFoundError):
             return None  # no marker: a save in flight or a crash's leftover
-        except CorruptCheckpointError as exc:
+        except DAMAGE as exc:
             self.damaged.skip(exc, f"step {step} is skipped")
             return None
         info.metrics.update(self.read_eval_metrics(step))
         return info
 
+    @staticmethod
+    def _checked(info: CheckpointInfo, path: str) -> CheckpointInfo:
+        """``info`` if the snapshot can store it (:func:`check_record`), else damage naming ``path``."""
+        try:
+            check_record(info)
+        except ValueError as exc:
+            raise CorruptCheckpointError(f"{path}: {exc}", path=path) from None
+        return info
+
+    @staticmethod
+    def _checked_name(name: str, path: str) -> None:
+        try:
+            check_name(name, "metric")
+        except ValueError as exc:
+            raise CorruptCheckpointError(f"{path}: {exc}", path=path) from None
+
     def read_eval_metrics(self, step: int) -> dict[str, float]:
         """A step's eval_metrics.json ({} when absent; a damaged one is ignored with a warning)."""
         path = f"{step_dir(step)}/{EVAL_FILE}"
         try:
-            return read_metrics_file(self.storage.read_bytes(path), name=path)
+            metrics = read_metrics_file(self.storage.read_bytes(path), name=path)
+            for key in metrics:
+                self._checked_name(key, path)
+            return metrics
         except FileNotFoundError:
             return {}
-        except CorruptCheckpointError as exc:
+        except DAMAGE as exc:
             self.damaged.skip(exc, "its scores are ignored")
             return {}
 
@@ -253,8 +320,8 @@ class RunIndex:
         try:
             data = self.index.to_parquet_bytes({FOLDED_KEY: json.dumps(folded)})
             self.storage.write_atomic(INDEX_SNAPSHOT, data)
-        except (OSError, StorageError) as exc:
-            logger.warning("could not write %s: %s", INDEX_SNAPSHOT, exc)
+        except Exception as exc:  # noqa: BLE001 - the snapshot is an optimisation: never a commit's error
+            logger.warning("could not write %s: %s (the log entries stay)", INDEX_SNAPSHOT, exc)
             return
         self._pending = []
         for name in folded:
@@ -264,15 +331,3 @@ class RunIndex:
                 logger.warning("could not remove %s/%s: %s", INDEX_LOG_DIR, name, exc)
                 self._pending.append(name)
         self.markers_read = 0
-
-
-def check_record(record: CheckpointInfo) -> None:
-    """Refuse a snapshot record whose fields a reader could trip on (the snapshot is then rebuilt)."""
-    if not (isinstance(record.step, int) and 0 <= record.step <= MAX_STEP):
-        raise ValueError(f"step {record.step!r} out of range")
-    if not isinstance(record.metadata, dict) or not isinstance(record.metrics, dict):
-        raise ValueError(f"step {record.step}: metadata and metrics must be objects")
-    if not all(isinstance(k, str) and isinstance(v, float) for k, v in record.metrics.items()):
-        raise ValueError(f"step {record.step}: metrics must map names to numbers")
-    if record.world_size < 1 or record.total_size < 0 or record.files_size < 0:
-        raise ValueError(f"step {record.step}: negative sizes or world size")

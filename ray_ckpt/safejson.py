@@ -11,16 +11,21 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
-from ray_ckpt.errors import CorruptCheckpointError
+from ray_ckpt.errors import CorruptCheckpointError, StorageError
 
 MAX_DEPTH = 64  # deeper than any file ray-ckpt or Hugging Face writes; a recursion bomb stops here
 MAX_JSON_BYTES = 256 * 1024 * 1024  # an HF index of a huge model is a few MB; safetensors caps headers at 100 MiB
 MAX_STEP = 2**63 - 1  # steps are int64 in the Parquet index and in every tool that reads it
 
 _MISSING: Any = object()
+
+# What a reader treats as damage to skip (one warning naming the file), never as the end of the
+# run: a file that does not parse or validate, and one that cannot be read at all (a FIFO, a
+# device or a directory where a file should be, a file over its size limit, a read that fails).
+DAMAGE: tuple[type[Exception], ...] = (CorruptCheckpointError, StorageError)
 
 
 def corrupt(name: str, message: str) -> CorruptCheckpointError:
@@ -54,14 +59,28 @@ def _depth_exceeds(value: Any, limit: int) -> bool:
         node, depth = stack.pop()
         if isinstance(node, dict):
             children: Any = node.values()
-        elif isinstance(node, list):
+        elif isinstance(node, (list, tuple)):  # a tuple about to be written is a JSON array
             children = node
         else:
             continue
         if depth > limit:
             return True
-        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list, tuple)))
     return False
+
+
+def check_depth(doc: Mapping[str, Any], *, name: str) -> None:
+    """ValueError naming the file and field when an object about to be written as JSON nests
+    deeper than :data:`MAX_DEPTH`, the limit :func:`parse_json` applies when it is read back.
+
+    The writer refuses what its own reader would refuse (one limit, shared): a state, trainer
+    state or metadata nested that deep would commit and then never load.
+    """
+    for key, value in doc.items():
+        if _depth_exceeds(value, MAX_DEPTH - 1):  # the file's own object is the first level
+            raise ValueError(
+                f"{name}: {key} nests deeper than the {MAX_DEPTH}-level limit its readers apply; flatten it"
+            )
 
 
 def type_name(value: Any) -> str:
@@ -225,9 +244,10 @@ class DamageLog:
         self.run_name = run_name
         self._seen: set[str] = set()
 
-    def skip(self, exc: CorruptCheckpointError, what: str) -> None:
-        """Log ``exc`` (which names the file) and what is skipped, the first time for each file."""
-        key = exc.path or str(exc)
+    def skip(self, exc: Exception, what: str) -> None:
+        """Log ``exc`` (one of ``DAMAGE``, which name the file) and what is skipped, the first time
+        for each file."""
+        key = getattr(exc, "path", None) or str(exc)
         if key not in self._seen:
             self._seen.add(key)
             self.logger.warning("run %s: %s; %s", self.run_name, exc, what)

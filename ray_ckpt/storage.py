@@ -40,6 +40,7 @@ from fsspec.implementations.local import LocalFileSystem
 from fsspec.utils import get_protocol
 
 from ray_ckpt.errors import ConfigError, StorageError
+from ray_ckpt.safejson import MAX_JSON_BYTES
 from ray_ckpt.uri import normalize_storage_uri
 
 logger = logging.getLogger(__name__)
@@ -84,6 +85,9 @@ S3_PARTS_IN_FLIGHT = 4  # parts uploading at once: at most (1 + this) parts of m
 S3_BODY_TIMEOUT_S = 60.0
 S3_MIN_BODY_RATE = 1 << 20  # bytes/s
 
+
+# The most bytes a whole-file read takes (see Storage.read_bytes): the JSON reader's own limit.
+MAX_WHOLE_READ = MAX_JSON_BYTES
 
 DIRECT_IO_MIN = 64 << 20  # local files expected at least this big are written with O_DIRECT
 DIRECT_IO_CHUNK = 4 << 20  # one pwrite(); DIRECT_IO_IN_FLIGHT staging buffers this big per open file
@@ -406,6 +410,20 @@ def _is_timeout(error: BaseException) -> bool:
     return False
 
 
+def _is_invalid_range(error: BaseException) -> bool:
+    """Whether ``error`` (or what caused it) is an object store's 416 InvalidRange (a ranged read of
+    an empty object)."""
+    seen: BaseException | None = error
+    for _ in range(8):
+        if seen is None:
+            return False
+        text = str(seen)
+        if "InvalidRange" in text or "not satisfiable" in text:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def _file_kind(mode: int) -> str:
     """What a non-regular file is, for error messages."""
     for test, kind in (
@@ -676,20 +694,48 @@ class Storage:
         finally:
             f.close()
 
-    def read_bytes(self, path: str) -> bytes:
-        """Read a whole file (locally: a regular file only, as in :meth:`open_read`)."""
+    def read_bytes(self, path: str, *, limit: int | None = MAX_WHOLE_READ) -> bytes:
+        """Read a whole file (locally: a regular file only, as in :meth:`open_read`).
+
+        At most ``limit`` bytes are ever read: a file over it is a StorageError (EFBIG) naming
+        it, found before its bytes are read (locally the open file's size; on an object store
+        one ranged GET of ``limit + 1`` bytes). Every small file ray-ckpt reads whole (markers,
+        sidecars, leases, log entries, the index snapshot) is bounded so; callers that read a
+        file of known, checked size (a ``pt`` shard) pass ``limit=None``.
+        """
         if self.is_local:
 
             def read_local() -> bytes:
                 with self._open_regular(path, "read") as f:
+                    if limit is not None:
+                        self._check_limit(path, os.fstat(f.fileno()).st_size, limit)
                     return f.read()
 
             return self._call("read", path, read_local)
         # One GET: s3fs's concurrent cat_file first asks the size (HEAD, then a listing for a
         # missing key, or neither when its listing cache happens to answer), which made the
         # requests of a read depend on what was listed before.
-        kwargs = {"max_concurrency": 1} if _is_s3(self.fs) else {}
-        return self._call("read", path, lambda: self.fs.cat_file(self.full_path(path), **kwargs))
+        kwargs: dict[str, Any] = {"max_concurrency": 1} if _is_s3(self.fs) else {}
+
+        def read_remote() -> bytes:
+            if limit is None:
+                return self.fs.cat_file(self.full_path(path), **kwargs)
+            try:
+                data = self.fs.cat_file(self.full_path(path), start=0, end=limit + 1, **kwargs)
+            except OSError as exc:  # a ranged GET of an empty object: S3 answers 416 InvalidRange
+                if not _is_invalid_range(exc):
+                    raise
+                data = b""
+            self._check_limit(path, len(data), limit)
+            return data
+
+        return self._call("read", path, read_remote)
+
+    def _check_limit(self, path: str, size: int, limit: int) -> None:
+        if size > limit:
+            raise StorageError(
+                errno.EFBIG, f"read refused for {self.url(path)}: over the {limit}-byte limit of a file read whole"
+            )
 
     def _require_regular(self, what: str, path: str, st: os.stat_result) -> None:
         """Raise a StorageError naming ``path`` unless ``st`` is a regular file's."""
@@ -715,6 +761,27 @@ class Storage:
         except BaseException:
             os.close(fd)
             raise
+
+    def symlinks(self, path: str) -> list[str]:
+        """The symlinks at or under ``path`` (root-relative; never followed); [] on object stores.
+
+        A directory about to be put in a step's place must hold only its own files: a link
+        would make the step's files somebody else's (or, swapped in, point at themselves).
+        """
+        if not self.is_local:
+            return []
+
+        def walk() -> list[str]:
+            full = self.full_path(path)
+            if os.path.islink(full):
+                return [path]
+            found = []
+            for top, dirs, files in os.walk(full):  # os.walk never descends into a linked directory
+                rel = posixpath.join(path, os.path.relpath(top, full)) if top != full else path
+                found += [posixpath.join(rel, n) for n in dirs + files if os.path.islink(os.path.join(top, n))]
+            return found
+
+        return self._call("stat", path, walk)
 
     def exists(self, path: str) -> bool:
         """Whether a file or directory exists."""
@@ -754,6 +821,15 @@ class Storage:
             return []
         names = [posixpath.basename(str(e).rstrip("/")) for e in entries]
         return sorted(n for n in names if n and posixpath.join(full, n) != full)
+
+    def find(self, path: str) -> list[str]:
+        """Every file under ``path``, as paths relative to it (one recursive listing); [] when missing."""
+        full = self.full_path(path).rstrip("/")
+        try:
+            found = self._call("list", path, lambda: self.fs.find(full, withdirs=False))
+        except FileNotFoundError:
+            return []
+        return sorted(str(p)[len(full) + 1 :] for p in found if str(p).startswith(full + "/"))
 
     def glob(self, pattern: str) -> list[str]:
         """Root-relative paths matching a glob pattern."""

@@ -43,6 +43,7 @@ from ray_ckpt.errors import CheckpointNotFoundError, CorruptCheckpointError, Ray
 from ray_ckpt.index import CheckpointIndex, CheckpointInfo
 from ray_ckpt.layout import MARKER_FILE, step_dir
 from ray_ckpt.retention import Steps, plan, policy_from_config
+from ray_ckpt.safejson import DAMAGE, JsonObject
 from ray_ckpt.writer import StepWriter, copy_checked
 
 if TYPE_CHECKING:
@@ -179,6 +180,10 @@ class RemoteTier:
             if self._resumed:
                 return []
             self._resumed = True
+        if self._remote_index() is not None:  # upload records are checked against the remote tier
+            with self._marks_lock:
+                self._marks = {s: v for s, v in self._marks.items() if v is False}
+                self._marks_version += 1
         steps = sorted(self.not_uploaded_steps())
         for step in steps:
             logger.info("resuming the upload of step %d of %s to %s", step, self.run_name, self.remote.uri)
@@ -224,16 +229,47 @@ class RemoteTier:
             self._marks_version += 1
 
     def _uploaded_record(self, step: int) -> bool:
-        """Whether ``step``'s local copy has an ``uploaded.json`` (read once per step, then kept)."""
+        """Whether ``step``'s local copy has a valid ``uploaded.json`` (read once per step, then kept).
+
+        The record is a claim like any file on storage: it counts only when it parses, names this
+        step and this local commit (its ``created``), and, once the remote index has been read,
+        the remote tier holds the step as the record says. A planted or stale record never
+        stops a step from being uploaded (or lets its only copy be deleted); a damaged one is
+        skipped with one warning naming it.
+        """
         with self._marks_lock:
             known = self._marks.get(step)
         if known is not None:
             return known
-        found = self.store.storage.exists(f"{step_dir(step)}/{UPLOADED_FILE}")
+        path = f"{step_dir(step)}/{UPLOADED_FILE}"
+        try:
+            found = self._valid_upload_record(step, JsonObject.parse(self.store.storage.read_bytes(path), name=path))
+        except FileNotFoundError:
+            found = False
+        except DAMAGE as exc:
+            self.store.damaged.skip(exc, f"step {step} counts as not uploaded")
+            found = False
         with self._marks_lock:
             self._marks.setdefault(step, found)
             self._marks_version += 1
             return self._marks[step]
+
+    def _valid_upload_record(self, step: int, doc: JsonObject) -> bool:
+        """Cross-check an ``uploaded.json`` against the local commit and the remote index (no I/O)."""
+        if doc.int("step", lo=0) != step:
+            raise doc.error("step", f"is not {step}")
+        local = self.store.index.get(step)
+        if local is None or doc.float("created") != local.created:
+            raise doc.error("created", f"is not the commit time of the local step {step}")
+        if not self.remote.run_index.loaded:
+            return True  # checked against the remote tier once its index is read (see resume)
+        remote = self.remote.index.get(step)
+        recorded = doc.float("remote_created", None)
+        if remote is None or (recorded is not None and recorded != remote.created):
+            logger.warning("run %s: %s/%s claims an upload the remote tier %s does not hold; uploading again",
+                           self.run_name, step_dir(step), UPLOADED_FILE, self.remote.uri)
+            return False
+        return True
 
     def not_uploaded_steps(self) -> set[int]:
         """Committed local steps whose remote copy was never committed (no ``uploaded.json``)."""
@@ -280,7 +316,7 @@ class RemoteTier:
         if remote is None:
             on_remote = not self.remote.run_index.loaded and bool(self._marks.get(local.step))
             return dataclasses.replace(local, durability=[LOCAL, REMOTE] if on_remote else [LOCAL])
-        if self._marks.get(local.step) is False:  # re-saved (overwrite) since: the remote copy is older
+        if not self._uploaded_record(local.step):  # not (verifiably) uploaded, or re-saved since
             return dataclasses.replace(local, durability=[LOCAL])
         return dataclasses.replace(local, durability=[LOCAL, REMOTE], metrics={**remote.metrics, **local.metrics})
 
@@ -488,20 +524,28 @@ class RemoteTier:
         except CheckpointNotFoundError:
             existing = None
         if existing is not None and existing.files == manifest.files:
+            try:  # a remote copy this uploader did not just write is proven before it counts
+                remote.reader.verify(existing)
+            except DAMAGE as exc:
+                logger.warning("run %s: the remote copy of step %d is not intact (%s); uploading it again",
+                               self.run_name, step, exc)
+                existing = None
+        if existing is not None and existing.files == manifest.files:
             logger.info("step %d of %s is already committed on %s", step, self.run_name, remote.uri)
-            uri = remote.step_uri(step)
+            uri, remote_created = remote.step_uri(step), existing.created
         else:
             self._copy_architecture()
             started = time.perf_counter()
             with StepWriter(remote, step, overwrite=True) as writer:
                 for name, digest in sorted(manifest.files.items()):
                     self._copy_file(step, name, digest, writer)
+                writer.add_files(manifest.files)  # every file there with its size (one listing per directory)
                 writer.adopt_records(manifest)
                 info = writer.commit(
                     metrics=manifest.metrics, metadata=manifest.metadata, world_size=manifest.world_size,
                     kind=manifest.kind, extra=manifest.extra,
                 )
-            uri = info.uri
+            uri, remote_created = info.uri, info.created
             seconds = time.perf_counter() - started
             metrics.observe_upload(self.run_name, seconds, info.files_size)
             logger.info("uploaded step %d of %s to %s: %d bytes in %.3fs", step, self.run_name, uri,
@@ -512,7 +556,8 @@ class RemoteTier:
         except CheckpointNotFoundError:
             current = None
         if current is not None and (current.created, current.files) == (manifest.created, manifest.files):
-            record = {"step": step, "uri": uri, "uploaded": time.time(), "created": manifest.created}
+            record = {"step": step, "uri": uri, "uploaded": time.time(), "created": manifest.created,
+                      "remote_created": remote_created}
             local.storage.write_atomic(f"{step_dir(step)}/{UPLOADED_FILE}", json.dumps(record).encode())
             self._mark(step, True)
         # retention on both tiers: the local copy may go now, the remote tier keeps what the rules keep
@@ -535,7 +580,6 @@ class RemoteTier:
             if not self.store.storage.exists(f"{step_dir(step)}/{MARKER_FILE}"):
                 raise CheckpointNotFoundError(f"step {step} of {self.run_name!r}: deleted before its upload") from exc
             raise
-        writer.files[name] = expected
 
     def _copy_architecture(self) -> None:
         from ray_ckpt.architecture import ARCHITECTURE_FILE

@@ -34,7 +34,7 @@ from ray_ckpt.digests import (
     digest_hex,
     hash_pool,
 )
-from ray_ckpt.errors import CorruptCheckpointError
+from ray_ckpt.errors import CheckpointNotFoundError, CorruptCheckpointError, StorageError
 from ray_ckpt.format import (
     DTYPE_PACKING,
     DTYPE_SIZE,
@@ -49,6 +49,7 @@ from ray_ckpt.format import (
 from ray_ckpt.index import CheckpointInfo
 from ray_ckpt.layout import (
     CHECKPOINTS_DIR,
+    EVAL_FILE,
     FORMAT_VERSION,
     INDEX_LOG_DIR,
     LEASES_DIR,
@@ -76,6 +77,8 @@ from ray_ckpt.planner import (
     describe,
     plan_save,
 )
+from ray_ckpt.reader import StepReader
+from ray_ckpt.safejson import check_depth
 from ray_ckpt.shard import box_runs, box_view
 from ray_ckpt.storage import Storage, is_temp_name
 
@@ -190,6 +193,32 @@ class StepWriter:
                             f"planned {planned[:4]}"
                         )
 
+    def check_planned(self, plan: SavePlan) -> None:
+        """Every file the ranks wrote holds what the plan says: ValueError naming the file, key and ranks.
+
+        A rank's description is a claim: a file it streamed must have its planned size, and the
+        ranges it declared in a SHARED file must have been written (a range never written is a
+        hole in the sparse file the master created). So a rank declaring more than it holds
+        (halves of a 2 TiB tensor it does not have) is refused before the master reads or
+        commits anything of it.
+        """
+        for part, fplan in plan.streams(SHARED):
+            hole = first_hole(self.store.storage, f"{self.dir}/{fplan.name}", len(fplan.header), fplan.size)
+            if hole is not None:
+                key = next((k for k in fplan.keys if part.tensors[k].begin + part.tensors[k].nbytes > hole), "?")
+                ranks = sorted({r for c in part.tensors[key].chunks for r in c.ranks}) if key != "?" else []
+                raise ValueError(
+                    f"{fplan.name}: byte {hole} of key {key!r} was never written: ranks {ranks} declared more than "
+                    "they wrote"
+                )
+        for rank in range(plan.world_size):
+            for part, fplan in plan.streams(rank):
+                got = self.files.get(fplan.name)
+                if part.fmt == "safetensors" and got is not None and got.size != fplan.size:
+                    raise ValueError(
+                        f"{fplan.name}: rank {rank} wrote {got.size} bytes, its plan {fplan.size} bytes"
+                    )
+
     def write_indexes(self, plan: SavePlan) -> None:
         """Write each part's index (the HF ``*.index.json``; trainer_state.json) and record them for the marker.
 
@@ -226,6 +255,7 @@ class StepWriter:
             chunks = plan.chunk_map(TRAINER)
             if chunks:
                 payload["sharded"] = chunks
+            check_depth(payload, name=f"{self.dir}/{TRAINER_STATE_JSON}")  # what its reader would refuse
             self._write_small(TRAINER_STATE_JSON, json.dumps(payload, indent=1).encode())
             self.trainer_state = True
 
@@ -316,11 +346,18 @@ class StepWriter:
             json.dumps(manifest.metadata)
         except (TypeError, ValueError) as exc:
             raise TypeError(f"metadata: not JSON serialisable: {exc}") from exc
+        except RecursionError:
+            raise ValueError("metadata: nested too deep to be written as JSON") from None
+        check_depth(
+            {"metadata": manifest.metadata, "model": manifest.model, **manifest.extra}, name=f"{self.dir}/{MARKER_FILE}"
+        )
         storage.write_atomic(f"{self.dir}/{MARKER_FILE}", manifest.to_json_bytes())
         storage.fsync_dir(CHECKPOINTS_DIR)
         if self.replace_id is not None:
             # The new version is complete and committed under its staging name: swap it in.
-            # Any crash from here on leaves the old or the new version (see swap_in_replacement).
+            # Any crash from here on leaves the old or the new version (see swap_in_replacement);
+            # a failed swap keeps the staged copy (no abort removes it): the next start finishes it.
+            self.committed = True
             swap_in_replacement(storage, self.step, self.replace_id)
             self.dir = step_dir(self.step)
         self.committed = True
@@ -346,11 +383,14 @@ def swap_in_replacement(storage: Storage, step: int, replace_id: str) -> None:
     """Put the committed staging copy of ``step`` in place of the committed old one.
 
     A crash at any point leaves the old or the new version at the step's path, or the new one
-    committed under its staging name, which the next writer start (``gc``) swaps in:
+    committed under its staging name, which the next writer start (``gc``) proves complete and
+    swaps in:
     - local disk: one atomic ``renameat2(RENAME_EXCHANGE)`` of the two directories; where that
       is missing, the old directory is renamed aside, then the new one into place;
-    - object store (no renames): the old marker goes first (the step turns invisible), then the
-      old objects; the new ones are copied in server-side and the marker is copied last.
+    - object store (no renames): the old marker goes first (the step turns invisible), the new
+      files are copied in server-side over the old ones, the marker is copied last, and only
+      then are the old version's other objects removed. The staged copy stays complete until
+      the new version is in place, so a copy that fails loses nothing: the next start redoes it.
     """
     staged, target = staging_dir(step, replace_id), step_dir(step)
     if storage.is_local:
@@ -368,11 +408,34 @@ def swap_in_replacement(storage: Storage, step: int, replace_id: str) -> None:
     marker = f"{staged}/{MARKER_FILE}"
     manifest = Manifest.from_json_bytes(storage.read_bytes(marker), name=marker)
     storage.rm(f"{target}/{MARKER_FILE}", missing_ok=True)
-    storage.rm(target, recursive=True, missing_ok=True)
+    storage.rm(f"{target}/{EVAL_FILE}", missing_ok=True)  # the old version's scores are not the new one's
     for name in sorted(manifest.files):
         storage.copy(f"{staged}/{name}", f"{target}/{name}")
     storage.copy(marker, f"{target}/{MARKER_FILE}")
+    keep = {*manifest.files, MARKER_FILE}
+    for name in storage.find(target):
+        if name not in keep:
+            storage.rm(f"{target}/{name}", missing_ok=True)  # the old version's files the new one lacks
     storage.rm(staged, recursive=True, missing_ok=True)
+
+
+def prove_staged(storage: Storage, run_name: str, step: int, directory: str) -> Manifest:
+    """The marker of a staged version of ``step`` in ``directory``, proven complete; else an error.
+
+    What lets a crashed replacement be finished without trusting whatever sits under a staging
+    name: the directory is no symlink and holds none, its marker is one of ``step``, and every
+    file the marker lists is there with its committed size and checksum and passes every check
+    a load makes (the reader's own :meth:`~ray_ckpt.reader.StepReader.verify`). Raises
+    CorruptCheckpointError (or CheckpointNotFoundError without a marker) naming what is wrong;
+    a storage failure is a StorageError.
+    """
+    links = storage.symlinks(directory)
+    if links:
+        raise CorruptCheckpointError(f"{links[0]}: a symlink in a staged step (never swapped in)", path=links[0])
+    reader = StepReader(storage, run_name, directory=lambda _: directory)
+    manifest = reader.read_manifest(step)  # its step must be this one
+    reader.verify(manifest)
+    return manifest
 
 
 COPY_CHUNK = 16 << 20  # bytes read at a time by copy_checked
@@ -636,6 +699,25 @@ def create_shared_file(storage: Storage, directory: str, fplan: FilePlan) -> Fil
     return FileDigest(fplan.size, None, BlockDigests(BLOCK_SIZE, digest_hex(fplan.header), {}))
 
 
+def first_hole(storage: Storage, path: str, start: int, size: int) -> int | None:
+    """The first byte in ``[start, size)`` of a local file that was never written (a hole), if any.
+
+    ``lseek(SEEK_HOLE)``: a few system calls, no data read. Where the filesystem cannot tell, it
+    reports no hole.
+    """
+    local = storage.local_path(path)
+    if local is None or start >= size or not hasattr(os, "SEEK_HOLE"):
+        return None
+    fd = os.open(local, os.O_RDONLY)
+    try:
+        hole = os.lseek(fd, start, os.SEEK_HOLE)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return hole if hole < size else None
+
+
 def fsync_file(storage: Storage, path: str) -> None:
     """fsync a local file that other processes wrote into."""
     local = storage.local_path(path)
@@ -691,9 +773,12 @@ def _recover_replacement(
 ) -> list[str]:
     """Finish or drop what an interrupted ``overwrite=True`` save left; the paths removed.
 
-    A staging copy committed for this very replacement is swapped in (the save had
-    committed it; only the swap was cut short); the old version left aside is removed once
-    the step's path holds a committed version again, or moved back if it does not.
+    A staging copy committed for this very replacement is swapped in (the save had committed
+    it; only the swap was cut short), the old version left aside is moved back when the step's
+    path holds no committed version, but either only once :func:`prove_staged` has proven it a
+    complete, intact version of that step: anything else under a staging name (a copy of a
+    marker without its files, another step, a symlink, damaged files) is removed with a warning
+    and never touches the step. A storage failure leaves it for the next start.
     """
     match = REPLACE_RE.match(name)
     assert match is not None
@@ -701,23 +786,27 @@ def _recover_replacement(
     path = f"{CHECKPOINTS_DIR}/{name}"
     if older_than_s and _age(storage, path, now) < older_than_s:
         return []  # a writer may be in the middle of it
-    marker = f"{path}/{MARKER_FILE}"
-    try:
-        manifest: Manifest | None = Manifest.from_json_bytes(storage.read_bytes(marker), name=marker)
-    except (FileNotFoundError, CorruptCheckpointError):
-        manifest = None
     target_committed = storage.exists(f"{step_dir(step)}/{MARKER_FILE}")
-    if kind == "replace" and manifest is not None and manifest.extra.get("replace_id") == replace_id:
-        if not dry_run:
-            swap_in_replacement(storage, step, replace_id)
-            logger.warning("run %s: finished the interrupted replacement of step %d", run_name, step)
-        return [path]
-    if kind == "old" and manifest is not None and not target_committed:
-        if not dry_run:
-            storage.rm(step_dir(step), recursive=True, missing_ok=True)
-            storage.move(path, step_dir(step))
-            logger.warning("run %s: restored step %d from an interrupted replacement", run_name, step)
-        return [path]
+    if kind == "replace" or not target_committed:
+        try:
+            manifest = prove_staged(storage, run_name, step, path)
+            if kind == "replace" and manifest.extra.get("replace_id") != replace_id:
+                raise CorruptCheckpointError(f"{path}/{MARKER_FILE}: not committed for replacement {replace_id}")
+        except (CorruptCheckpointError, CheckpointNotFoundError) as exc:
+            logger.warning("run %s: %s is no complete version of step %d (%s); removing it", run_name, path, step, exc)
+        except StorageError as exc:
+            logger.warning("run %s: could not check %s (%s); left for the next start", run_name, path, exc)
+            return []
+        else:
+            if not dry_run:
+                if kind == "replace":
+                    swap_in_replacement(storage, step, replace_id)
+                    logger.warning("run %s: finished the interrupted replacement of step %d", run_name, step)
+                else:
+                    storage.rm(step_dir(step), recursive=True, missing_ok=True)
+                    storage.move(path, step_dir(step))
+                    logger.warning("run %s: restored step %d from an interrupted replacement", run_name, step)
+            return [path]
     if not dry_run:
         storage.rm(path, recursive=True, missing_ok=True)
     return [path]
