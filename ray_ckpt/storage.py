@@ -106,10 +106,23 @@ class DirectFileWriter:
     filesystem has no O_DIRECT (tmpfs): callers fall back to a buffered file.
     """
 
-    def __init__(self, path: str, chunk: int = DIRECT_IO_CHUNK, in_flight: int = DIRECT_IO_IN_FLIGHT) -> None:
+    def __init__(
+        self,
+        path: str,
+        chunk: int = DIRECT_IO_CHUNK,
+        in_flight: int = DIRECT_IO_IN_FLIGHT,
+        *,
+        offset: int | None = None,
+    ) -> None:
         self.path = path
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT | os.O_CLOEXEC, 0o644)
-        self.align = max(4096, os.fstatvfs(self.fd).f_bsize)
+        # offset: write the region from there of an existing file (its length a multiple of the alignment)
+        create = os.O_CREAT | os.O_TRUNC if offset is None else 0
+        self.fd = os.open(path, os.O_WRONLY | create | os.O_DIRECT | os.O_CLOEXEC, 0o644)
+        self._region = offset is not None
+        self.align = direct_io_alignment(self.fd)
+        if offset is not None and offset % self.align:
+            os.close(self.fd)
+            raise ValueError(f"{path}: a direct-I/O region must start at a multiple of {self.align}, not {offset}")
         self.chunk = max(self.align, chunk - chunk % self.align)
         self._buffers = [_aligned_buffer(self.chunk, self.align) for _ in range(in_flight)]
         self._spare = list(self._buffers)
@@ -117,7 +130,7 @@ class DirectFileWriter:
         self._pending: list[tuple[concurrent.futures.Future, np.ndarray]] = []
         self._current = self._spare.pop()
         self._fill = 0
-        self._offset = 0  # file offset of the current buffer
+        self._offset = offset or 0  # file offset of the current buffer
         self._finished = False
         self.size = 0
 
@@ -171,7 +184,11 @@ class DirectFileWriter:
         for future, _ in self._pending:
             future.result()  # the first failure (ENOSPC, EIO) is raised here
         self._pending.clear()
-        os.ftruncate(self.fd, self.size)
+        if self._region:
+            if self.size % self.align:
+                raise ValueError(f"{self.path}: a direct-I/O region must be a multiple of {self.align} bytes long")
+        else:
+            os.ftruncate(self.fd, self.size)
 
     def close(self, *, complete: bool = True) -> None:
         """Flush (unless ``complete`` is False: after a failure the file is discarded) and close."""
@@ -189,6 +206,11 @@ class DirectFileWriter:
 
     def __exit__(self, exc_type: Any, *_: Any) -> None:
         self.close(complete=exc_type is None)
+
+
+def direct_io_alignment(fd: int) -> int:
+    """The offset, length and address alignment O_DIRECT asks of an open file."""
+    return max(4096, os.fstatvfs(fd).f_bsize)
 
 
 def _aligned_buffer(nbytes: int, align: int) -> np.ndarray:
@@ -895,9 +917,7 @@ class Storage:
         parent = posixpath.dirname(dst.strip("/"))
         if self.is_local and parent:
             os.makedirs(self.full_path(parent), exist_ok=True)  # object stores need no parents
-        self._call(
-            "move", src, lambda: self.fs.mv(self.full_path(src), self.full_path(dst), recursive=True)
-        )
+        self._call("move", src, lambda: self.fs.mv(self.full_path(src), self.full_path(dst), recursive=True))
         self._invalidate(src)
         self._invalidate(dst)
 
@@ -957,4 +977,3 @@ class _RetryingReader:
 
     def __exit__(self, *_: Any) -> None:
         self._f.close()
-

@@ -80,7 +80,7 @@ from ray_ckpt.planner import (
 from ray_ckpt.reader import StepReader
 from ray_ckpt.safejson import check_depth
 from ray_ckpt.shard import box_runs, box_view
-from ray_ckpt.storage import Storage, is_temp_name
+from ray_ckpt.storage import DirectFileWriter, Storage, direct_io_alignment, is_temp_name
 
 logger = logging.getLogger(__name__)
 
@@ -215,9 +215,7 @@ class StepWriter:
             for part, fplan in plan.streams(rank):
                 got = self.files.get(fplan.name)
                 if part.fmt == "safetensors" and got is not None and got.size != fplan.size:
-                    raise ValueError(
-                        f"{fplan.name}: rank {rank} wrote {got.size} bytes, its plan {fplan.size} bytes"
-                    )
+                    raise ValueError(f"{fplan.name}: rank {rank} wrote {got.size} bytes, its plan {fplan.size} bytes")
 
     def write_indexes(self, plan: SavePlan) -> None:
         """Write each part's index (the HF ``*.index.json``; trainer_state.json) and record them for the marker.
@@ -532,7 +530,7 @@ def write_share(
                 future.result()  # the first error; leaving the pool still waits for the other writes
     pieces = plan.pieces(writer)
     if pieces:
-        files.update(write_pieces(storage, plan.directory, pieces, source))
+        files.update(write_pieces(storage, plan.directory, pieces, source, direct_io=direct_io))
     return files
 
 
@@ -643,15 +641,23 @@ def assemble(layout: TensorLayout, chunk_bytes: Callable[[int], np.ndarray]) -> 
 
 
 def write_pieces(
-    storage: Storage, directory: str, pieces: list[tuple[PartPlan, FilePlan, TensorLayout, int]], source: ChunkSource
+    storage: Storage,
+    directory: str,
+    pieces: list[tuple[PartPlan, FilePlan, TensorLayout, int]],
+    source: ChunkSource,
+    *,
+    direct_io: bool = True,
 ) -> dict[str, FileDigest]:
     """Write chunks into place in SHARED files (positioned writes; local disk only) and fsync them.
 
-    Returns this writer's part of each file's digests: the block digests of the chunks it wrote,
-    hashed from its own buffers while they are written (nothing is read back).
+    With ``direct_io`` the aligned middle of each big run (a dim-0 shard is one run) goes to disk
+    with O_DIRECT, as a streamed file does; its unaligned edges through the page cache. Returns this
+    writer's part of each file's digests: the block digests of the chunks it wrote, hashed from
+    its own buffers while they are written (nothing is read back).
     """
     parts: dict[str, FileDigest] = {}
     fds: dict[str, int] = {}
+    local_paths: dict[str, str] = {}
     try:
         for part, fplan, layout, index in pieces:
             chunk = layout.chunks[index]
@@ -660,6 +666,7 @@ def write_pieces(
                 if local is None:
                     raise ValueError(f"{fplan.name}: positioned writes need local storage, not {storage.uri!r}")
                 fds[fplan.name] = os.open(local, os.O_WRONLY)
+                local_paths[fplan.name] = local
             fd = fds[fplan.name]
             starts, length = box_runs(layout.shape, chunk.offsets, chunk.shape, DTYPE_SIZE[layout.dtype])
             data = source(part.part, layout.key, chunk.writer)
@@ -669,9 +676,9 @@ def write_pieces(
                 for n, start in enumerate(starts.tolist()):
                     piece = view[n * length : (n + 1) * length]
                     position = layout.begin + start
-                    while piece:
-                        done = os.pwrite(fd, piece, position)
-                        piece, position = piece[done:], position + done
+                    if direct_io and length >= DIRECT_IO_MIN_RUN:
+                        piece, position = _pwrite_direct(fds[fplan.name], local_paths[fplan.name], piece, position)
+                    _pwrite(fd, piece, position)
             finally:
                 blocks = hashed.result()
             if index in recorded_chunks(layout):
@@ -684,6 +691,36 @@ def write_pieces(
         for fd in fds.values():
             os.close(fd)
     return parts
+
+
+DIRECT_IO_MIN_RUN = 16 << 20  # a run of a SHARED file this long has its aligned middle written with O_DIRECT
+
+
+def _pwrite(fd: int, piece: memoryview, position: int) -> None:
+    while piece:
+        done = os.pwrite(fd, piece, position)
+        piece, position = piece[done:], position + done
+
+
+def _pwrite_direct(fd: int, path: str, piece: memoryview, position: int) -> tuple[memoryview, int]:
+    """Write the aligned middle of ``piece`` (bound for ``position``) with O_DIRECT and its head through
+    ``fd``; returns the tail still to write. Where the filesystem has no O_DIRECT, nothing is written."""
+    try:
+        probe = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+    except OSError:
+        return piece, position  # e.g. tmpfs: everything through the page cache
+    try:
+        align = direct_io_alignment(probe)
+    finally:
+        os.close(probe)
+    first = -(-position // align) * align
+    last = (position + len(piece)) // align * align
+    if last - first < align:
+        return piece, position
+    _pwrite(fd, piece[: first - position], position)
+    with DirectFileWriter(path, offset=first) as out:
+        out.write(piece[first - position : last - position])
+    return piece[last - position :], last
 
 
 def create_shared_file(storage: Storage, directory: str, fplan: FilePlan) -> FileDigest:

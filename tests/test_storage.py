@@ -309,6 +309,24 @@ def test_direct_file_writer_writes_exact_bytes(tmp_path: Path, sizes: list[int])
     assert path.read_bytes() == b"".join(p.tobytes() for p in pieces)
 
 
+def test_direct_file_writer_fills_an_aligned_region_of_an_existing_file(tmp_path: Path) -> None:
+    """What a rank does in a shared file: the rest of the file (header, other ranks' bytes) stays."""
+    from ray_ckpt.storage import DirectFileWriter
+
+    path = tmp_path / "shared.bin"
+    path.write_bytes(b"h" * 100 + b"\0" * (3 << 20))
+    region = np.random.default_rng(1).integers(0, 256, 2 << 20, dtype=np.uint8)
+    with DirectFileWriter(str(path), chunk=1 << 20, in_flight=2, offset=1 << 20) as f:
+        f.write(memoryview(region))
+    data = path.read_bytes()
+    assert len(data) == 100 + (3 << 20)  # never truncated
+    assert data[:100] == b"h" * 100 and data[1 << 20 : 3 << 20] == region.tobytes()
+    with pytest.raises(ValueError, match="must start at a multiple"):
+        DirectFileWriter(str(path), offset=100)
+    with pytest.raises(ValueError, match="must be a multiple"), DirectFileWriter(str(path), offset=0) as f:
+        f.write(b"odd")
+
+
 def test_big_durable_local_writes_are_right_with_or_without_o_direct(tmp_path: Path) -> None:
     """Big hinted writes go through O_DIRECT where the filesystem has it; tmpfs refuses it at open
     (EINVAL) and the same write goes through the page cache."""
