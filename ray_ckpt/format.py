@@ -448,6 +448,9 @@ def _read_local(f: IO[bytes], chunk: ChunkBytes, lo: int, hi: int, out: np.ndarr
         pos += n
 
 
+BOX_READ_PIECE = 16 << 20  # a verified box is read in pieces this big, each hashed while the next is read
+
+
 def _split_runs(starts: np.ndarray, length: int, fine: int) -> np.ndarray:
     """Runs of ``length`` bytes as runs of ``fine`` bytes (``fine`` divides ``length``)."""
     if length == fine:
@@ -501,8 +504,8 @@ def _read_verified(
     hasher = _OrderedHasher(check)  # hashes what was read while the next piece is read
     try:
         for a, b, out in pieces:
-            for start in range(a, b, READ_CHUNK):
-                end = min(start + READ_CHUNK, b)
+            for start in range(a, b, BOX_READ_PIECE):
+                end = min(start + BOX_READ_PIECE, b)
                 piece = out[start - a : end - a]
                 _read_local(f, chunk, start, end, piece, name=name)
                 hasher.update(piece)
