@@ -42,7 +42,7 @@ import xxhash
 
 from ray_ckpt import metrics as telemetry
 from ray_ckpt.config import CheckpointConfig
-from ray_ckpt.errors import CheckpointExistsError, SaveAbortedError
+from ray_ckpt.errors import CheckpointExistsError, ConfigError, SaveAbortedError
 from ray_ckpt.format import FileDigest
 from ray_ckpt.index import CheckpointIndex, CheckpointInfo, IndexDelta, IndexFeed
 from ray_ckpt.layout import validate_metrics, validate_step
@@ -919,6 +919,23 @@ class CheckpointerHandle:
         ray.kill(self.actor, no_restart=True)
 
 
+def check_shared_storage(config: CheckpointConfig) -> None:
+    """Refuse storage that other processes cannot read: ``memory://`` lives in one process.
+
+    The checkpointer, its workers and its evaluators are separate processes; on ``memory://``
+    each would see a storage of its own (a worker's shard or an evaluator's lease that the
+    checkpointer never sees), so a run there could only fail later and obscurely.
+    """
+    for field_name in ("storage_uri", "remote_uri"):
+        uri = getattr(config, field_name)
+        if isinstance(uri, str) and uri.startswith("memory://"):
+            raise ConfigError(
+                f"{field_name}={uri!r}: memory:// storage lives in one process, and a checkpointer's run is "
+                "read by other processes (the checkpointer actor, workers, evaluators); use a directory "
+                "shared by them, file://... or s3://... (memory:// suits CheckpointStore in one process)"
+            )
+
+
 def start_checkpointer(
     config: CheckpointConfig,
     name: str | None = None,
@@ -935,11 +952,13 @@ def start_checkpointer(
     process that started it; use ``detached=True`` when that process may exit first.
     ``actor_options`` go to ``.options()`` (e.g. ``resources`` or a scheduling strategy).
     A field the checkpointer ignores (``async_save``: use ``save(blocking=False)``; NeMo's
-    ``enabled``) is a ConfigError, raised before anything starts.
+    ``enabled``) is a ConfigError, raised before anything starts, and so is ``memory://`` storage
+    (it lives in one process: the checkpointer, workers and evaluators would each see their own).
     """
     if not isinstance(config, CheckpointConfig):
         raise TypeError(f"config: expected CheckpointConfig, got {type(config).__name__}")
     config.check_consumed("start_checkpointer")
+    check_shared_storage(config)
     options: dict[str, Any] = {
         "name": name or actor_name(config.run_name),
         "namespace": namespace,

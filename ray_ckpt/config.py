@@ -169,7 +169,8 @@ class StoreOptions(OptionGroup):
     group: ClassVar[str] = "store"
 
     storage_uri: Annotated[str, AfterValidator(_not_empty)] = Field(
-        "./checkpoints", description="Storage root: a local directory, file://..., s3://bucket/prefix or memory://."
+        "./checkpoints",
+        description="Storage root: a local directory, file://..., s3://bucket/prefix or memory:// (one process only).",
     )
     run_name: Annotated[str, AfterValidator(_run_name)] = Field(
         "run", description="The run's directory under storage_uri: one safe path component."

@@ -407,8 +407,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     if address:  # an existing cluster has its own resources: never pass num_cpus to it
         ray.init(address=address, logging_level="WARNING")
-    else:
-        ray.init(num_cpus=args.num_cpus, include_dashboard=False, logging_level="WARNING")
+    else:  # "local": a Ray of its own, even where `ray start` left another one for ray.init() to join
+        ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, logging_level="WARNING")
     print(f"Ray up in {time.monotonic() - started:.1f}s ({address or 'local'})", flush=True)
     try:
         top = run_demo(config, steps=args.steps, workers=args.workers, evaluators=args.evaluators)
