@@ -8,7 +8,6 @@ the evaluator's score, so an example whose actors never ran (or failed) cannot p
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
