@@ -1,7 +1,7 @@
 """Validated checkpoint options, grouped by the part of ray-ckpt that consumes them; YAML loading.
 
 :class:`CheckpointConfig` is a pydantic model of five groups (``store``, ``retention``,
-``schedule``, ``checkpointer``, ``tiering``). pydantic comes with ``ray[default]``; it reports
+``schedule``, ``checkpointer``, ``tiering``). pydantic (a declared dependency) reports
 every invalid field of a config at once, validates assignments and exports a JSON schema. Every
 option can still be given and read flat (``CheckpointConfig(keep_last_n=3).keep_last_n``); the
 groups say which entry point reads what (see :data:`CONSUMERS`), so that a field set where the
