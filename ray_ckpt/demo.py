@@ -52,7 +52,9 @@ class DemoTransformer(nn.Module):
         h = self.embed(x)
         for layer in self.layers:
             h = layer(h)
-        return self.head(h.mean(1)).squeeze(-1)
+        # A new tensor, not a view (``squeeze`` would be one): FSDP2 warns when a wrapped module
+        # returns a view, since an in-place op on it would skip the module's pre-backward hook.
+        return self.head(h.mean(1)).sum(-1)
 
 
 def make_data(seed: int, n: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
