@@ -10,8 +10,9 @@ Tables (rich) and byte progress bars on a terminal, plain text on pipes, ``--jso
 (errors too: ``{"error": ..., "type": ...}``). Errors exit non-zero with a one-line message
 (``--debug`` shows the traceback); a closed pipe (``ray-ckpt ls | head``) ends quietly. See
 docs/CLI.md. torch is imported only where a command touches a tensor (:mod:`ray_ckpt.lazyimport`):
-``--help``, ``--version`` and ``ls`` never import it. Everything goes through the library: the store for runs, :mod:`ray_ckpt.legacy`
-for legacy files and model folders, :mod:`ray_ckpt.migrate` for migration and import.
+``--help``, ``--version`` and ``ls`` never import it. Everything goes through the library: the
+store for runs, :mod:`ray_ckpt.legacy` for legacy files and model folders, :mod:`ray_ckpt.migrate`
+for migration and import.
 """
 
 from __future__ import annotations
