@@ -30,6 +30,7 @@ import concurrent.futures
 import functools
 import gc
 import logging
+import os
 import sys
 import threading
 import time
@@ -83,14 +84,20 @@ def seen_index_position(actor: Any) -> tuple[str, int] | None:
         return _SEEN_POSITIONS.get(actor)
 
 
+LOG_LEVEL_ENV = "RAY_CKPT_LOG_LEVEL"  # the checkpointer's log level (default INFO: one line per commit)
+
+
 def _log_to_stderr() -> None:
-    """INFO lines of the ``ray_ckpt`` loggers on stderr (Ray shows an actor's stderr in the driver)."""
+    """Lines of the ``ray_ckpt`` loggers on stderr (Ray shows an actor's stderr in the driver), from
+    ``$RAY_CKPT_LOG_LEVEL`` up (default INFO; a driver that prints its own progress, as the demo
+    does, sets WARNING for its actors so that no commit is reported twice)."""
     package = logging.getLogger("ray_ckpt")
     if not package.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
         package.addHandler(handler)
-        package.setLevel(logging.INFO)
+        level = logging.getLevelName(os.environ.get(LOG_LEVEL_ENV, "INFO").upper())  # an int for a known name
+        package.setLevel(level if isinstance(level, int) else logging.INFO)
         package.propagate = False
 
 

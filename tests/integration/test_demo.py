@@ -136,6 +136,12 @@ def test_demo_starts_its_own_ray_beside_another(tmp_path: Path, other_ray: dict[
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     assert "Ray up in" in out.stdout and "(local)" in out.stdout
     assert [int(line.split()[2]) for line in out.stdout.splitlines() if line.startswith("commit ")] == [2]
+    # quiet, piped: one line per commit (the checkpointer's own INFO line is not shown too), no
+    # colour codes, no FSDP2 warning (our model returned a view; it returns a new tensor now)
+    both = out.stdout + out.stderr
+    assert "committed step" not in both and " INFO " not in both, both[-4000:]
+    assert "\x1b[" not in both, both[-4000:]
+    assert "returned a view tensor" not in both and "UserWarning" not in both, both[-4000:]
 
 
 def test_checkpointer_refuses_memory_storage() -> None:
