@@ -399,7 +399,11 @@ class Checkpointer:
             self._abort(pending, problem)
             raise problem
         if report.rank in pending.reports:
-            raise ValueError(f"step {step}: rank {report.rank} joined twice")
+            raise ValueError(
+                f"step {step}: rank {report.rank} joined twice; two writers share run {self.config.run_name!r} "
+                "(two Tune trials or jobs with one run_name?): give each its own run, e.g. "
+                "run_name=f'{prefix}-{trial_id}' (docs/RAY.md, 'One run per trial')"
+            )
         pending.reports[report.rank] = report
         if len(pending.reports) == pending.world_size:
             asyncio.get_running_loop().create_task(self._plan_step(pending))
