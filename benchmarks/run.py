@@ -25,7 +25,7 @@ logger = logging.getLogger("benchmarks")
 
 GROUPS = ("disk", "index", "s3", "ray")
 LOADS = (
-    "raw_read",
+    "direct_read",
     "torch_load",
     "torch_load_mmap",
     "safetensors_load",
@@ -37,7 +37,7 @@ LOADS = (
 # Every case a full run (all groups) produces; tests/test_benchmarks.py checks the JSON against it.
 CASES: dict[str, tuple[str, ...]] = {
     "disk": (
-        "raw_write_fsync",
+        "direct_write",
         "torch_save_fsync",
         "safetensors_save_fsync",
         "dcp_save",

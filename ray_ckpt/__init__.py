@@ -5,10 +5,6 @@ Sharded safetensors with atomic commits, retention and a top-k index, on local d
 
 from __future__ import annotations
 
-from ray_ckpt.architecture import Architecture
-from ray_ckpt.artifact import CheckpointArtifact, load_from_uri
-from ray_ckpt.byo import PendingCheckpoint
-from ray_ckpt.config import CheckpointConfig
 from ray_ckpt.errors import (
     ArchitectureNotAllowedError,
     CheckpointExistsError,
@@ -19,21 +15,33 @@ from ray_ckpt.errors import (
     SaveAbortedError,
     StorageError,
 )
-from ray_ckpt.index import CheckpointIndex, CheckpointInfo
-from ray_ckpt.manager import CheckpointManager, initialize_run_dir
-from ray_ckpt.oneshot import load_checkpoint, load_metadata, save_checkpoint
-from ray_ckpt.rundir import RunDir
-from ray_ckpt.runstore import RunStore
-from ray_ckpt.shard import Shard
-from ray_ckpt.store import CheckpointStore
-from ray_ckpt.tiered import TieredCheckpointStore, UploadError
-from ray_ckpt.uri import key_and_version, normalize_uri
-from ray_ckpt.writer import StepWriter
 
 __version__ = "0.1.0"
 
-# Ray-facing names are imported on first use, so the store works without importing Ray.
+# Every other name is imported on first use: the store works without importing Ray, and a
+# process that never touches a tensor (``ray-ckpt --help``, ``ray-ckpt ls``) never imports torch.
 _LAZY = {
+    "Architecture": "ray_ckpt.architecture",
+    "CheckpointArtifact": "ray_ckpt.artifact",
+    "load_from_uri": "ray_ckpt.artifact",
+    "PendingCheckpoint": "ray_ckpt.byo",
+    "CheckpointConfig": "ray_ckpt.config",
+    "CheckpointIndex": "ray_ckpt.index",
+    "CheckpointInfo": "ray_ckpt.index",
+    "CheckpointManager": "ray_ckpt.manager",
+    "initialize_run_dir": "ray_ckpt.manager",
+    "load_checkpoint": "ray_ckpt.oneshot",
+    "load_metadata": "ray_ckpt.oneshot",
+    "save_checkpoint": "ray_ckpt.oneshot",
+    "RunDir": "ray_ckpt.rundir",
+    "RunStore": "ray_ckpt.runstore",
+    "Shard": "ray_ckpt.shard",
+    "CheckpointStore": "ray_ckpt.store",
+    "TieredCheckpointStore": "ray_ckpt.tiered",
+    "UploadError": "ray_ckpt.tiered",
+    "key_and_version": "ray_ckpt.uri",
+    "normalize_uri": "ray_ckpt.uri",
+    "StepWriter": "ray_ckpt.writer",
     "start_checkpointer": "ray_ckpt.checkpointer",
     "get_checkpointer": "ray_ckpt.checkpointer",
     "CheckpointerHandle": "ray_ckpt.checkpointer",
@@ -48,40 +56,27 @@ def __getattr__(name: str) -> object:
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # the next lookup is a plain attribute
+        return value
     raise AttributeError(f"module 'ray_ckpt' has no attribute {name!r}")
 
 
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
+
 __all__ = [
-    "Architecture",
     "ArchitectureNotAllowedError",
-    "CheckpointArtifact",
-    "CheckpointConfig",
     "CheckpointExistsError",
-    "CheckpointIndex",
-    "CheckpointInfo",
-    "CheckpointManager",
     "CheckpointNotFoundError",
-    "CheckpointStore",
     "ConfigError",
     "CorruptCheckpointError",
-    "PendingCheckpoint",
     "RayCkptError",
-    "RunDir",
-    "RunStore",
     "SaveAbortedError",
-    "Shard",
-    "StepWriter",
     "StorageError",
-    "TieredCheckpointStore",
-    "UploadError",
     "__version__",
-    "initialize_run_dir",
-    "key_and_version",
-    "load_checkpoint",
-    "load_from_uri",
-    "load_metadata",
-    "normalize_uri",
-    "save_checkpoint",
     *_LAZY,
 ]

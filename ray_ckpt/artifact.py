@@ -19,7 +19,6 @@ import torch
 from ray_ckpt import legacy
 from ray_ckpt.architecture import Architecture
 from ray_ckpt.errors import CheckpointNotFoundError, ConfigError, CorruptCheckpointError
-from ray_ckpt.mock_models import MOCK_CONFIG, TinyPolicy, mock_state_dict
 from ray_ckpt.store import CheckpointStore
 from ray_ckpt.uri import MOCK_SCHEME, ParsedURI, parse_uri
 
@@ -269,6 +268,8 @@ def load_legacy(
 
 
 def _mock_artifact(parsed: ParsedURI) -> CheckpointArtifact:
+    from ray_ckpt.mock_models import MOCK_CONFIG, TinyPolicy, mock_state_dict  # defines a torch module
+
     step = parsed.step if parsed.step is not None else 0
     return CheckpointArtifact(
         state_dict=mock_state_dict(parsed.run_name),

@@ -30,6 +30,7 @@ import concurrent.futures
 import functools
 import gc
 import logging
+import os
 import sys
 import threading
 import time
@@ -43,7 +44,7 @@ import xxhash
 from ray_ckpt import metrics as telemetry
 from ray_ckpt.config import CheckpointConfig
 from ray_ckpt.digests import FileDigest, merge_files
-from ray_ckpt.errors import CheckpointExistsError, SaveAbortedError
+from ray_ckpt.errors import CheckpointExistsError, ConfigError, SaveAbortedError
 from ray_ckpt.index import CheckpointIndex, CheckpointInfo, IndexDelta, IndexFeed
 from ray_ckpt.layout import validate_metrics, validate_step
 from ray_ckpt.planner import MODEL, TRAINER, RankState, SavePlan, check_rank_state
@@ -83,14 +84,20 @@ def seen_index_position(actor: Any) -> tuple[str, int] | None:
         return _SEEN_POSITIONS.get(actor)
 
 
+LOG_LEVEL_ENV = "RAY_CKPT_LOG_LEVEL"  # the checkpointer's log level (default INFO: one line per commit)
+
+
 def _log_to_stderr() -> None:
-    """INFO lines of the ``ray_ckpt`` loggers on stderr (Ray shows an actor's stderr in the driver)."""
+    """Lines of the ``ray_ckpt`` loggers on stderr (Ray shows an actor's stderr in the driver), from
+    ``$RAY_CKPT_LOG_LEVEL`` up (default INFO; a driver that prints its own progress, as the demo
+    does, sets WARNING for its actors so that no commit is reported twice)."""
     package = logging.getLogger("ray_ckpt")
     if not package.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
         package.addHandler(handler)
-        package.setLevel(logging.INFO)
+        level = logging.getLevelName(os.environ.get(LOG_LEVEL_ENV, "INFO").upper())  # an int for a known name
+        package.setLevel(level if isinstance(level, int) else logging.INFO)
         package.propagate = False
 
 
@@ -393,7 +400,11 @@ class Checkpointer:
             self._abort(pending, problem)
             raise problem
         if report.rank in pending.reports:
-            raise ValueError(f"step {step}: rank {report.rank} joined twice")
+            raise ValueError(
+                f"step {step}: rank {report.rank} joined twice; two writers share run {self.config.run_name!r} "
+                "(two Tune trials or jobs with one run_name?): give each its own run, e.g. "
+                "run_name=f'{prefix}-{trial_id}' (docs/RAY.md, 'One run per trial')"
+            )
         pending.reports[report.rank] = report
         if len(pending.reports) == pending.world_size:
             asyncio.get_running_loop().create_task(self._plan_step(pending))
@@ -930,6 +941,23 @@ class CheckpointerHandle:
         ray.kill(self.actor, no_restart=True)
 
 
+def check_shared_storage(config: CheckpointConfig) -> None:
+    """Refuse storage that other processes cannot read: ``memory://`` lives in one process.
+
+    The checkpointer, its workers and its evaluators are separate processes; on ``memory://``
+    each would see a storage of its own (a worker's shard or an evaluator's lease that the
+    checkpointer never sees), so a run there could only fail later and obscurely.
+    """
+    for field_name in ("storage_uri", "remote_uri"):
+        uri = getattr(config, field_name)
+        if isinstance(uri, str) and uri.startswith("memory://"):
+            raise ConfigError(
+                f"{field_name}={uri!r}: memory:// storage lives in one process, and a checkpointer's run is "
+                "read by other processes (the checkpointer actor, workers, evaluators); use a directory "
+                "shared by them, file://... or s3://... (memory:// suits CheckpointStore in one process)"
+            )
+
+
 def start_checkpointer(
     config: CheckpointConfig,
     name: str | None = None,
@@ -946,11 +974,13 @@ def start_checkpointer(
     process that started it; use ``detached=True`` when that process may exit first.
     ``actor_options`` go to ``.options()`` (e.g. ``resources`` or a scheduling strategy).
     A field the checkpointer ignores (``async_save``: use ``save(blocking=False)``; NeMo's
-    ``enabled``) is a ConfigError, raised before anything starts.
+    ``enabled``) is a ConfigError, raised before anything starts, and so is ``memory://`` storage
+    (it lives in one process: the checkpointer, workers and evaluators would each see their own).
     """
     if not isinstance(config, CheckpointConfig):
         raise TypeError(f"config: expected CheckpointConfig, got {type(config).__name__}")
     config.check_consumed("start_checkpointer")
+    check_shared_storage(config)
     options: dict[str, Any] = {
         "name": name or actor_name(config.run_name),
         "namespace": namespace,

@@ -2,14 +2,17 @@
 
 Commands: ``ls`` (a run's checkpoints, or the runs under a storage root), ``best``, ``inspect``,
 ``verify``, ``gc``, ``retention``, ``migrate`` (legacy files and model folders into runs),
-``import`` (one model folder or file as a step of a run), ``export`` (a step as a standalone
-Hugging Face folder), ``download`` (a step's files, checksum-verified) and ``plot``.
+``import`` (one model folder, file or downloaded step as a step of a run), ``cp`` (a step into
+another run, on any storage), ``export`` (a step as a standalone Hugging Face folder),
+``download`` (a step's files, checksum-verified), ``plot`` and ``completion`` (bash/zsh).
 
 Tables (rich) and byte progress bars on a terminal, plain text on pipes, ``--json`` for scripts
 (errors too: ``{"error": ..., "type": ...}``). Errors exit non-zero with a one-line message
 (``--debug`` shows the traceback); a closed pipe (``ray-ckpt ls | head``) ends quietly. See
-docs/CLI.md. Everything goes through the library: the store for runs, :mod:`ray_ckpt.legacy`
-for legacy files and model folders, :mod:`ray_ckpt.migrate` for migration and import.
+docs/CLI.md. torch is imported only where a command touches a tensor (:mod:`ray_ckpt.lazyimport`):
+``--help``, ``--version`` and ``ls`` never import it. Everything goes through the library: the
+store for runs, :mod:`ray_ckpt.legacy` for legacy files and model folders, :mod:`ray_ckpt.migrate`
+for migration and import.
 """
 
 from __future__ import annotations
@@ -26,22 +29,8 @@ import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from importlib import metadata
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich import box
-from rich.console import Console
-from rich.filesize import decimal
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
-from rich.table import Table
-
-from ray_ckpt.artifact import CheckpointArtifact, load_from_uri, open_run
 from ray_ckpt.errors import (
     CheckpointNotFoundError,
     ConfigError,
@@ -49,21 +38,13 @@ from ray_ckpt.errors import (
     RayCkptError,
     StorageError,
 )
-from ray_ckpt.format import read_safetensors_header
-from ray_ckpt.layout import (
-    CHECKPOINTS_DIR,
-    INDEX_LOG_DIR,
-    INDEX_SNAPSHOT,
-    MARKER_FILE,
-    TRAINER_TENSORS,
-    parse_step_dir,
-    step_dir,
-)
-from ray_ckpt.retention import LEASED, explain, policy_from_config
-from ray_ckpt.safejson import parse_json
-from ray_ckpt.store import CheckpointStore
-from ray_ckpt.uri import ParsedURI, parse_uri
-from ray_ckpt.writer import copy_checked
+
+if TYPE_CHECKING:  # annotations only: the modules themselves are imported where a command needs them
+    from rich.table import Table
+
+    from ray_ckpt.artifact import CheckpointArtifact
+    from ray_ckpt.store import CheckpointStore
+    from ray_ckpt.uri import ParsedURI
 
 EXIT_OK = 0
 EXIT_ERROR = 1  # corruption, a missing run or checkpoint, a failed migration
@@ -77,6 +58,10 @@ RUN_URI_HELP = (
     "a run: <storage>/<run_name>, where <storage> is a path, file:// or s3://bucket/prefix (any fsspec URI), "
     f"optionally followed by a selector: {SELECTOR_GRAMMAR}; e.g. s3://bucket/runs/exp:best. "
     "A step directory <run>/checkpoints/step_NNNNNNNNN works too"
+)
+RUN_URI_NO_SELECTOR_HELP = (
+    "a run: <storage>/<run_name>, where <storage> is a path, file:// or s3://bucket/prefix (any fsspec URI); "
+    "no selector (the command reads the whole run)"
 )
 CKPT_URI_HELP = (
     f"a checkpoint: a run URI with a selector ({SELECTOR_GRAMMAR}), a step directory, a legacy file "
@@ -100,6 +85,8 @@ class CommandError(Exception):
 # ---------------------------------------------------------------------------------------------
 def human_size(n: int | float) -> str:
     """``1234567`` -> ``1.2 MB`` (decimal units, as the config's size parser uses; rich's formatter)."""
+    from rich.filesize import decimal
+
     return decimal(int(n))
 
 
@@ -121,6 +108,9 @@ def _stdout_is_terminal() -> bool:
 
 def render_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> Table:
     """A rich table: ruled and styled on a terminal, plain aligned columns on a pipe."""
+    from rich import box
+    from rich.table import Table
+
     terminal = _stdout_is_terminal()
     table = Table(
         box=box.SIMPLE_HEAD if terminal else None,
@@ -138,6 +128,8 @@ def render_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> Table
 
 def plain_text(renderable: Any) -> str:
     """A renderable (a table, a string) as plain text: no colour, no wrapping, no trailing blanks."""
+    from rich.console import Console
+
     if isinstance(renderable, str):
         return renderable
     console = Console(file=io.StringIO(), width=1 << 16, no_color=True, highlight=False, emoji=False)
@@ -148,6 +140,8 @@ def plain_text(renderable: Any) -> str:
 
 def _show(parts: Any) -> None:
     """Print text and tables on stdout: through rich on a terminal, as plain text on a pipe."""
+    from rich.console import Console
+
     items = list(parts) if isinstance(parts, (list, tuple)) else [parts]
     if _stdout_is_terminal():
         console = Console(file=sys.stdout, highlight=False)
@@ -163,6 +157,9 @@ def byte_progress(label: str, total: int, *, enabled: bool = True) -> Iterator[C
 
     Yields ``advance(nbytes, what="")``.
     """
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
     shown = enabled and bool(getattr(sys.stderr, "isatty", lambda: False)())
     progress = Progress(
         TextColumn("{task.description}"),
@@ -234,6 +231,9 @@ def _storage_options(args: argparse.Namespace) -> dict[str, Any]:
 def _open(args: argparse.Namespace, uri: str | None = None) -> tuple[CheckpointStore, ParsedURI]:
     """The run a command names, through :func:`~ray_ckpt.artifact.open_run` (ConfigError, exit 2,
     for a URI that names no run), with the ranking/retention options given on the command line."""
+    from ray_ckpt.artifact import open_run
+    from ray_ckpt.uri import parse_uri
+
     parsed = parse_uri(uri or args.run_uri)
     store = open_run(
         parsed,
@@ -246,6 +246,21 @@ def _open(args: argparse.Namespace, uri: str | None = None) -> tuple[CheckpointS
         keep_checkpoints_without_metrics=getattr(args, "keep_checkpoints_without_metrics", None),
     )
     return store, parsed
+
+
+def _whole_run(args: argparse.Namespace) -> None:
+    """Refuse a selector or a step directory where a command reads the whole run (``ls``, ``best``,
+    ``gc``, ``retention``, ``plot``): it would be ignored otherwise."""
+    from ray_ckpt.uri import parse_uri
+
+    parsed = parse_uri(args.run_uri)
+    if parsed.selector is not None or parsed.kind == "step":
+        what = f"the selector :{parsed.selector}" if parsed.selector is not None else "a step directory"
+        raise CommandError(
+            f"{args.run_uri}: {args.command} reads a whole run, and {what} names one checkpoint; give the run "
+            f"({parsed.run_uri}) (inspect, verify, cp, export and download take one checkpoint)",
+            EXIT_USAGE,
+        )
 
 
 def _marks(store: CheckpointStore) -> tuple[set[int], set[int], int | None]:
@@ -261,11 +276,14 @@ def _marks(store: CheckpointStore) -> tuple[set[int], set[int], int | None]:
 # ---------------------------------------------------------------------------------------------
 def _is_run(storage: Any) -> bool:
     """Whether a directory holds a ray-ckpt run (its checkpoints or its index)."""
+    from ray_ckpt.layout import CHECKPOINTS_DIR, INDEX_LOG_DIR, INDEX_SNAPSHOT
+
     return any(storage.exists(name) for name in (CHECKPOINTS_DIR, INDEX_SNAPSHOT, INDEX_LOG_DIR))
 
 
 def _runs_under(args: argparse.Namespace, parsed: ParsedURI) -> list[CheckpointStore] | None:
     """The runs directly under a directory that is not a run itself (a storage root); None when it is a run."""
+    from ray_ckpt.artifact import open_run
     from ray_ckpt.storage import Storage
     from ray_ckpt.uri import validate_run_name
 
@@ -327,6 +345,9 @@ def _ls_runs(args: argparse.Namespace, location: str, runs: list[CheckpointStore
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
+    from ray_ckpt.uri import parse_uri
+
+    _whole_run(args)
     parsed = parse_uri(args.run_uri)
     runs = _runs_under(args, parsed)
     if runs is not None:
@@ -389,6 +410,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_best(args: argparse.Namespace) -> int:
+    _whole_run(args)
     store, _ = _open(args)
     cfg = store.config
     if cfg.metric_name is None:
@@ -398,15 +420,16 @@ def cmd_best(args: argparse.Namespace) -> int:
     top = store.top_k(args.k)
     if not top:
         raise CommandError(f"{store.uri}: no checkpoint has a finite {cfg.metric_name!r}")
-    payload = [
-        {"rank": i + 1, "step": r.step, "metric": cfg.metric_name, "value": r.metrics[cfg.metric_name], "uri": r.uri}
+    rows = [
+        {"rank": i + 1, "step": r.step, "value": r.metrics[cfg.metric_name], "uri": r.uri, "metrics": r.metrics}
         for i, r in enumerate(top)
     ]
+    payload = {"run": store.uri, "metric_name": cfg.metric_name, "mode": cfg.mode, "checkpoints": rows}
 
     def human() -> str:
         return render_table(
             ["rank", "step", f"{cfg.metric_name} ({cfg.mode})", "uri"],
-            [(p["rank"], p["step"], _fmt_number(p["value"]), p["uri"]) for p in payload],
+            [(p["rank"], p["step"], _fmt_number(p["value"]), p["uri"]) for p in rows],
         )
 
     _emit(args, payload, human)
@@ -423,6 +446,8 @@ def _tensor_rows_from_header(entries: dict[str, dict[str, Any]], file_name: str)
 
 
 def _inspect_run(args: argparse.Namespace, parsed: ParsedURI) -> dict[str, Any]:
+    from ray_ckpt.layout import TRAINER_TENSORS
+
     store, _ = _open(args, parsed.location if parsed.kind == "step" else args.ckpt_uri)
     step = store.resolve(parsed.selector)
     manifest = store.read_manifest(step)
@@ -491,7 +516,10 @@ def _tensor_rows(state: Any, prefix: str) -> list[dict[str, Any]]:
 
 
 def _inspect_file(args: argparse.Namespace, parsed: ParsedURI) -> dict[str, Any]:
+    from ray_ckpt.artifact import load_from_uri
+    from ray_ckpt.format import read_safetensors_header
     from ray_ckpt.legacy import detect_format, numeric_leaves
+    from ray_ckpt.safejson import parse_json
     from ray_ckpt.storage import Storage
 
     options = _storage_options(args)
@@ -544,6 +572,8 @@ def _hf_folder_of(args: argparse.Namespace, parsed: ParsedURI) -> str | None:
 
 
 def _inspect_hf(args: argparse.Namespace, location: str) -> dict[str, Any]:
+    from ray_ckpt.artifact import load_from_uri
+
     artifact = load_from_uri(location, storage_options=_storage_options(args))
     arch = artifact.architecture
     tensors = _tensor_rows(artifact.state_dict, "")
@@ -564,6 +594,9 @@ def _inspect_hf(args: argparse.Namespace, location: str) -> dict[str, Any]:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from ray_ckpt.artifact import load_from_uri
+    from ray_ckpt.uri import parse_uri
+
     parsed = parse_uri(args.ckpt_uri)
     hf = _hf_folder_of(args, parsed)
     if hf is not None:
@@ -622,6 +655,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def _marked_steps(store: CheckpointStore) -> list[int]:
     """Every step directory with a commit marker, including ones whose marker is unreadable."""
+    from ray_ckpt.layout import CHECKPOINTS_DIR, MARKER_FILE, parse_step_dir, step_dir
+
     steps = []
     for name in store.storage.list_names(CHECKPOINTS_DIR):
         step = parse_step_dir(name)
@@ -630,7 +665,33 @@ def _marked_steps(store: CheckpointStore) -> list[int]:
     return sorted(steps)
 
 
+def _verifiable(args: argparse.Namespace, parsed: ParsedURI) -> None:
+    """Refuse a directory that is no run (a storage root, an empty folder, a folder of sources):
+    verifying nothing must not report success."""
+    from ray_ckpt.storage import Storage
+
+    if parsed.kind != "run" or parsed.selector is not None:
+        return
+    options = _storage_options(args)
+    storage = Storage(parsed.location, options)
+    if _is_run(storage):
+        return
+    if not storage.exists(""):
+        raise CheckpointNotFoundError(f"{parsed.location}: no such run, step or checkpoint")
+    runs = _runs_under(args, parsed) or []
+    hint = (
+        f"a storage root holding {len(runs)} run(s) ({', '.join(r.run_name for r in runs[:3])}"
+        f"{', ...' if len(runs) > 3 else ''}): verify each run"
+        if runs
+        else "no checkpoints/, index or model files in it"
+    )
+    raise CommandError(f"{parsed.location}: not a run, a step or a checkpoint ({hint})")
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
+    from ray_ckpt.artifact import load_from_uri
+    from ray_ckpt.uri import parse_uri
+
     parsed = parse_uri(args.uri)
     results: list[dict[str, Any]] = []
     hf = _hf_folder_of(args, parsed)
@@ -639,10 +700,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
             artifact = load_from_uri(
                 hf or args.uri, storage_options=_storage_options(args), trust_pickle=args.trust_pickle
             )
-            results.append({"target": parsed.location, "step": artifact.step, "ok": True, "error": None})
+            results.append({"uri": parsed.location, "step": artifact.step, "ok": True, "error": None})
         except (CorruptCheckpointError, RayCkptError) as exc:
-            results.append({"target": parsed.location, "step": None, "ok": False, "error": _one_line(exc)})
+            results.append({"uri": parsed.location, "step": None, "ok": False, "error": _one_line(exc)})
     else:
+        _verifiable(args, parsed)
         store, _ = _open(args, args.uri)
         if parsed.kind == "step" or parsed.selector is not None:
             steps = [store.resolve(parsed.selector)]
@@ -655,7 +717,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             except (CorruptCheckpointError, StorageError) as exc:
                 results.append(
                     {
-                        "target": f"{store.uri}/model_architecture.json",
+                        "uri": f"{store.uri}/model_architecture.json",
                         "step": None,
                         "ok": False,
                         "error": _one_line(exc),
@@ -667,19 +729,19 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 target = store.step_uri(step)
                 try:
                     store.verify(step)
-                    results.append({"target": target, "step": step, "ok": True, "error": None})
+                    results.append({"uri": target, "step": step, "ok": True, "error": None})
                 except (CorruptCheckpointError, CheckpointNotFoundError, StorageError) as exc:
                     # every step is reported: one unreadable file (a FIFO, a directory) is one bad step
-                    results.append({"target": target, "step": step, "ok": False, "error": _one_line(exc)})
+                    results.append({"uri": target, "step": step, "ok": False, "error": _one_line(exc)})
                 advance(sizes.get(step, 0), f"step {step}")
         if not steps and parsed.kind == "run" and parsed.selector is None:
-            results.append({"target": store.uri, "step": None, "ok": True, "error": None, "note": "no checkpoints"})
+            results.append({"uri": store.uri, "step": None, "ok": True, "error": None, "note": "no checkpoints"})
     ok = all(r["ok"] for r in results)
     payload = {"ok": ok, "results": results}
 
     def human() -> str:
         lines = [
-            f"{'ok' if r['ok'] else 'CORRUPT':8} {r['target']}" + (f"  {r['error']}" if r["error"] else "")
+            f"{'ok' if r['ok'] else 'CORRUPT':8} {r['uri']}" + (f"  {r['error']}" if r["error"] else "")
             for r in results
         ]
         bad = sum(not r["ok"] for r in results)
@@ -691,6 +753,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
+    _whole_run(args)
     store, _ = _open(args)
     removed = store.gc(dry_run=args.dry_run)
     keep, doomed = store.retention_plan(store.leased_steps())
@@ -727,6 +790,9 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 def cmd_retention(args: argparse.Namespace) -> int:
     """What the run's retention rules keep, and why; ``--apply`` deletes the rest (dry run by default)."""
+    _whole_run(args)
+    from ray_ckpt.retention import LEASED, explain, policy_from_config
+
     store, _ = _open(args)
     records = store.list()  # the run's index, read once
     leased = store.leased_steps()
@@ -835,8 +901,11 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 def cmd_import(args: argparse.Namespace) -> int:
     """One model folder (or legacy file) as a committed step of a run."""
-    from ray_ckpt.migrate import import_checkpoint
+    from ray_ckpt.migrate import import_checkpoint, read_step_folder
 
+    folder = read_step_folder(args.src, _storage_options(args))
+    if folder is not None:
+        return _import_step_folder(args, *folder)
     item = import_checkpoint(
         args.src,
         args.run_uri,
@@ -884,6 +953,7 @@ def _step_of(args: argparse.Namespace) -> tuple[CheckpointStore, int, Any]:
 
 def _model_files(store: CheckpointStore, manifest: Any) -> list[str]:
     """The model's index and shards of a committed step (what a Hugging Face folder holds)."""
+    from ray_ckpt.layout import step_dir
     from ray_ckpt.safejson import JsonObject
 
     index = manifest.model.get("index")
@@ -903,6 +973,9 @@ def _model_files(store: CheckpointStore, manifest: Any) -> list[str]:
 def _copy_files(
     args: argparse.Namespace, label: str, store: CheckpointStore, step: int, names: list[str], dst: Any, manifest: Any
 ) -> dict[str, int]:
+    from ray_ckpt.layout import step_dir
+    from ray_ckpt.writer import copy_checked
+
     total = sum(manifest.files[n].size for n in names)
     with byte_progress(label, total, enabled=not _json(args)) as advance:
         for name in names:
@@ -943,13 +1016,24 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    """Every file of a committed step (and its marker), checksum-verified, into a local directory."""
+    """Every file of a committed step (and its marker), checksum-verified, into a local directory,
+    with the run's model_architecture.json and the step's eval scores: ``import`` of the folder
+    commits the same step again."""
+    from ray_ckpt.architecture import ARCHITECTURE_FILE
+    from ray_ckpt.layout import EVAL_FILE, MARKER_FILE, metrics_to_json, step_dir
+
     store, step, manifest = _step_of(args)
     dst = _destination(args, args.dest)
     files = _copy_files(args, "download", store, step, sorted(manifest.files), dst, manifest)
-    marker = store.storage.read_bytes(f"{step_dir(step)}/{MARKER_FILE}")
-    dst.write_bytes(MARKER_FILE, marker)
-    files[MARKER_FILE] = len(marker)
+    side = {MARKER_FILE: store.storage.read_bytes(f"{step_dir(step)}/{MARKER_FILE}")}
+    with contextlib.suppress(FileNotFoundError):
+        side[ARCHITECTURE_FILE] = store.storage.read_bytes(ARCHITECTURE_FILE)
+    scores = store.run_index.read_eval_metrics(step)
+    if scores:
+        side[EVAL_FILE] = json.dumps(metrics_to_json(scores), allow_nan=False).encode()
+    for name, data in side.items():
+        dst.write_bytes(name, data)
+        files[name] = len(data)
     payload = {"run": store.uri, "step": step, "dest": dst.uri, "files": files, "total_size": sum(files.values())}
 
     def human() -> str:
@@ -957,6 +1041,79 @@ def cmd_download(args: argparse.Namespace) -> int:
         return f"downloaded step {step} of {store.uri} to {dst.uri}: {len(files)} files ({size}), checksums ok"
 
     _emit(args, payload, human)
+    return EXIT_OK
+
+
+def _dest_run(args: argparse.Namespace, dest_uri: str, step: int) -> CheckpointStore:
+    """The run a step is copied into (``cp``, ``import`` of a downloaded step): created when new;
+    a step it has already is refused unless ``--replace``."""
+    from ray_ckpt.artifact import open_run
+    from ray_ckpt.uri import parse_uri
+
+    parsed = parse_uri(dest_uri)
+    if parsed.kind != "run" or parsed.selector is not None:
+        raise CommandError(f"{dest_uri}: expected a run URI (<storage>/<run_name>) without a selector", EXIT_USAGE)
+    dst = open_run(parsed, _storage_options(args), must_exist=False)
+    if step in dst and not args.replace:
+        raise CommandError(f"{dst.uri}: already has step {step}; pass --replace to replace it", EXIT_USAGE)
+    return dst
+
+
+def _copied(info: Any, dst: CheckpointStore, manifest: Any) -> dict[str, Any]:
+    return {
+        "uri": info.uri,
+        "run": dst.uri,
+        "step": info.step,
+        "metrics": info.metrics,
+        "files": len(manifest.files),
+        "total_size": sum(d.size for d in manifest.files.values()),
+    }
+
+
+def cmd_cp(args: argparse.Namespace) -> int:
+    """One committed step into another run (any storage): files checksum-checked, metrics, trainer
+    state, eval scores and the run's architecture with it."""
+    from ray_ckpt.architecture import ARCHITECTURE_FILE
+    from ray_ckpt.layout import step_dir
+
+    store, step, manifest = _step_of(args)
+    try:
+        architecture: bytes | None = store.storage.read_bytes(ARCHITECTURE_FILE)
+    except FileNotFoundError:
+        architecture = None
+    dst = _dest_run(args, args.dest, step)
+    with byte_progress("cp", sum(d.size for d in manifest.files.values()), enabled=not _json(args)) as advance:
+        info = dst.copy_step(
+            store.storage, step_dir(step), manifest, architecture=architecture,
+            eval_metrics=store.run_index.read_eval_metrics(step), overwrite=args.replace, on_chunk=advance,
+        )  # fmt: skip
+    payload = {**_copied(info, dst, manifest), "source": store.step_uri(step)}
+
+    def human() -> str:
+        return (
+            f"copied step {step} of {store.uri} to {payload['uri']}: {payload['files']} files "
+            f"({human_size(payload['total_size'])}), checksums ok"
+        )
+
+    _emit(args, payload, human)
+    return EXIT_OK
+
+
+def _import_step_folder(args: argparse.Namespace, storage: Any, manifest: Any) -> int:
+    """``import`` of a downloaded step folder: the step as it was committed (``--step`` renumbers)."""
+    from ray_ckpt.migrate import import_step_folder
+
+    step = manifest.step if args.step is None else args.step
+    dst = _dest_run(args, args.run_uri, step)
+    if args.dry_run:
+        payload: dict[str, Any] = {"ok": True, "action": "would import", "source": storage.uri, "run": dst.uri,
+                                   "step": step}  # fmt: skip
+    else:
+        total = sum(d.size for d in manifest.files.values())
+        with byte_progress("import", total, enabled=not _json(args)) as advance:
+            info = import_step_folder(storage, manifest, dst, step=step, replace=args.replace, on_chunk=advance)
+        payload = {"ok": True, "action": "imported", "source": storage.uri, **_copied(info, dst, manifest)}
+    _emit(args, payload, lambda: f"{payload['action']} {storage.uri} -> run {dst.uri} step {step}")
     return EXIT_OK
 
 
@@ -979,12 +1136,17 @@ def _xy(points: list[tuple[int, float]]) -> tuple[list[int], list[float]]:
 def cmd_plot(args: argparse.Namespace) -> int:
     import matplotlib
 
+    from ray_ckpt.uri import parse_uri
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    _whole_run(args)
     parsed = parse_uri(args.run_uri)
     store, _ = _open(argparse.Namespace(**{**vars(args), "metric": None, "mode": None}), args.run_uri)
-    metric = args.metric
+    metric = args.metric or store.config.metric_name
+    if metric is None:
+        raise CommandError(f"{parsed.run_uri}: the run records no metric to plot; pass --metric NAME", EXIT_USAGE)
     mode = args.mode or (store.config.mode if store.config.metric_name == metric else "min")
     records = [r for r in store.list() if r.metric(metric) is not None]
     if not records:
@@ -1036,6 +1198,50 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def completion_script(shell: str, parser: argparse.ArgumentParser | None = None) -> str:
+    """A bash (or zsh, through its bashcompinit) completion script for ``ray-ckpt``, made from the
+    parser: commands, then each command's options; paths complete as files."""
+    parser = parser or build_parser()
+    commands: dict[str, list[str]] = {}
+    top: list[str] = []
+    for action in parser._actions:  # argparse keeps no public list of them
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                commands[name] = sorted({o for a in sub._actions for o in a.option_strings})
+        else:
+            top += action.option_strings
+    cases = "\n".join(f'        {name}) words="{" ".join(opts)}" ;;' for name, opts in sorted(commands.items()))
+    script = f"""# ray-ckpt completion ({shell}); generated by `ray-ckpt completion {shell}`
+_ray_ckpt() {{
+    local cur=${{COMP_WORDS[COMP_CWORD]}} cmd="" words="" i
+    for ((i = 1; i < COMP_CWORD; i++)); do
+        case ${{COMP_WORDS[i]}} in -*) ;; *) cmd=${{COMP_WORDS[i]}}; break ;; esac
+    done
+    case $cmd in
+{cases}
+        "") words="{" ".join(sorted(set(top)))} {" ".join(sorted(commands))}" ;;
+    esac
+    if [[ $cmd == completion && $cur != -* ]]; then
+        words="bash zsh"
+    elif [[ -n $cmd && $cur != -* ]]; then
+        COMPREPLY=()  # a path or URI: the shell's file completion (complete -o default)
+        return 0
+    fi
+    COMPREPLY=($(compgen -W "$words" -- "$cur"))
+}}
+complete -o default -F _ray_ckpt ray-ckpt
+"""
+    if shell == "zsh":
+        script = "autoload -U +X compinit && compinit\nautoload -U +X bashcompinit && bashcompinit\n" + script
+    return script
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    """Print the completion script of ``args.shell``."""
+    sys.stdout.write(completion_script(args.shell))
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------------------------------------
 # Parser and entry point.
 # ---------------------------------------------------------------------------------------------
@@ -1082,14 +1288,29 @@ def _allow_architecture_arg(p: argparse.ArgumentParser) -> None:
 
 
 class UsageError(Exception):
-    """Bad command-line arguments (exit 2), raised instead of argparse printing and exiting."""
+    """Bad command-line arguments (exit 2), raised instead of argparse printing and exiting;
+    ``parser`` is the (sub)command's parser whose usage is shown."""
+
+    def __init__(self, message: str, parser: argparse.ArgumentParser) -> None:
+        super().__init__(message)
+        self.parser = parser
 
 
 class _Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors reach :func:`main` (so ``--json`` can report them as JSON)."""
 
     def error(self, message: str) -> Any:  # type: ignore[override]
-        raise UsageError(f"{self.prog}: {message}")
+        raise UsageError(message, self)
+
+
+def _asks_version(argv: Sequence[str]) -> bool:
+    """Whether ``--version`` comes before any command (``ray-ckpt --version [--json]``)."""
+    for arg in argv:
+        if arg == "--version":
+            return True
+        if not arg.startswith("-"):
+            return False
+    return False
 
 
 def version() -> str:
@@ -1100,46 +1321,63 @@ def version() -> str:
         return "unknown (not installed)"
 
 
+def _command(sub: Any, common: argparse.ArgumentParser, name: str, summary: str, details: str = "") -> Any:
+    """A subcommand whose ``-h`` starts with what it does (``summary``, the line ``ray-ckpt -h`` lists)."""
+    sentence = summary[0].upper() + summary[1:] + "."
+    return sub.add_parser(
+        name,
+        parents=[common],
+        help=summary,
+        description=f"{sentence} {details}".strip(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of ``ray-ckpt`` and its subcommands."""
     common = _common()
     parser = _Parser(
         prog="ray-ckpt",
         parents=[common],
-        description="Inspect, verify, migrate, import, export, download and plot ray-ckpt checkpoints.",
+        description="Inspect, verify, copy, migrate, import, export, download and plot ray-ckpt checkpoints.",
         epilog=f"Selectors: {SELECTOR_GRAMMAR}. Exit codes: 0 ok, 1 error or corruption, 2 usage, "
-        "130 interrupted. See docs/CLI.md.",
+        "130 interrupted. Shell completion: ray-ckpt completion bash|zsh. See docs/CLI.md.",
     )
-    parser.add_argument("--version", action="version", version=f"ray-ckpt {version()}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument(
+        "--version", action="store_true", help="print the version and exit (with --json: a JSON object)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
-    p = sub.add_parser(
-        "ls", parents=[common], help="list a run's checkpoints with metrics and marks, or the runs under a storage root"
+    p = _command(sub, common, "ls", "list a run's checkpoints with metrics and marks, or the runs under a storage root")
+    p.add_argument(
+        "run_uri", metavar="RUN_URI", help=RUN_URI_NO_SELECTOR_HELP + "; a directory holding runs lists its runs"
     )
-    p.add_argument("run_uri", metavar="RUN_URI", help=RUN_URI_HELP + "; a directory holding runs lists its runs")
     _ranking_args(p)
     p.set_defaults(func=cmd_ls)
 
-    p = sub.add_parser("best", parents=[common], help="the top-k checkpoints by a metric")
-    p.add_argument("run_uri", metavar="RUN_URI", help=RUN_URI_HELP)
+    p = _command(sub, common, "best", "the top-k checkpoints of a run by its metric (or --metric)")
+    p.add_argument("run_uri", metavar="RUN_URI", help=RUN_URI_NO_SELECTOR_HELP)
     p.add_argument("-k", type=int, default=1, help="how many (default 1)")
     _ranking_args(p, retention=False)
     p.set_defaults(func=cmd_best)
 
-    p = sub.add_parser("inspect", parents=[common], help="keys, shapes, dtypes, sizes, metrics, architecture")
+    p = _command(sub, common, "inspect", "show a checkpoint's keys, shapes, dtypes, sizes, metrics and architecture")
     p.add_argument("ckpt_uri", metavar="CKPT_URI", help=CKPT_URI_HELP)
     _checkpoint_selector_args(p)
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("verify", parents=[common], help="checksums and structure; exit 1 on any corruption")
+    p = _command(
+        sub, common, "verify", "check a run's or a checkpoint's sizes, checksums and structure; exit 1 on corruption",
+        "Anything that is neither a run, a step nor a checkpoint is an error.",
+    )  # fmt: skip
     p.add_argument(
         "uri", metavar="RUN_URI|CKPT_URI", help="a run (every step is verified) or one checkpoint: " + CKPT_URI_HELP
     )
     _checkpoint_selector_args(p)
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("gc", parents=[common], help="remove uncommitted leftovers; show what retention would delete")
-    p.add_argument("run_uri", metavar="RUN_URI", help=RUN_URI_HELP)
+    p = _command(sub, common, "gc", "remove uncommitted leftovers and show what retention would delete")
+    p.add_argument("run_uri", metavar="RUN_URI", help=RUN_URI_NO_SELECTOR_HELP)
     p.add_argument("--dry-run", action="store_true", help="only show what would be removed")
     p.add_argument(
         "--apply-retention",
@@ -1149,12 +1387,11 @@ def build_parser() -> argparse.ArgumentParser:
     _ranking_args(p)
     p.set_defaults(func=cmd_gc)
 
-    p = sub.add_parser(
-        "retention",
-        parents=[common],
-        help="which checkpoints the run's retention keeps and why; --apply deletes the rest (dry run by default)",
-    )
-    p.add_argument("run_uri", metavar="RUN_URI", help=RUN_URI_HELP)
+    p = _command(
+        sub, common, "retention",
+        "show which checkpoints the run's retention keeps and why; --apply deletes the rest (dry run by default)",
+    )  # fmt: skip
+    p.add_argument("run_uri", metavar="RUN_URI", help=RUN_URI_NO_SELECTOR_HELP)
     p.add_argument("--apply", action="store_true", help="delete the checkpoints no rule keeps (leased ones stay)")
     _ranking_args(p)
     p.add_argument(
@@ -1165,8 +1402,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_retention)
 
-    p = sub.add_parser(
-        "migrate", parents=[common], help="legacy checkpoint files and Hugging Face model folders into ray-ckpt runs"
+    p = _command(
+        sub, common, "migrate", "turn legacy checkpoint files and Hugging Face model folders into ray-ckpt runs"
     )
     p.add_argument(
         "src",
@@ -1180,12 +1417,17 @@ def build_parser() -> argparse.ArgumentParser:
     _allow_architecture_arg(p)
     p.set_defaults(func=cmd_migrate)
 
-    p = sub.add_parser(
-        "import",
-        parents=[common],
-        help="one Hugging Face model folder (save_pretrained, huggingface_hub, DCP) or legacy file as a step of a run",
-    )
-    p.add_argument("src", metavar="SOURCE", help="a model folder, its model.safetensors.index.json, or a legacy file")
+    p = _command(
+        sub, common, "import",
+        "commit one model folder, legacy file or downloaded step as a step of a run",
+        "A folder `ray-ckpt download` wrote is committed as the same step, with its metrics, trainer state, "
+        "scores and architecture.",
+    )  # fmt: skip
+    p.add_argument(
+        "src", metavar="SOURCE",
+        help="a step folder from `download`, a Hugging Face model folder (save_pretrained, huggingface_hub, DCP), "
+        "its model.safetensors.index.json, or a legacy file",
+    )  # fmt: skip
     p.add_argument("run_uri", metavar="DEST_RUN_URI", help="the run to import into: <storage>/<run_name>, no selector")
     p.add_argument("--step", type=int, help="the step to commit (default: what the source records, else 0)")
     p.add_argument("--dry-run", action="store_true", help="report what would happen; write nothing")
@@ -1194,33 +1436,53 @@ def build_parser() -> argparse.ArgumentParser:
     _allow_architecture_arg(p)
     p.set_defaults(func=cmd_import)
 
-    p = sub.add_parser(
-        "export",
-        parents=[common],
-        help="a step as a standalone Hugging Face folder (shards, index, config.json) that from_pretrained reads",
-    )
+    p = _command(
+        sub, common, "cp", "copy one committed step into another run, on any storage, checksum-checked",
+        "The step keeps its number, metrics, metadata, trainer state and eval scores; the run's architecture "
+        "comes along when the destination records none.",
+    )  # fmt: skip
+    p.add_argument("run_uri", metavar="SRC_RUN_URI", help=RUN_URI_HELP)
+    p.add_argument("dest", metavar="DEST_RUN_URI", help="the run to copy into: <storage>/<run_name>, no selector")
+    p.add_argument("--replace", action="store_true", help="replace the step if the destination has it")
+    _ranking_args(p, retention=False)
+    p.set_defaults(func=cmd_cp)
+
+    p = _command(
+        sub, common, "export",
+        "write a step as a standalone Hugging Face folder (shards, index, config.json) that from_pretrained reads",
+    )  # fmt: skip
     p.add_argument("run_uri", metavar="RUN_URI", help=RUN_URI_HELP)
     p.add_argument("dest", metavar="DEST_DIR", help="the folder to write (a path, or any storage URI)")
     p.add_argument("--overwrite", action="store_true", help="write into a destination that is not empty")
     _ranking_args(p, retention=False)
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser(
-        "download", parents=[common], help="copy every file of a committed step, checksum-verified, to a directory"
-    )
+    p = _command(
+        sub, common, "download", "copy every file of a committed step, checksum-verified, to a directory",
+        "With the marker, the run's architecture and the step's scores: `import` of the folder commits the "
+        "same step again.",
+    )  # fmt: skip
     p.add_argument("run_uri", metavar="RUN_URI", help=RUN_URI_HELP)
     p.add_argument("dest", metavar="DEST_DIR", help="the local directory to write")
     p.add_argument("--overwrite", action="store_true", help="write into a destination that is not empty")
     _ranking_args(p, retention=False)
     p.set_defaults(func=cmd_download)
 
-    p = sub.add_parser("plot", parents=[common], help="a metric against step, kept and best checkpoints marked")
-    p.add_argument("run_uri", metavar="RUN_URI", help=RUN_URI_HELP)
-    p.add_argument("--metric", required=True)
+    p = _command(sub, common, "plot", "plot a metric against step, kept, leased and best checkpoints marked")
+    p.add_argument("run_uri", metavar="RUN_URI", help=RUN_URI_NO_SELECTOR_HELP)
+    p.add_argument("--metric", help="the metric to plot (default: the one the run ranks by)")
     p.add_argument("--mode", choices=("max", "min"), help="which way is best (default: the run's, else min)")
     p.add_argument("-o", "--output", required=True, help="output image (PNG)")
     _ranking_args(p, ranking=False)
     p.set_defaults(func=cmd_plot)
+
+    p = _command(
+        sub, common, "completion", "print a shell completion script for bash or zsh",
+        "bash: eval \"$(ray-ckpt completion bash)\" (e.g. in ~/.bashrc); "
+        "zsh: eval \"$(ray-ckpt completion zsh)\" (e.g. in ~/.zshrc).",
+    )  # fmt: skip
+    p.add_argument("shell", choices=("bash", "zsh"), help="the shell")
+    p.set_defaults(func=cmd_completion)
     return parser
 
 
@@ -1232,12 +1494,13 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _error_exit(exc: BaseException, code: int, command: str | None, as_json: bool) -> int:
-    """Report an error as one line on stderr, or as a JSON object on stdout under ``--json``."""
+    """Report an error as one line on stderr (``ray-ckpt COMMAND: error: ...``, the program named
+    once), or as a JSON object on stdout under ``--json``."""
     message = _one_line(exc)
     if as_json:
         print(json.dumps({"error": message, "type": type(exc).__name__, "exit_code": code}), flush=True)
     else:
-        print(f"ray-ckpt{f' {command}' if command else ''}: error: {message}", file=sys.stderr)
+        print(f"{command or 'ray-ckpt'}: error: {message}", file=sys.stderr)
     return code
 
 
@@ -1258,6 +1521,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     if argv is None and hasattr(signal, "SIGPIPE"):
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    from ray_ckpt.lazyimport import defer_import
+
+    defer_import("torch")  # imported where a command first touches a tensor: listing never does
     argv = list(sys.argv[1:] if argv is None else argv)
     as_json = "--json" in argv
     try:
@@ -1268,13 +1534,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(argv: list[str], as_json: bool) -> int:
     parser = build_parser()
+    if _asks_version(argv):
+        if as_json:
+            print(json.dumps({"name": "ray-ckpt", "version": version()}), flush=True)
+        else:
+            print(f"ray-ckpt {version()}", flush=True)
+        return EXIT_OK
     try:
         args = parser.parse_args(argv)
     except UsageError as exc:
         if not as_json:
-            parser.print_usage(sys.stderr)
-        return _error_exit(exc, EXIT_USAGE, None, as_json)
-    except SystemExit as exc:  # --help, --version: argparse already printed
+            exc.parser.print_usage(sys.stderr)
+        return _error_exit(exc, EXIT_USAGE, exc.parser.prog, as_json)
+    except SystemExit as exc:  # --help: argparse already printed
         return int(exc.code or 0)
     if not logging.getLogger().handlers:
         logging.basicConfig(
@@ -1292,7 +1564,7 @@ def _run(argv: list[str], as_json: bool) -> int:
         if getattr(args, "debug", False):
             raise
         code = exc.code if isinstance(exc, CommandError) else EXIT_USAGE if isinstance(exc, ConfigError) else EXIT_ERROR
-        return _error_exit(exc, code, args.command, as_json)
+        return _error_exit(exc, code, f"ray-ckpt {args.command}", as_json)
 
 
 if __name__ == "__main__":

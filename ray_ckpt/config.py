@@ -1,7 +1,7 @@
 """Validated checkpoint options, grouped by the part of ray-ckpt that consumes them; YAML loading.
 
 :class:`CheckpointConfig` is a pydantic model of five groups (``store``, ``retention``,
-``schedule``, ``checkpointer``, ``tiering``). pydantic comes with ``ray[default]``; it reports
+``schedule``, ``checkpointer``, ``tiering``). pydantic (a declared dependency) reports
 every invalid field of a config at once, validates assignments and exports a JSON schema. Every
 option can still be given and read flat (``CheckpointConfig(keep_last_n=3).keep_last_n``); the
 groups say which entry point reads what (see :data:`CONSUMERS`), so that a field set where the
@@ -170,7 +170,8 @@ class StoreOptions(OptionGroup):
     group: ClassVar[str] = "store"
 
     storage_uri: Annotated[str, AfterValidator(_not_empty)] = Field(
-        "./checkpoints", description="Storage root: a local directory, file://..., s3://bucket/prefix or memory://."
+        "./checkpoints",
+        description="Storage root: a local directory, file://..., s3://bucket/prefix or memory:// (one process only).",
     )
     run_name: Annotated[str, AfterValidator(_run_name)] = Field(
         "run", description="The run's directory under storage_uri: one safe path component."

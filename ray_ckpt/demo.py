@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 import ray_ckpt
+from ray_ckpt.checkpointer import LOG_LEVEL_ENV
 from ray_ckpt.config import CheckpointConfig
 from ray_ckpt.index import CheckpointInfo
 
@@ -52,7 +53,9 @@ class DemoTransformer(nn.Module):
         h = self.embed(x)
         for layer in self.layers:
             h = layer(h)
-        return self.head(h.mean(1)).squeeze(-1)
+        # A new tensor, not a view (``squeeze`` would be one): FSDP2 warns when a wrapped module
+        # returns a view, since an in-place op on it would skip the module's pre-backward hook.
+        return self.head(h.mean(1)).sum(-1)
 
 
 def make_data(seed: int, n: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
@@ -394,7 +397,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; exit status 0 once it has printed the top-k table."""
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # The demo prints one line per commit and per score itself: library logs only from warnings up,
+    # here and in its actors (the checkpointer logs each commit at INFO), and Ray's prefixes of
+    # actor output without colour codes unless stdout is a terminal.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if not sys.stdout.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+    runtime_env = {"env_vars": {LOG_LEVEL_ENV: os.environ.get(LOG_LEVEL_ENV, "WARNING")}}
     config = CheckpointConfig.from_yaml(args.config)
     changes = {"storage_uri": _absolute(args.storage or config.storage_uri)}
     if args.run_name:
@@ -406,9 +415,12 @@ def main(argv: list[str] | None = None) -> int:
     address = args.address or os.environ.get("RAY_ADDRESS")
     started = time.monotonic()
     if address:  # an existing cluster has its own resources: never pass num_cpus to it
-        ray.init(address=address, logging_level="WARNING")
-    else:
-        ray.init(num_cpus=args.num_cpus, include_dashboard=False, logging_level="WARNING")
+        ray.init(address=address, logging_level="WARNING", runtime_env=runtime_env)
+    else:  # "local": a Ray of its own, even where `ray start` left another one for ray.init() to join
+        ray.init(
+            address="local", num_cpus=args.num_cpus, include_dashboard=False, logging_level="WARNING",
+            runtime_env=runtime_env,
+        )  # fmt: skip
     print(f"Ray up in {time.monotonic() - started:.1f}s ({address or 'local'})", flush=True)
     try:
         top = run_demo(config, steps=args.steps, workers=args.workers, evaluators=args.evaluators)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import contextlib
+import functools
 import io
 import json
 import math
@@ -41,38 +42,72 @@ from ray_ckpt.safejson import JsonObject, corrupt, parse_json
 from ray_ckpt.shard import Shard, box_runs, box_view, is_dtensor, local_part
 
 
-def _safetensors_dtypes() -> tuple[dict[str, torch.dtype], dict[str, int]]:
+@functools.cache
+def _safetensors_dtypes() -> tuple[dict[str, torch.dtype], dict[str, int], dict[torch.dtype, str], dict[str, int]]:
     """The safetensors dtype name of every torch dtype the safetensors library stores.
 
-    Asked of the library itself (one tiny save per dtype at import), so every dtype it writes we
-    write, under the name it uses. A packed dtype (``F4``: two values per byte) records more
-    elements in the header than the torch tensor has: the factor goes in the second table.
+    Asked of the library itself through its public ``save`` (one tiny save per torch dtype, on
+    first use), so every dtype it writes we write, under the name it uses. A packed dtype (``F4``:
+    two values per byte) records more elements in the header than the torch tensor has: the factor
+    goes in the second table. Returns (name -> torch dtype, packing, torch dtype -> name, bytes per
+    torch element). Built on first use, not at import: a process that never touches a tensor (the
+    CLI listing a run) never imports torch.
     """
     import safetensors.torch as st
 
     names: dict[str, torch.dtype] = {}
     packing: dict[str, int] = {}
-    for dtype in st._SIZE:  # the torch dtypes safetensors' writer accepts
-        if dtype is None:
-            continue
+    dtypes = {value for value in vars(torch).values() if isinstance(value, torch.dtype)}
+    for dtype in sorted(dtypes, key=str):
         try:
-            raw = st.save({"t": torch.zeros(8, dtype=torch.uint8).view(dtype)})
+            probe = torch.zeros(32, dtype=torch.uint8).view(dtype)  # 32 bytes: any element size divides it
+            raw = st.save({"t": probe})
         except Exception:  # noqa: BLE001 - a dtype this torch/safetensors pair cannot write
             continue
         (length,) = struct.unpack("<Q", raw[:8])
         entry = json.loads(raw[8 : 8 + length])["t"]
         names[entry["dtype"]] = dtype
         elements = math.prod(entry["shape"])
-        torch_elements = torch.zeros(8, dtype=torch.uint8).view(dtype).numel()
-        if elements != torch_elements:
-            packing[entry["dtype"]] = elements // torch_elements
-    return names, packing
+        if elements != probe.numel():
+            packing[entry["dtype"]] = elements // probe.numel()
+    to_name = {v: k for k, v in names.items()}
+    # Bytes per torch element (a packed F4 element is one byte holding two values).
+    sizes = {k: torch.empty((), dtype=v).element_size() for k, v in names.items()}
+    return names, packing, to_name, sizes
 
 
-DTYPE_TO_TORCH, DTYPE_PACKING = _safetensors_dtypes()
-TORCH_TO_DTYPE: dict[torch.dtype, str] = {v: k for k, v in DTYPE_TO_TORCH.items()}
-# Bytes per torch element (a packed F4 element is one byte holding two values).
-DTYPE_SIZE: dict[str, int] = {k: torch.empty((), dtype=v).element_size() for k, v in DTYPE_TO_TORCH.items()}
+class _DtypeTable(Mapping[Any, Any]):
+    """One of :func:`_safetensors_dtypes`' tables, built on first use."""
+
+    def __init__(self, which: int) -> None:
+        self._which = which
+
+    def _table(self) -> dict[Any, Any]:
+        return _safetensors_dtypes()[self._which]
+
+    def __getitem__(self, key: Any) -> Any:
+        return self._table()[key]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._table())
+
+    def __len__(self) -> int:
+        return len(self._table())
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._table()
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        return self._table().get(key, default)
+
+    def __repr__(self) -> str:
+        return repr(self._table())
+
+
+DTYPE_TO_TORCH: Mapping[str, torch.dtype] = _DtypeTable(0)
+DTYPE_PACKING: Mapping[str, int] = _DtypeTable(1)
+TORCH_TO_DTYPE: Mapping[torch.dtype, str] = _DtypeTable(2)
+DTYPE_SIZE: Mapping[str, int] = _DtypeTable(3)  # bytes per torch element
 
 
 def header_shape(dtype: str, shape: tuple[int, ...] | list[int]) -> list[int]:

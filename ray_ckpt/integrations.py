@@ -30,6 +30,7 @@ trial, ``Trainer.restore``) or names an older step of the same run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -61,6 +62,14 @@ RAY_HOLDER_PREFIX = "ray-pointers:"
 # Lifetime of such a lease; every report (and get_checkpoint) renews the ones past half of it, so
 # only an experiment nobody runs for this long loses its protection (release_unreferenced ends it).
 RAY_LEASE_TTL_S = 30 * 24 * 3600.0
+# A copy of each pointer Ray holds, beside its checkpoint folders (Ray never deletes this one), and
+# how many of the pointers Ray has deleted stay resolvable (their steps leased): synchronous PBT
+# can hand an exploiting trial a donor checkpoint that Ray's num_to_keep deleted just before.
+SIDECAR_DIR = ".ray_ckpt_pointers"
+RAY_DELETED_POINTER_GRACE = 2
+# In a pointer folder ray-ckpt put back after Ray deleted it (Ray's own restore refuses a
+# checkpoint folder that is gone before ray-ckpt's code runs): ray-ckpt removes it again later.
+RESTORED_MARKER = ".ray_ckpt_restored"
 # A lease load_from_ray_checkpoint holds while it reads a step (a PBT donor may move on meanwhile).
 LOAD_LEASE_TTL_S = 600.0
 
@@ -194,20 +203,65 @@ def to_ray_checkpoint(
     return _checkpoint_class(target).from_directory(directory)
 
 
+def _checkpoint_location(checkpoint: Any) -> tuple[Any, str]:
+    """``(pyarrow filesystem, path)`` of a Train/Tune Checkpoint (a local path: the local filesystem)."""
+    filesystem = getattr(checkpoint, "filesystem", None)
+    if filesystem is None:
+        import pyarrow.fs
+
+        filesystem = pyarrow.fs.LocalFileSystem()
+    return filesystem, str(getattr(checkpoint, "path", None) or os.fspath(checkpoint)).rstrip("/")
+
+
+def _exists(filesystem: Any, path: str) -> bool:
+    from pyarrow.fs import FileType
+
+    return filesystem.get_file_info(path).type != FileType.NotFound
+
+
+def _sidecar_path(checkpoint_path: str) -> str:
+    """Where reconcile keeps a copy of the pointer in ``checkpoint_path``: beside Ray's checkpoint
+    folders, in ``<Ray directory>/.ray_ckpt_pointers/<folder>.json``, which Ray never deletes."""
+    parent, _, name = checkpoint_path.rstrip("/").rpartition("/")
+    return f"{parent}/{SIDECAR_DIR}/{name}.json"
+
+
 def read_pointer(checkpoint: Any) -> dict[str, Any]:
-    """The pointer JSON of a Train/Tune Checkpoint (local or on Ray's remote storage), validated."""
-    name = getattr(checkpoint, "path", checkpoint)
+    """The pointer JSON of a Train/Tune Checkpoint (local or on Ray's remote storage), validated.
+
+    A checkpoint folder Ray has deleted by its own retention (``CheckpointConfig(num_to_keep)``)
+    while something still names it (synchronous PBT's exploit can) resolves through the copy
+    ``report`` keeps beside it, to the step ray-ckpt holds; without one it is a
+    CheckpointNotFoundError saying so. A folder that exists without a pointer is a ValueError
+    (not a ray-ckpt checkpoint).
+    """
+    filesystem, path = _checkpoint_location(checkpoint)
     try:
-        filesystem = getattr(checkpoint, "filesystem", None)
-        if filesystem is not None:
-            with filesystem.open_input_file(f"{checkpoint.path.rstrip('/')}/{POINTER_FILE}") as f:
-                raw = f.readall()
-        else:
-            with open(os.path.join(os.fspath(checkpoint), POINTER_FILE), "rb") as f:
-                raw = f.read()
+        with filesystem.open_input_file(f"{path}/{POINTER_FILE}") as f:
+            raw = f.readall()
     except FileNotFoundError as exc:
-        raise ValueError(f"{name}: not a ray-ckpt pointer checkpoint (no {POINTER_FILE})") from exc
-    return _parse_pointer(raw, name)
+        if _exists(filesystem, path):
+            raise ValueError(f"{path}: not a ray-ckpt pointer checkpoint (no {POINTER_FILE})") from exc
+        try:
+            with filesystem.open_input_file(_sidecar_path(path)) as f:
+                raw = f.readall()
+        except FileNotFoundError:
+            raise CheckpointNotFoundError(
+                f"{path}: Ray's checkpoint folder is gone (deleted by Ray's own retention, "
+                "CheckpointConfig(num_to_keep), or by hand) and ray-ckpt kept no copy of its pointer, so which "
+                "step it named is unknown; report checkpoints with ray_ckpt.integrations.report (it keeps one), "
+                "or keep more of Ray's checkpoints (num_to_keep)"
+            ) from exc
+        pointer = _parse_pointer(raw, path)
+        logger.info(
+            "%s: Ray deleted this checkpoint folder (its num_to_keep); it named step %d of run %s, which "
+            "ray-ckpt still holds: using that",
+            path,
+            pointer["step"],
+            pointer["run_name"],
+        )
+        return pointer
+    return _parse_pointer(raw, path)
 
 
 def _parse_pointer(raw: bytes, name: Any) -> dict[str, Any]:
@@ -235,7 +289,12 @@ def _parse_pointer(raw: bytes, name: Any) -> dict[str, Any]:
 def store_from_pointer(
     pointer: Mapping[str, Any], *, storage_options: Mapping[str, Any] | None = None
 ) -> CheckpointStore:
-    """The CheckpointStore of the run a pointer names (``storage_options`` add credentials etc.)."""
+    """The CheckpointStore of the run a pointer names (``storage_options`` add credentials etc.).
+
+    The one call for a resharded load of a pointer's step (a PBT donor's, for FSDP2 trials):
+    ``store_from_pointer(read_pointer(ckpt)).load(step, into=model_sd)``, then
+    ``.load_trainer_state(step, into={"optim": optim_sd})`` (see docs/RAY.md).
+    """
     options = _merge(pointer.get("storage_options") or {}, storage_options or {})
     return CheckpointStore(pointer["storage_uri"], run_name=pointer["run_name"], storage_options=options)
 
@@ -394,30 +453,55 @@ def _ray_pointer_location() -> tuple[Any, str] | None:
 def _pointer_steps(
     filesystem: Any, directory: str, config: CheckpointConfig, cache: dict[str, int | None] | None = None
 ) -> set[int]:
-    """Steps of ``config``'s run named by the pointer checkpoints Ray holds in ``directory``.
+    """Steps of ``config``'s run named by the pointer checkpoints Ray holds in ``directory``."""
+    return set(_pointer_paths(filesystem, directory, config, cache).values())
+
+
+def _pointer_paths(
+    filesystem: Any,
+    directory: str,
+    config: CheckpointConfig,
+    cache: dict[str, int | None] | None = None,
+    *,
+    keep_copies: bool = False,
+    skip_restored: bool = False,
+) -> dict[str, int]:
+    """``{checkpoint folder: step}`` of the pointers into ``config``'s run Ray holds in ``directory``.
 
     One listing; each pointer is read once (``cache``: Ray never rewrites a checkpoint directory).
     A directory without a readable pointer yet (an upload in flight) is read again next time.
+    ``keep_copies``: a copy of each new pointer goes beside Ray's folders (:func:`_sidecar_path`),
+    so that the folder still resolves after Ray deletes it. ``skip_restored``: leave out the
+    folders ray-ckpt put back (:data:`RESTORED_MARKER`), which Ray no longer references.
     """
     from pyarrow.fs import FileSelector, FileType
 
     cache = {} if cache is None else cache
-    steps: set[int] = set()
+    found: dict[str, int] = {}
     for entry in filesystem.get_file_info(FileSelector(directory, allow_not_found=True)):
         if entry.type != FileType.Directory or not entry.base_name.startswith("checkpoint_"):
             continue
         if entry.path not in cache:
             try:
                 with filesystem.open_input_file(f"{entry.path}/{POINTER_FILE}") as f:
-                    pointer = _parse_pointer(f.readall(), entry.path)
+                    raw = f.readall()
+                pointer = _parse_pointer(raw, entry.path)
             except (FileNotFoundError, ValueError, OSError) as exc:
                 logger.debug("%s: no ray-ckpt pointer (yet): %s", entry.path, exc)
                 continue
-            cache[entry.path] = int(pointer["step"]) if _same_run(pointer, config) else None
+            ours = _same_run(pointer, config)
+            if skip_restored and _exists(filesystem, f"{entry.path}/{RESTORED_MARKER}"):
+                ours = False
+            if ours and keep_copies:
+                sidecar = _sidecar_path(entry.path)
+                filesystem.create_dir(sidecar.rpartition("/")[0], recursive=True)
+                with filesystem.open_output_stream(sidecar) as f:
+                    f.write(raw)
+            cache[entry.path] = int(pointer["step"]) if ours else None
         step = cache[entry.path]
         if step is not None:
-            steps.add(step)
-    return steps
+            found[entry.path] = step
+    return found
 
 
 class _RayProtection:
@@ -442,6 +526,7 @@ class _RayProtection:
                 self.leases[record["step"]] = (record["lease_id"], record["expires"])
         self.pending: set[int] = set()
         self._pointers: dict[str, int | None] = {}
+        self._restored: set[str] = set()  # pointer folders ray-ckpt put back after Ray deleted them
         self._lock = threading.Lock()
 
     def _acquire(self, step: int) -> None:
@@ -462,10 +547,53 @@ class _RayProtection:
                     ) from exc
             self.pending.add(step)
 
+    def _put_back(self, path: str) -> None:
+        """Put a pointer folder Ray deleted back from its copy (marked as ours): Ray's restore of a
+        synchronous PBT exploit checks that the folder exists before any ray-ckpt code runs."""
+        try:
+            with self.filesystem.open_input_file(_sidecar_path(path)) as f:
+                raw = f.readall()
+            self.filesystem.create_dir(path, recursive=True)
+            with self.filesystem.open_output_stream(f"{path}/{POINTER_FILE}") as f:
+                f.write(raw)
+            with self.filesystem.open_output_stream(f"{path}/{RESTORED_MARKER}") as f:
+                f.write(b"put back by ray-ckpt after Ray deleted it; removed again by ray-ckpt\n")
+        except (FileNotFoundError, OSError) as exc:
+            logger.warning("could not put back the pointer folder %s Ray deleted: %s", path, exc)
+            return
+        self._restored.add(path)
+        logger.info("put back the pointer folder %s, which Ray deleted (a PBT exploit may still name it)", path)
+
+    def _forget(self, path: str) -> None:
+        """Remove the copy of a pointer Ray deleted long ago, and the folder if ray-ckpt put it back."""
+        with contextlib.suppress(FileNotFoundError, OSError):
+            self.filesystem.delete_file(_sidecar_path(path))
+        if path in self._restored:
+            self._restored.discard(path)
+            with contextlib.suppress(FileNotFoundError, OSError):
+                self.filesystem.delete_dir(path)
+
     def reconcile(self) -> list[int]:
-        """Match the leases to the pointers Ray holds now; returns the steps released."""
+        """Match the leases to the pointers Ray holds now; returns the steps released.
+
+        The pointers Ray deleted most recently (the newest ``RAY_DELETED_POINTER_GRACE``) stay
+        resolvable, their steps leased: synchronous PBT can hand an exploiting trial a donor's
+        checkpoint that Ray's ``num_to_keep`` has just deleted. Older ones are forgotten.
+        """
         with self._lock:
-            referenced = _pointer_steps(self.filesystem, self.directory, self.config, self._pointers)
+            listed = _pointer_paths(self.filesystem, self.directory, self.config, self._pointers, keep_copies=True)
+            present = {p: step for p, step in listed.items() if p not in self._restored}  # Ray's own
+            deleted = sorted(p for p, step in self._pointers.items() if step is not None and p not in present)
+            keep = RAY_DELETED_POINTER_GRACE
+            recent, old = (deleted[-keep:], deleted[:-keep]) if keep else ([], deleted)
+            for path in old:  # out of the window: forget it, and take back what ray-ckpt put back
+                self._pointers.pop(path)
+                self._forget(path)
+            for path in recent:
+                if path not in listed:
+                    self._put_back(path)
+            kept = {self._pointers[p] for p in recent}
+            referenced = set(present.values()) | {step for step in kept if step is not None}
             self.pending -= referenced
             now = time.time()
             for step in sorted(referenced):
@@ -558,7 +686,8 @@ def release_unreferenced(
             filesystem, directory = storage_filesystem, location.split("://", 1)[-1]
         else:
             filesystem, directory = pyarrow.fs.FileSystem.from_uri(location)
-        referenced = _pointer_steps(filesystem, directory, config)
+        referenced = set(_pointer_paths(filesystem, directory, config, skip_restored=True).values())
+        _remove_put_back(filesystem, directory)
         for record in records:
             if record["step"] not in referenced:
                 store.release_lease(record["step"], record["lease_id"])
@@ -571,6 +700,17 @@ def release_unreferenced(
     if handle is not None:
         handle.apply_retention()
     return released
+
+
+def _remove_put_back(filesystem: Any, directory: str) -> None:
+    """Remove the pointer folders ray-ckpt put back in ``directory`` (after ``fit()`` nothing needs them)."""
+    from pyarrow.fs import FileSelector, FileType
+
+    for entry in filesystem.get_file_info(FileSelector(directory, allow_not_found=True)):
+        if entry.type == FileType.Directory and entry.base_name.startswith("checkpoint_"):
+            if _exists(filesystem, f"{entry.path}/{RESTORED_MARKER}"):
+                with contextlib.suppress(FileNotFoundError, OSError):
+                    filesystem.delete_dir(entry.path)
 
 
 def ray_checkpoint_config(config: CheckpointConfig, **overrides: Any) -> Any:
@@ -623,9 +763,13 @@ def get_checkpoint(config: CheckpointConfig, *, target: Target = "auto") -> ray.
     latest = CheckpointStore(config=config).latest()
     if checkpoint is not None:
         try:
-            pointer = read_pointer(checkpoint)
+            pointer = read_pointer(checkpoint)  # a folder Ray deleted: its kept copy, else CheckpointNotFoundError
         except ValueError:
-            return checkpoint  # not a ray-ckpt pointer: Ray's own checkpoint
+            return checkpoint  # a folder without a pointer: Ray's own checkpoint
+        filesystem, path = _checkpoint_location(checkpoint)
+        if not _exists(filesystem, path):  # resolved through the copy: a pointer of our own to that step
+            donor = store_from_pointer(pointer)
+            return to_ray_checkpoint(donor.info(int(pointer["step"])), donor.config, target=resolved)  # type: ignore[arg-type]
         if latest is None or not _same_run(pointer, config) or latest.step <= int(pointer["step"]):
             return checkpoint
         logger.info(

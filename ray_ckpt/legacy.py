@@ -27,6 +27,7 @@ import torch
 from ray_ckpt.architecture import Architecture, architecture_from_hf_config
 from ray_ckpt.errors import CorruptCheckpointError, RayCkptError
 from ray_ckpt.format import read_safetensors, read_safetensors_header
+from ray_ckpt.layout import MARKER_FILE as STEP_MARKER_FILE
 from ray_ckpt.layout import parse_step_dir
 from ray_ckpt.safejson import JsonObject
 from ray_ckpt.storage import Storage
@@ -420,6 +421,12 @@ def find_legacy_files(source: str, *, storage_options: dict[str, Any] | None = N
         if any(p.startswith(".") or parse_step_dir(p) is not None for p in parts):
             continue
         rels.append(rel)
+    # a folder holding one ray-ckpt step (`ray-ckpt download` writes one: its files and its
+    # checkpoint.json) is ONE entry, the folder; nothing inside it is a checkpoint of its own
+    steps = sorted({rel.rpartition("/")[0] for rel in rels if rel.rpartition("/")[2] == STEP_MARKER_FILE})
+    if "" in steps:
+        return [location]
+    rels = [rel for rel in rels if not any(rel.startswith(f"{d}/") for d in steps)]
     folders: dict[str, set[str]] = {}  # folder (root-relative, "" for the root) -> its files
     for rel in rels:
         directory, _, name = rel.rpartition("/")
@@ -428,6 +435,7 @@ def find_legacy_files(source: str, *, storage_options: dict[str, Any] | None = N
             if folder is not None:
                 folders[directory] = {folder.index or "", *folder.files}
     found = {directory: storage.url(directory) if directory else location for directory in folders}
+    found.update({directory: storage.url(directory) for directory in steps})
     for rel in rels:
         directory, _, name = rel.rpartition("/")
         if directory in folders and (

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -142,6 +143,35 @@ def _record(name: str, run: str, value: float) -> None:
             logger.warning("ray-ckpt metrics disabled in this process after an error: %s: %s", type(exc).__name__, exc)
 
 
+# -- gauges: refreshed, or Ray drops them --------------------------------------------------------
+# Ray's metrics agent drops a series not recorded within about two export intervals (10 s each by
+# default): a gauge set only when it changes (no save for a minute) would vanish from Prometheus.
+# Every gauge's last value is set again every GAUGE_REFRESH_S by one daemon thread per process.
+GAUGE_REFRESH_S = 5.0
+_GAUGES: dict[tuple[str, str], float] = {}
+_refresher: threading.Thread | None = None
+
+
+def _set_gauge(name: str, run: str, value: float) -> None:
+    """Set a gauge now and keep it set (see GAUGE_REFRESH_S)."""
+    global _refresher
+    with _LOCK:
+        _GAUGES[(name, str(run))] = float(value)
+        if _refresher is None or not _refresher.is_alive():
+            _refresher = threading.Thread(target=_refresh_gauges, name="ray-ckpt-gauges", daemon=True)
+            _refresher.start()
+    _record(name, run, value)
+
+
+def _refresh_gauges() -> None:
+    while True:
+        time.sleep(GAUGE_REFRESH_S)
+        with _LOCK:
+            values = list(_GAUGES.items())
+        for (name, run), value in values:
+            _record(name, run, value)
+
+
 # -- the checkpointer -------------------------------------------------------------------------
 def observe_commit(run: str, seconds: float, nbytes: int) -> None:
     """A step committed: ``seconds`` from its first rank report, ``nbytes`` of files."""
@@ -152,7 +182,7 @@ def observe_commit(run: str, seconds: float, nbytes: int) -> None:
 
 def set_pending_saves(run: str, count: int) -> None:
     """How many steps the checkpointer is waiting for or writing now."""
-    _record("ckpt_pending_saves", run, count)
+    _set_gauge("ckpt_pending_saves", run, count)
 
 
 def observe_query(run: str, seconds: float) -> None:

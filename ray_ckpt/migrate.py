@@ -20,11 +20,11 @@ import torch
 
 from ray_ckpt.errors import ArchitectureNotAllowedError, ConfigError, CorruptCheckpointError
 from ray_ckpt.format import to_buffer
-from ray_ckpt.layout import validate_step
+from ray_ckpt.layout import EVAL_FILE, MARKER_FILE, Manifest, read_metrics_file, validate_step
 from ray_ckpt.legacy import LegacyCheckpoint, find_hf_folder, find_legacy_files, read_legacy
 from ray_ckpt.storage import Storage
 from ray_ckpt.store import CheckpointStore
-from ray_ckpt.uri import parse_uri
+from ray_ckpt.uri import normalize_storage_uri, parse_uri
 
 logger = logging.getLogger(__name__)
 
@@ -83,10 +83,59 @@ class MigrationReport:
         return out
 
 
+def read_step_folder(location: str, storage_options: dict[str, Any] | None = None) -> tuple[Storage, Manifest] | None:
+    """(storage, parsed marker) of a folder holding one ray-ckpt step as ``ray-ckpt download``
+    writes it (the step's files, its checkpoint.json, the run's model_architecture.json, its
+    eval_metrics.json); None for anything else."""
+    try:
+        storage = Storage(normalize_storage_uri(location), storage_options)
+        if not storage.fs.isdir(storage.root):
+            return None
+        data = storage.read_bytes(MARKER_FILE)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return storage, Manifest.from_json_bytes(data, name=storage.url(MARKER_FILE))
+
+
+def import_step_folder(
+    storage: Storage,
+    manifest: Manifest,
+    store: CheckpointStore,
+    *,
+    step: int | None = None,
+    replace: bool = False,
+    on_chunk: Callable[[int], None] | None = None,
+) -> Any:
+    """Commit a downloaded step folder into ``store`` as the step it was (``step`` renumbers it):
+    metrics, metadata, trainer state, scores and architecture kept, every file checksum-checked
+    (:meth:`CheckpointStore.copy_step`). Its CheckpointInfo."""
+    import dataclasses
+
+    from ray_ckpt.architecture import ARCHITECTURE_FILE
+
+    if step is not None:
+        manifest = dataclasses.replace(manifest, step=validate_step(step))
+    try:
+        architecture: bytes | None = storage.read_bytes(ARCHITECTURE_FILE)
+    except FileNotFoundError:
+        architecture = None
+    try:
+        scores = read_metrics_file(storage.read_bytes(EVAL_FILE), name=storage.url(EVAL_FILE))
+    except FileNotFoundError:
+        scores = {}
+    return store.copy_step(
+        storage, "", manifest, architecture=architecture, eval_metrics=scores, overwrite=replace, on_chunk=on_chunk
+    )
+
+
 def plan_migration(source: str, *, storage_options: dict[str, Any] | None = None) -> list[tuple[str, int]]:
     """Every checkpoint under ``source`` (a file or a Hugging Face folder each) with its size in bytes."""
     plan = []
     for location in find_legacy_files(source, storage_options=storage_options):
+        step_folder = read_step_folder(location, storage_options)
+        if step_folder is not None:
+            plan.append((location, sum(d.size for d in step_folder[1].files.values())))
+            continue
         folder = find_hf_folder(location, storage_options=storage_options)
         if folder is not None:
             plan.append((location, folder.total_size))
@@ -130,6 +179,15 @@ def migrate(
     if on_plan is not None:
         on_plan(plan)
     for location, nbytes in plan:
+        folder = read_step_folder(location, storage_options)
+        if folder is not None:
+            item = _migrate_step_folder(location, *folder, destination, stores, dry_run=dry_run, replace=replace,
+                                        storage_options=storage_options)  # fmt: skip
+            item.nbytes = nbytes
+            report.items.append(item)
+            if on_item is not None:
+                on_item(item)
+            continue
         try:
             ckpt = read_legacy(location, storage_options=storage_options, trust_pickle=trust_pickle, cache=False)
             item = _migrate_one(
@@ -188,6 +246,39 @@ def import_checkpoint(
     )
     item.nbytes = folder.total_size if folder is not None else sum(_nbytes(v) for v in ckpt.state_dict.values())
     logger.info("import: %s -> %s %s/%s %s", item.source, item.action, item.run_name, item.step, item.detail)
+    return item
+
+
+def _migrate_step_folder(
+    location: str,
+    storage: Storage,
+    manifest: Manifest,
+    destination: str,
+    stores: dict[str, CheckpointStore],
+    *,
+    dry_run: bool,
+    replace: bool,
+    storage_options: dict[str, Any] | None,
+) -> MigrationItem:
+    """A downloaded step folder into the run named after the folder, as the step it was."""
+    run_name = location.rstrip("/").rsplit("/", 1)[-1]
+    item = MigrationItem(location, MIGRATED, run_name, manifest.step, "ray-ckpt step")
+    try:
+        store = stores.get(run_name)
+        if store is None:
+            store = stores[run_name] = CheckpointStore(destination, run_name, storage_options or {})
+        exists = manifest.step in store
+        if exists and store.read_manifest(manifest.step).files == manifest.files:
+            item.action, item.detail = SKIPPED, "already there with the same files"
+        elif exists and not replace:
+            item.action, item.detail = CONFLICT, "the step exists with other files (replace=True replaces it)"
+        elif dry_run:
+            item.action = WOULD_REPLACE if exists else WOULD_MIGRATE
+        else:
+            info = import_step_folder(storage, manifest, store, replace=exists)
+            item.action, item.detail = (REPLACED if exists else MIGRATED), f"-> {info.uri}"
+    except Exception as exc:  # reported like any other bad checkpoint
+        item.action, item.detail = FAILED, f"{type(exc).__name__}: {exc}"
     return item
 
 

@@ -419,6 +419,35 @@ def _retry_timeout(value: Any) -> float:
     return float(value)
 
 
+# Errors no retry can mend, by class name along the cause chain (botocore is not imported here):
+# missing or partial credentials, no region, a malformed request. They fail at once.
+_PERMANENT_ERROR_NAMES = frozenset(
+    {
+        "NoCredentialsError",
+        "PartialCredentialsError",
+        "NoRegionError",
+        "ParamValidationError",
+        "UnknownSignatureVersionError",
+        "InvalidConfigError",
+    }
+)
+
+
+def _is_permanent(error: BaseException) -> bool:
+    """Whether ``error`` (or what caused it) is one no retry can mend: a permanent errno (no
+    space, no permission, read-only, gone) or a client error such as missing credentials."""
+    seen: BaseException | None = error
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen, OSError) and seen.errno in _PERMANENT_ERRNOS:
+            return True
+        if any(cls.__name__ in _PERMANENT_ERROR_NAMES for cls in type(seen).__mro__):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def _is_timeout(error: BaseException) -> bool:
     """Whether ``error`` (or what caused it) is a timeout: TimeoutError (socket, asyncio, fsspec),
     botocore's Read/ConnectTimeoutError, aiohttp's ServerTimeoutError (by name: none imported here)."""
@@ -574,7 +603,7 @@ class Storage:
             attempt += 1
             delay = min(self.backoff_s * (2 ** (attempt - 1)), self.max_backoff_s)
             code = error.errno if isinstance(error, OSError) and error.errno else None
-            permanent = self.is_local or code in _PERMANENT_ERRNOS
+            permanent = self.is_local or _is_permanent(error)
             out_of_retries = self.retries is not None and attempt > self.retries
             # A timeout that by itself outlasted the window (the client already waited out its
             # own attempts: the endpoint accepts and does not answer) is not waited out again.

@@ -53,7 +53,7 @@ from ray_ckpt.runindex import RunIndex
 from ray_ckpt.safejson import DamageLog
 from ray_ckpt.storage import Storage
 from ray_ckpt.tiering import RemoteTier, UploadPolicy
-from ray_ckpt.writer import StepWriter, collect_leftovers
+from ray_ckpt.writer import StepWriter, collect_leftovers, copy_checked
 
 logger = logging.getLogger(__name__)
 
@@ -229,6 +229,63 @@ class CheckpointStore:
             seconds,
             deleted,
         )
+        return info
+
+    def copy_step(
+        self,
+        source: Storage,
+        source_dir: str,
+        manifest: Manifest,
+        *,
+        architecture: bytes | None = None,
+        eval_metrics: Mapping[str, Any] | None = None,
+        overwrite: bool = False,
+        on_chunk: Callable[[int], None] | None = None,
+    ) -> CheckpointInfo:
+        """Commit into this run a step whose files ``source`` holds under ``source_dir`` (another
+        run's step directory, or a step folder ``ray-ckpt download`` wrote), as it was committed there.
+
+        Same step number, metrics, metadata, world size, model index and trainer state (from
+        ``manifest``, that step's parsed marker); every file is copied with its committed size and
+        checksum checked (:func:`~ray_ckpt.writer.copy_checked`: a damaged file is never passed on)
+        and the marker is written last. ``architecture`` (the source run's
+        ``model_architecture.json``) is written when this run records none, and must name the
+        same class when it does; ``eval_metrics`` (its evaluators' scores) join the step's record.
+        Retention runs afterwards, as after a save.
+        """
+        if architecture is not None:
+            theirs = Architecture.from_json_bytes(architecture, name=source.url(ARCHITECTURE_FILE))
+            try:
+                ours = self.read_architecture()
+            except FileNotFoundError:
+                ours = None
+            if ours is None:
+                self.storage.write_atomic(ARCHITECTURE_FILE, architecture)
+                self._side_files = None
+            elif ours.class_path != theirs.class_path:
+                raise ValueError(
+                    f"{ARCHITECTURE_FILE}: run {self.run_name!r} records {ours.class_path!r}, the copied step's run "
+                    f"{theirs.class_path!r}; copy it into another run"
+                )
+        step = validate_step(manifest.step)
+        with StepWriter(self, step, overwrite=overwrite) as writer:
+            for name, digest in sorted(manifest.files.items()):
+                copy_checked(source, f"{source_dir}/{name}", self.storage, f"{writer.dir}/{name}", digest,
+                             on_chunk=on_chunk)  # fmt: skip
+                writer.files[name] = digest
+            writer.adopt_records(manifest)
+            info = writer.commit(
+                metrics=manifest.metrics,
+                metadata=manifest.metadata,
+                world_size=manifest.world_size,
+                kind=manifest.kind,
+                extra=manifest.extra,
+            )
+        if eval_metrics:
+            info = self.report_eval(step, eval_metrics, retain=False)
+        deleted = self.retain_after_commit(step)
+        logger.info("copied step %d from %s into %s; retention deleted %s", step, source.url(source_dir), self.uri,
+                    deleted)  # fmt: skip
         return info
 
     def save_async(self, step: int, state_dict: Mapping[str, Any], **kwargs: Any) -> concurrent.futures.Future:

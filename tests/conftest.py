@@ -154,3 +154,66 @@ def ray_session() -> Iterator[str]:
 def run_name() -> str:
     """A unique run name (so named checkpointer actors never collide between tests)."""
     return f"run-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture(scope="module")
+def other_ray() -> Iterator[dict[str, str]]:
+    """Another Ray on this machine, as `ray start --head` leaves one for a user: free ports, its own
+    temp dir. Yields the environment a process needs to find it the way ``ray.init()`` would (its
+    ``ray_current_cluster`` file is in ``RAY_TMPDIR``), without ``RAY_ADDRESS``; stopped after."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    temp = tempfile.mkdtemp(prefix="rck-other-ray-", dir="/tmp")  # short: Ray's socket paths live under it
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(RAY_TMPDIR=temp, RAY_USAGE_STATS_ENABLED="0")
+    ports = [str(_free_port()) for _ in range(5)]
+    start = [
+        ray_bin, "start", "--head", "--num-cpus=1", "--include-dashboard=false", "--disable-usage-stats",
+        f"--port={ports[0]}", f"--node-manager-port={ports[1]}",
+        f"--object-manager-port={ports[2]}", f"--ray-client-server-port={ports[3]}",
+        f"--dashboard-agent-listen-port={ports[4]}", "--object-store-memory=100000000",
+    ]  # fmt: skip
+    out = subprocess.run(start, env=env, capture_output=True, text=True, timeout=180)
+    try:
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+        # where a plain ray.init() looks first: <RAY_TMPDIR>/ray/ray_current_cluster
+        assert os.path.exists(os.path.join(temp, "ray", "ray_current_cluster")), os.listdir(temp)
+        yield {**env, "OTHER_RAY_ADDRESS": f"127.0.0.1:{ports[0]}"}
+    finally:
+        _stop_processes_under(temp)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _stop_processes_under(temp: str) -> None:
+    """End the processes of the Ray started in ``temp`` (each names its session dir there), by
+    their ids: `ray stop` would end every Ray on the machine, other users' too."""
+    import signal
+    import time
+
+    def ours() -> list[int]:
+        found = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if temp.encode() in f.read():
+                        found.append(int(entry))
+            except OSError:
+                continue
+        return found
+
+    for sig, wait_s in ((signal.SIGTERM, 20.0), (signal.SIGKILL, 5.0)):
+        pids = ours()
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        deadline = time.monotonic() + wait_s
+        while ours() and time.monotonic() < deadline:
+            time.sleep(0.2)

@@ -64,7 +64,7 @@ def test_ls_human_and_json(run: str, capsys: pytest.CaptureFixture[str]) -> None
 
 def test_best(run: str, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run_cli(capsys, "best", run, "-k", "3", "--json")
-    assert code == 0 and [r["step"] for r in json.loads(out)] == [2, 4, 3]
+    assert code == 0 and [r["step"] for r in json.loads(out)["checkpoints"]] == [2, 4, 3]
     code, out, _ = run_cli(capsys, "best", run, "--metric", "reward", "--mode", "max")
     assert code == 0 and out.splitlines()[1].split()[:3] == ["1", "6", "60"]
 
@@ -427,10 +427,13 @@ def test_help_gives_the_selector_grammar_and_the_docstring_only_real_commands(
     assert {"import", "export", "download"} <= commands
     listed = set(re.findall(r"``([a-z]+)``", cli.__doc__.split("Commands:", 1)[1].split("\n\n", 1)[0]))
     assert listed == commands  # every command the docstring names exists, and every command is named
-    for command in ("ls", "export", "download", "verify", "best"):
+    for command in ("export", "download", "verify", "cp", "inspect"):
         assert main([command, "--help"]) == 0
         text = " ".join(capsys.readouterr().out.split())
         assert ":best" in text and ":vN" in text and ":step_N" in text and ":latest" in text, command
+    for command in ("ls", "best", "gc", "retention", "plot"):  # whole-run commands take no selector
+        assert main([command, "--help"]) == 0
+        assert "no selector" in " ".join(capsys.readouterr().out.split()), command
 
 
 def test_download_copies_a_step_verified(run: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -440,7 +443,8 @@ def test_download_copies_a_step_verified(run: str, tmp_path: Path, capsys: pytes
     payload = json.loads(out)
     step_dir = Path(run) / "checkpoints" / "step_000000002"
     on_storage = {str(p.relative_to(step_dir)) for p in step_dir.rglob("*") if p.is_file()}
-    assert payload["step"] == 2 and set(payload["files"]) == on_storage
+    # the step's files and marker, and the run's architecture (an import of the folder keeps it)
+    assert payload["step"] == 2 and set(payload["files"]) == on_storage | {"model_architecture.json"}
     for name in on_storage:
         assert (dest / name).read_bytes() == (step_dir / name).read_bytes(), name
     # a shard changed on storage after its commit: the copy is refused and removed

@@ -248,3 +248,25 @@ def test_checkpointer_and_worker_observations_export_from_an_actor(run_name: str
     assert found["ray_ckpt_save_seconds_count"] == 2 and found["ray_ckpt_pending_saves"] == 3
     assert found["ray_ckpt_worker_snapshot_bytes_total"] == 4096
     del observer
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_a_gauge_survives_an_idle_period(run_name: str) -> None:
+    """A gauge set once (no save for a while) is still exported after several of Ray's export
+    intervals: Ray drops a series not recorded within about two, so ray-ckpt sets it again."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Idle:
+        def set_once(self, run: str) -> float:
+            metrics.set_pending_saves(run, 2)
+            return metrics.GAUGE_REFRESH_S
+
+    idle = Idle.remote()  # alive, and idle, through the scrapes
+    refresh_s = ray.get(idle.set_once.remote(run_name), timeout=120)
+    assert _wait_for(run_name, {"ray_ckpt_pending_saves"})["ray_ckpt_pending_saves"] == 2
+    time.sleep(35.0)  # > 3 export intervals (10 s each) with no save: only the refresh records it
+    assert refresh_s < 10.0
+    found = _wait_for(run_name, {"ray_ckpt_pending_saves"})
+    assert found["ray_ckpt_pending_saves"] == 2
+    del idle

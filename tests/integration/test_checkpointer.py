@@ -411,3 +411,20 @@ def test_a_driver_exiting_with_followers_stops_them_before_ray_shuts_down(tmp_pa
     assert "FOLLOWING 4" in done.stdout, output[-4000:]
     assert "FOLLOWERS_AT_RAY_SHUTDOWN 0" in done.stdout, output[-4000:]
     assert done.returncode == 0, output[-4000:]
+
+
+def test_two_writers_of_one_run_are_told_to_use_one_run_each(tmp_path: Path, run_name: str) -> None:
+    """Two jobs (two Tune trials) sharing a run both report rank 0 of a step: the second is refused
+    with an error that says what is wrong and what to do, not only "joined twice"."""
+    config = make_config(tmp_path, run_name, save_timeout_s=5.0)
+    handle = ray_ckpt.start_checkpointer(config)
+    first = Rank.remote(run_name, 0, 2)
+    pending = first.save.remote(1, {"w": torch.ones(3)})
+    deadline = time.monotonic() + 60
+    while handle.stats()["pending"] != [1] and time.monotonic() < deadline:  # the first writer is in
+        time.sleep(0.1)
+    with pytest.raises(ValueError, match=r"two writers share run .*give each its own run.*One run per trial"):
+        ray_ckpt.WorkerClient(run_name, 0, 2).save(1, {"w": torch.ones(3)}, blocking=True)
+    with pytest.raises(Exception):  # noqa: B017 - the first writer's step never completes (no rank 1)
+        ray.get(pending)
+    assert handle.list() == []

@@ -122,3 +122,34 @@ def test_demo_attaches_to_an_existing_cluster_and_resumes(tmp_path: Path, run_na
     store = CheckpointStore(str(tmp_path / "rel_runs"), run_name=run_name)
     assert [i.step for i in store.list()] == [2, 4, 6]
     assert int(store.load_trainer_state(6)["step"]) == 6
+
+
+def test_demo_starts_its_own_ray_beside_another(tmp_path: Path, other_ray: dict[str, str]) -> None:
+    """Where `ray start --head` left a Ray that a plain ``ray.init()`` joins (and refuses num_cpus
+    for), the demo without ``--address`` starts a local Ray of its own."""
+    env = {k: v for k, v in other_ray.items() if k != "OTHER_RAY_ADDRESS"}
+    out = subprocess.run(
+        [sys.executable, "-m", "ray_ckpt.demo", "--config", str(EXAMPLE), "--storage", str(tmp_path / "runs"),
+         "--run-name", "beside", "--steps", "2"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    assert "Ray up in" in out.stdout and "(local)" in out.stdout
+    assert [int(line.split()[2]) for line in out.stdout.splitlines() if line.startswith("commit ")] == [2]
+    # quiet, piped: one line per commit (the checkpointer's own INFO line is not shown too), no
+    # colour codes, no FSDP2 warning (our model returned a view; it returns a new tensor now)
+    both = out.stdout + out.stderr
+    assert "committed step" not in both and " INFO " not in both, both[-4000:]
+    assert "\x1b[" not in both, both[-4000:]
+    assert "returned a view tensor" not in both and "UserWarning" not in both, both[-4000:]
+
+
+def test_checkpointer_refuses_memory_storage() -> None:
+    """memory:// lives in one process; the checkpointer's workers and evaluators are others."""
+    from ray_ckpt import ConfigError, start_checkpointer
+
+    with pytest.raises(ConfigError, match=r"storage_uri='memory://runs': memory:// storage lives in one process"):
+        start_checkpointer(CheckpointConfig(storage_uri="memory://runs", run_name="mem"))
+    with pytest.raises(ConfigError, match=r"remote_uri='memory://up'.*one process"):
+        start_checkpointer(CheckpointConfig(storage_uri=str(REPO / "unused"), run_name="mem", remote_uri="memory://up"))
+    assert not (REPO / "unused").exists()

@@ -8,7 +8,6 @@ the evaluator's score, so an example whose actors never ran (or failed) cannot p
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -28,14 +27,20 @@ def blocks(language: str) -> list[str]:
     return [body for lang, body in BLOCK.findall(README.read_text()) if lang == language]
 
 
-def test_readme_python_blocks_run_as_written(tmp_path: Path) -> None:
+def test_readme_python_blocks_run_as_written(tmp_path: Path, other_ray: dict[str, str]) -> None:
+    """Beside another Ray on the machine (`ray start --head`, which a plain ``ray.init()`` joins):
+    each block starts a local Ray of its own."""
     python = blocks("python")
     assert len(python) >= 1
     storage = tmp_path / "storage"
     storage.mkdir()
-    # a local Ray of the block's own; nothing of the caller's cluster or session leaks in
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(RAY_CKPT_STORAGE=str(storage), RAY_USAGE_STATS_ENABLED="0", RAY_DEDUP_LOGS="0")
+    # the other Ray is there for ray.init() to find: what the blocks must not join
+    env = {k: v for k, v in other_ray.items() if k != "OTHER_RAY_ADDRESS"}
+    joins = subprocess.run(
+        [sys.executable, "-c", "import ray; ray.init(num_cpus=1)"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert joins.returncode != 0 and "must not be provided" in joins.stderr, joins.stderr[-2000:]
+    env.update(RAY_CKPT_STORAGE=str(storage), RAY_DEDUP_LOGS="0")
     outputs = {}
     for i, code in enumerate(python):
         script = tmp_path / f"readme_block_{i}.py"

@@ -144,7 +144,8 @@ def _trainable(config: dict[str, Any]) -> None:
     if first == 0:
         first = 1
     for step in range(first, config["steps"] + 1):
-        if step == config.get("fail_at") and checkpoint is None:
+        fails = config.get("fail_lr") in (None, config["lr"])  # only the trial of that lr fails, if given
+        if fails and step == config.get("fail_at") and checkpoint is None:
             _log_event(config["events"], trial_id, {"event": "fail", "own_run": run_name, "step": step})
             raise RuntimeError(f"planned failure at step {step}")
         optimizer.zero_grad()
@@ -244,11 +245,12 @@ def test_tune_trials_checkpoint_through_ray_ckpt_and_resume_after_failure(tmp_pa
 def test_pbt_exploit_restores_the_donor_trial_weights_from_ray_ckpt(tmp_path: Path, run_name: str, synch: bool) -> None:
     """PBT clones the good trial into the bad one, which loads the donor's step from ray-ckpt.
 
-    ray-ckpt keeps one step per run (keep_last_n=1). Synchronous PBT: Ray keeps the newest two
-    checkpoints per trial. Asynchronous PBT: Ray's default (every checkpoint), the donor saves past
-    the exploited step before the exploit (``_barrier``); that step must still be there. Every
-    checkpoint Ray lists loads, and once Ray's leases are settled each run holds exactly the steps
-    Ray lists for it.
+    ray-ckpt keeps one step per run (keep_last_n=1); Ray keeps the newest two checkpoints per
+    trial (``CheckpointConfig(num_to_keep=2)``, what docs/RAY.md suggests to bound storage), over 3
+    (sync) and 8 (async) steps. Asynchronous PBT: the donor saves past the exploited step before
+    the exploit (``_barrier``), and Ray deletes that pointer folder; ray-ckpt puts it back from its
+    copy and the step must still be there. Every checkpoint Ray lists loads,
+    and once Ray's leases are settled each run holds exactly the steps Ray lists for it.
     """
     from ray import tune
     from ray.tune.schedulers import PopulationBasedTraining
@@ -258,7 +260,7 @@ def test_pbt_exploit_restores_the_donor_trial_weights_from_ray_ckpt(tmp_path: Pa
     events = tmp_path / "events"
     events.mkdir()
     storage = str(tmp_path / "ckpt")
-    steps = 3 if synch else 8
+    steps = 3 if synch else 8  # sync over more steps: see docs/RAY.md, "Pointers Ray has deleted"
     pbt = PopulationBasedTraining(
         time_attr="training_iteration",
         perturbation_interval=2,
@@ -279,7 +281,7 @@ def test_pbt_exploit_restores_the_donor_trial_weights_from_ray_ckpt(tmp_path: Pa
             "lr": tune.grid_search([0.05, 0.0]),  # 0.0 never learns: clearly the worse trial
         },
         tune_config=tune.TuneConfig(metric="loss", mode="min", scheduler=pbt, reuse_actors=True),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=2) if synch else None,
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
     )
     assert len(results) == 2
     assert not results.errors, results.errors
@@ -382,3 +384,44 @@ def test_pointer_checkpoints_round_trip_and_leave_secrets_out(tmp_path: Path) ->
     assert retention_from_ray(ranked) == {"keep_top_k": 3, "metric_name": "loss", "mode": "min"}
     assert ray_checkpoint_config(CheckpointConfig(keep_last_n=2)).num_to_keep == 2
     assert ray_checkpoint_config(CheckpointConfig()).num_to_keep is None
+
+
+def test_asha_with_a_failing_trial_resumes_it_and_stops_the_other(tmp_path: Path, run_name: str) -> None:
+    """ASHA stops the worse trial at its first rung; the better one fails once after it and resumes
+    from its own pointer (Ray keeps two per trial), ending bit-identical to an unbroken run."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from ray_ckpt.integrations import load_from_ray_checkpoint, read_pointer
+
+    events = tmp_path / "events"
+    events.mkdir()
+    storage = str(tmp_path / "ckpt")
+    asha = ASHAScheduler(time_attr="training_iteration", max_t=STEPS, grace_period=2, reduction_factor=2)
+    results = _fit(
+        tmp_path,
+        {
+            "run_prefix": run_name,
+            "storage": storage,
+            "events": str(events),
+            "steps": STEPS,
+            "lr": tune.grid_search([0.05, 0.0]),
+            "fail_at": 3,
+            "fail_lr": 0.05,
+        },
+        tune_config=tune.TuneConfig(metric="loss", mode="min", scheduler=asha, reuse_actors=True),
+        failure_config=tune.FailureConfig(max_failures=1),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+    )
+    assert len(results) == 2 and not results.errors, results.errors
+    by_lr = {r.config["lr"]: r for r in results}
+    assert by_lr[0.0].metrics["step"] == 2  # stopped by ASHA at its first rung
+    assert by_lr[0.05].metrics["step"] == STEPS
+    log = _events(events)
+    fails = [e for e in log if e["event"] == "fail"]
+    assert len(fails) == 1 and fails[0]["step"] == 3
+    restores = [e for e in log if e["event"] == "restore" and e["own_run"] == fails[0]["own_run"]]
+    assert [(r["pointer_run"], r["pointer_step"]) for r in restores] == [(fails[0]["own_run"], 2)]
+    for result in results:
+        step, state, _ = load_from_ray_checkpoint(result.checkpoint)
+        assert read_pointer(result.checkpoint)["step"] == step == result.metrics["step"]

@@ -484,13 +484,15 @@ class _ProxyHandler(BaseHTTPRequestHandler):
                 f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
                 f"<Message>injected by the test proxy</Message><RequestId>fault</RequestId></Error>"
             ).encode()
+            # recorded before the client can have its answer: a count read after a call returns
+            # includes every request of that call, however late this thread runs
+            proxy.record(self.command, self.path, status, True)
             self.send_response(status)
             self.send_header("Content-Type", "application/xml")
             self.send_header("Content-Length", str(len(payload)))
             self.end_headers()
             if self.command != "HEAD":
                 self.wfile.write(payload)
-            proxy.record(self.command, self.path, status, True)
             return
         skip = {"connection", "transfer-encoding", "expect", "content-length", "keep-alive"}
         headers = {k: v for k, v in self.headers.items() if k.lower() not in skip}
@@ -500,6 +502,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             conn.request(self.command, self.path, body=body, headers=headers)
             response = conn.getresponse()
             data = response.read()
+            proxy.record(self.command, self.path, response.status, False)  # before the client has its answer
             self.send_response(response.status, response.reason)
             for key, value in response.getheaders():
                 lower = key.lower()
@@ -513,7 +516,6 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             self.end_headers()
             if self.command != "HEAD":
                 self.wfile.write(data)
-            proxy.record(self.command, self.path, response.status, False)
         finally:
             conn.close()
 
