@@ -97,6 +97,15 @@ def s3_bucket(s3_endpoint: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]
         s3fs.S3FileSystem.clear_instance_cache()
 
 
+@pytest.fixture(params=["local", "s3"])
+def remote(request: pytest.FixtureRequest, tmp_path: Any) -> tuple[str, dict[str, Any]]:
+    """The remote tier: another local directory, or a bucket prefix on the loopback S3 endpoint."""
+    if request.param == "local":
+        return f"file://{tmp_path / 'remote'}", {}
+    bucket, options = request.getfixturevalue("s3_bucket")
+    return f"{bucket}/prefix", options
+
+
 @pytest.fixture
 def s3fs_client(s3_endpoint: dict[str, Any]) -> Any:
     """An uncached s3fs filesystem on the loopback endpoint (to tamper with objects directly)."""

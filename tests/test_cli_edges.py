@@ -17,16 +17,11 @@ import pytest
 import torch
 
 from ray_ckpt import CheckpointStore
-from ray_ckpt.cli import build_parser, completion_script, main
+from ray_ckpt.cli import build_parser, completion_script
 from ray_ckpt.layout import MARKER_FILE
+from tests.test_cli import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture

@@ -24,15 +24,6 @@ def state(value: float) -> dict[str, torch.Tensor]:
     return {"w": torch.full((4, 4), value), "b": torch.arange(3, dtype=torch.float32) + value}
 
 
-@pytest.fixture(params=["local", "s3"])
-def remote(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, dict[str, Any]]:
-    """The remote tier: another local directory, or a bucket prefix on the loopback S3 endpoint."""
-    if request.param == "local":
-        return f"file://{tmp_path / 'remote'}", {}
-    bucket, options = request.getfixturevalue("s3_bucket")
-    return f"{bucket}/prefix", options
-
-
 def test_plain_and_tiered_stores_have_one_interface(tmp_path: Path) -> None:
     """Every RunStore method has the same signature on both classes, compatible with the protocol's."""
     assert len(RUN_STORE_METHODS) >= 27

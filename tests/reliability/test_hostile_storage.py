@@ -392,15 +392,6 @@ def _local_only(cfg: Any, **options: Any) -> CheckpointStore:
     return CheckpointStore(config=cfg.replace(remote_uri=None, remote_storage_options=None, **options))
 
 
-@pytest.fixture(params=["local", "s3"])
-def remote(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, dict[str, Any]]:
-    """The remote tier: another local directory, or a bucket prefix on the loopback S3 endpoint."""
-    if request.param == "local":
-        return f"file://{tmp_path / 'remote'}", {}
-    bucket, options = request.getfixturevalue("s3_bucket")
-    return f"{bucket}/prefix", options
-
-
 @pytest.mark.parametrize("damage", ["missing-file", "damaged-file"])
 def test_a_remote_copy_with_missing_or_damaged_files_is_uploaded_again(
     tmp_path: Path, remote: tuple[str, dict[str, Any]], damage: str
