@@ -15,6 +15,7 @@ Nothing here parses files or does I/O; ``ray_ckpt.format`` checks bytes against 
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import re
 import threading
 from collections.abc import Iterable, Mapping
@@ -60,6 +61,16 @@ def hash_pool() -> concurrent.futures.ThreadPoolExecutor:
         if _hash_pool is None:
             _hash_pool = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="ray-ckpt-hash")
         return _hash_pool
+
+
+def _forget_hash_pool() -> None:
+    """In a forked child the pool's threads do not exist: start a new pool on first use there."""
+    global _hash_pool, _hash_pool_lock
+    _hash_pool = None
+    _hash_pool_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_hash_pool)
 
 
 class HashingWriter:

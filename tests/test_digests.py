@@ -129,3 +129,21 @@ def test_reading_some_keys_checks_their_blocks_and_the_header() -> None:
     wrong_header = FileDigest(record.size, None, BlockDigests(4096, "0" * 16, record.blocks.tensors))
     with pytest.raises(CorruptCheckpointError, match="checksum mismatch in its header"):
         read_safetensors(io.BytesIO(blob), name="f", file_size=len(blob), keys=["b"], expected=wrong_header)
+
+
+def test_a_forked_child_hashes_on_threads_of_its_own() -> None:
+    """The parent's hashing threads do not survive a fork; the child's first big hash must not wait on them."""
+    import os
+
+    from ray_ckpt.digests import hash_pool
+
+    assert hash_pool().submit(lambda: 1).result() == 1  # the parent's pool exists, its threads idle
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only if the pool answers
+        code = 1
+        try:
+            code = 0 if hash_pool().submit(lambda: 2).result(timeout=20) == 2 else 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0

@@ -77,13 +77,23 @@ def _barrier(directory: str, role: str, step: int, timeout_s: float = 120.0) -> 
     """Order two asynchronous PBT trials: the learner ("good") reports step 4 only after the other
     ("bad") has reached its first perturbation (step 2), which reports step 4 only once the learner
     has reported step 6. So the learner is in the upper quantile with a checkpoint when the other
-    one perturbs again, and the learner has saved past that checkpoint by then."""
+    one perturbs again, and the learner has saved past that checkpoint by then.
+
+    ASHA's trials ("leader", "follower"): the follower reports its first rung (step 2) only after
+    the leader has failed at step 3, so after Tune took the leader's step-2 result (a function
+    trainable's report returns when the next result is asked for); ASHA then has the leader's
+    value at that rung and stops the follower there, whichever trial ran faster."""
     import time
 
     Path(directory, f"{role}-{step}").touch()
     # ... and the learner's last report waits for the exploit: PBT only clones a trial that is
     # still running (a finished one leaves the quantiles), so it must not finish first
-    wait_for = {("good", 4): "bad-2", ("bad", 4): "good-7", ("good", 8): "exploited"}.get((role, step))
+    wait_for = {
+        ("good", 4): "bad-2",
+        ("bad", 4): "good-7",
+        ("good", 8): "exploited",
+        ("follower", 2): "failed",
+    }.get((role, step))
     deadline = time.monotonic() + timeout_s
     while wait_for and not Path(directory, wait_for).exists() and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -147,6 +157,7 @@ def _trainable(config: dict[str, Any]) -> None:
         fails = config.get("fail_lr") in (None, config["lr"])  # only the trial of that lr fails, if given
         if fails and step == config.get("fail_at") and checkpoint is None:
             _log_event(config["events"], trial_id, {"event": "fail", "own_run": run_name, "step": step})
+            Path(config["events"], "failed").touch()  # see _barrier
             raise RuntimeError(f"planned failure at step {step}")
         optimizer.zero_grad()
         loss = torch.nn.functional.mse_loss(model(x), y)
@@ -156,7 +167,7 @@ def _trainable(config: dict[str, Any]) -> None:
         trainer_state = {"optimizer": optimizer.state_dict()}
         info = client.save(step, model.state_dict(), metrics=metrics, trainer_state=trainer_state).result(timeout=60)
         _log_event(config["events"], trial_id, {"event": "save", "own_run": run_name, "step": step})
-        if role is not None:  # asynchronous PBT: order the two fresh trials (see the test)
+        if role is not None:  # asynchronous PBT, ASHA: order the two fresh trials (see _barrier)
             _barrier(config["events"], role, step)
         report({**metrics, "step": step, "lr": config["lr"]}, info, ckpt_config)
 
@@ -408,6 +419,7 @@ def test_asha_with_a_failing_trial_resumes_it_and_stops_the_other(tmp_path: Path
             "lr": tune.grid_search([0.05, 0.0]),
             "fail_at": 3,
             "fail_lr": 0.05,
+            "roles": {"0.05": "leader", "0.0": "follower"},  # ASHA sees the leader's rung first
         },
         tune_config=tune.TuneConfig(metric="loss", mode="min", scheduler=asha, reuse_actors=True),
         failure_config=tune.FailureConfig(max_failures=1),
