@@ -100,7 +100,7 @@ class Sides:
         from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
         from ray_ckpt import CheckpointConfig, CheckpointStore, start_checkpointer
-        from ray_ckpt.worker import WorkerClient
+        from ray_ckpt.distributed.worker import WorkerClient
 
         self.dcp = dcp
         self.workdir = workdir
@@ -179,7 +179,7 @@ def check_saved(sides: Sides, model: torch.nn.Module) -> bool:
 
 def measure(args: argparse.Namespace, device: torch.device, workdir: str) -> dict[str, Any]:
     """The steps: train (in place), then each side's non-blocking save in a rotating order."""
-    from ray_ckpt.config import parse_size
+    from ray_ckpt.core.config import parse_size
 
     size = int(parse_size(args.size, field_name="--size"))
     model, optim = build_state(size, device)
@@ -255,7 +255,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """The benchmark in a private local Ray; the result document."""
     import ray
 
-    from ray_ckpt.config import parse_size
+    from ray_ckpt.core.config import parse_size
 
     device = torch.device("cpu" if args.dry_run else "cuda")
     workdir = args.workdir or tempfile.mkdtemp(prefix="ray-ckpt-gpu-bench-")

@@ -9,8 +9,8 @@ import random
 import time
 
 from benchmarks.measure import CaseResult, percentile
-from ray_ckpt.index import CheckpointIndex, CheckpointInfo
-from ray_ckpt.storage import Storage
+from ray_ckpt.core.index import CheckpointIndex, CheckpointInfo
+from ray_ckpt.core.storage import Storage
 
 INDEX_SNAPSHOT = "index.parquet"
 

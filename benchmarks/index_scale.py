@@ -24,8 +24,8 @@ import tempfile
 import time
 from typing import Any
 
-from ray_ckpt.index import CheckpointIndex, CheckpointInfo
-from ray_ckpt.storage import Storage
+from ray_ckpt.core.index import CheckpointIndex, CheckpointInfo
+from ray_ckpt.core.storage import Storage
 
 logger = logging.getLogger("benchmarks.index_scale")
 

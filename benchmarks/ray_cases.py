@@ -26,9 +26,9 @@ from benchmarks.measure import (
     throughput_case,
 )
 from ray_ckpt import CheckpointConfig, CheckpointStore, start_checkpointer
-from ray_ckpt.eval import EvalClient
-from ray_ckpt.format import flatten_state
-from ray_ckpt.worker import WorkerClient
+from ray_ckpt.core.format import flatten_state
+from ray_ckpt.distributed.eval import EvalClient
+from ray_ckpt.distributed.worker import WorkerClient
 
 logger = logging.getLogger(__name__)
 

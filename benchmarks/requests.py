@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ray_ckpt import CheckpointStore
-from ray_ckpt.storage import Storage
+from ray_ckpt.core.storage import Storage
 from tests.reliability.faults import FaultProxy  # the suite's loopback proxy: it records every request
 
 RUN = "requests"
@@ -73,8 +73,12 @@ def run(sizes: list[int]) -> dict[str, Any]:
         calls[0] += 1
         return original(self, what, path, fn)
 
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1", "NO_PROXY": "127.0.0.1"}.items():
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "NO_PROXY": "127.0.0.1",
+    }.items():
         os.environ.setdefault(key, value)
     import logging
 
@@ -96,11 +100,21 @@ def run(sizes: list[int]) -> dict[str, Any]:
                 upload = Storage(f"s3://{bucket}", {**_s3_options(moto_url), "config_kwargs": {"connect_timeout": 30}})
                 import boto3  # s3fs.mkdir sends a LocationConstraint that us-east-1 refuses
 
-                boto3.client("s3", endpoint_url=moto_url, region_name="us-east-1", aws_access_key_id="testing",
-                             aws_secret_access_key="testing").create_bucket(Bucket=bucket)
+                boto3.client(
+                    "s3",
+                    endpoint_url=moto_url,
+                    region_name="us-east-1",
+                    aws_access_key_id="testing",
+                    aws_secret_access_key="testing",
+                ).create_bucket(Bucket=bucket)
                 upload.fs.put(os.path.join(local, RUN), upload.full_path(RUN), recursive=True, batch_size=8)
-                store = CheckpointStore(f"s3://{bucket}", run_name=RUN, storage_options=_s3_options(proxy.url),
-                                        metric_name="loss", mode="min")
+                store = CheckpointStore(
+                    f"s3://{bucket}",
+                    run_name=RUN,
+                    storage_options=_s3_options(proxy.url),
+                    metric_name="loss",
+                    mode="min",
+                )
                 results["s3"][steps] = _measure(store, lambda: len(proxy.requests()), steps)
                 Storage._call = counting  # type: ignore[method-assign]
                 try:
@@ -119,8 +133,12 @@ def report(results: dict[str, Any], sizes: list[int]) -> str:
     """Markdown tables: one row per operation, one column per size."""
     lines = []
     for storage, unit in (("local", "storage operations"), ("s3", "HTTP requests")):
-        lines += [f"**{storage}: {unit}**", "", "| operation | " + " | ".join(f"{n} steps" for n in sizes) + " |",
-                  "|---|" + "---:|" * len(sizes)]
+        lines += [
+            f"**{storage}: {unit}**",
+            "",
+            "| operation | " + " | ".join(f"{n} steps" for n in sizes) + " |",
+            "|---|" + "---:|" * len(sizes),
+        ]
         for op in ("save", "report_eval", *QUERIES):
             lines.append(f"| {op} | " + " | ".join(str(results[storage][n][op]) for n in sizes) + " |")
         same = all(results[storage][n] == results[storage][sizes[0]] for n in sizes)

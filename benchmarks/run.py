@@ -19,7 +19,7 @@ from typing import Any
 
 from benchmarks.measure import CaseResult, load_average, make_state_dict, state_nbytes, wait_for_quiet
 from benchmarks.report import evaluate_targets, markdown
-from ray_ckpt.config import parse_size
+from ray_ckpt.core.config import parse_size
 
 logger = logging.getLogger("benchmarks")
 

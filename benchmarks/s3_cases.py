@@ -21,7 +21,7 @@ import torch
 
 from benchmarks.measure import CaseResult, same_tensors, state_nbytes, throughput_case, timed
 from ray_ckpt import CheckpointStore
-from ray_ckpt.layout import step_dir
+from ray_ckpt.core.layout import step_dir
 
 logger = logging.getLogger(__name__)
 

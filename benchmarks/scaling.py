@@ -38,12 +38,12 @@ import torch
 
 import ray_ckpt
 from ray_ckpt import CheckpointConfig, CheckpointStore
-from ray_ckpt.checkpointer import RankReport, RankResult, RankState, TensorMeta
-from ray_ckpt.digests import FileDigest
-from ray_ckpt.format import ShardSpec, flatten_state, hf_index_bytes
-from ray_ckpt.layout import Manifest, step_dir
-from ray_ckpt.planner import MODEL, describe, plan_save
-from ray_ckpt.writer import write_share
+from ray_ckpt.core.format import ShardSpec, flatten_state, hf_index_bytes
+from ray_ckpt.core.format.digests import FileDigest
+from ray_ckpt.core.layout import Manifest, step_dir
+from ray_ckpt.core.planner import MODEL, describe, plan_save
+from ray_ckpt.core.writer import write_share
+from ray_ckpt.distributed.checkpointer import RankReport, RankResult, RankState, TensorMeta
 
 logger = logging.getLogger("benchmarks.scaling")
 

@@ -52,8 +52,8 @@ import torch
 from benchmarks.measure import drop_page_cache, fsync_file, load_average, write_report
 from benchmarks.ray_cases import ProcSampler
 from ray_ckpt import CheckpointConfig, CheckpointStore, start_checkpointer
-from ray_ckpt.config import parse_size
-from ray_ckpt.layout import step_dir
+from ray_ckpt.core.config import parse_size
+from ray_ckpt.core.layout import step_dir
 
 logger = logging.getLogger("benchmarks.sharded")
 
@@ -144,7 +144,7 @@ class FsdpRank:
         return get_state_dict(self.model, self.optim)
 
     def _client(self, run: str) -> Any:
-        from ray_ckpt.worker import WorkerClient
+        from ray_ckpt.distributed.worker import WorkerClient
 
         if run not in self.clients:
             self.clients[run] = WorkerClient(run, self.rank, self.world, namespace=NAMESPACE)

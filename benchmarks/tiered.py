@@ -41,8 +41,8 @@ from benchmarks import s3_cases
 from benchmarks.measure import load_average, make_state_dict, percentile, rank_indices, state_nbytes, write_report
 from benchmarks.ray_cases import NAMESPACE, start_ray
 from ray_ckpt import CheckpointConfig, start_checkpointer
-from ray_ckpt.config import parse_size
-from ray_ckpt.worker import WorkerClient
+from ray_ckpt.core.config import parse_size
+from ray_ckpt.distributed.worker import WorkerClient
 
 logger = logging.getLogger("benchmarks.tiered")
 
@@ -95,8 +95,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--saves", type=int, default=None, help="saves per round and run (default 6; 5 with --quick)")
     p.add_argument("--rounds", type=int, default=None, help="rounds of both runs (default 2)")
     p.add_argument("--step-s", type=float, default=None, help="simulated step seconds (default 3; 0.5 with --quick)")
-    p.add_argument("--server-nice", type=int, default=19,
-                   help="nice of the moto server process (default 19: the endpoint stands for another machine)")
+    p.add_argument(
+        "--server-nice",
+        type=int,
+        default=19,
+        help="nice of the moto server process (default 19: the endpoint stands for another machine)",
+    )
     p.add_argument("--quick", action="store_true", help="small sizes, under a minute")
     p.add_argument("--workdir", default=None, help="scratch directory (default: a temp dir under /tmp)")
     p.add_argument("--out", default="bench_out/tiered.json", help="JSON output path")
@@ -111,9 +115,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Both runs, alternating rounds; every save's blocked seconds and each remote round's drain."""
     total_bytes = int(parse_size(args.size))
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1", "NO_PROXY": "127.0.0.1,localhost",
-                       "no_proxy": "127.0.0.1,localhost"}.items():
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "NO_PROXY": "127.0.0.1,localhost",
+        "no_proxy": "127.0.0.1,localhost",
+    }.items():
         os.environ.setdefault(key, value)  # before Ray starts: its workers inherit them
     workdir = args.workdir or tempfile.mkdtemp(prefix="ray-ckpt-tiered-bench-")
     load_start = load_average()
@@ -167,8 +175,7 @@ def _measure(
     )
     configs = {
         "local": base.replace(run_name=runs["local"]),
-        "remote": base.replace(run_name=runs["remote"], remote_uri=f"{bucket}/remote",
-                               remote_storage_options=options),
+        "remote": base.replace(run_name=runs["remote"], remote_uri=f"{bucket}/remote", remote_storage_options=options),
     }
     handles = {kind: start_checkpointer(cfg, namespace=NAMESPACE) for kind, cfg in configs.items()}
     workers = [LoopWorker.remote(runs, rank, total_bytes, args.tensors) for rank in range(WORLD_SIZE)]
@@ -197,8 +204,13 @@ def _measure(
             for kind in KINDS if round_ % 2 == 0 else KINDS[::-1]:
                 got = loop(kind, args.saves)
                 blocked[kind] += got
-                logger.info("round %d %s: blocked %s ms (load %.2f)", round_, kind,
-                            [round(b * 1000, 1) for b in got], os.getloadavg()[0])
+                logger.info(
+                    "round %d %s: blocked %s ms (load %.2f)",
+                    round_,
+                    kind,
+                    [round(b * 1000, 1) for b in got],
+                    os.getloadavg()[0],
+                )
         uploads = handles["remote"].stats()["uploads"]
     finally:
         for worker in workers:
@@ -240,11 +252,15 @@ def markdown(doc: dict[str, Any]) -> str:
         local, remote = summary["local"][stat], summary["remote"][stat]
         goal = f"<= {GOAL_RATIO:.2f}x" if stat == "median_s" else "-"
         status = doc["status"] if stat == "median_s" else "-"
-        lines.append(f"| training blocked per save, {label} | {ms(local)} | {ms(remote)} | "
-                     f"{remote / local:.2f}x | {goal} | {status} |")
+        lines.append(
+            f"| training blocked per save, {label} | {ms(local)} | {ms(remote)} | "
+            f"{remote / local:.2f}x | {goal} | {status} |"
+        )
     drains = doc["upload_drain_s"]
-    lines.append(f"| uploads still running after a round's last save (drain, median) | - | "
-                 f"{statistics.median(drains):.2f} s | - | - | - |")
+    lines.append(
+        f"| uploads still running after a round's last save (drain, median) | - | "
+        f"{statistics.median(drains):.2f} s | - | - | - |"
+    )
     return "\n".join(lines)
 
 

@@ -29,7 +29,7 @@ if os.path.isdir(os.path.join(_CHECKOUT, "ray_ckpt")) and _CHECKOUT not in sys.p
     sys.path.insert(0, _CHECKOUT)
 
 import ray_ckpt  # noqa: E402
-from ray_ckpt.config import CheckpointConfig  # noqa: E402
+from ray_ckpt.core.config import CheckpointConfig  # noqa: E402
 from ray_ckpt.demo import format_table, run_demo  # noqa: E402
 
 logger = logging.getLogger("ray_ckpt.train_job")

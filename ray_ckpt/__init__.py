@@ -5,7 +5,7 @@ Sharded safetensors with atomic commits, retention and a top-k index, on local d
 
 from __future__ import annotations
 
-from ray_ckpt.errors import (
+from ray_ckpt.core.errors import (
     ArchitectureNotAllowedError,
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -21,34 +21,34 @@ __version__ = "0.1.0"
 # Every other name is imported on first use: the store works without importing Ray, and a
 # process that never touches a tensor (``ray-ckpt --help``, ``ray-ckpt ls``) never imports torch.
 _LAZY = {
-    "Architecture": "ray_ckpt.architecture",
-    "CheckpointArtifact": "ray_ckpt.artifact",
-    "load_from_uri": "ray_ckpt.artifact",
-    "PendingCheckpoint": "ray_ckpt.byo",
-    "CheckpointConfig": "ray_ckpt.config",
-    "CheckpointIndex": "ray_ckpt.index",
-    "CheckpointInfo": "ray_ckpt.index",
-    "CheckpointManager": "ray_ckpt.manager",
-    "initialize_run_dir": "ray_ckpt.manager",
-    "load_checkpoint": "ray_ckpt.oneshot",
-    "load_metadata": "ray_ckpt.oneshot",
-    "save_checkpoint": "ray_ckpt.oneshot",
-    "RunDir": "ray_ckpt.rundir",
-    "RunStore": "ray_ckpt.runstore",
-    "Shard": "ray_ckpt.shard",
-    "CheckpointStore": "ray_ckpt.store",
-    "TieredCheckpointStore": "ray_ckpt.tiered",
-    "UploadError": "ray_ckpt.tiered",
-    "key_and_version": "ray_ckpt.uri",
-    "normalize_uri": "ray_ckpt.uri",
-    "StepWriter": "ray_ckpt.writer",
-    "start_checkpointer": "ray_ckpt.checkpointer",
-    "get_checkpointer": "ray_ckpt.checkpointer",
-    "CheckpointerHandle": "ray_ckpt.checkpointer",
-    "WorkerClient": "ray_ckpt.worker",
-    "SaveFuture": "ray_ckpt.worker",
-    "EvalClient": "ray_ckpt.eval",
-    "Lease": "ray_ckpt.eval",
+    "Architecture": "ray_ckpt.core.architecture",
+    "CheckpointArtifact": "ray_ckpt.interop.artifact",
+    "load_from_uri": "ray_ckpt.interop.artifact",
+    "PendingCheckpoint": "ray_ckpt.core.byo",
+    "CheckpointConfig": "ray_ckpt.core.config",
+    "CheckpointIndex": "ray_ckpt.core.index",
+    "CheckpointInfo": "ray_ckpt.core.index",
+    "CheckpointManager": "ray_ckpt.adapters.manager",
+    "initialize_run_dir": "ray_ckpt.adapters.manager",
+    "load_checkpoint": "ray_ckpt.adapters.oneshot",
+    "load_metadata": "ray_ckpt.adapters.oneshot",
+    "save_checkpoint": "ray_ckpt.adapters.oneshot",
+    "RunDir": "ray_ckpt.adapters.rundir",
+    "RunStore": "ray_ckpt.core.runstore",
+    "Shard": "ray_ckpt.core.shard",
+    "CheckpointStore": "ray_ckpt.core.store",
+    "TieredCheckpointStore": "ray_ckpt.tiers.tiered",
+    "UploadError": "ray_ckpt.tiers.tiered",
+    "key_and_version": "ray_ckpt.core.uri",
+    "normalize_uri": "ray_ckpt.core.uri",
+    "StepWriter": "ray_ckpt.core.writer",
+    "start_checkpointer": "ray_ckpt.distributed.checkpointer",
+    "get_checkpointer": "ray_ckpt.distributed.checkpointer",
+    "CheckpointerHandle": "ray_ckpt.distributed.checkpointer",
+    "WorkerClient": "ray_ckpt.distributed.worker",
+    "SaveFuture": "ray_ckpt.distributed.worker",
+    "EvalClient": "ray_ckpt.distributed.eval",
+    "Lease": "ray_ckpt.distributed.eval",
 }
 
 
@@ -60,8 +60,6 @@ def __getattr__(name: str) -> object:
         globals()[name] = value  # the next lookup is a plain attribute
         return value
     raise AttributeError(f"module 'ray_ckpt' has no attribute {name!r}")
-
-
 
 
 def __dir__() -> list[str]:

@@ -43,8 +43,8 @@ def shutdown_ray() -> None:
     """
     if not ray.is_initialized():
         return
-    from ray_ckpt import checkpointer
-    from ray_ckpt.eval import close_all_followers
+    from ray_ckpt.distributed import checkpointer
+    from ray_ckpt.distributed.eval import close_all_followers
 
     stopped = close_all_followers()
     logger.info("ray session teardown: %d index followers stopped", stopped)

@@ -20,9 +20,9 @@ import pytest
 import torch
 
 import ray_ckpt
-from ray_ckpt import ArchitectureNotAllowedError, CheckpointStore, CorruptCheckpointError, artifact, legacy
-from ray_ckpt import migrate as migrate_module
-from ray_ckpt.architecture import (
+from ray_ckpt import ArchitectureNotAllowedError, CheckpointStore, CorruptCheckpointError
+from ray_ckpt.cli.main import main
+from ray_ckpt.core.architecture import (
     ARCHITECTURE_FILE,
     DEFAULT_ARCHITECTURE_PREFIXES,
     Architecture,
@@ -31,10 +31,11 @@ from ray_ckpt.architecture import (
     trust_module,
     trusted_modules,
 )
-from ray_ckpt.cli import main
-from ray_ckpt.legacy import LegacyCheckpoint
-from ray_ckpt.migrate import MIGRATED, migrate
-from ray_ckpt.mock_models import TinyPolicy
+from ray_ckpt.interop import artifact, legacy
+from ray_ckpt.interop import migrate as migrate_module
+from ray_ckpt.interop.legacy import LegacyCheckpoint
+from ray_ckpt.interop.migrate import MIGRATED, migrate
+from ray_ckpt.interop.mock import TinyPolicy
 from tests.models import TiedLM, TinyMLP
 
 REFUSED = (ArchitectureNotAllowedError, CorruptCheckpointError)
@@ -394,12 +395,12 @@ def test_cli_migrate_records_an_architecture_only_when_allowed(
     assert "--allow-architecture" in capsys.readouterr().out
     assert not (tmp_path / "refused" / "pol" / ARCHITECTURE_FILE).exists()
     argv = ["migrate", str(src), str(tmp_path / "dst"), "--trust-pickle"]
-    assert main([*argv, "--allow-architecture", "ray_ckpt.mock_models"]) == 0
+    assert main([*argv, "--allow-architecture", "ray_ckpt.interop.mock"]) == 0
     assert json.loads((tmp_path / "dst" / "pol" / ARCHITECTURE_FILE).read_text())["class_path"] == (
-        "ray_ckpt.mock_models.TinyPolicy"
+        "ray_ckpt.interop.mock.TinyPolicy"
     )
     built = ray_ckpt.load_from_uri(
-        f"{tmp_path}/dst/pol:v1", allowed_architecture_prefixes=["ray_ckpt.mock_models"]
+        f"{tmp_path}/dst/pol:v1", allowed_architecture_prefixes=["ray_ckpt.interop.mock"]
     ).instantiate()
     assert isinstance(built, TinyPolicy)
     capsys.readouterr()

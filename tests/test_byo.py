@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ray_ckpt import CheckpointStore
-from ray_ckpt.byo import (
+from ray_ckpt.core.byo import (
     LEGACY_RUN_CONFIG_FILE,
     RUN_CONFIG_FILE,
     PendingCheckpoint,
@@ -20,8 +20,8 @@ from ray_ckpt.byo import (
     read_run_config,
     read_training_info,
 )
-from ray_ckpt.errors import CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError
-from ray_ckpt.layout import MARKER_FILE, step_dir
+from ray_ckpt.core.errors import CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError
+from ray_ckpt.core.layout import MARKER_FILE, step_dir
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")

@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import save_file
 
 from ray_ckpt import CheckpointManager, CheckpointStore
-from ray_ckpt.cli import main, parse_storage_options
-from ray_ckpt.mock_models import TinyPolicy
+from ray_ckpt.cli.main import main, parse_storage_options
+from ray_ckpt.interop.mock import TinyPolicy
 
 LOSSES = {1: 0.9, 2: 0.2, 3: 0.6, 4: 0.4, 5: 0.7, 6: 0.8}
 
@@ -80,7 +80,7 @@ def test_best_needs_a_metric_when_the_run_records_none(tmp_path: Path, capsys: p
 def test_inspect_run_checkpoint(run: str, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run_cli(capsys, "inspect", f"{run}:best")
     assert code == 0
-    assert "run / step   exp / 2" in out and "ray_ckpt.mock_models.TinyPolicy" in out
+    assert "run / step   exp / 2" in out and "ray_ckpt.interop.mock.TinyPolicy" in out
     assert "loss=0.2" in out
     assert any(line.split()[:3] == ["body.weight", "F32", "8x4"] for line in out.splitlines())
     code, out, _ = run_cli(capsys, "inspect", f"{run}/checkpoints/step_000000004", "--json")
@@ -106,7 +106,7 @@ def test_inspect_legacy_and_mock(tmp_path: Path, capsys: pytest.CaptureFixture[s
     code, out, _ = run_cli(capsys, "inspect", str(tmp_path / "r:v2.pt"))
     assert code == 0 and "r / 2" in out and "legacy (metta)" in out
     code, out, _ = run_cli(capsys, "inspect", "mock://tiny", "--json")
-    assert code == 0 and json.loads(out)["architecture"]["class_path"] == "ray_ckpt.mock_models.TinyPolicy"
+    assert code == 0 and json.loads(out)["architecture"]["class_path"] == "ray_ckpt.interop.mock.TinyPolicy"
 
 
 def test_verify_ok_then_corrupt(run: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -337,7 +337,7 @@ def test_ls_on_s3_with_storage_options(
 
 def test_console_script_in_a_real_process(run: str) -> None:
     script = Path(sys.executable).with_name("ray-ckpt")
-    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "ray_ckpt.cli"]
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "ray_ckpt.cli.main"]
     done = subprocess.run([*cmd, "ls", run, "--json"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert len(json.loads(done.stdout)["checkpoints"]) == 6
@@ -390,7 +390,7 @@ def test_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
         [
             "bash",
             "-c",
-            f"{sys.executable} -c 'import sys; from ray_ckpt.cli import main; "
+            f"{sys.executable} -c 'import sys; from ray_ckpt.cli.main import main; "
             f'sys.exit(main(["ls", "{tmp_path / "many"}"]))\' | true; echo ${{PIPESTATUS[0]}}',
         ],
         capture_output=True,
@@ -419,7 +419,7 @@ def test_ls_on_a_storage_root_lists_its_runs(run: str, tmp_path: Path, capsys: p
 def test_help_gives_the_selector_grammar_and_the_docstring_only_real_commands(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    import ray_ckpt.cli as cli
+    import ray_ckpt.cli.main as cli
 
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if isinstance(a, __import__("argparse")._SubParsersAction))

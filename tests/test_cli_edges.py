@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from ray_ckpt import CheckpointStore
-from ray_ckpt.cli import build_parser, completion_script
-from ray_ckpt.layout import MARKER_FILE
+from ray_ckpt.cli.main import build_parser, completion_script
+from ray_ckpt.core.layout import MARKER_FILE
 from tests.test_cli import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,7 +50,7 @@ def _same_step(src: CheckpointStore, dst: CheckpointStore, step: int) -> None:
 
 # -- start-up -----------------------------------------------------------------------------------
 PROBE = (
-    "import sys, time; t = time.perf_counter(); from ray_ckpt.cli import main; rc = main(sys.argv[1:]); "
+    "import sys, time; t = time.perf_counter(); from ray_ckpt.cli.main import main; rc = main(sys.argv[1:]); "
     "torch = sys.modules.get('torch'); "
     "loaded = torch is not None and (type(torch).__name__ != '_Deferred' or '_deferred_real' in vars(torch)); "
     "print('PROBE', rc, loaded, round(time.perf_counter() - t, 3), file=sys.stderr)"

@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 import torch
 
-from ray_ckpt.compat import MettaCheckpointManager, NeMoCheckpointManager, config_from_nemo
-from ray_ckpt.compat.metta import CheckpointManager
-from ray_ckpt.errors import ConfigError
-from ray_ckpt.mock_models import TinyPolicy
+from ray_ckpt.adapters import MettaCheckpointManager, NeMoCheckpointManager, config_from_nemo
+from ray_ckpt.adapters.metta import CheckpointManager
+from ray_ckpt.core.errors import ConfigError
+from ray_ckpt.interop.mock import TinyPolicy
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -27,8 +27,13 @@ def storage(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, dict[s
 # -- NeMo RL ------------------------------------------------------------------------------------
 def nemo_config(root: str, **changes: Any) -> dict[str, Any]:
     config = {
-        "enabled": True, "checkpoint_dir": root, "metric_name": "val_reward", "higher_is_better": True,
-        "keep_top_k": 2, "save_period": 5, "save_optimizer": True,
+        "enabled": True,
+        "checkpoint_dir": root,
+        "metric_name": "val_reward",
+        "higher_is_better": True,
+        "keep_top_k": 2,
+        "save_period": 5,
+        "save_optimizer": True,
     }
     config.update(changes)
     return config
@@ -138,7 +143,7 @@ def test_metta_manager_round_trip(metta: Any) -> None:
         assert "/policies/" in uris[1]
         assert [i.durability for i in manager.store.list()] == [["local", "remote"]] * 3
     arch = manager.store.read_architecture() if metta.kind != "tiered" else manager.local.read_architecture()
-    assert arch.class_path == "ray_ckpt.mock_models.TinyPolicy"
+    assert arch.class_path == "ray_ckpt.interop.mock.TinyPolicy"
 
     loaded = manager.load_from_uri(uris[2])
     assert isinstance(loaded, TinyPolicy) and same_weights(loaded, agents[2])
@@ -178,7 +183,10 @@ def test_metta_manager_round_trip(metta: Any) -> None:
     assert [i.step for i in manager.local.list()] == [3]
     if metta.kind == "tiered":  # local copies dropped, the remote ones remain readable
         assert [(i.step, i.durability) for i in manager.store.list()] == [
-            (1, ["remote"]), (2, ["remote"]), (3, ["local", "remote"])]
+            (1, ["remote"]),
+            (2, ["remote"]),
+            (3, ["local", "remote"]),
+        ]
         assert same_weights(manager.load_from_uri(uris[1]), agents[1])
     manager.close()
 
@@ -193,8 +201,12 @@ def test_metta_trainer_state(metta: Any) -> None:
         optimizer.step()
     manager.save_trainer_state(optimizer, epoch=1, agent_step=100)
     manager.save_trainer_state(
-        optimizer, epoch=2, agent_step=200, stopwatch_state={"elapsed": 1.5, "laps": [1, 2]},
-        curriculum_state={"level": 3, "weights": torch.ones(2)}, loss_states={"ppo": {"clip": 0.2}},
+        optimizer,
+        epoch=2,
+        agent_step=200,
+        stopwatch_state={"elapsed": 1.5, "laps": [1, 2]},
+        curriculum_state={"level": 3, "weights": torch.ones(2)},
+        loss_states={"ppo": {"clip": 0.2}},
     )
     state = metta().load_trainer_state()  # a new manager (a resumed process) reads it back
     assert state is not None

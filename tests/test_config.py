@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from ray_ckpt import CheckpointConfig, CheckpointStore, ConfigError
-from ray_ckpt.config import CONSUMERS, FIELD_GROUPS, GROUPS, RetentionOptions, parse_size, retention_from_ray
+from ray_ckpt.core.config import CONSUMERS, FIELD_GROUPS, GROUPS, RetentionOptions, parse_size, retention_from_ray
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -237,8 +237,14 @@ def test_from_dict_unknown_key_names_it() -> None:
 
 def test_nemo_aliases() -> None:
     cfg = CheckpointConfig.from_dict(
-        {"checkpoint_dir": "/tmp/ckpts", "higher_is_better": True, "save_period": 5, "metric_name": "val:acc",
-         "keep_top_k": 2, "enabled": True}
+        {
+            "checkpoint_dir": "/tmp/ckpts",
+            "higher_is_better": True,
+            "save_period": 5,
+            "metric_name": "val:acc",
+            "keep_top_k": 2,
+            "enabled": True,
+        }
     )
     assert cfg.storage_uri == "/tmp/ckpts"
     assert cfg.mode == "max"
@@ -337,16 +343,27 @@ def test_retention_from_ray_checkpoint_config() -> None:
 # Groups: flat and grouped input, grouped access.
 # ---------------------------------------------------------------------------------------------
 def test_flat_and_grouped_construction_are_the_same_config() -> None:
-    flat = CheckpointConfig(storage_uri="/data", metric_name="loss", keep_top_k=3, write_mode="direct",
-                            max_shard_size="1MB", remote_uri="s3://b/p")
+    flat = CheckpointConfig(
+        storage_uri="/data",
+        metric_name="loss",
+        keep_top_k=3,
+        write_mode="direct",
+        max_shard_size="1MB",
+        remote_uri="s3://b/p",
+    )
     grouped = CheckpointConfig(
         store={"storage_uri": "/data", "max_shard_size": "1MB"},
         retention={"metric_name": "loss", "keep_top_k": 3},
         checkpointer={"write_mode": "direct"},
         tiering={"remote_uri": "s3://b/p"},
     )
-    mixed = CheckpointConfig(storage_uri="/data", max_shard_size=10**6, retention=RetentionOptions(
-        metric_name="loss", keep_top_k=3), checkpointer={"write_mode": "direct"}, remote_uri="s3://b/p")
+    mixed = CheckpointConfig(
+        storage_uri="/data",
+        max_shard_size=10**6,
+        retention=RetentionOptions(metric_name="loss", keep_top_k=3),
+        checkpointer={"write_mode": "direct"},
+        remote_uri="s3://b/p",
+    )
     assert flat == grouped == mixed
     assert flat.retention.keep_top_k == flat.keep_top_k == 3
     assert flat.store.max_shard_size == flat.max_shard_size == 10**6
@@ -423,8 +440,10 @@ def test_every_error_is_reported_at_once() -> None:
 
 def test_every_error_at_once_across_groups_and_unknown_keys(tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
-    path.write_text("checkpoint:\n  keep_top: 3\n  mode: best\n  checkpointer:\n    write_mode: scatter\n"
-                    "  store:\n    max_shard_size: lots\n")
+    path.write_text(
+        "checkpoint:\n  keep_top: 3\n  mode: best\n  checkpointer:\n    write_mode: scatter\n"
+        "  store:\n    max_shard_size: lots\n"
+    )
     with pytest.raises(ConfigError) as excinfo:
         CheckpointConfig.from_yaml(path)
     message = str(excinfo.value)
@@ -434,8 +453,15 @@ def test_every_error_at_once_across_groups_and_unknown_keys(tmp_path: Path) -> N
         assert needle in message, message
 
 
-@pytest.mark.parametrize(("typo", "meant"), [("keep_top", "keep_top_k"), ("metric", "metric_name"),
-                                              ("storage_option", "storage_options"), ("retension", "retention")])
+@pytest.mark.parametrize(
+    ("typo", "meant"),
+    [
+        ("keep_top", "keep_top_k"),
+        ("metric", "metric_name"),
+        ("storage_option", "storage_options"),
+        ("retension", "retention"),
+    ],
+)
 def test_unknown_key_says_did_you_mean(typo: str, meant: str) -> None:
     with pytest.raises(ConfigError, match=rf"^{typo}: unknown config field; did you mean {meant}\?"):
         CheckpointConfig(**{typo: 3})
@@ -553,8 +579,15 @@ def test_json_schema_lists_every_field_with_its_group_and_description() -> None:
 
 @pytest.mark.parametrize("dumps", ["pickle", "cloudpickle"])
 def test_pickle_round_trip(dumps: str) -> None:
-    cfg = CheckpointConfig(storage_uri="s3://b/p", metric_name="loss", keep_top_k=2, write_mode="direct",
-                           storage_options={"anon": True}, remote_uri="s3://b/q", remote_storage_options={"x": 1})
+    cfg = CheckpointConfig(
+        storage_uri="s3://b/p",
+        metric_name="loss",
+        keep_top_k=2,
+        write_mode="direct",
+        storage_options={"anon": True},
+        remote_uri="s3://b/q",
+        remote_storage_options={"x": 1},
+    )
     if dumps == "pickle":
         again = pickle.loads(pickle.dumps(cfg))
     else:
@@ -572,8 +605,12 @@ def test_pickle_round_trip(dumps: str) -> None:
 # ---------------------------------------------------------------------------------------------
 def test_unused_fields() -> None:
     cfg = CheckpointConfig(metric_name="loss", keep_top_k=2, write_mode="direct", async_save=True)
-    assert cfg.non_default_fields() == {"metric_name": "loss", "keep_top_k": 2, "write_mode": "direct",
-                                        "async_save": True}
+    assert cfg.non_default_fields() == {
+        "metric_name": "loss",
+        "keep_top_k": 2,
+        "write_mode": "direct",
+        "async_save": True,
+    }
     assert sorted(cfg.unused_fields(CONSUMERS["CheckpointStore"])) == ["async_save", "write_mode"]
     assert cfg.unused_fields(["store", "retention", "checkpointer", "async_save"]) == []
     with pytest.raises(ValueError, match="unknown groups or fields"):
@@ -594,8 +631,11 @@ def test_the_manager_refuses_a_field_it_ignores(tmp_path: Path) -> None:
 def test_the_manager_refuses_a_config_value_its_arguments_replace(tmp_path: Path) -> None:
     from ray_ckpt import CheckpointManager
 
-    with pytest.raises(ConfigError, match=r"^keep_last_n: set to 3, but CheckpointManager takes it from its argument "
-                                          r"max_to_keep \(5\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^keep_last_n: set to 3, but CheckpointManager takes it from its argument "
+        r"max_to_keep \(5\)",
+    ):
         CheckpointManager(str(tmp_path / "r"), config=CheckpointConfig(keep_last_n=3))
     # the same value, or the same place spelled differently, is fine; the other store options are used
     cfg = CheckpointConfig(storage_uri=str(tmp_path), keep_last_n=5, max_shard_size="1MB", checkpoint_format="pt")
@@ -606,7 +646,7 @@ def test_the_manager_refuses_a_config_value_its_arguments_replace(tmp_path: Path
 
 def test_start_checkpointer_refuses_async_save_before_starting_anything(monkeypatch: pytest.MonkeyPatch) -> None:
     import ray_ckpt
-    from ray_ckpt import checkpointer
+    from ray_ckpt.distributed import checkpointer
 
     def no_actor(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("an actor was started")
@@ -621,8 +661,17 @@ def test_start_checkpointer_refuses_async_save_before_starting_anything(monkeypa
 def test_the_checkpointer_consumes_what_its_clients_receive() -> None:
     # WorkerClient/EvalClient get the checkpointer's whole config: every field it accepts, and
     # the save interval a training loop reads (the demo), must pass its check.
-    cfg = CheckpointConfig(metric_name="loss", keep_top_k=2, write_mode="direct", save_timeout_s=5, lease_ttl_s=9,
-                           max_restarts=0, max_pending_saves=1, save_interval_steps=4, remote_uri="s3://b/p")
+    cfg = CheckpointConfig(
+        metric_name="loss",
+        keep_top_k=2,
+        write_mode="direct",
+        save_timeout_s=5,
+        lease_ttl_s=9,
+        max_restarts=0,
+        max_pending_saves=1,
+        save_interval_steps=4,
+        remote_uri="s3://b/p",
+    )
     cfg.check_consumed("start_checkpointer")
     CheckpointStore(config=cfg)  # the store built from it inside the actor and the clients
 
@@ -642,8 +691,11 @@ def test_messages_show_storage_options_by_their_keys_only(tmp_path: Path) -> Non
     from ray_ckpt import CheckpointManager
 
     with pytest.raises(ConfigError) as excinfo:
-        CheckpointManager(str(tmp_path / "r"), storage_options={"key": "AKIA-NEW"},
-                          config=CheckpointConfig(storage_options={"secret": "hunter2"}))
+        CheckpointManager(
+            str(tmp_path / "r"),
+            storage_options={"key": "AKIA-NEW"},
+            config=CheckpointConfig(storage_options={"secret": "hunter2"}),
+        )
     message = str(excinfo.value)
     assert "storage_options:" in message and "'secret'" in message
     assert "hunter2" not in message and "AKIA-NEW" not in message
@@ -654,7 +706,7 @@ def test_an_old_run_with_keep_top_k_and_no_metric_opens(tmp_path: Path, monkeypa
     # their writer kept (the latest plus the other rules) instead of refusing the run.
     import torch
 
-    from ray_ckpt import artifact
+    from ray_ckpt.interop import artifact
 
     store = CheckpointStore(str(tmp_path), run_name="old")
     for step in (1, 2, 3):

@@ -82,6 +82,6 @@ def test_every_import_of_the_package_is_declared() -> None:
 
 def test_the_scan_tells_top_level_from_lazy_imports() -> None:
     imports = _third_party_imports()
-    assert imports["torch"]["ray_ckpt/store.py"] is True
-    assert imports["rich"]["ray_ckpt/cli.py"] is False  # imported where the CLI draws a table
+    assert imports["torch"]["ray_ckpt/core/store.py"] is True
+    assert imports["rich"]["ray_ckpt/cli/main.py"] is False  # imported where the CLI draws a table
     assert set(imports["matplotlib"].values()) == {False}  # plot only: the `plot` extra

@@ -10,7 +10,8 @@ import pytest
 import xxhash
 
 from ray_ckpt import CorruptCheckpointError
-from ray_ckpt.digests import (
+from ray_ckpt.core.format import FileCheck, flatten_state, read_safetensors, safetensors_layout
+from ray_ckpt.core.format.digests import (
     BLOCK_SIZE,
     BlockDigests,
     ChunkDigest,
@@ -19,8 +20,7 @@ from ray_ckpt.digests import (
     block_digests,
     merge_files,
 )
-from ray_ckpt.format import FileCheck, flatten_state, read_safetensors, safetensors_layout
-from ray_ckpt.safejson import JsonObject
+from ray_ckpt.core.safejson import JsonObject
 
 
 def test_block_digests_are_one_xxh3_per_block_the_last_one_short() -> None:
@@ -135,7 +135,7 @@ def test_a_forked_child_hashes_on_threads_of_its_own() -> None:
     """The parent's hashing threads do not survive a fork; the child's first big hash must not wait on them."""
     import os
 
-    from ray_ckpt.digests import hash_pool
+    from ray_ckpt.core.format.digests import hash_pool
 
     assert hash_pool().submit(lambda: 1).result() == 1  # the parent's pool exists, its threads idle
     pid = os.fork()

@@ -18,8 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ray_ckpt import CorruptCheckpointError
-from ray_ckpt.digests import Checksum
-from ray_ckpt.format import (
+from ray_ckpt.core.format import (
     DTYPE_PACKING,
     DTYPE_SIZE,
     DTYPE_TO_TORCH,
@@ -37,6 +36,7 @@ from ray_ckpt.format import (
     unflatten_state,
     write_safetensors,
 )
+from ray_ckpt.core.format.digests import Checksum
 
 DTYPES = sorted(DTYPE_TO_TORCH)
 # Packed dtypes (F4: two values per byte) support few torch ops (no clone, no transpose): they get

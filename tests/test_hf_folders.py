@@ -18,11 +18,11 @@ import torch
 
 import ray_ckpt
 from ray_ckpt import CheckpointStore
-from ray_ckpt.architecture import Architecture, hf_config_files
-from ray_ckpt.cli import main
-from ray_ckpt.errors import CorruptCheckpointError
-from ray_ckpt.legacy import PartialCheckpointError, find_legacy_files
-from ray_ckpt.migrate import MIGRATED, import_checkpoint, migrate
+from ray_ckpt.cli.main import main
+from ray_ckpt.core.architecture import Architecture, hf_config_files
+from ray_ckpt.core.errors import CorruptCheckpointError
+from ray_ckpt.interop.legacy import PartialCheckpointError, find_legacy_files
+from ray_ckpt.interop.migrate import MIGRATED, import_checkpoint, migrate
 from tests.models import TiedLM, TinyMLP
 
 transformers = pytest.importorskip("transformers")

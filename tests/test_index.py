@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ray_ckpt import CheckpointIndex, CheckpointInfo
-from ray_ckpt.index import IndexFeed, IndexReplica, new_epoch, position_reached, rankable
+from ray_ckpt.core.index import IndexFeed, IndexReplica, new_epoch, position_reached, rankable
 
 
 def info(step: int, **metrics: float) -> CheckpointInfo:
@@ -228,9 +228,7 @@ def test_top_k_matches_a_full_sort(ops: list, k: int, mode: str) -> None:
             index.update_metrics(step, metrics)
             model[step] = {**model[step], **metrics}
     sign = 1 if mode == "min" else -1
-    ranked = sorted(
-        (sign * float(m["m"]), -s) for s, m in model.items() if "m" in m and math.isfinite(float(m["m"]))
-    )
+    ranked = sorted((sign * float(m["m"]), -s) for s, m in model.items() if "m" in m and math.isfinite(float(m["m"])))
     assert steps(index.top_k(k)) == [-neg for _, neg in ranked[:k]]
     assert index.steps() == sorted(model)
     assert (index.latest().step if model else None) == (max(model) if model else None)

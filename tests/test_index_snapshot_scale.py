@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ray_ckpt.index import CheckpointIndex, CheckpointInfo
+from ray_ckpt.core.index import CheckpointIndex, CheckpointInfo
 
 
 def records(n: int, seed: int = 0) -> list[CheckpointInfo]:

@@ -11,9 +11,10 @@ import torch
 from safetensors.torch import save_file
 
 import ray_ckpt
-from ray_ckpt import CorruptCheckpointError, legacy
-from ray_ckpt.legacy import LRUCache, UntrustedPickleError, detect_format, legacy_cache, read_legacy
-from ray_ckpt.mock_models import TinyPolicy
+from ray_ckpt import CorruptCheckpointError
+from ray_ckpt.interop import legacy
+from ray_ckpt.interop.legacy import LRUCache, UntrustedPickleError, detect_format, legacy_cache, read_legacy
+from ray_ckpt.interop.mock import TinyPolicy
 
 
 @pytest.fixture(autouse=True)
@@ -156,7 +157,7 @@ def test_whole_model_pickle_with_trust(tmp_path: Path) -> None:
     artifact = ray_ckpt.load_from_uri(str(tmp_path / "whole.pt"), trust_pickle=True)
     assert artifact.source_format == "pickle"
     assert artifact.architecture is not None
-    assert artifact.architecture.class_path == "ray_ckpt.mock_models.TinyPolicy"
+    assert artifact.architecture.class_path == "ray_ckpt.interop.mock.TinyPolicy"
     torch.testing.assert_close(artifact.state_dict["body.weight"], model.body.weight.detach())
     built = artifact.instantiate()
     assert isinstance(built, TinyPolicy) and built.obs_dim == 3

@@ -12,8 +12,8 @@ import torch
 
 import ray_ckpt
 from ray_ckpt import CheckpointExistsError, CheckpointManager, CheckpointNotFoundError, CheckpointStore, ConfigError
-from ray_ckpt.manager import BEST_FN_METRIC, initialize_run_dir
-from ray_ckpt.mock_models import TinyPolicy
+from ray_ckpt.adapters.manager import BEST_FN_METRIC, initialize_run_dir
+from ray_ckpt.interop.mock import TinyPolicy
 
 
 def _state(step: int) -> dict[str, torch.Tensor]:
@@ -41,8 +41,9 @@ def test_interval_and_max_to_keep(tmp_path: Path, async_save: bool) -> None:
 def test_best_fn_ranks_and_keeps_top_k(tmp_path: Path) -> None:
     run = tmp_path / "run1"
     losses = {1: 0.9, 2: 0.1, 3: 0.5, 4: 0.3, 5: 0.8}
-    with CheckpointManager(str(run), max_to_keep=2, best_fn=lambda m: m["loss"], best_mode="min",
-                           async_save=False) as mgr:
+    with CheckpointManager(
+        str(run), max_to_keep=2, best_fn=lambda m: m["loss"], best_mode="min", async_save=False
+    ) as mgr:
         for step, loss in losses.items():
             mgr.save(step, _state(step), metrics={"loss": loss})
         assert mgr.best_step() == 2
@@ -188,7 +189,7 @@ def test_initialize_overwrite_moves_aside_then_deletes(tmp_path: Path, monkeypat
 
 
 def test_overwrite_interrupted_after_rename_leaves_no_half_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from ray_ckpt.storage import Storage
+    from ray_ckpt.core.storage import Storage
 
     run = tmp_path / "exp"
     CheckpointStore(str(tmp_path), "exp").save(1, _state(1))

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ray_ckpt import metrics
+from ray_ckpt.distributed import metrics
 
 SCRAPE_TIMEOUT_S = 60.0
 
@@ -51,7 +51,7 @@ def test_observations_without_ray_do_nothing_and_never_import_or_start_ray() -> 
     """In a process without Ray, and in one that imported Ray but never called ray.init."""
     code = """
 import sys
-from ray_ckpt import metrics
+from ray_ckpt.distributed import metrics
 calls = [
     lambda: metrics.observe_commit("r", 0.5, 100), lambda: metrics.set_pending_saves("r", 2),
     lambda: metrics.observe_query("r", 0.001), lambda: metrics.observe_worker_save("r", 0.01, 10),
@@ -115,8 +115,8 @@ def test_metrics_reach_the_metrics_agent_from_actors_and_uploads(tmp_path: Path,
 
     import ray_ckpt
     from ray_ckpt import CheckpointConfig, CheckpointStore
-    from ray_ckpt.layout import step_dir
-    from ray_ckpt.tiered import TieredCheckpointStore, UploadError
+    from ray_ckpt.core.layout import step_dir
+    from ray_ckpt.tiers.tiered import TieredCheckpointStore, UploadError
 
     # -- an eval client in a real actor: loads and queries ------------------------------------
     config = CheckpointConfig(storage_uri=str(tmp_path / "runs"), run_name=run_name, metric_name="loss", mode="min")

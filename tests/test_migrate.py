@@ -11,8 +11,17 @@ from safetensors.torch import save_file
 
 import ray_ckpt
 from ray_ckpt import CheckpointStore
-from ray_ckpt.migrate import CONFLICT, FAILED, MIGRATED, REPLACED, SKIPPED, WOULD_MIGRATE, WOULD_REPLACE, migrate
-from ray_ckpt.mock_models import TinyPolicy
+from ray_ckpt.interop.migrate import (
+    CONFLICT,
+    FAILED,
+    MIGRATED,
+    REPLACED,
+    SKIPPED,
+    WOULD_MIGRATE,
+    WOULD_REPLACE,
+    migrate,
+)
+from ray_ckpt.interop.mock import TinyPolicy
 from tests.models import TinyMLP
 
 
@@ -37,7 +46,7 @@ def legacy_dir(tmp_path: Path) -> Path:
     return src
 
 
-def _actions(report: ray_ckpt.migrate.MigrationReport) -> dict[str, str]:
+def _actions(report: ray_ckpt.interop.migrate.MigrationReport) -> dict[str, str]:
     return {item.source.rsplit("/", 1)[1]: item.action for item in report.items}
 
 
@@ -119,7 +128,7 @@ def test_bad_files_are_reported_and_others_migrate(tmp_path: Path) -> None:
     torch.save(TinyPolicy(), src / "default:v1.pt")
     torch.save(TinyMLP(d_in=3, hidden=5, d_out=2), src / "mlp:v2.pt")
     # a class from a pickle is trusted by nothing: its module is opted in explicitly
-    allowed = ["ray_ckpt.mock_models", "tests.models"]
+    allowed = ["ray_ckpt.interop.mock", "tests.models"]
     trusted = migrate(str(src), str(dst), trust_pickle=True, allowed_architecture_prefixes=allowed)
     actions = _actions(trusted)
     assert actions["whole:v3.pt"] == MIGRATED and actions["default:v1.pt"] == MIGRATED

@@ -12,7 +12,7 @@ import torch
 
 import ray_ckpt
 from ray_ckpt import CheckpointStore
-from ray_ckpt.errors import CheckpointNotFoundError, ConfigError
+from ray_ckpt.core.errors import CheckpointNotFoundError, ConfigError
 
 
 @pytest.fixture(params=["local", "s3"])

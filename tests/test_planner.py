@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from ray_ckpt import CheckpointStore, Shard
-from ray_ckpt.format import flatten_state
-from ray_ckpt.planner import MASTER, MODEL, SHARED, TRAINER, RankState, TensorMeta, describe, plan_save
-from ray_ckpt.shard import box_runs, box_view
+from ray_ckpt.core.format import flatten_state
+from ray_ckpt.core.planner import MASTER, MODEL, SHARED, TRAINER, RankState, TensorMeta, describe, plan_save
+from ray_ckpt.core.shard import box_runs, box_view
 
 
 def shard_meta(global_shape: tuple[int, ...], offsets: tuple[int, ...], shape: tuple[int, ...]) -> TensorMeta:

@@ -1,10 +1,10 @@
 """The one private API ray-ckpt still uses, guarded: a torch release that moves or changes it fails
 here, naming what to replace, instead of failing a save somewhere in a Ray actor.
 
-``ray_ckpt.shard.local_part`` asks torch where a DTensor's local shard lies in the global tensor
+``ray_ckpt.core.shard.local_part`` asks torch where a DTensor's local shard lies in the global tensor
 (``torch.distributed.tensor._utils.compute_local_shape_and_global_offset``): torch has no public
 function for it (DCP's planner uses the same one). safetensors' dtype table is no longer read from
-a private attribute: ``ray_ckpt.format`` asks ``safetensors.torch.save`` itself.
+a private attribute: ``ray_ckpt.core.format`` asks ``safetensors.torch.save`` itself.
 """
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ def test_the_private_dtensor_offset_function_is_where_and_what_ray_ckpt_expects(
     try:
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
     except ImportError as exc:
-        pytest.fail(f"{PRIVATE} is gone in torch {torch.__version__} ({exc}); ray_ckpt.shard.local_part needs "
+        pytest.fail(f"{PRIVATE} is gone in torch {torch.__version__} ({exc}); ray_ckpt.core.shard.local_part needs "
                     "another way to find a DTensor shard's global offsets")  # fmt: skip
     params = list(inspect.signature(compute_local_shape_and_global_offset).parameters)
     assert params[:3] == ["global_shape", "mesh", "placements"], (
-        f"{PRIVATE} changed its signature in torch {torch.__version__}: {params}; update ray_ckpt.shard.local_part"
+        f"{PRIVATE} changed its signature in torch {torch.__version__}: {params}; update ray_ckpt.core.shard.local_part"
     )
 
 
@@ -45,7 +45,7 @@ def test_the_private_dtensor_offsets_match_the_local_shards() -> None:
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    from ray_ckpt.shard import local_part
+    from ray_ckpt.core.shard import local_part
 
     started = not dist.is_initialized()
     if started:
@@ -59,7 +59,7 @@ def test_the_private_dtensor_offsets_match_the_local_shards() -> None:
             shape, offsets = compute_local_shape_and_global_offset(dt.shape, dt.device_mesh, dt.placements)
             assert (tuple(shape), tuple(offsets)) == ((4, 3), (0, 0)), (
                 f"{PRIVATE} answered {shape}, {offsets} for {placements} in torch {torch.__version__}; "
-                "update ray_ckpt.shard.local_part"
+                "update ray_ckpt.core.shard.local_part"
             )
             local, global_shape, where = local_part(dt, key="w")
             assert torch.equal(local, full) and global_shape == (4, 3) and where == (0, 0)
@@ -69,7 +69,7 @@ def test_the_private_dtensor_offsets_match_the_local_shards() -> None:
 
 
 def test_the_dtype_table_comes_from_safetensors_public_save() -> None:
-    import ray_ckpt.format as fmt
+    import ray_ckpt.core.format as fmt
 
     source = inspect.getsource(fmt._safetensors_dtypes)
     assert "._SIZE" not in source and "st.save(" in source

@@ -5,7 +5,7 @@ the step has no value of the metric), and the steps that library keeps at the en
 its documented semantics). The row's options are translated to ray-ckpt's by one function per
 library (``ray_options``, ``lightning_options``, ``orbax_options``: the mapping
 docs/RETENTION.md states), and the expected steps are checked twice: with the policy objects of
-:mod:`ray_ckpt.retention` over an in-memory index, and with a :class:`CheckpointStore` that saves
+:mod:`ray_ckpt.core.retention` over an in-memory index, and with a :class:`CheckpointStore` that saves
 the steps one by one (retention after every commit), on disk and in a fresh reader.
 
 Where our rules differ, a row of ``DIFFERENCES`` gives both results; the test asserts ours, and
@@ -25,10 +25,9 @@ import pytest
 import torch
 
 from ray_ckpt import CheckpointConfig, CheckpointStore, ConfigError
-from ray_ckpt.artifact import open_run
-from ray_ckpt.index import CheckpointIndex, CheckpointInfo
-from ray_ckpt.layout import parse_step_dir
-from ray_ckpt.retention import (
+from ray_ckpt.core.index import CheckpointIndex, CheckpointInfo
+from ray_ckpt.core.layout import parse_step_dir
+from ray_ckpt.core.retention import (
     AnyOf,
     BestN,
     EveryNSteps,
@@ -38,6 +37,7 @@ from ray_ckpt.retention import (
     plan,
     policy_from_config,
 )
+from ray_ckpt.interop.artifact import open_run
 
 NAN = float("nan")
 METRIC = "loss"
@@ -48,8 +48,9 @@ Scores = dict[int, float | None]
 # ---------------------------------------------------------------------------------------------
 # The mappings (docs/RETENTION.md, "How to translate").
 # ---------------------------------------------------------------------------------------------
-def ray_options(num_to_keep: int | None = None, checkpoint_score_attribute: str | None = None,
-                checkpoint_score_order: str = "max") -> dict[str, Any]:
+def ray_options(
+    num_to_keep: int | None = None, checkpoint_score_attribute: str | None = None, checkpoint_score_order: str = "max"
+) -> dict[str, Any]:
     """Ray Train's ``CheckpointConfig`` as ray-ckpt retention options."""
     if num_to_keep is None:
         return {}  # keep everything
@@ -58,8 +59,9 @@ def ray_options(num_to_keep: int | None = None, checkpoint_score_attribute: str 
     return {"metric_name": checkpoint_score_attribute, "mode": checkpoint_score_order, "keep_top_k": num_to_keep}
 
 
-def lightning_options(save_top_k: int = 1, monitor: str | None = None, mode: str = "min",
-                      save_last: bool = True) -> dict[str, Any]:
+def lightning_options(
+    save_top_k: int = 1, monitor: str | None = None, mode: str = "min", save_last: bool = True
+) -> dict[str, Any]:
     """Lightning's ``ModelCheckpoint`` as ray-ckpt retention options (``save_last`` is ours always)."""
     if save_top_k == -1:
         return {}
@@ -68,16 +70,26 @@ def lightning_options(save_top_k: int = 1, monitor: str | None = None, mode: str
     return {"metric_name": monitor, "mode": mode, "keep_top_k": save_top_k}
 
 
-def orbax_options(max_to_keep: int | None = None, keep_period: int | None = None, best_fn: str | None = None,
-                  best_mode: str = "max", keep_checkpoints_without_metrics: bool = True) -> dict[str, Any]:
+def orbax_options(
+    max_to_keep: int | None = None,
+    keep_period: int | None = None,
+    best_fn: str | None = None,
+    best_mode: str = "max",
+    keep_checkpoints_without_metrics: bool = True,
+) -> dict[str, Any]:
     """Orbax's ``CheckpointManagerOptions`` as ray-ckpt retention options (``best_fn`` names a metric)."""
     options: dict[str, Any] = {"keep_period": keep_period} if keep_period else {}
     if max_to_keep is None:
         return options
     if best_fn is None:
         return {**options, "keep_last_n": max_to_keep}
-    return {**options, "metric_name": best_fn, "mode": best_mode, "keep_top_k": max_to_keep,
-            "keep_checkpoints_without_metrics": keep_checkpoints_without_metrics}
+    return {
+        **options,
+        "metric_name": best_fn,
+        "mode": best_mode,
+        "keep_top_k": max_to_keep,
+        "keep_checkpoints_without_metrics": keep_checkpoints_without_metrics,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,16 +100,30 @@ RAY_CASES = [
     ("num_to_keep=None keeps all", {}, LOSSES, [1, 2, 3, 4, 5, 6]),
     ("num_to_keep=2 without a score: the 2 newest", {"num_to_keep": 2}, LOSSES, [5, 6]),
     ("num_to_keep=1 without a score: the newest", {"num_to_keep": 1}, LOSSES, [6]),
-    ("num_to_keep=2 by loss, min: the 2 best and the latest",
-     {"num_to_keep": 2, "checkpoint_score_attribute": METRIC, "checkpoint_score_order": "min"}, LOSSES, [2, 4, 6]),
-    ("num_to_keep=2 by loss, max",
-     {"num_to_keep": 2, "checkpoint_score_attribute": METRIC, "checkpoint_score_order": "max"}, LOSSES, [5, 6]),
-    ("num_to_keep=1: the latest is kept although it ranks last",
-     {"num_to_keep": 1, "checkpoint_score_attribute": METRIC, "checkpoint_score_order": "max"},
-     {1: 0.9, 2: 0.5, 3: 0.7, 4: 0.1}, [1, 4]),
-    ("a NaN score ranks below every number",
-     {"num_to_keep": 2, "checkpoint_score_attribute": METRIC, "checkpoint_score_order": "min"},
-     {1: 0.3, 2: NAN, 3: 0.1, 4: 0.2, 5: NAN}, [3, 4, 5]),
+    (
+        "num_to_keep=2 by loss, min: the 2 best and the latest",
+        {"num_to_keep": 2, "checkpoint_score_attribute": METRIC, "checkpoint_score_order": "min"},
+        LOSSES,
+        [2, 4, 6],
+    ),
+    (
+        "num_to_keep=2 by loss, max",
+        {"num_to_keep": 2, "checkpoint_score_attribute": METRIC, "checkpoint_score_order": "max"},
+        LOSSES,
+        [5, 6],
+    ),
+    (
+        "num_to_keep=1: the latest is kept although it ranks last",
+        {"num_to_keep": 1, "checkpoint_score_attribute": METRIC, "checkpoint_score_order": "max"},
+        {1: 0.9, 2: 0.5, 3: 0.7, 4: 0.1},
+        [1, 4],
+    ),
+    (
+        "a NaN score ranks below every number",
+        {"num_to_keep": 2, "checkpoint_score_attribute": METRIC, "checkpoint_score_order": "min"},
+        {1: 0.3, 2: NAN, 3: 0.1, 4: 0.2, 5: NAN},
+        [3, 4, 5],
+    ),
 ]
 
 LIGHTNING_CASES = [
@@ -108,38 +134,57 @@ LIGHTNING_CASES = [
     ("save_top_k=0, save_last: only last", {"save_top_k": 0, "monitor": METRIC}, LOSSES, [6]),
     ("monitor=None, save_top_k=1: the latest", {"save_top_k": 1}, LOSSES, [6]),
     ("save_top_k=1: the best and last", {"save_top_k": 1, "monitor": METRIC}, {1: 0.3, 2: 0.1, 3: 0.2}, [2, 3]),
-    ("a NaN monitor value counts as the worst", {"save_top_k": 2, "monitor": METRIC},
-     {1: NAN, 2: 0.3, 3: 0.4}, [2, 3]),
+    ("a NaN monitor value counts as the worst", {"save_top_k": 2, "monitor": METRIC}, {1: NAN, 2: 0.3, 3: 0.4}, [2, 3]),
 ]
 
 ORBAX_CASES = [
     # id, CheckpointManagerOptions(...), metrics per step (None: saved without metrics), kept
     ("max_to_keep=None keeps all", {}, LOSSES, [1, 2, 3, 4, 5, 6]),
     ("max_to_keep=2: the 2 newest", {"max_to_keep": 2}, LOSSES, [5, 6]),
-    ("max_to_keep=2, keep_period=2", {"max_to_keep": 2, "keep_period": 2},
-     {s: 1.0 for s in range(1, 8)}, [2, 4, 6, 7]),
+    ("max_to_keep=2, keep_period=2", {"max_to_keep": 2, "keep_period": 2}, {s: 1.0 for s in range(1, 8)}, [2, 4, 6, 7]),
     ("keep_period alone deletes nothing", {"keep_period": 3}, LOSSES, [1, 2, 3, 4, 5, 6]),
-    ("best_fn=loss, best_mode=min, max_to_keep=2 (the latest ranks)",
-     {"max_to_keep": 2, "best_fn": METRIC, "best_mode": "min"}, {1: 0.5, 2: 0.1, 3: 0.4, 4: 0.2}, [2, 4]),
-    ("best_mode=max", {"max_to_keep": 2, "best_fn": METRIC, "best_mode": "max"}, {1: 0.5, 2: 0.9, 3: 0.1, 4: 0.7},
-     [2, 4]),
-    ("keep_checkpoints_without_metrics=True keeps steps without metrics",
-     {"max_to_keep": 2, "best_fn": METRIC, "best_mode": "min", "keep_checkpoints_without_metrics": True},
-     {1: None, 2: 0.3, 3: None, 4: 0.1, 5: 0.2}, [1, 3, 4, 5]),
-    ("keep_checkpoints_without_metrics=False deletes them first",
-     {"max_to_keep": 2, "best_fn": METRIC, "best_mode": "min", "keep_checkpoints_without_metrics": False},
-     {1: None, 2: 0.3, 3: None, 4: 0.1, 5: 0.2}, [4, 5]),
-    ("best_fn with keep_period",
-     {"max_to_keep": 1, "keep_period": 4, "best_fn": METRIC, "best_mode": "max"},
-     {1: 1.0, 2: 5.0, 3: 2.0, 4: 3.0, 5: 4.0, 6: 0.0, 7: 1.0, 8: 2.0}, [2, 4, 8]),
+    (
+        "best_fn=loss, best_mode=min, max_to_keep=2 (the latest ranks)",
+        {"max_to_keep": 2, "best_fn": METRIC, "best_mode": "min"},
+        {1: 0.5, 2: 0.1, 3: 0.4, 4: 0.2},
+        [2, 4],
+    ),
+    (
+        "best_mode=max",
+        {"max_to_keep": 2, "best_fn": METRIC, "best_mode": "max"},
+        {1: 0.5, 2: 0.9, 3: 0.1, 4: 0.7},
+        [2, 4],
+    ),
+    (
+        "keep_checkpoints_without_metrics=True keeps steps without metrics",
+        {"max_to_keep": 2, "best_fn": METRIC, "best_mode": "min", "keep_checkpoints_without_metrics": True},
+        {1: None, 2: 0.3, 3: None, 4: 0.1, 5: 0.2},
+        [1, 3, 4, 5],
+    ),
+    (
+        "keep_checkpoints_without_metrics=False deletes them first",
+        {"max_to_keep": 2, "best_fn": METRIC, "best_mode": "min", "keep_checkpoints_without_metrics": False},
+        {1: None, 2: 0.3, 3: None, 4: 0.1, 5: 0.2},
+        [4, 5],
+    ),
+    (
+        "best_fn with keep_period",
+        {"max_to_keep": 1, "keep_period": 4, "best_fn": METRIC, "best_mode": "max"},
+        {1: 1.0, 2: 5.0, 3: 2.0, 4: 3.0, 5: 4.0, 6: 0.0, 7: 1.0, 8: 2.0},
+        [2, 4, 8],
+    ),
 ]
 
 PORTED = (
     [pytest.param(ray_options(**theirs), scores, kept, id=f"ray: {name}") for name, theirs, scores, kept in RAY_CASES]
-    + [pytest.param(lightning_options(**theirs), scores, kept, id=f"lightning: {name}")
-       for name, theirs, scores, kept in LIGHTNING_CASES]
-    + [pytest.param(orbax_options(**theirs), scores, kept, id=f"orbax: {name}")
-       for name, theirs, scores, kept in ORBAX_CASES]
+    + [
+        pytest.param(lightning_options(**theirs), scores, kept, id=f"lightning: {name}")
+        for name, theirs, scores, kept in LIGHTNING_CASES
+    ]
+    + [
+        pytest.param(orbax_options(**theirs), scores, kept, id=f"orbax: {name}")
+        for name, theirs, scores, kept in ORBAX_CASES
+    ]
 )
 
 
@@ -148,27 +193,58 @@ PORTED = (
 # ---------------------------------------------------------------------------------------------
 DIFFERENCES = [
     # id, our options, scores, theirs kept, ours kept, why
-    ("ray: num_to_keep is filled with NaN-scored steps; top-k never keeps an unscored step",
-     ray_options(2, METRIC, "min"), {1: NAN, 2: 0.3}, [1, 2], [2],
-     "a step without a finite score is never best: only the other rules keep it"),
-    ("lightning: save_last=False drops the latest when it does not rank; we always keep the latest",
-     lightning_options(1, METRIC, "min", save_last=False), {1: 0.1, 2: 0.5}, [1], [1, 2],
-     "the latest step is the resume point"),
-    ("lightning: a tie keeps the older best; ours ranks the newer step first",
-     lightning_options(1, METRIC, "min"), {1: 0.2, 2: 0.2}, [1, 2], [2],
-     "ties go to the newer step (a retrained model with the same score replaces the old one)"),
-    ("orbax: keep_checkpoints_without_metrics defaults to True; ours to False",
-     {k: v for k, v in orbax_options(2, best_fn=METRIC, best_mode="min").items()
-      if k != "keep_checkpoints_without_metrics"},
-     {1: None, 2: 0.3, 3: None, 4: 0.1, 5: 0.2}, [1, 3, 4, 5], [4, 5],
-     "an unscored step is never best; keep_last_n/keep_period/leases keep the ones that matter"),
-    ("orbax: with best_fn the latest goes when it does not rank; we always keep it",
-     orbax_options(1, best_fn=METRIC, best_mode="min"), {1: 0.1, 2: 0.5}, [1], [1, 2],
-     "the latest step is the resume point"),
-    ("orbax: without keep_checkpoints_without_metrics, max_to_keep is filled with unscored steps",
-     orbax_options(2, best_fn=METRIC, best_mode="min", keep_checkpoints_without_metrics=False),
-     {1: None, 2: None, 3: 0.3}, [2, 3], [3],
-     "a step without a finite score is never best: only the other rules keep it"),
+    (
+        "ray: num_to_keep is filled with NaN-scored steps; top-k never keeps an unscored step",
+        ray_options(2, METRIC, "min"),
+        {1: NAN, 2: 0.3},
+        [1, 2],
+        [2],
+        "a step without a finite score is never best: only the other rules keep it",
+    ),
+    (
+        "lightning: save_last=False drops the latest when it does not rank; we always keep the latest",
+        lightning_options(1, METRIC, "min", save_last=False),
+        {1: 0.1, 2: 0.5},
+        [1],
+        [1, 2],
+        "the latest step is the resume point",
+    ),
+    (
+        "lightning: a tie keeps the older best; ours ranks the newer step first",
+        lightning_options(1, METRIC, "min"),
+        {1: 0.2, 2: 0.2},
+        [1, 2],
+        [2],
+        "ties go to the newer step (a retrained model with the same score replaces the old one)",
+    ),
+    (
+        "orbax: keep_checkpoints_without_metrics defaults to True; ours to False",
+        {
+            k: v
+            for k, v in orbax_options(2, best_fn=METRIC, best_mode="min").items()
+            if k != "keep_checkpoints_without_metrics"
+        },
+        {1: None, 2: 0.3, 3: None, 4: 0.1, 5: 0.2},
+        [1, 3, 4, 5],
+        [4, 5],
+        "an unscored step is never best; keep_last_n/keep_period/leases keep the ones that matter",
+    ),
+    (
+        "orbax: with best_fn the latest goes when it does not rank; we always keep it",
+        orbax_options(1, best_fn=METRIC, best_mode="min"),
+        {1: 0.1, 2: 0.5},
+        [1],
+        [1, 2],
+        "the latest step is the resume point",
+    ),
+    (
+        "orbax: without keep_checkpoints_without_metrics, max_to_keep is filled with unscored steps",
+        orbax_options(2, best_fn=METRIC, best_mode="min", keep_checkpoints_without_metrics=False),
+        {1: None, 2: None, 3: 0.3},
+        [2, 3],
+        [3],
+        "a step without a finite score is never best: only the other rules keep it",
+    ),
 ]
 
 
@@ -223,17 +299,28 @@ def test_ported_case(tmp_path: Path, options: dict[str, Any], scores: Scores, ke
     ("options", "scores", "theirs", "ours"),
     [pytest.param(o, s, t, u, id=name) for name, o, s, t, u, _ in DIFFERENCES],
 )
-def test_difference(tmp_path: Path, options: dict[str, Any], scores: Scores, theirs: list[int],
-                    ours: list[int]) -> None:
+def test_difference(
+    tmp_path: Path, options: dict[str, Any], scores: Scores, theirs: list[int], ours: list[int]
+) -> None:
     assert _planned(options, scores) == ours
     assert _stored(tmp_path, options, scores) == ours
 
 
 def test_every_difference_is_documented() -> None:
     doc = (Path(__file__).resolve().parents[1] / "docs" / "RETENTION.md").read_text()
-    for option in ("num_to_keep", "checkpoint_score_attribute", "save_top_k", "save_last", "every_n_train_steps",
-                   "max_to_keep", "keep_period", "best_fn", "best_mode", "keep_checkpoints_without_metrics",
-                   "keep_time_interval"):
+    for option in (
+        "num_to_keep",
+        "checkpoint_score_attribute",
+        "save_top_k",
+        "save_last",
+        "every_n_train_steps",
+        "max_to_keep",
+        "keep_period",
+        "best_fn",
+        "best_mode",
+        "keep_checkpoints_without_metrics",
+        "keep_time_interval",
+    ):
         assert re.search(rf"`[^`]*\b{option}\b[^`]*`", doc), option
     for name, *_ in DIFFERENCES:
         library = name.split(":")[0]
@@ -290,8 +377,11 @@ def test_explain_names_each_rule() -> None:
 # Retention runs whenever what it keeps changes, not only at the next commit.
 # ---------------------------------------------------------------------------------------------
 def test_a_late_score_applies_retention(tmp_path: Path) -> None:
-    store = _saved(tmp_path, {"keep_top_k": 1, "mode": "max", "keep_checkpoints_without_metrics": True},
-                   {1: None, 2: None, 3: None})
+    store = _saved(
+        tmp_path,
+        {"keep_top_k": 1, "mode": "max", "keep_checkpoints_without_metrics": True},
+        {1: None, 2: None, 3: None},
+    )
     assert on_disk(store) == [1, 2, 3]  # unscored, kept until their scores arrive
     store.report_eval(1, {METRIC: 0.5})
     assert on_disk(store) == [1, 2, 3]  # 1 is the best, 2 and 3 wait for theirs

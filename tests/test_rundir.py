@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from ray_ckpt import CheckpointStore
-from ray_ckpt.errors import CheckpointNotFoundError
-from ray_ckpt.rundir import BEST_POINTER, RunDir
+from ray_ckpt.adapters.rundir import BEST_POINTER, RunDir
+from ray_ckpt.core.errors import CheckpointNotFoundError
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -26,8 +26,15 @@ def root(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, dict[str,
 
 def test_run_dir_layout_config_and_best_pointer(root: tuple[str, dict[str, Any]]) -> None:
     base, options = root
-    run = RunDir("exp1", base, config={"lr": 0.1, "layers": [2, 3]}, storage_options=options,
-                 metric_name="val_loss", mode="min", keep_top_k=2)
+    run = RunDir(
+        "exp1",
+        base,
+        config={"lr": 0.1, "layers": [2, 3]},
+        storage_options=options,
+        metric_name="val_loss",
+        mode="min",
+        keep_top_k=2,
+    )
     assert run.read_config() == {"layers": [2, 3], "lr": 0.1}
     assert run.best_step() is None and run.best_path() is None
     with pytest.raises(CheckpointNotFoundError):

@@ -28,8 +28,8 @@ from ray_ckpt import (
     ConfigError,
     CorruptCheckpointError,
 )
-from ray_ckpt.digests import BLOCK_SIZE, CHECKSUM_ALGORITHM
-from ray_ckpt.storage import Storage
+from ray_ckpt.core.format.digests import BLOCK_SIZE, CHECKSUM_ALGORITHM
+from ray_ckpt.core.storage import Storage
 from tests.models import TiedLM, TinyMLP
 from tests.test_format import assert_same
 
@@ -598,8 +598,13 @@ RETENTION_CASES = [
         [2, 3, 4, 6, 7],
     ),
     # steps without a finite metric: kept with keep_checkpoints_without_metrics (Orbax's default) ...
-    ("top-2-nan-inf-kept", {"keep_top_k": 2, UNRANKED: True}, [NAN, 0.3, INF, 0.1, -INF, 0.2, NAN], (),
-     [1, 3, 4, 5, 6, 7]),
+    (
+        "top-2-nan-inf-kept",
+        {"keep_top_k": 2, UNRANKED: True},
+        [NAN, 0.3, INF, 0.1, -INF, 0.2, NAN],
+        (),
+        [1, 3, 4, 5, 6, 7],
+    ),
     ("missing-metrics-kept", {"keep_top_k": 2, UNRANKED: True}, [None, 0.3, None, 0.1, None], (), [1, 2, 3, 4, 5]),
     # ... or, by default, left to the other rules
     ("top-2-nan-inf", {"keep_top_k": 2}, [NAN, 0.3, INF, 0.1, -INF, 0.2, NAN], (), [4, 6, 7]),
@@ -666,7 +671,7 @@ def test_expired_lease_no_longer_protects(tmp_run: Any) -> None:
 
 def test_retention_logs_unranked_steps(tmp_run: Any, caplog: pytest.LogCaptureFixture) -> None:
     store = tmp_run(metric_name="loss", keep_top_k=1, keep_checkpoints_without_metrics=False)
-    caplog.set_level("DEBUG", logger="ray_ckpt.retention")
+    caplog.set_level("DEBUG", logger="ray_ckpt.core.retention")
     store.save(1, {"w": torch.ones(1)}, metrics={"loss": NAN})
     store.save(2, {"w": torch.ones(1)}, metrics={"loss": 0.5})
     assert any("never best" in r.getMessage() and "[1]" in r.getMessage() for r in caplog.records)
@@ -704,7 +709,7 @@ def _log_entries(store: CheckpointStore) -> list[str]:
 
 
 def test_the_index_is_logged_per_change_then_compacted(store: CheckpointStore) -> None:
-    from ray_ckpt.runindex import COMPACT_EVERY
+    from ray_ckpt.core.runindex import COMPACT_EVERY
 
     store.save(1, state(), metrics={"loss": 0.5})
     assert len(_log_entries(store)) == 1 and not store.storage.exists("index.parquet")
@@ -1079,7 +1084,7 @@ def test_mmap_load_checks_the_checksum_and_needs_local_storage(tmp_run: Any) -> 
 
 
 def test_add_files_checks_other_writers_files_by_name_and_size(store: CheckpointStore) -> None:
-    from ray_ckpt.digests import FileDigest
+    from ray_ckpt.core.format.digests import FileDigest
 
     writer = store.begin_step(7)
     store.storage.write_bytes(f"{writer.dir}/model-a.safetensors", b"x" * 10)
@@ -1098,7 +1103,7 @@ def test_add_files_checks_other_writers_files_by_name_and_size(store: Checkpoint
 
 def test_direct_io_and_page_cache_writes_give_identical_files(tmp_run: Any) -> None:
     """A shard above DIRECT_IO_MIN is written with O_DIRECT (an odd size: padded, then truncated)."""
-    from ray_ckpt.storage import DIRECT_IO_MIN
+    from ray_ckpt.core.storage import DIRECT_IO_MIN
 
     g = torch.Generator().manual_seed(5)
     sd = {"big": torch.randn(DIRECT_IO_MIN // 4 + 1001, generator=g), "small": torch.arange(3.0)}

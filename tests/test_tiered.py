@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from ray_ckpt import CheckpointConfig, CheckpointStore, RunStore
-from ray_ckpt.errors import CheckpointNotFoundError, CorruptCheckpointError
-from ray_ckpt.layout import MARKER_FILE, step_dir
-from ray_ckpt.runstore import RUN_STORE_METHODS
-from ray_ckpt.tiered import UPLOADED_FILE, TieredCheckpointStore, UploadError
+from ray_ckpt.core.errors import CheckpointNotFoundError, CorruptCheckpointError
+from ray_ckpt.core.layout import MARKER_FILE, step_dir
+from ray_ckpt.core.runstore import RUN_STORE_METHODS
+from ray_ckpt.tiers.tiered import UPLOADED_FILE, TieredCheckpointStore, UploadError
 
 
 def state(value: float) -> dict[str, torch.Tensor]:
@@ -41,8 +41,11 @@ def test_plain_and_tiered_stores_have_one_interface(tmp_path: Path) -> None:
             assert extra.kind == inspect.Parameter.KEYWORD_ONLY and extra.default is not inspect.Parameter.empty
     local = CheckpointConfig(storage_uri=str(tmp_path / "l"), run_name="r", keep_last_n=1)
     tiered = local.replace(remote_uri=f"file://{tmp_path / 'remote'}")
-    for store in (CheckpointStore(config=local), CheckpointStore(config=tiered.replace(run_name="r2")),
-                  TieredCheckpointStore(tiered.replace(run_name="r3"))):
+    for store in (
+        CheckpointStore(config=local),
+        CheckpointStore(config=tiered.replace(run_name="r2")),
+        TieredCheckpointStore(tiered.replace(run_name="r3")),
+    ):
         assert isinstance(store, RunStore)
         store.save(1, state(1.0))
         assert store.apply_retention() == []  # a list of steps, tiered or not
@@ -50,8 +53,9 @@ def test_plain_and_tiered_stores_have_one_interface(tmp_path: Path) -> None:
 
 
 def test_a_plain_store_with_remote_uri_uploads_retains_both_tiers_and_resumes(tmp_path: Path) -> None:
-    cfg = CheckpointConfig(storage_uri=str(tmp_path / "local"), remote_uri=f"file://{tmp_path / 'remote'}",
-                           run_name="one", keep_last_n=1)
+    cfg = CheckpointConfig(
+        storage_uri=str(tmp_path / "local"), remote_uri=f"file://{tmp_path / 'remote'}", run_name="one", keep_last_n=1
+    )
     store = CheckpointStore(config=cfg)
     assert store.tiering is not None
     store.save(1, state(1.0))
@@ -77,8 +81,9 @@ def test_a_plain_store_with_remote_uri_uploads_retains_both_tiers_and_resumes(tm
 
 
 def test_a_damaged_local_copy_is_never_uploaded(tmp_path: Path) -> None:
-    cfg = CheckpointConfig(storage_uri=str(tmp_path / "local"), remote_uri=f"file://{tmp_path / 'remote'}",
-                           run_name="bad")
+    cfg = CheckpointConfig(
+        storage_uri=str(tmp_path / "local"), remote_uri=f"file://{tmp_path / 'remote'}", run_name="bad"
+    )
     CheckpointStore(config=cfg.replace(remote_uri=None)).save(1, state(1.0))
     shard = tmp_path / "local" / "bad" / step_dir(1) / "model.safetensors"
     data = bytearray(shard.read_bytes())
@@ -109,8 +114,13 @@ def test_config_says_whether_a_remote_tier_is_configured(tmp_path: Path) -> None
 def test_tiered_save_upload_durability_and_readers(remote: tuple[str, dict[str, Any]], tmp_path: Path) -> None:
     remote_uri, options = remote
     cfg = CheckpointConfig(
-        storage_uri=str(tmp_path / "local"), remote_uri=remote_uri, run_name="tiered", storage_options=options,
-        metric_name="loss", mode="min", keep_last_n=2,
+        storage_uri=str(tmp_path / "local"),
+        remote_uri=remote_uri,
+        run_name="tiered",
+        storage_options=options,
+        metric_name="loss",
+        mode="min",
+        keep_last_n=2,
     )
     store = TieredCheckpointStore(cfg, upload_backoff_s=0.05)
     info = store.save(1, state(1.0), metrics={"loss": 0.5}, trainer_state={"epoch": 1})
@@ -153,8 +163,9 @@ def test_tiered_save_upload_durability_and_readers(remote: tuple[str, dict[str, 
 
 def test_tiered_byo_checkpoint_is_uploaded(remote: tuple[str, dict[str, Any]], tmp_path: Path) -> None:
     remote_uri, options = remote
-    cfg = CheckpointConfig(storage_uri=str(tmp_path / "local"), remote_uri=remote_uri, run_name="byo-tiered",
-                           storage_options=options)
+    cfg = CheckpointConfig(
+        storage_uri=str(tmp_path / "local"), remote_uri=remote_uri, run_name="byo-tiered", storage_options=options
+    )
     with TieredCheckpointStore(cfg) as store:
         pending = store.begin(7, training_info={"step": 7})
         (pending.path / "policy").mkdir()
@@ -194,7 +205,8 @@ class StoppableS3:
     @property
     def options(self) -> dict[str, Any]:
         return {
-            "key": "testing", "secret": "testing",
+            "key": "testing",
+            "secret": "testing",
             "client_kwargs": {"endpoint_url": self.url, "region_name": "us-east-1"},
             "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 2, "read_timeout": 5},
         }
@@ -205,8 +217,11 @@ def stoppable_s3(monkeypatch: pytest.MonkeyPatch) -> Any:
     pytest.importorskip("moto.server")
     import s3fs
 
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
@@ -251,8 +266,11 @@ def test_endpoint_stopped_mid_upload_retries_and_never_shows_a_partial_checkpoin
 ) -> None:
     s3 = stoppable_s3
     cfg = CheckpointConfig(
-        storage_uri=str(tmp_path / "local"), remote_uri=f"s3://{s3.bucket}/prefix", run_name="flaky",
-        storage_options=s3.options, keep_last_n=2,
+        storage_uri=str(tmp_path / "local"),
+        remote_uri=f"s3://{s3.bucket}/prefix",
+        run_name="flaky",
+        storage_options=s3.options,
+        keep_last_n=2,
     )
     store = TieredCheckpointStore(cfg, upload_retries=6, upload_backoff_s=0.1, max_backoff_s=0.5)
     closing.append(store)
@@ -300,7 +318,11 @@ def test_endpoint_stopped_mid_upload_retries_and_never_shows_a_partial_checkpoin
     assert not store.local.storage.exists(f"{step_dir(2)}/{UPLOADED_FILE}")
     # step 1's committed remote copy is still listed (the store committed it itself)
     assert [(i.step, i.durability) for i in store.list()] == [
-        (1, ["remote"]), (2, ["local"]), (3, ["local"]), (4, ["local"])]
+        (1, ["remote"]),
+        (2, ["local"]),
+        (3, ["local"]),
+        (4, ["local"]),
+    ]
 
     # Back on the same port: a partial step-2 directory is there, but no reader can see it.
     s3.start()
@@ -330,8 +352,11 @@ def test_upload_that_keeps_failing_removes_nothing_local_and_resumes_later(
 ) -> None:
     s3 = stoppable_s3
     cfg = CheckpointConfig(
-        storage_uri=str(tmp_path / "local"), remote_uri=f"s3://{s3.bucket}/p", run_name="down",
-        storage_options=s3.options, keep_last_n=1,
+        storage_uri=str(tmp_path / "local"),
+        remote_uri=f"s3://{s3.bucket}/p",
+        run_name="down",
+        storage_options=s3.options,
+        keep_last_n=1,
     )
     store = TieredCheckpointStore(cfg, upload_retries=1, upload_backoff_s=0.05)
     closing.append(store)

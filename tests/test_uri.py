@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 import ray_ckpt
 from ray_ckpt import CheckpointNotFoundError, CheckpointStore, ConfigError
-from ray_ckpt.mock_models import TinyPolicy
-from ray_ckpt.uri import normalize_storage_uri, parse_uri
+from ray_ckpt.core.uri import normalize_storage_uri, parse_uri
+from ray_ckpt.interop.mock import TinyPolicy
 
 CWD = os.getcwd()
 
@@ -143,7 +143,7 @@ def test_instantiate_builds_from_architecture_and_caches(tmp_path: Path) -> None
     store = _make_run(tmp_path)
     artifact = ray_ckpt.load_from_uri(f"{tmp_path}/run1:v2")
     assert artifact.architecture is not None
-    assert artifact.architecture.class_path == "ray_ckpt.mock_models.TinyPolicy"
+    assert artifact.architecture.class_path == "ray_ckpt.interop.mock.TinyPolicy"
     model = artifact.instantiate()
     assert isinstance(model, TinyPolicy)
     torch.testing.assert_close(model.head.weight.detach(), store.load(2)["head.weight"])
@@ -232,7 +232,7 @@ def test_best_selector_uses_the_policy_any_writer_recorded(tmp_path: Path) -> No
         store.save(step, {"w": torch.full((2,), float(step))}, metrics={"score": score})
     artifact = ray_ckpt.load_from_uri(f"{tmp_path}/ranked:best")
     assert artifact.step == 2
-    from ray_ckpt.artifact import open_run
+    from ray_ckpt.interop.artifact import open_run
 
     reader = open_run(f"{tmp_path}/ranked")
     assert reader.config.metric_name == "score" and reader.config.mode == "max" and reader.config.keep_last_n == 5

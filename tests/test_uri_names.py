@@ -1,4 +1,4 @@
-"""validate_run_name and normalize_storage_uri (the rest of ray_ckpt.uri is tested elsewhere)."""
+"""validate_run_name and normalize_storage_uri (the rest of ray_ckpt.core.uri is tested elsewhere)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 import pytest
 
 from ray_ckpt import ConfigError
-from ray_ckpt.uri import MAX_RUN_NAME_LENGTH, normalize_storage_uri, validate_run_name
+from ray_ckpt.core.uri import MAX_RUN_NAME_LENGTH, normalize_storage_uri, validate_run_name
 
 
 @pytest.mark.parametrize(

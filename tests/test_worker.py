@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ray_ckpt import Shard
-from ray_ckpt.worker import Snapshot
+from ray_ckpt.distributed.worker import Snapshot
 
 
 def test_snapshot_copies_and_reuses_its_buffers_once_given_back() -> None:

@@ -32,7 +32,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 import ray_ckpt
 from ray_ckpt import CheckpointConfig, CheckpointStore
-from ray_ckpt.layout import step_dir
+from ray_ckpt.core.layout import step_dir
 
 logger = logging.getLogger("multinode_scenarios")
 
@@ -214,7 +214,7 @@ class Rank:
 
     def start_slow_direct_save(self, step: int, marker: str, hold_s: float) -> None:
         """Direct mode: write the first planned shard, touch ``marker``, then stall (a rank dying mid-write)."""
-        import ray_ckpt.writer as writer_module
+        import ray_ckpt.core.writer as writer_module
 
         real = writer_module.write_planned_file
 

@@ -19,9 +19,9 @@ import pytest
 import torch
 
 from ray_ckpt import CheckpointConfig, CheckpointStore
-from ray_ckpt.cli import main
+from ray_ckpt.cli.main import main
+from ray_ckpt.core.layout import parse_step_dir
 from ray_ckpt.demo import RankTraining, format_table, run_demo
-from ray_ckpt.layout import parse_step_dir
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 

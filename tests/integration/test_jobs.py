@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 
 from ray_ckpt import CheckpointStore
-from ray_ckpt.layout import INDEX_LOG_DIR, INDEX_SNAPSHOT
+from ray_ckpt.core.layout import INDEX_LOG_DIR, INDEX_SNAPSHOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
 
@@ -258,7 +258,7 @@ def _check_run(storage: str, run_name: str) -> None:
     infos = store.list()
     assert [i.step for i in infos] == [2, 4]  # save_interval_steps=2 over 4 steps
     assert all(i.world_size == 2 for i in infos)
-    # the run index is on storage: a snapshot once compacted, else its change log (see ray_ckpt.layout)
+    # the run index is on storage: a snapshot once compacted, else its change log (see ray_ckpt.core.layout)
     run_dir = Path(storage, run_name)
     log_dir = run_dir / INDEX_LOG_DIR
     assert (run_dir / INDEX_SNAPSHOT).exists() or (log_dir.is_dir() and any(log_dir.iterdir())), sorted(

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ray_ckpt import CheckpointNotFoundError, CheckpointStore, CorruptCheckpointError
-from ray_ckpt.storage import Storage
+from ray_ckpt.core.storage import Storage
 from tests.test_format import assert_same
 
 MARKER = "checkpoint.json"
@@ -111,8 +111,14 @@ def test_index_parquet_on_s3(s3_bucket: tuple[str, dict[str, Any]], s3fs_client:
 
 
 def test_retention_on_s3(s3_bucket: tuple[str, dict[str, Any]], s3fs_client: Any) -> None:
-    store = make_store(s3_bucket, metric_name="loss", keep_top_k=1, keep_last_n=1, keep_period=4,
-                       keep_checkpoints_without_metrics=False)
+    store = make_store(
+        s3_bucket,
+        metric_name="loss",
+        keep_top_k=1,
+        keep_last_n=1,
+        keep_period=4,
+        keep_checkpoints_without_metrics=False,
+    )
     losses = [0.5, 0.1, 0.4, 0.6, float("nan"), 0.3]
     for step, loss in enumerate(losses, start=1):
         store.save(step, state(step, n=2), metrics={"loss": loss})

@@ -18,8 +18,8 @@ import torch
 
 import ray_ckpt
 from ray_ckpt import CheckpointConfig, CheckpointStore
-from ray_ckpt.layout import MARKER_FILE, step_dir
-from ray_ckpt.tiering import UPLOADED_FILE
+from ray_ckpt.core.layout import MARKER_FILE, step_dir
+from ray_ckpt.tiers.remote import UPLOADED_FILE
 from tests.reliability.faults import actor_pid, hold_writes, restarted_pid, wait_for
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -112,9 +112,11 @@ def test_commit_locally_upload_read_either_tier_and_retain_both(
     remote = CheckpointStore(config.remote_uri, run_name, config.remote_storage_options)
     assert [i.step for i in local.list()] == [3, 4]
     assert [i.step for i in remote.list()] == [3, 4]
-    wait_for(lambda: [(i.step, i.durability) for i in handle.list()] == [(3, ["local", "remote"]),
-                                                                         (4, ["local", "remote"])],
-             30, "the served index to name both tiers")
+    wait_for(
+        lambda: [(i.step, i.durability) for i in handle.list()] == [(3, ["local", "remote"]), (4, ["local", "remote"])],
+        30,
+        "the served index to name both tiers",
+    )
     for step in (3, 4):
         assert_bit_exact(config, s3fs_client, step)
         assert (tmp_path / "local" / run_name / step_dir(step) / UPLOADED_FILE).exists()

@@ -47,7 +47,7 @@ def _train_loop(cfg: dict[str, Any]) -> None:
     import ray.train.torch
 
     from ray_ckpt import WorkerClient
-    from ray_ckpt.integrations import get_checkpoint, load_from_ray_checkpoint, read_pointer, report
+    from ray_ckpt.distributed.train_tune import get_checkpoint, load_from_ray_checkpoint, read_pointer, report
 
     torch.set_num_threads(1)
     ctx = ray.train.get_context()
@@ -134,7 +134,7 @@ def ray_kept_steps(first: int) -> set[int]:
 
 def check_ray_checkpoints_load(result: Any, store: CheckpointStore, expected_steps: set[int]) -> None:
     """Every checkpoint Ray lists as kept (best_checkpoints) and its latest load from ray-ckpt, bit for bit."""
-    from ray_ckpt.integrations import load_from_ray_checkpoint, read_pointer
+    from ray_ckpt.distributed.train_tune import load_from_ray_checkpoint, read_pointer
 
     listed = [checkpoint for checkpoint, _metrics in result.best_checkpoints] + [result.checkpoint]
     loaded = set()
@@ -150,7 +150,7 @@ def check_ray_checkpoints_load(result: Any, store: CheckpointStore, expected_ste
 def test_torch_trainer_saves_through_ray_ckpt_and_resumes(tmp_path: Path, run_name: str, ray_session: str) -> None:
     """DDP workers commit world_size-2 checkpoints; Ray's kept checkpoints all load; restarts resume at step+1."""
     from ray_ckpt import start_checkpointer
-    from ray_ckpt.integrations import read_pointer, release_unreferenced
+    from ray_ckpt.distributed.train_tune import read_pointer, release_unreferenced
 
     (tmp_path / "events").mkdir()
     storage = str(tmp_path / "ckpt")

@@ -66,7 +66,7 @@ def scenario(tmp_path: Path, run_name: str, address: str, namespace: str) -> Non
     from ray.train.torch import TorchTrainer
 
     from ray_ckpt import CheckpointConfig, CheckpointStore, start_checkpointer
-    from ray_ckpt.integrations import read_pointer, release_unreferenced
+    from ray_ckpt.distributed.train_tune import read_pointer, release_unreferenced
     from tests.integration.test_train import STEPS, _events, check_ray_checkpoints_load
 
     assert not ray.train.v2._internal.constants.is_v2_enabled()

@@ -65,7 +65,7 @@ def _shutdown_checkpointers(prefix: str) -> list[str]:
     """Kill the detached checkpointers of an experiment's trials (their names start with the run prefix)."""
     import ray
 
-    from ray_ckpt.checkpointer import actor_name
+    from ray_ckpt.distributed.checkpointer import actor_name
 
     names = [n for n in ray.util.list_named_actors() if n.startswith(actor_name(prefix))]
     for name in names:
@@ -104,7 +104,13 @@ def _trainable(config: dict[str, Any]) -> None:
     from ray import tune
 
     from ray_ckpt import WorkerClient, start_checkpointer
-    from ray_ckpt.integrations import get_checkpoint, load_from_ray_checkpoint, read_pointer, report, resume_step
+    from ray_ckpt.distributed.train_tune import (
+        get_checkpoint,
+        load_from_ray_checkpoint,
+        read_pointer,
+        report,
+        resume_step,
+    )
 
     torch.set_num_threads(1)
     trial_id = tune.get_context().get_trial_id()
@@ -200,7 +206,7 @@ def test_tune_trials_checkpoint_through_ray_ckpt_and_resume_after_failure(tmp_pa
     """Two trials save through ray-ckpt; the one that fails once resumes from its pointer and ends bit-identical."""
     from ray import tune
 
-    from ray_ckpt.integrations import load_from_ray_checkpoint, read_pointer
+    from ray_ckpt.distributed.train_tune import load_from_ray_checkpoint, read_pointer
 
     events = tmp_path / "events"
     events.mkdir()
@@ -266,7 +272,7 @@ def test_pbt_exploit_restores_the_donor_trial_weights_from_ray_ckpt(tmp_path: Pa
     from ray import tune
     from ray.tune.schedulers import PopulationBasedTraining
 
-    from ray_ckpt.integrations import load_from_ray_checkpoint, read_pointer, release_unreferenced
+    from ray_ckpt.distributed.train_tune import load_from_ray_checkpoint, read_pointer, release_unreferenced
 
     events = tmp_path / "events"
     events.mkdir()
@@ -341,7 +347,7 @@ def test_pointer_checkpoints_round_trip_and_leave_secrets_out(tmp_path: Path) ->
     """Pointers name the committed step, never carry credentials, and refuse what is not a pointer."""
     import ray.train
 
-    from ray_ckpt.integrations import (
+    from ray_ckpt.distributed.train_tune import (
         POINTER_FILE,
         load_from_ray_checkpoint,
         read_pointer,
@@ -388,7 +394,7 @@ def test_pointer_checkpoints_round_trip_and_leave_secrets_out(tmp_path: Path) ->
         report({"loss": 1.0}, info, store.config)
 
     # Ray's CheckpointConfig from ray-ckpt's retention, and back
-    from ray_ckpt.integrations import ray_checkpoint_config, retention_from_ray
+    from ray_ckpt.distributed.train_tune import ray_checkpoint_config, retention_from_ray
 
     ranked = ray_checkpoint_config(CheckpointConfig(metric_name="loss", keep_top_k=3, keep_last_n=1))
     assert (ranked.num_to_keep, ranked.checkpoint_score_attribute, ranked.checkpoint_score_order) == (3, "loss", "min")
@@ -403,7 +409,7 @@ def test_asha_with_a_failing_trial_resumes_it_and_stops_the_other(tmp_path: Path
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from ray_ckpt.integrations import load_from_ray_checkpoint, read_pointer
+    from ray_ckpt.distributed.train_tune import load_from_ray_checkpoint, read_pointer
 
     events = tmp_path / "events"
     events.mkdir()

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ray_ckpt.storage import TEMP_MARKER, Storage
+from ray_ckpt.core.storage import TEMP_MARKER, Storage
 
 logger = logging.getLogger(__name__)
 
@@ -270,7 +270,11 @@ class ForkServer:
         env = {**os.environ, "PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", "")}
         self.proc = subprocess.Popen(
             [sys.executable, "-c", "from tests.reliability.faults import fork_server; fork_server()"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=repo,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=repo,
         )
 
     def run(self, *args: Any) -> int:
@@ -369,8 +373,11 @@ class MotoServer:
 
         bucket = f"rel-{uuid.uuid4().hex[:12]}"
         boto3.client(
-            "s3", endpoint_url=self.url, region_name="us-east-1",
-            aws_access_key_id="testing", aws_secret_access_key="testing",
+            "s3",
+            endpoint_url=self.url,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
         ).create_bucket(Bucket=bucket)
         return bucket
 
@@ -379,8 +386,11 @@ class MotoServer:
         import boto3
 
         client = boto3.client(
-            "s3", endpoint_url=self.url, region_name="us-east-1",
-            aws_access_key_id="testing", aws_secret_access_key="testing",
+            "s3",
+            endpoint_url=self.url,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
         )
         keys: list[str] = []
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):

@@ -26,10 +26,10 @@ from ray_ckpt import (
     CorruptCheckpointError,
     load_from_uri,
 )
-from ray_ckpt.checkpointer import compare_replicas
-from ray_ckpt.digests import Checksum
-from ray_ckpt.planner import MODEL, RankState, SavePlan, TensorMeta, plan_save
-from ray_ckpt.uri import MAX_RUN_NAME_LENGTH
+from ray_ckpt.core.format.digests import Checksum
+from ray_ckpt.core.planner import MODEL, RankState, SavePlan, TensorMeta, plan_save
+from ray_ckpt.core.uri import MAX_RUN_NAME_LENGTH
+from ray_ckpt.distributed.checkpointer import compare_replicas
 from tests.reliability.faults import SHARD_LIMIT, assert_state, tensors_for
 
 RUN = "bad"
@@ -63,8 +63,12 @@ class Opaque:
 
 BAD_SAVES: list[tuple[str, dict[str, Any], type[BaseException], str]] = [
     ("object in a state dict", {"state_dict": {"w": torch.ones(2), "head": Opaque()}}, TypeError, "head"),
-    ("object nested deep", {"state_dict": {"w": torch.ones(2), "opt": {"s": [1, {"f": Opaque()}]}}}, TypeError,
-     r"opt\.s\.1\.f"),
+    (
+        "object nested deep",
+        {"state_dict": {"w": torch.ones(2), "opt": {"s": [1, {"f": Opaque()}]}}},
+        TypeError,
+        r"opt\.s\.1\.f",
+    ),
     ("a set", {"state_dict": {"w": torch.ones(2), "tags": {"a", "b"}}}, TypeError, "tags"),
     ("meta tensor (no data)", {"state_dict": {"w": torch.empty(3, device="meta")}}, TypeError, "'?w'?"),
     ("unsupported dtype", {"state_dict": {"w": torch.ones(2, dtype=torch.complex128)}}, TypeError, "w"),
@@ -145,13 +149,15 @@ def _rank(tensors: dict[str, tuple[str, tuple[int, ...], str]]) -> RankState:
     ],
     ids=["bytes", "dtype", "shape"],
 )
-def test_conflicting_replicated_key_names_the_key_and_both_ranks(other: tuple[str, tuple[int, ...], str],
-                                                                  detail: str) -> None:
+def test_conflicting_replicated_key_names_the_key_and_both_ranks(
+    other: tuple[str, tuple[int, ...], str], detail: str
+) -> None:
     states = {0: _rank({"emb": ("F32", (4,), "aaaa"), "a": ("F32", (1,), "x")}), 1: _rank({"emb": other})}
 
     def plan_and_compare(states: dict[int, RankState]) -> SavePlan:
-        plan = plan_save(1, {r: {MODEL: s} for r, s in states.items()}, directory="d", mode="gather",
-                         max_shard_size=1 << 20)
+        plan = plan_save(
+            1, {r: {MODEL: s} for r, s in states.items()}, directory="d", mode="gather", max_shard_size=1 << 20
+        )
         compare_replicas(plan, lambda part, key, rank: states[rank].tensors[key].digest)
         return plan
 
@@ -240,7 +246,7 @@ def test_header_offsets_past_the_end_are_caught_even_with_a_matching_checksum(tm
 # ---------------------------------------------------------------------------------------------
 # model_architecture.json naming a class outside allowed_architecture_prefixes.
 # ---------------------------------------------------------------------------------------------
-PROBE_MODULE = '''
+PROBE_MODULE = """
 import os
 import pathlib
 
@@ -253,7 +259,7 @@ class Model(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.w = torch.nn.Parameter(torch.zeros(2))
-'''
+"""
 
 
 @pytest.fixture
@@ -323,7 +329,7 @@ def pickle_probe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_legacy_pt_with_a_pickle_payload_needs_trust_pickle(tmp_path: Path, pickle_probe: Path) -> None:
-    legacy = pytest.importorskip("ray_ckpt.legacy")
+    legacy = pytest.importorskip("ray_ckpt.interop.legacy")
     path = tmp_path / "old_run_step_7.pt"
     torch.save({"state_dict": {"w": torch.ones(2)}, "extra": Payload()}, path)
     with pytest.raises(legacy.UntrustedPickleError, match=r"old_run_step_7\.pt.*trust_pickle=True") as excinfo:
@@ -344,9 +350,11 @@ def test_pt_format_shard_with_a_pickle_payload_is_refused(tmp_path: Path, pickle
     data = shard.read_bytes()
     checksum = Checksum()
     checksum.update(data)
-    _rewrite_marker(store, 2, lambda m: m["files"].update(
-        {"pytorch_model.bin": {"size": len(data), "checksum": checksum.hexdigest()}}
-    ))
+    _rewrite_marker(
+        store,
+        2,
+        lambda m: m["files"].update({"pytorch_model.bin": {"size": len(data), "checksum": checksum.hexdigest()}}),
+    )
     for verify in (True, False):
         with pytest.raises(CorruptCheckpointError, match=r"step_000000002/pytorch_model\.bin"):
             store.load(2, verify=verify)
@@ -370,7 +378,7 @@ YAML_CASES = [
     ("metric_name: [loss]", "metric_name"),
     ("run_name: /etc", "run_name"),
     ("run_name: yes", "run_name"),
-    ("run_name: \"a\\0b\"", "run_name"),
+    ('run_name: "a\\0b"', "run_name"),
     ("storage_uri: ''", "storage_uri"),
     ("max_restarts: -2", "max_restarts"),
     ("max_pending_saves: 0", "max_pending_saves"),
@@ -411,7 +419,7 @@ def test_checkpointer_refuses_bad_reports_and_never_ranks_unrankable_metrics(tmp
     import ray
 
     import ray_ckpt
-    from ray_ckpt.checkpointer import RankReport
+    from ray_ckpt.distributed.checkpointer import RankReport
 
     config = CheckpointConfig(storage_uri=str(tmp_path), run_name=run_name, metric_name="loss", save_timeout_s=20.0)
     handle = ray_ckpt.start_checkpointer(config)

@@ -20,13 +20,13 @@ import pytest
 import torch
 
 from ray_ckpt import CheckpointConfig, CheckpointStore, CorruptCheckpointError, Shard
-from ray_ckpt.digests import Checksum, merge_files
-from ray_ckpt.format import flatten_state, read_safetensors_header
-from ray_ckpt.layout import MARKER_FILE, TRAINER_STATE_JSON, step_dir
-from ray_ckpt.planner import MODEL, TRAINER, describe
-from ray_ckpt.storage import Storage
-from ray_ckpt.tiered import TieredCheckpointStore
-from ray_ckpt.writer import StepWriter, copy_checked, write_share
+from ray_ckpt.core.format import flatten_state, read_safetensors_header
+from ray_ckpt.core.format.digests import Checksum, merge_files
+from ray_ckpt.core.layout import MARKER_FILE, TRAINER_STATE_JSON, step_dir
+from ray_ckpt.core.planner import MODEL, TRAINER, describe
+from ray_ckpt.core.storage import Storage
+from ray_ckpt.core.writer import StepWriter, copy_checked, write_share
+from ray_ckpt.tiers.tiered import TieredCheckpointStore
 
 torch.manual_seed(0)
 WHOLE = torch.randn(40, 24)  # held whole by rank 0

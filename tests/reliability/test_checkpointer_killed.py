@@ -49,8 +49,14 @@ def test_checkpointer_killed_mid_save_restarts_and_the_retry_commits(
     tmp_path: Path, run_name: str, write_mode: str, held_at: str
 ) -> None:
     config = CheckpointConfig(
-        storage_uri=str(tmp_path / "store"), run_name=run_name, metric_name="loss", mode="min",
-        max_shard_size=SHARD_LIMIT, write_mode=write_mode, max_restarts=2, save_timeout_s=60.0,
+        storage_uri=str(tmp_path / "store"),
+        run_name=run_name,
+        metric_name="loss",
+        mode="min",
+        max_shard_size=SHARD_LIMIT,
+        write_mode=write_mode,
+        max_restarts=2,
+        save_timeout_s=60.0,
     )
     handle = ray_ckpt.start_checkpointer(config)
     worker = ray_ckpt.WorkerClient(run_name, 0, 1)

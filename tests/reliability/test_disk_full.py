@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from ray_ckpt import CheckpointStore, StorageError
-from ray_ckpt.storage import Storage
+from ray_ckpt.core.storage import Storage
 from tests.reliability.faults import (
     SHARD_LIMIT,
     assert_state,
@@ -143,7 +143,9 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         pytest.skip("no mount command")
     result = subprocess.run(
         ["mount", "-t", "tmpfs", "-o", "size=512k,mode=0700", "tmpfs", str(mount_point)],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if result.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")

@@ -24,8 +24,8 @@ import torch
 
 import ray_ckpt
 from ray_ckpt import CheckpointStore, CorruptCheckpointError, StorageError
-from ray_ckpt.cli import main as cli_main
-from ray_ckpt.digests import Checksum
+from ray_ckpt.cli.main import main as cli_main
+from ray_ckpt.core.format.digests import Checksum
 
 RUN = "hostile"
 STEPS = [1, 2, 3]
@@ -198,18 +198,20 @@ DAMAGE: dict[str, Damage] = {
     # checkpoint.json
     "marker: world_size Infinity": Damage(_raw_marker('{$MARKER, "world_size": Infinity}'), "skip", MARKER2),
     "marker: world_size 0": Damage(_edit_marker(("world_size",), 0), "skip", MARKER2),
-    "marker: files size 1e999": Damage(_raw_marker('{$MARKER, "files": {"x.bin": {"size": 1e999, "checksum": "0"}}}'),
-                                       "skip", MARKER2),
+    "marker: files size 1e999": Damage(
+        _raw_marker('{$MARKER, "files": {"x.bin": {"size": 1e999, "checksum": "0"}}}'), "skip", MARKER2
+    ),
     "marker: files size negative": Damage(_edit_marker(("files", "*", "size"), -1), "skip", MARKER2),
     "marker: files a list": Damage(_edit_marker(("files",), []), "skip", MARKER2),
-    "marker: file name ../": Damage(_edit_marker(("files",), {"../../x": {"size": 1, "checksum": "0"}}), "skip",
-                                    MARKER2),
+    "marker: file name ../": Damage(
+        _edit_marker(("files",), {"../../x": {"size": 1, "checksum": "0"}}), "skip", MARKER2
+    ),
     "marker: model.index a list": Damage(_edit_marker(("model", "index"), ["a"]), "skip", MARKER2),
     "marker: model.index outside the run": Damage(_index_outside, "skip", MARKER2),
-    "marker: model.structure malformed": Damage(_edit_marker(("model", "structure"), {"__dict__": 5}), "skip",
-                                                MARKER2),
-    "marker: model.structure unknown tag": Damage(_edit_marker(("model", "structure"), {"__pickle__": "x"}), "skip",
-                                                  MARKER2),
+    "marker: model.structure malformed": Damage(_edit_marker(("model", "structure"), {"__dict__": 5}), "skip", MARKER2),
+    "marker: model.structure unknown tag": Damage(
+        _edit_marker(("model", "structure"), {"__pickle__": "x"}), "skip", MARKER2
+    ),
     "marker: model.aliases a list": Damage(_edit_marker(("model", "aliases"), [1]), "skip", MARKER2),
     "marker: step a string": Damage(_edit_marker(("step",), "abc"), "skip", MARKER2),
     "marker: step 2**64": Damage(_edit_marker(("step",), 2**64), "skip", MARKER2),
@@ -243,14 +245,18 @@ DAMAGE: dict[str, Damage] = {
     "lease: null": Damage(_lease("null"), "ignore", LEASE),
     "lease: nested 200,000 deep": Damage(_lease('{"step": ' + "[" * DEEP + "]" * DEEP + "}"), "ignore", LEASE),
     # model files (found at load and verify, listing unaffected)
-    "shard: a tensor the index lists is missing (re-hashed)": Damage(_drop_tensor_from_shard, "load-error",
-                                                                      "checkpoints/step_000000002/model"),
+    "shard: a tensor the index lists is missing (re-hashed)": Damage(
+        _drop_tensor_from_shard, "load-error", "checkpoints/step_000000002/model"
+    ),
     "index: names a file outside the step (re-hashed)": Damage(_index_names_outside_file, "load-error", INDEX2),
-    "shard: header length over 100 MiB (re-hashed)": Damage(_huge_header_length, "load-error",
-                                                          "checkpoints/step_000000002/model"),
+    "shard: header length over 100 MiB (re-hashed)": Damage(
+        _huge_header_length, "load-error", "checkpoints/step_000000002/model"
+    ),
     "shard: replaced by a FIFO": Damage(
-        _fifo_shard, "load-error", "step_000000002/model.safetensors: not a regular", (CorruptCheckpointError,
-                                                                                         StorageError)
+        _fifo_shard,
+        "load-error",
+        "step_000000002/model.safetensors: not a regular",
+        (CorruptCheckpointError, StorageError),
     ),
     "trainer_state.json: a dtype that is a torch function (re-hashed)": Damage(
         _trainer_structure, "trainer-error", "checkpoints/step_000000002/trainer_state/trainer_state.json"
@@ -359,8 +365,18 @@ def test_one_warning_per_damaged_file(tmp_path: Path, caplog: pytest.LogCaptureF
         (lambda s: s.acquire_lease(3, float("inf")), "ttl_s"),
         (lambda s: s.renew_lease(3, "../../x", 10), "lease_id"),
     ],
-    ids=["step 2**63", "step -1", "key __metadata__", "metric 10**400", "eval 10**400", "ttl -5", "ttl 0",
-         "ttl NaN", "ttl inf", "lease id a path"],
+    ids=[
+        "step 2**63",
+        "step -1",
+        "key __metadata__",
+        "metric 10**400",
+        "eval 10**400",
+        "ttl -5",
+        "ttl 0",
+        "ttl NaN",
+        "ttl inf",
+        "lease id a path",
+    ],
 )
 def test_bad_values_are_refused_before_anything_is_written(tmp_path: Path, call: Any, match: str) -> None:
     store = _healthy_run(tmp_path)
@@ -375,7 +391,7 @@ def test_bad_values_are_refused_before_anything_is_written(tmp_path: Path, call:
 def test_a_header_over_the_safetensors_cap_is_refused_at_save_with_the_fix(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import ray_ckpt.format as fmt
+    import ray_ckpt.core.format as fmt
 
     monkeypatch.setattr(fmt, "MAX_HEADER_SIZE", 4096)  # the real cap is 100 MiB: same code path, fewer keys
     store = _healthy_run(tmp_path)

@@ -22,8 +22,8 @@ import pytest
 import torch
 
 from ray_ckpt import CheckpointStore
-from ray_ckpt.layout import staging_dir, step_dir
-from ray_ckpt.storage import Storage
+from ray_ckpt.core.layout import staging_dir, step_dir
+from ray_ckpt.core.storage import Storage
 
 RUN = "planted"
 REPLACE_ID = "0123456789ab"
@@ -126,7 +126,7 @@ def test_a_planted_staging_folder_is_never_swapped_in(
         elif start == "first-save":
             writer.save(3, _state(3), metrics={"loss": 2.0})
         else:
-            from ray_ckpt.cli import main as cli_main
+            from ray_ckpt.cli.main import main as cli_main
 
             monkeypatch.setenv("RAY_CKPT_STORAGE_OPTIONS", json.dumps(where[1]))
             assert cli_main(["gc", f"{where[0]}/{RUN}"]) == 0
@@ -262,7 +262,7 @@ def _three_steps(root: Path) -> None:
 def test_an_unreadable_file_is_skipped_naming_it_and_the_run_goes_on(
     tmp_path: Path, place: str, kind: str, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from ray_ckpt.cli import main as cli_main
+    from ray_ckpt.cli.main import main as cli_main
 
     root = tmp_path / "runs"
     _three_steps(root)
@@ -382,8 +382,13 @@ def _tiered(tmp_path: Path, remote: tuple[str, dict[str, Any]]) -> Any:
 
     remote_uri, options = remote
     return CheckpointConfig(
-        storage_uri=str(tmp_path / "local"), remote_uri=remote_uri, remote_storage_options=options,
-        run_name=RUN, metric_name="loss", mode="min", leftover_grace_s=0,
+        storage_uri=str(tmp_path / "local"),
+        remote_uri=remote_uri,
+        remote_storage_options=options,
+        run_name=RUN,
+        metric_name="loss",
+        mode="min",
+        leftover_grace_s=0,
     )
 
 
@@ -470,7 +475,7 @@ def test_an_alias_over_another_ranks_tensor_aborts_naming_key_and_ranks(
 
     import ray_ckpt
     from ray_ckpt import SaveAbortedError
-    from ray_ckpt.checkpointer import RankState, TensorMeta
+    from ray_ckpt.distributed.checkpointer import RankState, TensorMeta
     from tests.reliability.test_bad_reports import _assert_next_step_commits, _config, _f32, _gather_report
 
     handle = ray_ckpt.start_checkpointer(_config(tmp_path, run_name))
@@ -500,7 +505,7 @@ def test_direct_ranks_declaring_more_than_they_hold_abort_fast_naming_rank_and_k
 
     import ray_ckpt
     from ray_ckpt import SaveAbortedError
-    from ray_ckpt.checkpointer import RankReport, RankResult, RankState, TensorMeta
+    from ray_ckpt.distributed.checkpointer import RankReport, RankResult, RankState, TensorMeta
     from tests.reliability.test_bad_reports import _assert_next_step_commits, _config, _good_state
 
     handle = ray_ckpt.start_checkpointer(_config(tmp_path, run_name, write_mode="direct"))
@@ -518,8 +523,9 @@ def test_direct_ranks_declaring_more_than_they_hold_abort_fast_naming_rank_and_k
             refs = [
                 handle.actor.plan.remote(
                     5,
-                    RankReport(r, 2, RankState({"big": TensorMeta("F32", (half,), half * 4, None, (2 * half,),
-                                                                  (r * half,))})),
+                    RankReport(
+                        r, 2, RankState({"big": TensorMeta("F32", (half,), half * 4, None, (2 * half,), (r * half,))})
+                    ),
                     False,
                     "direct",
                 )
@@ -617,9 +623,7 @@ INDEX_VALUES = {
     "marker-sizes-sum-past-int64": _sums_past_int64,
     "log-total-size-2**70": lambda root: _entry(root, _record(2, _created(root, 2), total_size=2**70)),
     "log-world-size-2**40": lambda root: _entry(root, _record(2, _created(root, 2), world_size=2**40)),
-    "log-metric-lone-surrogate": lambda root: _entry(
-        root, {"op": "metrics", "step": 2, "metrics": {"\ud800bad": 1.0}}
-    ),
+    "log-metric-lone-surrogate": lambda root: _entry(root, {"op": "metrics", "step": 2, "metrics": {"\ud800bad": 1.0}}),
     "sidecar-metric-lone-surrogate": lambda root: (
         (root / RUN / "checkpoints" / "step_000000002" / "eval_metrics.json").write_text('{"\\ud800bad": 1.0}'),
         "checkpoints/step_000000002/eval_metrics.json",
@@ -743,7 +747,7 @@ def test_header_dims_that_cannot_be_allocated_are_refused_naming_the_file(tmp_pa
     import struct
 
     from ray_ckpt import CorruptCheckpointError
-    from ray_ckpt.writer import write_small_file
+    from ray_ckpt.core.writer import write_small_file
 
     root = tmp_path / "runs"
     _three_steps(root)

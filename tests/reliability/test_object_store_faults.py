@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-import ray_ckpt.storage as storage_module
+import ray_ckpt.core.storage as storage_module
 from ray_ckpt import CheckpointStore, StorageError
-from ray_ckpt.storage import RETRY_TIMEOUT_S, S3_CONFIG_DEFAULTS, S3FS_RETRIES, Storage
+from ray_ckpt.core.storage import RETRY_TIMEOUT_S, S3_CONFIG_DEFAULTS, S3FS_RETRIES, Storage
 from tests.reliability.faults import (
     SHARD_LIMIT,
     FaultProxy,
@@ -35,8 +35,9 @@ def _store(uri: str, options: dict[str, Any], retries: int | None = RETRIES, **e
     """A store whose only retries are ray-ckpt's own, ``retries`` of them (None: as many as fit in
     the deadline). botocore's are off through ``s3_options`` and s3fs's own loop is off by
     default, so the attempts the proxy sees are ours."""
-    store = CheckpointStore(uri, run_name=RUN, storage_options=options, metric_name="loss",
-                            max_shard_size=SHARD_LIMIT, **extra)
+    store = CheckpointStore(
+        uri, run_name=RUN, storage_options=options, metric_name="loss", max_shard_size=SHARD_LIMIT, **extra
+    )
     store.storage.retries = retries
     store.storage.backoff_s = BACKOFF_S
     assert store.storage.fs.retries == S3FS_RETRIES == 1

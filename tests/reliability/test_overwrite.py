@@ -29,9 +29,9 @@ NEW = {"w": torch.full((64,), 2.0), "extra": torch.arange(5.0)}
 CHILD = r"""
 import json, os, sys
 import torch
-import ray_ckpt.writer as store_module
+import ray_ckpt.core.writer as store_module
 from ray_ckpt import CheckpointStore
-from ray_ckpt.storage import Storage
+from ray_ckpt.core.storage import Storage
 
 uri, options, kill_at, no_exchange = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
 calls = [0]

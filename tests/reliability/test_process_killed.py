@@ -77,7 +77,8 @@ def _distinct_moments(events: list[TraceEvent]) -> list[TraceEvent]:
     keep = []
     for i, event in enumerate(events):
         same = [
-            j for j in (i - 1, i + 1)
+            j
+            for j in (i - 1, i + 1)
             if 0 <= j < len(events) and (events[j].kind, events[j].path) == (event.kind, event.path)
         ]
         if len(same) < 2:
@@ -183,9 +184,9 @@ def test_sigkill_at_every_storage_event_of_a_save_never_loses_or_exposes_a_check
     assert any(k == "fsync" and n.startswith("model-00001") for k, n in names), "between shards"
     assert ("rename-before", MARKER) in names and ("rename-after", MARKER) in names, "around the commit marker"
     assert any(k == "rm" and n == MARKER for k, n in names), "during retention's delete"
-    assert any(
-        k == "rename-before" and re.fullmatch(r"\d{20}-[0-9a-f]{8}\.json", n) for k, n in names
-    ), "while the run index's change-log entry is written"
+    assert any(k == "rename-before" and re.fullmatch(r"\d{20}-[0-9a-f]{8}\.json", n) for k, n in names), (
+        "while the run index's change-log entry is written"
+    )
 
 
 def test_a_torn_marker_rename_is_all_or_nothing(tmp_path: Path, forks: ForkServer) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from ray_ckpt import CheckpointNotFoundError, CheckpointStore, CorruptCheckpointError
-from ray_ckpt.eval import Lease
+from ray_ckpt.distributed.eval import Lease
 from tests.reliability.faults import SHARD_LIMIT, assert_state, tensors_for
 
 RUN = "busy"

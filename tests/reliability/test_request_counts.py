@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from ray_ckpt import CheckpointStore
-from ray_ckpt.storage import Storage
+from ray_ckpt.core.storage import Storage
 from tests.reliability.faults import FaultProxy, MotoServer, s3_options
 
 RUN = "counted"
@@ -59,8 +59,9 @@ def _measure(make: Callable[[], CheckpointStore], count: Callable[[], int], step
 def _distinct(proxy: FaultProxy) -> int:
     """Requests so far, a retry of the same request (a loaded loopback server's timeout) counted once."""
     records = proxy.requests()
-    return sum(1 for i, r in enumerate(records) if i == 0 or (r.method, r.path) != (records[i - 1].method,
-                                                                                    records[i - 1].path))
+    return sum(
+        1 for i, r in enumerate(records) if i == 0 or (r.method, r.path) != (records[i - 1].method, records[i - 1].path)
+    )
 
 
 @pytest.fixture

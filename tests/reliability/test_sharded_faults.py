@@ -50,7 +50,7 @@ class ShardRank:
 
     def save_failing(self, step: int, gate: str | None) -> None:
         """Write this rank's ranges of the shared file, then hang (``gate`` set) or raise."""
-        import ray_ckpt.writer as writer_module
+        import ray_ckpt.core.writer as writer_module
 
         original = writer_module.write_pieces
 

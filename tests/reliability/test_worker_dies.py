@@ -45,7 +45,7 @@ class Rank:
 
     def save_but_hang_after_one_shard(self, step: int, gate: str) -> None:
         """Direct mode: write one shard of this rank, then hang (the test kills this actor)."""
-        import ray_ckpt.writer as writer_module
+        import ray_ckpt.core.writer as writer_module
 
         original = writer_module.write_planned_file
 
@@ -71,8 +71,11 @@ def test_worker_dies_before_reporting_step_aborts_and_next_step_commits(
     tmp_path: Path, run_name: str, write_mode: str, survivor: Any
 ) -> None:
     config = CheckpointConfig(
-        storage_uri=str(tmp_path / "store"), run_name=run_name, write_mode=write_mode,
-        save_timeout_s=TIMEOUT_S, max_shard_size="5KB",
+        storage_uri=str(tmp_path / "store"),
+        run_name=run_name,
+        write_mode=write_mode,
+        save_timeout_s=TIMEOUT_S,
+        max_shard_size="5KB",
     )
     handle = ray_ckpt.start_checkpointer(config)
     # Every worker is up (imports done) before the short save timeout can run.
