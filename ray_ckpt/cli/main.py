@@ -516,7 +516,7 @@ def _tensor_rows(state: Any, prefix: str) -> list[dict[str, Any]]:
 
 
 def _inspect_file(args: argparse.Namespace, parsed: ParsedURI) -> dict[str, Any]:
-    from ray_ckpt.core.format import read_safetensors_header
+    from ray_ckpt.core.format.header import read_safetensors_header
     from ray_ckpt.core.safejson import parse_json
     from ray_ckpt.core.storage import Storage
     from ray_ckpt.interop.artifact import load_from_uri

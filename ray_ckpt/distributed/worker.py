@@ -23,7 +23,8 @@ import torch
 import xxhash
 
 from ray_ckpt.core.errors import SaveAbortedError
-from ray_ckpt.core.format import FlatState, TensorBuffer, flatten_state, to_buffer, to_tensor
+from ray_ckpt.core.format.buffers import TensorBuffer, to_buffer, to_tensor
+from ray_ckpt.core.format.tree import FlatState, flatten_state
 from ray_ckpt.core.index import CheckpointInfo
 from ray_ckpt.core.layout import Selector, validate_metrics
 from ray_ckpt.core.planner import MODEL, TRAINER, SavePlan, describe
