@@ -25,7 +25,7 @@ from ray_ckpt.core.format.safetensors_io import READ_CHUNK, map_safetensors, rea
 from ray_ckpt.core.format.tree import check_structure, structure_keys, tensor_leaves, unflatten_state
 from ray_ckpt.core.layout import MARKER_FILE, TRAINER_JSON, TRAINER_STATE_JSON, TRAINER_TENSORS, Manifest, step_dir
 from ray_ckpt.core.safejson import JsonObject
-from ray_ckpt.core.storage import Storage
+from ray_ckpt.core.storage.storage import Storage
 
 
 class StepReader:

@@ -53,7 +53,7 @@ from ray_ckpt.core.reader import StepReader
 from ray_ckpt.core.retention import AnyOf, plan, policy_from_config
 from ray_ckpt.core.runindex import RunIndex
 from ray_ckpt.core.safejson import DamageLog
-from ray_ckpt.core.storage import Storage
+from ray_ckpt.core.storage.storage import Storage
 from ray_ckpt.core.writer import StepWriter, collect_leftovers, copy_checked
 from ray_ckpt.tiers.remote import RemoteTier, UploadPolicy
 

@@ -73,7 +73,9 @@ from ray_ckpt.core.planner import (
 from ray_ckpt.core.reader import StepReader
 from ray_ckpt.core.safejson import check_depth
 from ray_ckpt.core.shard import box_runs, box_view
-from ray_ckpt.core.storage import DirectFileWriter, Storage, direct_io_alignment, is_temp_name
+from ray_ckpt.core.storage.base import is_temp_name
+from ray_ckpt.core.storage.local import DirectFileWriter, direct_io_alignment
+from ray_ckpt.core.storage.storage import Storage
 
 logger = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from ray_ckpt.core.index import CheckpointInfo
 from ray_ckpt.core.layout import Selector, validate_metrics
 from ray_ckpt.core.planner import MODEL, TRAINER, SavePlan, describe
 from ray_ckpt.core.shard import local_part
-from ray_ckpt.core.storage import Storage
+from ray_ckpt.core.storage.storage import Storage
 from ray_ckpt.core.store import CheckpointStore
 from ray_ckpt.core.writer import write_share
 from ray_ckpt.distributed import metrics as telemetry
