@@ -10,7 +10,7 @@ import time
 
 from benchmarks.measure import CaseResult, percentile
 from ray_ckpt.core.index import CheckpointIndex, CheckpointInfo
-from ray_ckpt.core.storage import Storage
+from ray_ckpt.core.storage.storage import Storage
 
 INDEX_SNAPSHOT = "index.parquet"
 

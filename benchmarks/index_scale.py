@@ -25,7 +25,7 @@ import time
 from typing import Any
 
 from ray_ckpt.core.index import CheckpointIndex, CheckpointInfo
-from ray_ckpt.core.storage import Storage
+from ray_ckpt.core.storage.storage import Storage
 
 logger = logging.getLogger("benchmarks.index_scale")
 

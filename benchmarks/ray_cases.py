@@ -26,7 +26,7 @@ from benchmarks.measure import (
     throughput_case,
 )
 from ray_ckpt import CheckpointConfig, CheckpointStore, start_checkpointer
-from ray_ckpt.core.format import flatten_state
+from ray_ckpt.core.format.tree import flatten_state
 from ray_ckpt.distributed.eval import EvalClient
 from ray_ckpt.distributed.worker import WorkerClient
 

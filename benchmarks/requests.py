@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ray_ckpt import CheckpointStore
-from ray_ckpt.core.storage import Storage
+from ray_ckpt.core.storage.storage import Storage
 from tests.reliability.faults import FaultProxy  # the suite's loopback proxy: it records every request
 
 RUN = "requests"

@@ -38,8 +38,9 @@ import torch
 
 import ray_ckpt
 from ray_ckpt import CheckpointConfig, CheckpointStore
-from ray_ckpt.core.format import ShardSpec, flatten_state, hf_index_bytes
 from ray_ckpt.core.format.digests import FileDigest
+from ray_ckpt.core.format.hf_index import ShardSpec, hf_index_bytes
+from ray_ckpt.core.format.tree import flatten_state
 from ray_ckpt.core.layout import Manifest, step_dir
 from ray_ckpt.core.planner import MODEL, describe, plan_save
 from ray_ckpt.core.writer import write_share

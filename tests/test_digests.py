@@ -10,7 +10,7 @@ import pytest
 import xxhash
 
 from ray_ckpt import CorruptCheckpointError
-from ray_ckpt.core.format import FileCheck, flatten_state, read_safetensors, safetensors_layout
+from ray_ckpt.core.format.checks import FileCheck
 from ray_ckpt.core.format.digests import (
     BLOCK_SIZE,
     BlockDigests,
@@ -20,6 +20,9 @@ from ray_ckpt.core.format.digests import (
     block_digests,
     merge_files,
 )
+from ray_ckpt.core.format.header import safetensors_layout
+from ray_ckpt.core.format.safetensors_io import read_safetensors
+from ray_ckpt.core.format.tree import flatten_state
 from ray_ckpt.core.safejson import JsonObject
 
 

@@ -18,25 +18,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ray_ckpt import CorruptCheckpointError
-from ray_ckpt.core.format import (
-    DTYPE_PACKING,
-    DTYPE_SIZE,
-    DTYPE_TO_TORCH,
-    MAX_HEADER_SIZE,
-    flatten_state,
-    hf_index_bytes,
-    parse_hf_index,
-    plan_shards,
-    read_safetensors,
-    read_safetensors_header,
-    shard_file_name,
-    structure_keys,
-    to_buffer,
-    to_tensor,
-    unflatten_state,
-    write_safetensors,
-)
+from ray_ckpt.core.format.buffers import DTYPE_PACKING, DTYPE_SIZE, DTYPE_TO_TORCH, to_buffer, to_tensor
 from ray_ckpt.core.format.digests import Checksum
+from ray_ckpt.core.format.header import MAX_HEADER_SIZE, read_safetensors_header
+from ray_ckpt.core.format.hf_index import hf_index_bytes, parse_hf_index, plan_shards, shard_file_name
+from ray_ckpt.core.format.safetensors_io import read_safetensors, write_safetensors
+from ray_ckpt.core.format.tree import flatten_state, structure_keys, unflatten_state
 
 DTYPES = sorted(DTYPE_TO_TORCH)
 # Packed dtypes (F4: two values per byte) support few torch ops (no clone, no transpose): they get

@@ -189,7 +189,7 @@ def test_initialize_overwrite_moves_aside_then_deletes(tmp_path: Path, monkeypat
 
 
 def test_overwrite_interrupted_after_rename_leaves_no_half_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from ray_ckpt.core.storage import Storage
+    from ray_ckpt.core.storage.storage import Storage
 
     run = tmp_path / "exp"
     CheckpointStore(str(tmp_path), "exp").save(1, _state(1))

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ray_ckpt import CheckpointStore, Shard
-from ray_ckpt.core.format import flatten_state
+from ray_ckpt.core.format.tree import flatten_state
 from ray_ckpt.core.planner import MASTER, MODEL, SHARED, TRAINER, RankState, TensorMeta, describe, plan_save
 from ray_ckpt.core.shard import box_runs, box_view
 

@@ -4,7 +4,7 @@ here, naming what to replace, instead of failing a save somewhere in a Ray actor
 ``ray_ckpt.core.shard.local_part`` asks torch where a DTensor's local shard lies in the global tensor
 (``torch.distributed.tensor._utils.compute_local_shape_and_global_offset``): torch has no public
 function for it (DCP's planner uses the same one). safetensors' dtype table is no longer read from
-a private attribute: ``ray_ckpt.core.format`` asks ``safetensors.torch.save`` itself.
+a private attribute: ``ray_ckpt.core.format.buffers`` asks ``safetensors.torch.save`` itself.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def test_the_private_dtensor_offsets_match_the_local_shards() -> None:
 
 
 def test_the_dtype_table_comes_from_safetensors_public_save() -> None:
-    import ray_ckpt.core.format as fmt
+    import ray_ckpt.core.format.buffers as fmt
 
     source = inspect.getsource(fmt._safetensors_dtypes)
     assert "._SIZE" not in source and "st.save(" in source

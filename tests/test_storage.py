@@ -18,15 +18,9 @@ import pytest
 import torch
 
 from ray_ckpt import CheckpointStore, ConfigError, StorageError
-from ray_ckpt.core.storage import (
-    RETRY_TIMEOUT_S,
-    S3_CONFIG_DEFAULTS,
-    TEMP_MARKER,
-    Storage,
-    fs_options_for,
-    is_temp_name,
-    temp_name,
-)
+from ray_ckpt.core.storage.base import RETRY_TIMEOUT_S, TEMP_MARKER, is_temp_name, temp_name
+from ray_ckpt.core.storage.objectstore import S3_CONFIG_DEFAULTS
+from ray_ckpt.core.storage.storage import Storage, fs_options_for
 
 
 @pytest.fixture(params=["path", "file", "memory"])
@@ -295,7 +289,7 @@ def test_file_sizes_lists_direct_files_once(tmp_path: Path) -> None:
 # -- O_DIRECT writes of big durable local files ------------------------------------------------
 @pytest.mark.parametrize("sizes", [[0], [1], [4095, 1, 4097], [3 << 20, 5, (1 << 20) + 3], [9 << 20]])
 def test_direct_file_writer_writes_exact_bytes(tmp_path: Path, sizes: list[int]) -> None:
-    from ray_ckpt.core.storage import DirectFileWriter
+    from ray_ckpt.core.storage.local import DirectFileWriter
 
     rng = np.random.default_rng(sum(sizes))
     pieces = [rng.integers(0, 256, n, dtype=np.uint8) for n in sizes]
@@ -311,7 +305,7 @@ def test_direct_file_writer_writes_exact_bytes(tmp_path: Path, sizes: list[int])
 
 def test_direct_file_writer_fills_an_aligned_region_of_an_existing_file(tmp_path: Path) -> None:
     """What a rank does in a shared file: the rest of the file (header, other ranks' bytes) stays."""
-    from ray_ckpt.core.storage import DirectFileWriter
+    from ray_ckpt.core.storage.local import DirectFileWriter
 
     path = tmp_path / "shared.bin"
     path.write_bytes(b"h" * 100 + b"\0" * (3 << 20))
@@ -330,7 +324,7 @@ def test_direct_file_writer_fills_an_aligned_region_of_an_existing_file(tmp_path
 def test_big_durable_local_writes_are_right_with_or_without_o_direct(tmp_path: Path) -> None:
     """Big hinted writes go through O_DIRECT where the filesystem has it; tmpfs refuses it at open
     (EINVAL) and the same write goes through the page cache."""
-    from ray_ckpt.core.storage import DirectFileWriter
+    from ray_ckpt.core.storage.local import DirectFileWriter
 
     data = np.arange(1 << 20, dtype=np.uint32).tobytes() + b"tail"
     roots = [tmp_path / "disk"]

@@ -29,7 +29,7 @@ from ray_ckpt import (
     CorruptCheckpointError,
 )
 from ray_ckpt.core.format.digests import BLOCK_SIZE, CHECKSUM_ALGORITHM
-from ray_ckpt.core.storage import Storage
+from ray_ckpt.core.storage.storage import Storage
 from tests.models import TiedLM, TinyMLP
 from tests.test_format import assert_same
 
@@ -1103,7 +1103,7 @@ def test_add_files_checks_other_writers_files_by_name_and_size(store: Checkpoint
 
 def test_direct_io_and_page_cache_writes_give_identical_files(tmp_run: Any) -> None:
     """A shard above DIRECT_IO_MIN is written with O_DIRECT (an odd size: padded, then truncated)."""
-    from ray_ckpt.core.storage import DIRECT_IO_MIN
+    from ray_ckpt.core.storage.local import DIRECT_IO_MIN
 
     g = torch.Generator().manual_seed(5)
     sd = {"big": torch.randn(DIRECT_IO_MIN // 4 + 1001, generator=g), "small": torch.arange(3.0)}

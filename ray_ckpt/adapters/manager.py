@@ -21,7 +21,7 @@ import torch
 
 from ray_ckpt.core.config import CheckpointConfig
 from ray_ckpt.core.errors import CheckpointExistsError, CheckpointNotFoundError, ConfigError
-from ray_ckpt.core.storage import Storage
+from ray_ckpt.core.storage.storage import Storage
 from ray_ckpt.core.store import CheckpointStore
 from ray_ckpt.core.uri import ParsedURI, normalize_storage_uri, parse_uri
 from ray_ckpt.interop.artifact import POLICY_KEY, open_run

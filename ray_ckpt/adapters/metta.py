@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from ray_ckpt.core.config import CheckpointConfig
-from ray_ckpt.core.format import flatten_state
+from ray_ckpt.core.format.tree import flatten_state
 from ray_ckpt.core.index import CheckpointInfo
 from ray_ckpt.core.layout import step_dir
 from ray_ckpt.core.store import CheckpointStore

@@ -23,7 +23,7 @@ from ray_ckpt.core.errors import CheckpointNotFoundError, CorruptCheckpointError
 from ray_ckpt.core.index import CheckpointInfo
 from ray_ckpt.core.layout import MARKER_FILE, Selector, parse_step_dir, step_dir
 from ray_ckpt.core.safejson import JsonObject
-from ray_ckpt.core.storage import temp_name
+from ray_ckpt.core.storage.base import temp_name
 from ray_ckpt.core.store import CheckpointStore
 
 logger = logging.getLogger(__name__)

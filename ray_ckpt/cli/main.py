@@ -283,7 +283,7 @@ def _is_run(storage: Any) -> bool:
 
 def _runs_under(args: argparse.Namespace, parsed: ParsedURI) -> list[CheckpointStore] | None:
     """The runs directly under a directory that is not a run itself (a storage root); None when it is a run."""
-    from ray_ckpt.core.storage import Storage
+    from ray_ckpt.core.storage.storage import Storage
     from ray_ckpt.core.uri import validate_run_name
     from ray_ckpt.interop.artifact import open_run
 
@@ -516,9 +516,9 @@ def _tensor_rows(state: Any, prefix: str) -> list[dict[str, Any]]:
 
 
 def _inspect_file(args: argparse.Namespace, parsed: ParsedURI) -> dict[str, Any]:
-    from ray_ckpt.core.format import read_safetensors_header
+    from ray_ckpt.core.format.header import read_safetensors_header
     from ray_ckpt.core.safejson import parse_json
-    from ray_ckpt.core.storage import Storage
+    from ray_ckpt.core.storage.storage import Storage
     from ray_ckpt.interop.artifact import load_from_uri
     from ray_ckpt.interop.legacy import detect_format, numeric_leaves
 
@@ -559,7 +559,7 @@ def _inspect_file(args: argparse.Namespace, parsed: ParsedURI) -> dict[str, Any]
 
 def _hf_folder_of(args: argparse.Namespace, parsed: ParsedURI) -> str | None:
     """The location of the Hugging Face model folder (or index) a URI names, if it names one."""
-    from ray_ckpt.core.storage import Storage
+    from ray_ckpt.core.storage.storage import Storage
     from ray_ckpt.core.uri import is_hf_index_name
     from ray_ckpt.interop.legacy import find_hf_folder
 
@@ -668,7 +668,7 @@ def _marked_steps(store: CheckpointStore) -> list[int]:
 def _verifiable(args: argparse.Namespace, parsed: ParsedURI) -> None:
     """Refuse a directory that is no run (a storage root, an empty folder, a folder of sources):
     verifying nothing must not report success."""
-    from ray_ckpt.core.storage import Storage
+    from ray_ckpt.core.storage.storage import Storage
 
     if parsed.kind != "run" or parsed.selector is not None:
         return
@@ -931,7 +931,7 @@ def _json(args: argparse.Namespace) -> bool:
 
 def _destination(args: argparse.Namespace, dest: str) -> Any:
     """The storage of an export/download destination, refusing a non-empty one unless --overwrite."""
-    from ray_ckpt.core.storage import Storage
+    from ray_ckpt.core.storage.storage import Storage
     from ray_ckpt.core.uri import normalize_storage_uri
 
     storage = Storage(normalize_storage_uri(dest), _storage_options(args))

@@ -45,7 +45,7 @@ from ray_ckpt.core.format.digests import Checksum, FileDigest
 from ray_ckpt.core.index import CheckpointInfo
 from ray_ckpt.core.layout import EVAL_FILE, MARKER_FILE, Selector, step_dir
 from ray_ckpt.core.safejson import JsonObject
-from ray_ckpt.core.storage import is_temp_name
+from ray_ckpt.core.storage.base import is_temp_name
 
 if TYPE_CHECKING:  # annotations only: the store imports this module, never the other way round
     from ray_ckpt.core.store import CheckpointStore

@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ray_ckpt.core.format import check_structure
 from ray_ckpt.core.format.digests import FileDigest
+from ray_ckpt.core.format.tree import check_structure
 from ray_ckpt.core.safejson import MAX_STEP, JsonObject, parse_json
 
 CHECKPOINTS_DIR = "checkpoints"

@@ -20,7 +20,8 @@ from typing import Any
 from ray_ckpt.core.errors import CheckpointNotFoundError
 from ray_ckpt.core.layout import LEASES_DIR, MARKER_FILE, RETIRING_FILE, step_dir, validate_step
 from ray_ckpt.core.safejson import DAMAGE, MAX_STEP, DamageLog, JsonObject
-from ray_ckpt.core.storage import Storage, is_temp_name
+from ray_ckpt.core.storage.base import is_temp_name
+from ray_ckpt.core.storage.storage import Storage
 
 logger = logging.getLogger(__name__)
 

@@ -29,14 +29,10 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ray_ckpt.core.format import (
-    DTYPE_SIZE,
-    MAX_TENSOR_BYTES,
-    RESERVED_KEY,
-    FlatState,
-    plan_shards,
-    safetensors_layout,
-)
+from ray_ckpt.core.format.buffers import DTYPE_SIZE
+from ray_ckpt.core.format.header import MAX_TENSOR_BYTES, RESERVED_KEY, safetensors_layout
+from ray_ckpt.core.format.hf_index import plan_shards
+from ray_ckpt.core.format.tree import FlatState
 
 # The most bytes a tensor (and a file) may hold: the readers' own limit (a file offset, torch sizes
 # and strides are int64), so a description past it could never be written or read back.
@@ -269,7 +265,7 @@ def check_rank_state(state: Any, what: str) -> None:
     """ValueError naming the key when ``state`` describes tensors that could not be read back.
 
     Every key a string (not safetensors' reserved ``__metadata__``), every dtype one of
-    :data:`~ray_ckpt.core.format.DTYPE_SIZE`, every shape a sequence of non-negative ints with
+    :data:`~ray_ckpt.core.format.buffers.DTYPE_SIZE`, every shape a sequence of non-negative ints with
     ``nbytes == numel * itemsize``, a shard's box inside its global shape, every alias naming one
     of the rank's tensors. Checked before anything is planned or written.
     """

@@ -17,26 +17,15 @@ from typing import Any
 import torch
 
 from ray_ckpt.core.errors import CheckpointNotFoundError, CorruptCheckpointError
-from ray_ckpt.core.format import (
-    READ_CHUNK,
-    FileCheck,
-    SafetensorsHeader,
-    check_header,
-    check_structure,
-    map_safetensors,
-    parse_hf_index,
-    read_box_into,
-    read_safetensors,
-    read_safetensors_header,
-    structure_keys,
-    tensor_chunks,
-    tensor_leaves,
-    unflatten_state,
-)
+from ray_ckpt.core.format.checks import FileCheck, check_header, tensor_chunks
 from ray_ckpt.core.format.digests import FileDigest
+from ray_ckpt.core.format.header import SafetensorsHeader, read_safetensors_header
+from ray_ckpt.core.format.hf_index import parse_hf_index
+from ray_ckpt.core.format.safetensors_io import READ_CHUNK, map_safetensors, read_box_into, read_safetensors
+from ray_ckpt.core.format.tree import check_structure, structure_keys, tensor_leaves, unflatten_state
 from ray_ckpt.core.layout import MARKER_FILE, TRAINER_JSON, TRAINER_STATE_JSON, TRAINER_TENSORS, Manifest, step_dir
 from ray_ckpt.core.safejson import JsonObject
-from ray_ckpt.core.storage import Storage
+from ray_ckpt.core.storage.storage import Storage
 
 
 class StepReader:

@@ -43,7 +43,7 @@ from ray_ckpt.core.layout import (
 )
 from ray_ckpt.core.reader import StepReader
 from ray_ckpt.core.safejson import DAMAGE, MAX_STEP, DamageLog, JsonObject
-from ray_ckpt.core.storage import Storage
+from ray_ckpt.core.storage.storage import Storage
 
 logger = logging.getLogger(__name__)
 

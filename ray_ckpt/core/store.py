@@ -30,7 +30,9 @@ from ray_ckpt.core.architecture import ARCHITECTURE_FILE, Architecture, hf_confi
 from ray_ckpt.core.byo import PendingCheckpoint
 from ray_ckpt.core.config import CheckpointConfig
 from ray_ckpt.core.errors import CheckpointExistsError, CheckpointNotFoundError, ConfigError, CorruptCheckpointError
-from ray_ckpt.core.format import FlatState, SafetensorsHeader, TensorBuffer, flatten_state, to_tensor, unflatten_state
+from ray_ckpt.core.format.buffers import TensorBuffer, to_tensor
+from ray_ckpt.core.format.header import SafetensorsHeader
+from ray_ckpt.core.format.tree import FlatState, flatten_state, unflatten_state
 from ray_ckpt.core.index import CheckpointIndex, CheckpointInfo
 from ray_ckpt.core.layout import (
     CHECKPOINTS_DIR,
@@ -51,7 +53,7 @@ from ray_ckpt.core.reader import StepReader
 from ray_ckpt.core.retention import AnyOf, plan, policy_from_config
 from ray_ckpt.core.runindex import RunIndex
 from ray_ckpt.core.safejson import DamageLog
-from ray_ckpt.core.storage import Storage
+from ray_ckpt.core.storage.storage import Storage
 from ray_ckpt.core.writer import StepWriter, collect_leftovers, copy_checked
 from ray_ckpt.tiers.remote import RemoteTier, UploadPolicy
 

@@ -24,17 +24,8 @@ import torch
 
 from ray_ckpt.core.config import CheckpointConfig
 from ray_ckpt.core.errors import CheckpointNotFoundError, CorruptCheckpointError, StorageError
-from ray_ckpt.core.format import (
-    DTYPE_PACKING,
-    DTYPE_SIZE,
-    FileCheck,
-    FlatState,
-    ShardSpec,
-    TensorBuffer,
-    hf_index_bytes,
-    index_file_name,
-    to_tensor,
-)
+from ray_ckpt.core.format.buffers import DTYPE_PACKING, DTYPE_SIZE, TensorBuffer, to_tensor
+from ray_ckpt.core.format.checks import FileCheck
 from ray_ckpt.core.format.digests import (
     BLOCK_SIZE,
     BlockDigests,
@@ -46,6 +37,8 @@ from ray_ckpt.core.format.digests import (
     digest_hex,
     hash_pool,
 )
+from ray_ckpt.core.format.hf_index import ShardSpec, hf_index_bytes, index_file_name
+from ray_ckpt.core.format.tree import FlatState
 from ray_ckpt.core.index import CheckpointInfo
 from ray_ckpt.core.layout import (
     CHECKPOINTS_DIR,
@@ -80,7 +73,9 @@ from ray_ckpt.core.planner import (
 from ray_ckpt.core.reader import StepReader
 from ray_ckpt.core.safejson import check_depth
 from ray_ckpt.core.shard import box_runs, box_view
-from ray_ckpt.core.storage import DirectFileWriter, Storage, direct_io_alignment, is_temp_name
+from ray_ckpt.core.storage.base import is_temp_name
+from ray_ckpt.core.storage.local import DirectFileWriter, direct_io_alignment
+from ray_ckpt.core.storage.storage import Storage
 
 logger = logging.getLogger(__name__)
 
@@ -452,7 +447,7 @@ def copy_checked(
 
     The one checksum-checking copy between storages (a tiered store's uploads, the CLI's
     ``download``). With ``expected`` (the file's record in a marker: its size and checksum or
-    block digests, checked as the bytes pass, see :class:`~ray_ckpt.core.format.FileCheck`) a copy
+    block digests, checked as the bytes pass, see :class:`~ray_ckpt.core.format.checks.FileCheck`) a copy
     that differs is removed and raises CorruptCheckpointError naming the file (and for a block,
     the tensor and byte range): a damaged file is never passed on as good, and the copy's record
     is ``expected`` itself. ``on_chunk`` gets each chunk's size (progress). The target is fsync'd

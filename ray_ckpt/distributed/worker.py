@@ -23,12 +23,13 @@ import torch
 import xxhash
 
 from ray_ckpt.core.errors import SaveAbortedError
-from ray_ckpt.core.format import FlatState, TensorBuffer, flatten_state, to_buffer, to_tensor
+from ray_ckpt.core.format.buffers import TensorBuffer, to_buffer, to_tensor
+from ray_ckpt.core.format.tree import FlatState, flatten_state
 from ray_ckpt.core.index import CheckpointInfo
 from ray_ckpt.core.layout import Selector, validate_metrics
 from ray_ckpt.core.planner import MODEL, TRAINER, SavePlan, describe
 from ray_ckpt.core.shard import local_part
-from ray_ckpt.core.storage import Storage
+from ray_ckpt.core.storage.storage import Storage
 from ray_ckpt.core.store import CheckpointStore
 from ray_ckpt.core.writer import write_share
 from ray_ckpt.distributed import metrics as telemetry

@@ -26,11 +26,12 @@ import torch
 
 from ray_ckpt.core.architecture import Architecture, architecture_from_hf_config
 from ray_ckpt.core.errors import CorruptCheckpointError, RayCkptError
-from ray_ckpt.core.format import read_safetensors, read_safetensors_header
+from ray_ckpt.core.format.header import read_safetensors_header
+from ray_ckpt.core.format.safetensors_io import read_safetensors
 from ray_ckpt.core.layout import MARKER_FILE as STEP_MARKER_FILE
 from ray_ckpt.core.layout import parse_step_dir
 from ray_ckpt.core.safejson import JsonObject
-from ray_ckpt.core.storage import Storage
+from ray_ckpt.core.storage.storage import Storage
 from ray_ckpt.core.uri import (
     ParsedURI,
     is_hf_index_name,

@@ -19,9 +19,9 @@ from typing import Any
 import torch
 
 from ray_ckpt.core.errors import ArchitectureNotAllowedError, ConfigError, CorruptCheckpointError
-from ray_ckpt.core.format import to_buffer
+from ray_ckpt.core.format.buffers import to_buffer
 from ray_ckpt.core.layout import EVAL_FILE, MARKER_FILE, Manifest, read_metrics_file, validate_step
-from ray_ckpt.core.storage import Storage
+from ray_ckpt.core.storage.storage import Storage
 from ray_ckpt.core.store import CheckpointStore
 from ray_ckpt.core.uri import normalize_storage_uri, parse_uri
 from ray_ckpt.interop.legacy import LegacyCheckpoint, find_hf_folder, find_legacy_files, read_legacy

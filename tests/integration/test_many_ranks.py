@@ -119,7 +119,7 @@ def test_more_ranks_than_the_actor_default_concurrency(tmp_path: Path, run_name:
     """1,200 ranks, simulated from the driver (one RankReport each, no processes): every rank holds
     a call open on the master (gather: wait_committed; direct: plan), so a master that serves
     at most 1000 calls at once would never see the last ranks and abort the step."""
-    from ray_ckpt.core.format import FlatState, flatten_state
+    from ray_ckpt.core.format.tree import FlatState, flatten_state
     from ray_ckpt.core.writer import write_share
     from ray_ckpt.distributed.checkpointer import RankReport, RankResult, RankState, TensorMeta
 

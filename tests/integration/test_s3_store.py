@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ray_ckpt import CheckpointNotFoundError, CheckpointStore, CorruptCheckpointError
-from ray_ckpt.core.storage import Storage
+from ray_ckpt.core.storage.storage import Storage
 from tests.test_format import assert_same
 
 MARKER = "checkpoint.json"

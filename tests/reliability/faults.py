@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from ray_ckpt.core.storage import TEMP_MARKER, Storage
+from ray_ckpt.core.storage.base import TEMP_MARKER
+from ray_ckpt.core.storage.storage import Storage
 
 logger = logging.getLogger(__name__)
 

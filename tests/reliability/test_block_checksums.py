@@ -20,11 +20,12 @@ import pytest
 import torch
 
 from ray_ckpt import CheckpointConfig, CheckpointStore, CorruptCheckpointError, Shard
-from ray_ckpt.core.format import flatten_state, read_safetensors_header
 from ray_ckpt.core.format.digests import Checksum, merge_files
+from ray_ckpt.core.format.header import read_safetensors_header
+from ray_ckpt.core.format.tree import flatten_state
 from ray_ckpt.core.layout import MARKER_FILE, TRAINER_STATE_JSON, step_dir
 from ray_ckpt.core.planner import MODEL, TRAINER, describe
-from ray_ckpt.core.storage import Storage
+from ray_ckpt.core.storage.storage import Storage
 from ray_ckpt.core.writer import StepWriter, copy_checked, write_share
 from ray_ckpt.tiers.tiered import TieredCheckpointStore
 

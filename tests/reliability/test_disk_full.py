@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from ray_ckpt import CheckpointStore, StorageError
-from ray_ckpt.core.storage import Storage
+from ray_ckpt.core.storage.storage import Storage
 from tests.reliability.faults import (
     SHARD_LIMIT,
     assert_state,

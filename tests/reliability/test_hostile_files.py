@@ -391,7 +391,7 @@ def test_bad_values_are_refused_before_anything_is_written(tmp_path: Path, call:
 def test_a_header_over_the_safetensors_cap_is_refused_at_save_with_the_fix(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import ray_ckpt.core.format as fmt
+    import ray_ckpt.core.format.header as fmt
 
     monkeypatch.setattr(fmt, "MAX_HEADER_SIZE", 4096)  # the real cap is 100 MiB: same code path, fewer keys
     store = _healthy_run(tmp_path)

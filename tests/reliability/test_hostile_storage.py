@@ -23,7 +23,7 @@ import torch
 
 from ray_ckpt import CheckpointStore
 from ray_ckpt.core.layout import staging_dir, step_dir
-from ray_ckpt.core.storage import Storage
+from ray_ckpt.core.storage.storage import Storage
 
 RUN = "planted"
 REPLACE_ID = "0123456789ab"

@@ -14,9 +14,11 @@ from typing import Any
 
 import pytest
 
-import ray_ckpt.core.storage as storage_module
+import ray_ckpt.core.storage.objectstore as storage_module
 from ray_ckpt import CheckpointStore, StorageError
-from ray_ckpt.core.storage import RETRY_TIMEOUT_S, S3_CONFIG_DEFAULTS, S3FS_RETRIES, Storage
+from ray_ckpt.core.storage.base import RETRY_TIMEOUT_S
+from ray_ckpt.core.storage.objectstore import S3_CONFIG_DEFAULTS, S3FS_RETRIES
+from ray_ckpt.core.storage.storage import Storage
 from tests.reliability.faults import (
     SHARD_LIMIT,
     FaultProxy,

@@ -31,7 +31,7 @@ import json, os, sys
 import torch
 import ray_ckpt.core.writer as store_module
 from ray_ckpt import CheckpointStore
-from ray_ckpt.core.storage import Storage
+from ray_ckpt.core.storage.storage import Storage
 
 uri, options, kill_at, no_exchange = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
 calls = [0]

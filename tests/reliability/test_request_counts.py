@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from ray_ckpt import CheckpointStore
-from ray_ckpt.core.storage import Storage
+from ray_ckpt.core.storage.storage import Storage
 from tests.reliability.faults import FaultProxy, MotoServer, s3_options
 
 RUN = "counted"
