@@ -164,7 +164,7 @@ class RunStore(Protocol):
         ...
 
 
-# The members every implementation must have with compatible signatures (tests/test_tiered.py).
+# The members every implementation must have with compatible signatures (tests/tiers/test_tiered.py).
 RUN_STORE_METHODS: tuple[str, ...] = tuple(
     name for name in RunStore.__dict__ if not name.startswith("_") and callable(RunStore.__dict__[name])
 )

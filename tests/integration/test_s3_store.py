@@ -10,7 +10,7 @@ import torch
 
 from ray_ckpt import CheckpointNotFoundError, CheckpointStore, CorruptCheckpointError
 from ray_ckpt.core.storage.storage import Storage
-from tests.test_format import assert_same
+from tests.core.test_format import assert_same
 
 MARKER = "checkpoint.json"
 

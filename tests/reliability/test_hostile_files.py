@@ -4,7 +4,7 @@ with one warning naming it, and the rest of the run still lists, saves, loads an
 Each row of ``DAMAGE`` damages a healthy three-step run the way an attacker or a torn disk
 would; the test then opens the run afresh (with and without ``index.parquet``) and checks the
 outcome the row names. docs/RELIABILITY.md lists the rows and their counts. Code-execution
-payloads in ``model_architecture.json`` are in tests/test_architecture.py; bad rank reports in
+payloads in ``model_architecture.json`` are in tests/core/test_architecture.py; bad rank reports in
 tests/reliability/test_bad_input.py.
 """
 

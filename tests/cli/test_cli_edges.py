@@ -19,9 +19,9 @@ import torch
 from ray_ckpt import CheckpointStore
 from ray_ckpt.cli.main import build_parser, completion_script
 from ray_ckpt.core.layout import MARKER_FILE
-from tests.test_cli import run_cli
+from tests.cli.test_cli import run_cli
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

@@ -307,7 +307,7 @@ def test_difference(
 
 
 def test_every_difference_is_documented() -> None:
-    doc = (Path(__file__).resolve().parents[1] / "docs" / "RETENTION.md").read_text()
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "RETENTION.md").read_text()
     for option in (
         "num_to_keep",
         "checkpoint_score_attribute",

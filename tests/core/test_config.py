@@ -12,7 +12,7 @@ import pytest
 from ray_ckpt import CheckpointConfig, CheckpointStore, ConfigError
 from ray_ckpt.core.config import CONSUMERS, FIELD_GROUPS, GROUPS, RetentionOptions, parse_size, retention_from_ray
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 # (field, a bad value) for every validated field.
 BAD_VALUES = [

@@ -30,8 +30,8 @@ from ray_ckpt import (
 )
 from ray_ckpt.core.format.digests import BLOCK_SIZE, CHECKSUM_ALGORITHM
 from ray_ckpt.core.storage.storage import Storage
+from tests.core.test_format import assert_same
 from tests.models import TiedLM, TinyMLP
-from tests.test_format import assert_same
 
 MARKER = "checkpoint.json"
 INDEX = "model.safetensors.index.json"
