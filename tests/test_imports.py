@@ -110,3 +110,28 @@ def test_every_module_imports_in_a_fresh_interpreter() -> None:
         cwd=PACKAGE.parent,
     )
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+def _raw_imports(path: Path) -> set[str]:
+    """Every module name ``path`` imports anywhere (functions and TYPE_CHECKING blocks included)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(node.module)
+    return found
+
+
+def test_core_and_tiers_never_import_ray_nor_the_ray_layer() -> None:
+    """Persistence and tiers sit below the Ray layer: not even a lazy import of ray or ray_ckpt.distributed
+    (the Ray layer hands its observers in, see ray_ckpt.core.hooks)."""
+    modules = _modules()
+    below = [name for name in modules if name.startswith(("ray_ckpt.core", "ray_ckpt.tiers"))]
+    assert "ray_ckpt.core.store" in below and "ray_ckpt.tiers.remote" in below
+    bad = []
+    for name in below:
+        for imported in sorted(_raw_imports(modules[name]) | _imports(name, modules[name], modules)):
+            if imported == "ray" or imported.startswith(("ray.", "ray_ckpt.distributed")):
+                bad.append(f"{modules[name].relative_to(PACKAGE.parent)}: imports {imported}")
+    assert not bad, "\n".join(bad)

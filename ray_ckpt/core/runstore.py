@@ -2,9 +2,9 @@
 
 :class:`RunStore` lists what :class:`~ray_ckpt.core.store.CheckpointStore` and
 :class:`~ray_ckpt.tiers.tiered.TieredCheckpointStore` share, with the same signatures (a test compares
-them with ``inspect.signature``). Tiering is no second implementation of these methods: it is a
-plug-in of the one store (:mod:`ray_ckpt.tiers.remote`), so code written against a plain store runs
-unchanged on a tiered one. Their meanings with a remote tier:
+them with ``inspect.signature``). A tiered store is composed of two plain stores and an uploader
+(:mod:`ray_ckpt.tiers`), so code written against a plain store runs unchanged on a tiered one
+(:func:`ray_ckpt.open_store` opens either from a config). Their meanings with a remote tier:
 
 * ``save``/``save_async`` commit on the local tier; the upload follows in the background.
 * queries (``list``, ``latest``, ``best``, ``top_k``, ``info``, ``resolve``) answer over the union
