@@ -39,6 +39,7 @@ _LAZY = {
     "CheckpointStore": "ray_ckpt.core.store",
     "TieredCheckpointStore": "ray_ckpt.tiers.tiered",
     "UploadError": "ray_ckpt.tiers.tiered",
+    "open_store": "ray_ckpt.tiers.tiered",
     "key_and_version": "ray_ckpt.core.uri",
     "normalize_uri": "ray_ckpt.core.uri",
     "StepWriter": "ray_ckpt.core.writer",

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ray_ckpt.adapters.state import plain_state
 from ray_ckpt.core.config import CheckpointConfig
 from ray_ckpt.core.errors import CheckpointExistsError, CheckpointNotFoundError, ConfigError
 from ray_ckpt.core.storage.storage import Storage
@@ -47,12 +48,10 @@ def _split_state(state: Any) -> tuple[Any, dict[str, Any] | None, dict[str, Any]
     whole state is stored as the model state (nested states are fine).
     """
     if isinstance(state, torch.nn.Module):
-        return state.state_dict(), None, {"layout": "module"}
+        return plain_state(state), None, {"layout": "module"}
     if not isinstance(state, Mapping):
         raise TypeError(f"state: expected a mapping or an nn.Module, got {type(state).__name__}")
-    converted = {
-        k: v.state_dict() if isinstance(v, (torch.nn.Module, torch.optim.Optimizer)) else v for k, v in state.items()
-    }
+    converted = plain_state(state)
     model = converted.get("model")
     if isinstance(model, Mapping) and model:
         rest = {k: v for k, v in converted.items() if k != "model"}

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from ray_ckpt.adapters.state import plain_state
 from ray_ckpt.core.config import CheckpointConfig
 from ray_ckpt.core.format.tree import flatten_state
 from ray_ckpt.core.index import CheckpointInfo
@@ -37,6 +38,7 @@ from ray_ckpt.core.store import CheckpointStore
 from ray_ckpt.core.uri import key_and_version, normalize_uri, parse_uri, validate_run_name
 from ray_ckpt.interop.artifact import load_from_uri as load_artifact
 from ray_ckpt.interop.artifact import open_run
+from ray_ckpt.tiers.tiered import open_store, uploader_of
 
 logger = logging.getLogger(__name__)
 
@@ -85,16 +87,9 @@ class CheckpointManager:
         self.wait_for_upload = wait_for_upload
         self._cache: OrderedDict[str, Any] = OrderedDict()
         self._architecture_recorded = False
-        if cfg.remote_checkpoints_enabled:
-            from ray_ckpt.tiers.tiered import TieredCheckpointStore
-
-            self.tiered: Any = TieredCheckpointStore(cfg)
-            self.local: CheckpointStore = self.tiered.local
-            self.store: Any = self.tiered
-        else:
-            self.tiered = None
-            self.local = CheckpointStore(config=cfg)
-            self.store = self.local
+        self.store = open_store(cfg)
+        self.uploads = uploader_of(self.store)  # None without a remote tier
+        self.local: CheckpointStore = self.store if self.uploads is None else self.uploads.store  # the local tier
         self.config = cfg
         self._trainer = CheckpointStore(
             self.local.uri, run_name=TRAINER_STATE_RUN, storage_options=cfg.storage_options, keep_last_n=1
@@ -129,7 +124,7 @@ class CheckpointManager:
         ``wait_for_upload=False``: then the local URI, the upload finishing in the background).
         Numeric metadata (``score``, ``agent_step``...) is recorded as metrics too.
         """
-        state = agent.state_dict() if isinstance(agent, torch.nn.Module) else dict(agent)
+        state = plain_state(agent)
         if isinstance(agent, torch.nn.Module) and not self._architecture_recorded:
             try:
                 self.store.write_architecture(agent)
@@ -140,8 +135,8 @@ class CheckpointManager:
         info = self.store.save(epoch, state, metrics=_numbers(record), metadata=record, overwrite=True)
         self._forget_cached(epoch)
         wait = self.wait_for_upload if wait_for_upload is None else wait_for_upload
-        if self.tiered is not None and wait:
-            return self.tiered.upload_future(epoch).result()
+        if self.uploads is not None and wait:
+            return self.uploads.upload_future(epoch).result()
         return info.uri
 
     def save_trainer_state(
@@ -155,7 +150,7 @@ class CheckpointManager:
     ) -> CheckpointInfo:
         """Save the optimizer and counters (plus optional stopwatch/curriculum/loss states); latest kept."""
         state: dict[str, Any] = {
-            "optimizer_state": optimizer.state_dict() if hasattr(optimizer, "state_dict") else dict(optimizer),
+            "optimizer_state": plain_state(optimizer),
             "epoch": int(epoch),
             "agent_step": int(agent_step),
         }
@@ -188,9 +183,7 @@ class CheckpointManager:
 
     def _own_store(self, run_uri: str) -> Any:
         """This run's (tier-aware) store when ``run_uri`` names it on either tier, else None."""
-        if run_uri == self.local.uri:
-            return self.store
-        if self.tiered is not None and run_uri == self.tiered.remote.uri:
+        if run_uri == self.local.uri or (self.uploads is not None and run_uri == self.uploads.remote.uri):
             return self.store
         return None
 
@@ -203,7 +196,7 @@ class CheckpointManager:
         if own is not None:
             # a step directory's selector is its step; none means the latest
             step = own.resolve("latest" if parsed.selector is None else parsed.selector)
-            tier = own.store_for(step) if self.tiered is not None else own
+            tier = own.store_for(step)
             return tier.step_uri(step), tier.config.storage_options, tier, step
         options = self.config.storage_options
         store = open_run(parsed, options)
@@ -273,8 +266,8 @@ class CheckpointManager:
         chosen = infos if strategy == "all" else infos[: max(0, count)]
         out = []
         for info in chosen:
-            if self.tiered is not None and "remote" in info.durability:
-                out.append(self.tiered.remote.step_uri(info.step))
+            if self.uploads is not None and "remote" in info.durability:
+                out.append(self.uploads.remote.step_uri(info.step))
             else:
                 out.append(info.uri)
         return out
@@ -285,8 +278,8 @@ class CheckpointManager:
             config=self.local.config.replace(keep_last_n=keep_last_n, keep_top_k=None, keep_period=None)
         )
         protected = set(pruner.leased_steps())
-        if self.tiered is not None:
-            protected |= self.tiered.not_uploaded_steps()
+        if self.uploads is not None:
+            protected |= self.uploads.not_uploaded_steps()
         deleted = pruner.apply_retention(protected)
         self.local.reload()
         return len(deleted)
@@ -302,11 +295,8 @@ class CheckpointManager:
 
     def wait_for_uploads(self) -> dict[int, str]:
         """Block until background uploads finish (``{}`` without a remote tier)."""
-        return self.tiered.wait_for_uploads() if self.tiered is not None else {}
+        return self.uploads.wait_for_uploads() if self.uploads is not None else {}
 
     def close(self) -> None:
         """Finish background uploads and release threads."""
-        if self.tiered is not None:
-            self.tiered.close()
-        else:
-            self.local.close()
+        self.store.close()

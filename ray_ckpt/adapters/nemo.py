@@ -30,7 +30,7 @@ from ray_ckpt.core.errors import CheckpointNotFoundError
 from ray_ckpt.core.index import CheckpointInfo
 from ray_ckpt.core.layout import parse_step_dir, step_dir
 from ray_ckpt.core.safejson import JsonObject
-from ray_ckpt.core.store import CheckpointStore
+from ray_ckpt.tiers.tiered import open_store
 
 logger = logging.getLogger(__name__)
 
@@ -92,14 +92,7 @@ class NeMoCheckpointManager:
         else:
             cfg = config_from_nemo(config, **overrides)
         self.config = cfg
-        if cfg.remote_checkpoints_enabled:
-            from ray_ckpt.tiers.tiered import TieredCheckpointStore
-
-            self.tiered: Any = TieredCheckpointStore(cfg)
-            self.store: CheckpointStore = self.tiered.local
-        else:
-            self.tiered = None
-            self.store = CheckpointStore(config=cfg)
+        self.store = open_store(cfg)  # with remote_uri: tiered (queries and reads cover both tiers)
         self._pending: dict[str, PendingCheckpoint] = {}
 
     def __repr__(self) -> str:
@@ -139,10 +132,7 @@ class NeMoCheckpointManager:
         self, step: int, training_info: Mapping[str, Any] | None = None, run_config: Any = None
     ) -> PendingCheckpoint:
         """A pending checkpoint (``.path``, ``.commit()``, ``.abort()``)."""
-        if self.tiered is not None:
-            pending = self.tiered.begin(step, training_info, run_config)
-        else:
-            pending = self.store.begin(step, training_info, run_config)
+        pending = self.store.begin(step, training_info, run_config)
         self._pending[str(pending.path)] = pending
         return pending
 
@@ -181,8 +171,12 @@ class NeMoCheckpointManager:
 
     # -- reading ------------------------------------------------------------------------------
     def _step_path(self, step: int) -> str:
-        """A step's directory: an OS path on local disk, else its URI."""
-        return self.store.storage.local_path(step_dir(step)) or self.store.step_uri(step)
+        """A step's directory, on the tier it is read from: an OS path on local disk, else its URI."""
+        try:
+            tier = self.store.store_for(step)
+        except CheckpointNotFoundError:
+            return self.store.storage.local_path(step_dir(step)) or self.store.step_uri(step)
+        return tier.storage.local_path(step_dir(step)) or tier.step_uri(step)
 
     def _path(self, info: CheckpointInfo | None) -> str | None:
         return None if info is None else self._step_path(info.step)
@@ -219,5 +213,4 @@ class NeMoCheckpointManager:
         for pending in list(self._pending.values()):
             pending.abort()
         self._pending.clear()
-        if self.tiered is not None:
-            self.tiered.close()
+        self.store.close()

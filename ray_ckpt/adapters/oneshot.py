@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ray_ckpt.adapters.state import plain_state
 from ray_ckpt.core.index import CheckpointInfo
 from ray_ckpt.core.store import CheckpointStore
 from ray_ckpt.interop.artifact import open_run
@@ -27,17 +28,6 @@ def open_directory(
     """The store of a run directory given as a path or URI (``<storage>/<run_name>``), through
     :func:`~ray_ckpt.interop.artifact.open_run` (it ranks and retains as the run's writer recorded)."""
     return open_run(directory, storage_options, must_exist=False, run_only=True, **options)
-
-
-def _plain_state(state: Any) -> Any:
-    """Modules and optimizers become their state dicts; containers are walked."""
-    if isinstance(state, (torch.nn.Module, torch.optim.Optimizer)):
-        return state.state_dict()
-    if isinstance(state, Mapping):
-        return {k: _plain_state(v) for k, v in state.items()}
-    if isinstance(state, (list, tuple)) and type(state) in (list, tuple):
-        return type(state)(_plain_state(v) for v in state)
-    return state
 
 
 def save_checkpoint(
@@ -59,7 +49,7 @@ def save_checkpoint(
         latest = store.latest()
         step = 0 if latest is None else latest.step + 1
     extra = None if metadata is None else {METADATA_KEY: metadata}
-    return store.save(step, _plain_state(state), metrics=metrics, metadata=extra, overwrite=overwrite)
+    return store.save(step, plain_state(state), metrics=metrics, metadata=extra, overwrite=overwrite)
 
 
 def load_checkpoint(
@@ -110,7 +100,7 @@ def _as_torch_dtype(value: torch.Tensor | np.ndarray) -> torch.dtype:
 def _conform(loaded: Any, like: Any, path: str) -> Any:
     where = path or "<root>"
     if isinstance(like, (torch.nn.Module, torch.optim.Optimizer)):
-        like = like.state_dict()
+        like = plain_state(like)
     if isinstance(like, Mapping):
         if not isinstance(loaded, Mapping):
             raise ValueError(f"{where}: template has a mapping, checkpoint has {_describe(loaded)}")

@@ -46,6 +46,8 @@ from ray_ckpt.core.index import CheckpointInfo
 from ray_ckpt.core.layout import EVAL_FILE, MARKER_FILE, Selector, step_dir
 from ray_ckpt.core.safejson import JsonObject
 from ray_ckpt.core.storage.base import is_temp_name
+from ray_ckpt.core.storage.storage import Storage
+from ray_ckpt.core.writer import copy_checked
 
 if TYPE_CHECKING:  # annotations only: the store imports this module, never the other way round
     from ray_ckpt.core.store import CheckpointStore
@@ -325,21 +327,10 @@ def checkpoint_files(
     if dest is None:
         dest = tempfile.mkdtemp(prefix=f"ray-ckpt-{store.run_name}-step_{step:09d}-")
     target = Path(dest)
-    for name, expected in sorted(manifest.files.items()):
-        out = target / name
-        out.parent.mkdir(parents=True, exist_ok=True)
-        checksum, size = Checksum(), 0
-        with store.storage.open_read(f"{directory}/{name}") as src, open(out, "wb") as dst:
-            while chunk := src.read(_CHUNK):
-                checksum.update(chunk)
-                size += len(chunk)
-                dst.write(chunk)
-        if size != expected.size or checksum.hexdigest() != expected.checksum:
-            raise CorruptCheckpointError(
-                f"{directory}/{name}: downloaded {size} bytes with {checksum.hexdigest()}, committed "
-                f"{expected.size} bytes with {expected.checksum}",
-                path=f"{directory}/{name}",
-            )
+    target.mkdir(parents=True, exist_ok=True)
+    downloads = Storage(str(target))
+    for name, expected in sorted(manifest.files.items()):  # the one checksum-checked copy
+        copy_checked(store.storage, f"{directory}/{name}", downloads, name, expected)
     return target
 
 

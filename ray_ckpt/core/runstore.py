@@ -2,15 +2,15 @@
 
 :class:`RunStore` lists what :class:`~ray_ckpt.core.store.CheckpointStore` and
 :class:`~ray_ckpt.tiers.tiered.TieredCheckpointStore` share, with the same signatures (a test compares
-them with ``inspect.signature``). Tiering is no second implementation of these methods: it is a
-plug-in of the one store (:mod:`ray_ckpt.tiers.remote`), so code written against a plain store runs
-unchanged on a tiered one. Their meanings with a remote tier:
+them with ``inspect.signature``). A tiered store is composed of two plain stores and an uploader
+(:mod:`ray_ckpt.tiers`), so code written against a plain store runs unchanged on a tiered one
+(:func:`ray_ckpt.open_store` opens either from a config). Their meanings with a remote tier:
 
 * ``save``/``save_async`` commit on the local tier; the upload follows in the background.
 * queries (``list``, ``latest``, ``best``, ``top_k``, ``info``, ``resolve``) answer over the union
   of both tiers, each record's ``durability`` naming the tiers that hold the step;
-* reads (``load``, ``load_trainer_state``, ``read_architecture``, ``instantiate``) use the local
-  copy and fall back to the remote one; ``verify`` checks every copy;
+* reads (``load``, ``load_trainer_state``, ``read_architecture``, ``instantiate``, ``store_for``)
+  use the local copy and fall back to the remote one; ``verify`` checks every copy;
 * ``apply_retention`` applies the rules on the local tier, where a step not yet uploaded is kept,
   and has the uploader apply them on the remote tier right after (so no caller waits for the
   remote storage); it returns the steps no tier holds any more. ``delete`` removes every copy.
@@ -22,13 +22,16 @@ from __future__ import annotations
 
 import concurrent.futures
 from collections.abc import Iterable, Mapping
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 
 from ray_ckpt.core.architecture import Architecture
 from ray_ckpt.core.index import CheckpointIndex, CheckpointInfo
 from ray_ckpt.core.layout import Selector
+
+if TYPE_CHECKING:
+    from ray_ckpt.core.store import CheckpointStore
 
 
 @runtime_checkable
@@ -161,6 +164,10 @@ class RunStore(Protocol):
 
     def step_uri(self, step: int) -> str:
         """Where a step lives on the store (its local tier, with a remote tier)."""
+        ...
+
+    def store_for(self, step: int) -> CheckpointStore:
+        """The plain store ``step`` is read from (this one, or the tier/fallback that holds it)."""
         ...
 
 

@@ -27,12 +27,14 @@ from typing import Any, Protocol
 import torch
 
 from ray_ckpt.core.architecture import ARCHITECTURE_FILE, Architecture, hf_config_files
+from ray_ckpt.core.background import BackgroundSaves
 from ray_ckpt.core.byo import PendingCheckpoint
 from ray_ckpt.core.config import CheckpointConfig
 from ray_ckpt.core.errors import CheckpointExistsError, CheckpointNotFoundError, ConfigError, CorruptCheckpointError
 from ray_ckpt.core.format.buffers import TensorBuffer, to_tensor
 from ray_ckpt.core.format.header import SafetensorsHeader
 from ray_ckpt.core.format.tree import FlatState, flatten_state, unflatten_state
+from ray_ckpt.core.hooks import StoreListener
 from ray_ckpt.core.index import CheckpointIndex, CheckpointInfo
 from ray_ckpt.core.layout import (
     CHECKPOINTS_DIR,
@@ -50,12 +52,11 @@ from ray_ckpt.core.layout import (
 )
 from ray_ckpt.core.leases import Leases
 from ray_ckpt.core.reader import StepReader
-from ray_ckpt.core.retention import AnyOf, plan, policy_from_config
+from ray_ckpt.core.retention import AnyOf, PreservationPolicy, plan, policy_from_config
 from ray_ckpt.core.runindex import RunIndex
 from ray_ckpt.core.safejson import DamageLog
 from ray_ckpt.core.storage.storage import Storage
 from ray_ckpt.core.writer import StepWriter, collect_leftovers, copy_checked
-from ray_ckpt.tiers.remote import RemoteTier, UploadPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -77,10 +78,12 @@ class CheckpointStore:
     ``max_staleness_s``: queries reload the index from storage once it is older than this
     (for readers that follow another process's run; the default, None, never reloads by itself).
 
-    With ``remote_uri`` in the config the store gets its remote tier (``store.tiering``, see
-    :mod:`ray_ckpt.tiers.remote`): commits stay local and are uploaded in the background (retried
-    as ``upload_policy`` says), a local copy is kept until it is uploaded, retention applies on
-    both tiers, and queries and reads cover both (a step is read from whichever tier holds it).
+    One store handles one storage. A config with ``remote_uri`` is a tiered run: open it with
+    :func:`ray_ckpt.open_store` (a :class:`~ray_ckpt.tiers.tiered.TieredCheckpointStore` built
+    from two plain stores); this class refuses it. What is composed around a store uses its hooks
+    (:mod:`ray_ckpt.core.hooks`): ``listeners`` (told of commits, scores, deletions),
+    ``keepers`` (retention policies of steps another tier needs kept) and ``fallback`` (a store to
+    read a step from when this one does not hold it).
     """
 
     def __init__(
@@ -91,7 +94,6 @@ class CheckpointStore:
         *,
         config: CheckpointConfig | None = None,
         max_staleness_s: float | None = None,
-        upload_policy: UploadPolicy | None = None,
         **options: Any,
     ) -> None:
         overrides = dict(options)
@@ -105,6 +107,12 @@ class CheckpointStore:
         self.config = base_config.replace(**overrides) if overrides else base_config
         if options:  # a keyword the store ignores (write_mode=..., async_save=...) is an error
             self.config.check_consumed("CheckpointStore", among=options)
+        if self.config.remote_uri:
+            raise ConfigError(
+                f"run {self.config.run_name!r}: remote_uri is set, so the run has two tiers and a "
+                "CheckpointStore handles one storage; open it with ray_ckpt.open_store(config) "
+                "(a TieredCheckpointStore built from a local and a remote store)"
+            )
         base = Storage(self.config.storage_uri, self.config.storage_options)
         self.storage = Storage(posixpath.join(base.uri, self.config.run_name), self.config.storage_options)
         self.index = CheckpointIndex(self.config.metric_name, self.config.mode)
@@ -115,17 +123,15 @@ class CheckpointStore:
         self.run_index = RunIndex(self.storage, self.reader, self.index, self.damaged, self._info_from_manifest)
         self._lock = threading.RLock()
         self._loaded_at = 0.0
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-        self._pending: threading.BoundedSemaphore | None = None
+        self._saves = BackgroundSaves(self.config.max_pending_saves)  # save_async's writer thread
         self._writer_started = False  # the first save collects a crashed writer's leftovers
         self._side_files: dict[str, bytes] | None = None  # config.json & co. of the run's architecture
         self._retention_lock = threading.RLock()  # one retention at a time (saves, uploads, scores)
-        self._remote_leases: set[str] = set()  # ids of leases this store took on the remote tier
-        # the remote tier plug-in: uploads after each commit, reads and queries over both tiers
-        self.tiering: RemoteTier | None = (
-            RemoteTier(self, upload_policy, store_class=CheckpointStore) if self.config.remote_uri else None
-        )
-        self._uploads_of: RemoteTier | None = None  # set on a tier's local view (RemoteTier.local)
+        # The hooks of a composition (see ray_ckpt.core.hooks): told of changes, extra retention
+        # keepers, and the store a step is read from when this one does not hold it.
+        self.listeners: list[StoreListener] = []
+        self.keepers: list[Callable[[], PreservationPolicy]] = []
+        self.fallback: CheckpointStore | None = None
 
     def __repr__(self) -> str:
         return f"CheckpointStore({self.storage.uri!r})"
@@ -158,25 +164,38 @@ class CheckpointStore:
     def reload(self) -> CheckpointIndex:
         """Read the run's index from storage again (other processes' commits, deletions, scores).
 
-        Returns the index queries answer from: with a remote tier, the union of both tiers.
+        Returns the index queries answer from.
         """
         with self._lock:
             self.run_index.load()
             self._loaded_at = time.monotonic()
             self._side_files = None
-        if self.tiering is None:
             return self.index
-        self.tiering.reload()
-        return self.tiering.view()
 
     def __contains__(self, step: object) -> bool:
-        """Whether ``step`` is a committed step (of the index in memory; with a remote tier, on either)."""
-        return step in self._view()
+        """Whether ``step`` is a committed step (of the index in memory)."""
+        return step in self._current()
 
-    def _view(self) -> CheckpointIndex:
-        """The index queries answer from: this store's, or with a remote tier the union of both tiers."""
-        index = self._current()
-        return index if self.tiering is None else self.tiering.view()
+    @property
+    def index_loaded(self) -> bool:
+        """Whether the run's index has been read from storage (queries read it on first use)."""
+        return self.run_index.loaded
+
+    def current_index(self) -> CheckpointIndex:
+        """The index queries answer from, read from storage on first use; changes as the store does."""
+        return self._current()
+
+    def eval_metrics(self, step: int) -> dict[str, Any]:
+        """The scores evaluators reported for ``step`` (its sidecar file; ``{}`` when none)."""
+        return self.run_index.read_eval_metrics(step)
+
+    def _notify(self, event: str, *args: Any) -> None:
+        """Tell every listener of a change already recorded; a listener's failure is only logged."""
+        for listener in list(self.listeners):
+            try:
+                getattr(listener, event)(*args)
+            except Exception:  # noqa: BLE001 - a listener never fails the change it is told of
+                logger.exception("run %s: a store listener failed on %s%s", self.run_name, event, args)
 
     def _current(self) -> CheckpointIndex:
         """The in-memory index, read from storage on first use (and when older than max_staleness_s)."""
@@ -243,6 +262,7 @@ class CheckpointStore:
         eval_metrics: Mapping[str, Any] | None = None,
         overwrite: bool = False,
         on_chunk: Callable[[int], None] | None = None,
+        retain: bool = True,
     ) -> CheckpointInfo:
         """Commit into this run a step whose files ``source`` holds under ``source_dir`` (another
         run's step directory, or a step folder ``ray-ckpt download`` wrote), as it was committed there.
@@ -253,7 +273,8 @@ class CheckpointStore:
         and the marker is written last. ``architecture`` (the source run's
         ``model_architecture.json``) is written when this run records none, and must name the
         same class when it does; ``eval_metrics`` (its evaluators' scores) join the step's record.
-        Retention runs afterwards, as after a save.
+        With ``retain`` retention runs afterwards, as after a save (an uploader retains itself).
+        The one step copy: ``ray-ckpt`` copies and uploads, and a tiered store's uploads.
         """
         if architecture is not None:
             theirs = Architecture.from_json_bytes(architecture, name=source.url(ARCHITECTURE_FILE))
@@ -274,7 +295,7 @@ class CheckpointStore:
             for name, digest in sorted(manifest.files.items()):
                 copy_checked(source, f"{source_dir}/{name}", self.storage, f"{writer.dir}/{name}", digest,
                              on_chunk=on_chunk)  # fmt: skip
-                writer.files[name] = digest
+            writer.add_files(manifest.files)  # every file there with its size (one listing per directory)
             writer.adopt_records(manifest)
             info = writer.commit(
                 metrics=manifest.metrics,
@@ -285,7 +306,7 @@ class CheckpointStore:
             )
         if eval_metrics:
             info = self.report_eval(step, eval_metrics, retain=False)
-        deleted = self.retain_after_commit(step)
+        deleted = self.retain_after_commit(step) if retain else []
         logger.info("copied step %d from %s into %s; retention deleted %s", step, source.url(source_dir), self.uri,
                     deleted)  # fmt: skip
         return info
@@ -305,36 +326,16 @@ class CheckpointStore:
             if trainer_state is not None
             else None
         )
-        with self._lock:
-            if self._executor is None:
-                self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ray-ckpt-save")
-                self._pending = threading.BoundedSemaphore(self.config.max_pending_saves)
-        assert self._pending is not None
-        self._pending.acquire()
-        try:
-            future = self._executor.submit(self.save, step, snapshot, trainer_state=trainer_snapshot, **kwargs)
-        except BaseException:
-            self._pending.release()
-            raise
-        future.add_done_callback(lambda _: self._pending.release())  # type: ignore[union-attr]
-        return future
+        return self._saves.submit(self.save, step, snapshot, trainer_state=trainer_snapshot, **kwargs)
 
     def wait(self) -> None:
         """Block until every async save has finished."""
-        if self._executor is not None:
-            self._executor.submit(lambda: None).result()
+        self._saves.wait()
 
     def close(self, *, wait: bool = True) -> None:
-        """Finish pending async saves and release the writer thread.
-
-        With a remote tier, also finish the queued uploads (``wait``) or cut them short
-        (``wait=False``: the steps stay local and are uploaded after the next start).
-        """
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
-        if self.tiering is not None:
-            self.tiering.close(wait=wait)
+        """Finish pending async saves and release the writer thread (``wait`` matters to tiered
+        stores: whether their uploads are finished or cut short)."""
+        self._saves.shutdown()
 
     def begin_step(self, step: int, *, overwrite: bool = False) -> StepWriter:
         """A writer for a step whose files are produced piecewise (used by the checkpointer)."""
@@ -359,8 +360,7 @@ class CheckpointStore:
                 self.gc(older_than_s=self.config.leftover_grace_s)  # a crashed earlier writer's leftovers
                 if self.run_index.markers_read > 0:
                     self.run_index.compact()  # the next open reads one snapshot, not every marker
-                if self.tiering is not None:
-                    self.tiering.resume()  # uploads a crashed or restarted writer left unfinished
+                self._notify("writer_started")  # e.g. uploads a crashed or restarted writer left unfinished
             else:
                 self.run_index.sync()  # scores and leases other processes added (one listing)
             latest = index.latest()
@@ -389,8 +389,7 @@ class CheckpointStore:
         with self._lock:
             self._current()
             self.run_index.commit(info)
-        if self.tiering is not None:
-            self.tiering.committed(info)  # queue the upload; the caller returns at local speed
+        self._notify("committed", info)  # e.g. queue the upload; the caller returns at local speed
         return info
 
     def _info_from_manifest(self, manifest: Manifest) -> CheckpointInfo:
@@ -408,32 +407,33 @@ class CheckpointStore:
 
     # -- queries (memory only) ----------------------------------------------------------------
     def list(self) -> list[CheckpointInfo]:
-        """Every committed checkpoint, oldest first (with a remote tier: on either, ``durability``
-        naming the tiers that hold it)."""
-        return self._view().list()
+        """Every committed checkpoint, oldest first."""
+        with self._lock:
+            return self._current().list()
 
     def latest(self) -> CheckpointInfo | None:
-        return self._view().latest()
+        return self._current().latest()
 
     def best(self, metric: str | None = None, mode: str | None = None) -> CheckpointInfo | None:
         """The best checkpoint by the run's metric (or ``metric``/``mode``); None if none is ranked."""
         if metric is None and self.config.metric_name is None:
             return None  # a run without a metric ranks nothing (instantiate("best") relies on this)
-        return self._view().best(metric, mode)
+        return self._current().best(metric, mode)
 
     def top_k(self, k: int, metric: str | None = None, mode: str | None = None) -> list[CheckpointInfo]:
         """The ``k`` best checkpoints, best first (missing/NaN/inf metrics are never ranked)."""
-        return self._view().top_k(k, metric, mode)
+        return self._current().top_k(k, metric, mode)
 
     def info(self, step: Selector = "latest") -> CheckpointInfo:
-        """The record of one committed checkpoint (read from its marker when the index lacks it)."""
+        """The record of one committed checkpoint (read from its marker when the index lacks it;
+        from the ``fallback`` store when this one does not hold it)."""
         step = self.resolve(step)
-        found = self._view().get(step)
+        found = self._current().get(step)
         if found is not None:
             return found
         tier, manifest = self._tier_with(step)
         info = tier._info_from_manifest(manifest)
-        info.metrics.update(tier.run_index.read_eval_metrics(step))
+        info.metrics.update(tier.eval_metrics(step))
         return info
 
     def resolve(
@@ -477,31 +477,35 @@ class CheckpointStore:
         """The parsed checkpoint.json of a committed step (of this store's storage)."""
         return self.reader.read_manifest(step)
 
+    def store_for(self, step: int) -> CheckpointStore:
+        """The plain store to read ``step`` from: this one when it holds the step, else its ``fallback``'s."""
+        return self._tier_with(step)[0]
+
     def _tier_with(self, step: int) -> tuple[CheckpointStore, Manifest]:
-        """The tier to read ``step`` from and its marker: this store's storage, else the remote tier."""
+        """The store to read ``step`` from and its marker: this store's storage, else the fallback's."""
         try:
             return self, self.read_manifest(step)
         except CheckpointNotFoundError:
-            if self.tiering is None:
+            if self.fallback is None:
                 raise
-        remote = self.tiering.remote
         try:
-            return remote, remote.read_manifest(step)
+            return self.fallback._tier_with(step)
         except CheckpointNotFoundError:
             raise CheckpointNotFoundError(f"run {self.run_name!r} has no committed step {step} on any tier") from None
 
     def _read(self, step: int, read: Callable[[CheckpointStore, Manifest], Any]) -> Any:
-        """``read(tier, marker)`` from whichever tier holds ``step``: the local copy first, the remote
-        one when the local copy is gone (or goes while it is read)."""
+        """``read(store, marker)`` from whichever store holds ``step``: this one first, the
+        ``fallback`` when this copy is missing (or goes while it is read)."""
         tier, manifest = self._tier_with(step)
         try:
             return read(tier, manifest)
         except CheckpointNotFoundError:
-            if self.tiering is None or tier is not self:
+            if self.fallback is None or tier is not self:
                 raise
-            remote = self.tiering.remote
-            logger.info("step %d of %s went locally while being read; reading the remote copy", step, self.run_name)
-            return read(remote, remote.read_manifest(step))
+            logger.info("step %d of %s went from %s while being read; reading %s", step, self.run_name, self.uri,
+                        self.fallback.uri)  # fmt: skip
+            tier, manifest = self.fallback._tier_with(step)
+            return read(tier, manifest)
 
     def load(
         self,
@@ -559,23 +563,11 @@ class CheckpointStore:
     def verify(self, step: Selector = "latest") -> CheckpointInfo:
         """Check a checkpoint as strictly as :meth:`load` does, plus every file's checksum.
 
-        Raises CorruptCheckpointError naming the first bad file. With a remote tier every copy
-        is checked (CheckpointNotFoundError when no tier holds the step).
+        Raises CorruptCheckpointError naming the first bad file. The copy checked is the one
+        :meth:`load` reads (the ``fallback``'s when this store does not hold the step).
         """
         step = self.resolve(step)
-        if self.tiering is None:
-            self.reader.verify(self.read_manifest(step))
-            return self.info(step)
-        found = False
-        for tier in (self, self.tiering.remote):
-            try:
-                manifest = tier.read_manifest(step)
-            except CheckpointNotFoundError:
-                continue
-            tier.reader.verify(manifest)
-            found = True
-        if not found:
-            raise CheckpointNotFoundError(f"run {self.run_name!r} has no committed step {step} on any tier")
+        self._read(step, lambda tier, manifest: tier.reader.verify(manifest))
         return self.info(step)
 
     def tensor_headers(self, step: Selector = "latest") -> dict[str, SafetensorsHeader]:
@@ -592,14 +584,10 @@ class CheckpointStore:
 
     # -- deleting and retention ---------------------------------------------------------------
     def delete(self, step: int) -> None:
-        """Delete a checkpoint: the marker first (it turns invisible at once), then the data.
-
-        With a remote tier, every copy.
-        """
+        """Delete a checkpoint: the marker first (it turns invisible at once), then the data."""
         step = validate_step(step)
         self._delete_local(step)
-        if self.tiering is not None:
-            self.tiering.delete_remote(step)
+        self._notify("deleted", [step])
 
     def _delete_local(self, step: int) -> None:
         """Delete the copy of ``step`` on this store's storage.
@@ -621,38 +609,31 @@ class CheckpointStore:
     def retention_plan(self, protected: Iterable[int] = ()) -> tuple[list[int], list[int]]:
         """Which steps retention keeps and which it would delete: ``(keep, delete)``.
 
-        With a remote tier, of the local tier, where a step not yet uploaded is kept too.
+        The config's rules, ``protected`` and what the ``keepers`` keep (e.g. a step not yet uploaded).
         """
         policy = policy_from_config(self.config, protected)
-        tier = self.tiering or self._uploads_of
-        if tier is not None:
-            policy = AnyOf((policy, tier.retention_rule()))
+        if self.keepers:
+            policy = AnyOf((policy, *(keeper() for keeper in self.keepers)))
         return plan(self._current(), policy)
 
     def apply_retention(self, protected: Iterable[int] | None = None) -> list[int]:
-        """Delete the checkpoints no rule keeps; leased steps are protected. Returns the deleted
-        (with a remote tier: the steps no tier holds any more).
+        """Delete the checkpoints no rule keeps; leased steps are protected. Returns the deleted.
 
         The hook for anything that changes what the rules keep outside a commit or a score (a
         finished upload of a tiered store, an operator's ``ray-ckpt retention --apply``).
         """
         leased = self.leased_steps() if protected is None else set(protected)
-        return self._retain(leased, remote=True)  # a remote tier is retained by its uploader, right after
+        return self._retain(leased)
 
-    def _retain(self, protected: set[int], *, remote: bool) -> list[int]:
-        """Delete the local copies no rule keeps (``protected`` kept); the steps no tier holds any more.
-
-        With a remote tier, ``remote`` has the uploader apply the rules on the remote tier next
-        (it does after every upload anyway); no caller here waits for the remote storage.
-        """
+    def _retain(self, protected: set[int]) -> list[int]:
+        """Delete the copies no rule keeps (``protected`` kept); the deleted steps."""
         with self._retention_lock:
             _, doomed = self.retention_plan(protected)
             deleted = [step for step in doomed if self.leases.retire(step, self._delete_local)]
         if deleted:  # the caller's line reports them (a commit's, an operator's): debug here
             logger.debug("retention deleted steps %s of %s", deleted, self.run_name)
-        if self.tiering is None:
-            return deleted
-        return self.tiering.after_local_retention(deleted, remote=remote)
+            self._notify("deleted", deleted)
+        return deleted
 
     def retain_after_commit(self, step: int, protected: Iterable[int] = ()) -> list[int]:
         """Apply retention after ``step`` committed; the deleted steps.
@@ -660,8 +641,8 @@ class CheckpointStore:
         The save has succeeded at this point, so a failure here (the storage went away) is a
         warning, never the save's error: the next commit retries it.
         """
-        try:  # local leases only: a commit never waits for the remote tier
-            return self._retain(self.leases.leased_steps() | set(protected), remote=False)
+        try:
+            return self._retain(self.leases.leased_steps() | set(protected))
         except (OSError, CorruptCheckpointError) as exc:
             logger.warning(
                 "run %s: retention after step %d failed (retried after the next commit): %s", self.run_name, step, exc
@@ -675,17 +656,7 @@ class CheckpointStore:
         kept steps), and the leases are listed only when some step is doomed. Like
         :meth:`retain_after_commit`, a storage failure is a warning, never the event's error.
         """
-        protected = set(protected)
-        try:
-            _, doomed = self.retention_plan(protected)
-            if not doomed:
-                return []
-            return self.apply_retention(protected=self.leased_steps() | protected)
-        except (OSError, CorruptCheckpointError) as exc:
-            logger.warning(
-                "run %s: retention after %s failed (retried by the next change): %s", self.run_name, event, exc
-            )
-            return []
+        return retain_after_event(self, event, protected)
 
     def gc(self, *, dry_run: bool = False, older_than_s: float = 0.0) -> list[str]:
         """Remove leftovers of crashed saves: step dirs without a marker, temp files, expired leases.
@@ -700,41 +671,23 @@ class CheckpointStore:
 
     # -- leases -------------------------------------------------------------------------------
     def acquire_lease(self, step: int, ttl_s: float, holder: str = "") -> str:
-        """Protect a committed step from retention for ``ttl_s`` seconds; returns the lease id.
-
-        With a remote tier, a step only the remote tier holds is leased there.
-        """
-        try:
-            return self.leases.acquire(step, ttl_s, holder)
-        except CheckpointNotFoundError:
-            if self.tiering is None:
-                raise
-            lease_id = self.tiering.remote.leases.acquire(step, ttl_s, holder)
-            self._remote_leases.add(lease_id)
-            return lease_id
-
-    def _leases_of(self, lease_id: str) -> Leases:
-        remote = self.tiering is not None and lease_id in self._remote_leases
-        return self.tiering.remote.leases if remote else self.leases  # type: ignore[union-attr]
+        """Protect a committed step from retention for ``ttl_s`` seconds; returns the lease id."""
+        return self.leases.acquire(step, ttl_s, holder)
 
     def renew_lease(self, step: int, lease_id: str, ttl_s: float, holder: str = "") -> None:
         """Push a lease's expiry ``ttl_s`` seconds into the future."""
-        self._leases_of(lease_id).renew(step, lease_id, ttl_s, holder)
+        self.leases.renew(step, lease_id, ttl_s, holder)
 
     def release_lease(self, step: int, lease_id: str) -> None:
-        self._leases_of(lease_id).release(step, lease_id)
-        self._remote_leases.discard(lease_id)
+        self.leases.release(step, lease_id)
 
     def active_leases(self) -> list[dict[str, Any]]:
         """Lease records that have not expired."""
         return self.leases.active()
 
     def leased_steps(self) -> set[int]:
-        """Steps an unexpired lease protects (with a remote tier, also the remote tier's leases as
-        its uploader last read them: no call here waits for the remote storage)."""
-        if self.tiering is None:
-            return self.leases.leased_steps()
-        return self.leases.leased_steps() | self.tiering.remote_leased()
+        """Steps an unexpired lease protects."""
+        return self.leases.leased_steps()
 
     def expire_leases(self) -> int:
         """Delete expired lease records; returns how many."""
@@ -751,10 +704,6 @@ class CheckpointStore:
         """
         step = validate_step(step)
         checked = validate_metrics(metrics, what="eval metrics")
-        if self.tiering is not None and self.tiering.remote_only(step):  # the only copy left is remote
-            info = self.tiering.remote.report_eval(step, checked, retain=False)
-            self.tiering.metrics_changed(step)  # the uploader re-ranks the remote tier
-            return info
         with self._lock:
             index = self._current()
             if step not in index:
@@ -769,8 +718,7 @@ class CheckpointStore:
                     index.add(found)
             info = self.run_index.update_metrics(step, checked)
             info = info if info is not None else self.info(step)
-        if self.tiering is not None:
-            self.tiering.metrics_changed(step)  # copied to the remote copy in the background
+        self._notify("scored", step)  # e.g. copied to the remote copy in the background
         if retain:
             self.retain_after(f"the eval scores of step {step}")
         return info
@@ -820,14 +768,14 @@ class CheckpointStore:
     def read_architecture(self) -> Architecture:
         """The run's architecture, validated but not imported; FileNotFoundError when none was written.
 
-        With a remote tier, the remote copy when the local one is missing.
+        The ``fallback``'s when this storage holds none.
         """
         try:
             return Architecture.from_json_bytes(self.storage.read_bytes(ARCHITECTURE_FILE))
         except FileNotFoundError:
-            if self.tiering is None:
+            if self.fallback is None:
                 raise
-            return self.tiering.remote.read_architecture()
+            return self.fallback.read_architecture()
 
     def instantiate(self, step: Selector = "best", strict: bool = True) -> torch.nn.Module:
         """Build the model from model_architecture.json and load a checkpoint's weights into it.
@@ -842,6 +790,24 @@ class CheckpointStore:
         model = arch.build(self.config.allowed_architecture_prefixes)
         model.load_state_dict(state, strict=strict)
         return model
+
+
+def retain_after_event(store: Any, event: str, protected: Iterable[int] = ()) -> list[int]:
+    """Apply ``store``'s retention after ``event`` changed what it may keep; the deleted (see
+    :meth:`CheckpointStore.retain_after`: a plan in memory first, a storage failure only a warning).
+
+    One piece for every store kind (a plain store, a tiered one): it uses only their public
+    ``retention_plan``, ``apply_retention`` and ``leased_steps``.
+    """
+    protected = set(protected)
+    try:
+        _, doomed = store.retention_plan(protected)
+        if not doomed:
+            return []
+        return store.apply_retention(protected=store.leased_steps() | protected)
+    except (OSError, CorruptCheckpointError) as exc:
+        logger.warning("run %s: retention after %s failed (retried by the next change): %s", store.run_name, event, exc)
+        return []
 
 
 def _snapshot(state: Mapping[str, Any], flat: FlatState) -> dict[str, Any]:

@@ -160,7 +160,7 @@ class DemoTrainer:
         """Join the ranks' group and the run; resume weights and optimizer state from its latest checkpoint."""
         self.training = RankTraining(self.rank, self.world_size, address)
         self.client = ray_ckpt.WorkerClient(run_name, self.rank, self.world_size)
-        store = ray_ckpt.CheckpointStore(config=self.client.config)
+        store = ray_ckpt.open_store(self.client.config)
         latest = store.latest()
         restored = False
         if latest is not None:
@@ -410,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         changes["run_name"] = args.run_name
     config = config.replace(**changes)
     if args.fresh:
-        store = ray_ckpt.CheckpointStore(config=config)
+        store = ray_ckpt.open_store(config)
         store.storage.rm("", recursive=True, missing_ok=True)
     address = args.address or os.environ.get("RAY_ADDRESS")
     started = time.monotonic()
@@ -424,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Ray up in {time.monotonic() - started:.1f}s ({address or 'local'})", flush=True)
     try:
         top = run_demo(config, steps=args.steps, workers=args.workers, evaluators=args.evaluators)
-        kept = ray_ckpt.CheckpointStore(config=config).list()
+        kept = ray_ckpt.open_store(config).list()
     finally:
         ray.shutdown()
     print(f"\nTop checkpoints of run {config.run_name!r} by {config.metric_name} ({config.mode}):\n")

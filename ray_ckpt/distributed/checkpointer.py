@@ -49,9 +49,9 @@ from ray_ckpt.core.layout import validate_metrics, validate_step
 from ray_ckpt.core.planner import MODEL, TRAINER, RankState, SavePlan, check_rank_state
 from ray_ckpt.core.planner import TensorMeta as TensorMeta  # re-exported: part of a rank's report
 from ray_ckpt.core.retention import plan, policy_from_config
-from ray_ckpt.core.store import CheckpointStore
 from ray_ckpt.core.writer import StepWriter
 from ray_ckpt.distributed import metrics as telemetry
+from ray_ckpt.tiers.tiered import open_store, uploader_of
 
 logger = logging.getLogger(__name__)
 
@@ -237,7 +237,8 @@ class Checkpointer:
         _log_to_stderr()  # ray-ckpt's own logger only: the process's root logger is not ours to configure
         sys.setswitchinterval(0.001)  # keep the event loop responsive while the writer thread runs
         self.config = config
-        self.store = CheckpointStore(config=config)  # with remote_uri: its remote tier too
+        self.store = open_store(config, observer=telemetry.OBSERVER)  # with remote_uri: a tiered store
+        self.tiering = uploader_of(self.store)  # its uploader (None without a remote tier)
         started = time.perf_counter()
         removed = self.store.gc()
         self.store.reload()
@@ -253,13 +254,13 @@ class Checkpointer:
         self._tier_changed: set[int] = set()
         self._tier_lock = threading.Lock()
         resumed: list[int] = []
-        if self.store.tiering is not None:
-            self.store.tiering.listeners.append(self._on_tier_change)
-            resumed = self.store.tiering.resume()  # uploads a killed predecessor left unfinished
+        if self.tiering is not None:
+            self.tiering.listeners.append(self._on_tier_change)
+            resumed = self.tiering.resume()  # uploads a killed predecessor left unfinished
             logger.info(
                 "run %s: uploading to %s in the background (resumed: %s)",
                 config.run_name,
-                self.store.tiering.remote.uri,
+                self.tiering.remote.uri,
                 resumed,
             )
         logger.info(
@@ -307,7 +308,7 @@ class Checkpointer:
         """On the event loop: the served records of the steps the remote tier changed (no I/O)."""
         with self._tier_lock:
             steps, self._tier_changed = sorted(self._tier_changed), set()
-        tier = self.store.tiering
+        tier = self.tiering
         if tier is None or not steps:
             return
         for step in steps:
@@ -320,7 +321,7 @@ class Checkpointer:
 
     def _indexed(self, info: CheckpointInfo) -> CheckpointInfo:
         """A committed step's record as served: with a remote tier, naming the tiers that hold it."""
-        tier = self.store.tiering
+        tier = self.tiering
         return info if tier is None else (tier.record(info.step) or info)
 
     def _loop_state(self) -> tuple[asyncio.Semaphore, asyncio.Condition]:
@@ -853,15 +854,15 @@ class Checkpointer:
             "latest": self.index.latest().step if len(self.index) else None,
             "max_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
         }
-        if self.store.tiering is not None:
+        if self.tiering is not None:
             loop = asyncio.get_running_loop()
-            stats["uploads"] = await loop.run_in_executor(self._meta, self.store.tiering.stats)
+            stats["uploads"] = await loop.run_in_executor(self._meta, self.tiering.stats)
         return stats
 
     async def wait_for_uploads(self, timeout_s: float | None = None) -> dict[str, Any]:
         """Wait until the queued uploads are done: ``{"uploaded": {step: remote URI}, "failed": [steps]}``
         (``{}`` of each without a remote tier). TimeoutError when ``timeout_s`` passes first."""
-        tier = self.store.tiering
+        tier = self.tiering
         if tier is None:
             return {"uploaded": {}, "failed": []}
         loop = asyncio.get_running_loop()

@@ -21,9 +21,10 @@ import torch
 from ray_ckpt.core.errors import CheckpointNotFoundError
 from ray_ckpt.core.index import CheckpointIndex, CheckpointInfo, IndexReplica, position_reached
 from ray_ckpt.core.layout import Selector, validate_metrics
-from ray_ckpt.core.store import CheckpointStore
+from ray_ckpt.core.runstore import RunStore
 from ray_ckpt.distributed import metrics
 from ray_ckpt.distributed.checkpointer import CheckpointerHandle, get_checkpointer, seen_index_position
+from ray_ckpt.tiers.tiered import open_store
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -46,7 +47,7 @@ class Lease:
 
     def __init__(
         self,
-        store: CheckpointStore,
+        store: RunStore,
         step: int,
         ttl_s: float,
         holder: str,
@@ -268,7 +269,7 @@ class EvalClient:
         if storage_options is not None:
             config = config.replace(storage_options=storage_options)
         self.config = config
-        self.store = CheckpointStore(config=config)
+        self.store = open_store(config)  # with remote_uri: reads either tier
         self.holder = f"{socket.gethostname()}:{os.getpid()}"
 
     def _call(self, method: str, *args: Any) -> Any:
@@ -402,9 +403,9 @@ class EvalClient:
         except Exception as exc:  # the master restarting: the allow-list stays the defaults
             logger.info("architecture allow-list not refreshed (%s)", type(exc).__name__)
             return
-        if served is not None:
+        if served is not None and served != self.config.allowed_architecture_prefixes:
             self.config = self.config.replace(allowed_architecture_prefixes=served)
-            self.store.config = self.store.config.replace(allowed_architecture_prefixes=served)
+            self.store = open_store(self.config)  # a store under the served allow-list
 
     def lease(self, step: Selector, ttl_s: float | None = None) -> Lease:
         """Lease a checkpoint (use as ``with ev.lease(step): ...``).

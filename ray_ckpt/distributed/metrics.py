@@ -22,6 +22,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from ray_ckpt.core.hooks import TransferObserver
+
 logger = logging.getLogger(__name__)
 
 #: What Ray puts before a metric's name when it exports it.
@@ -223,3 +225,20 @@ def count_upload_retry(run: str) -> None:
 def count_upload_failure(run: str) -> None:
     """An upload failed for good (the local copy is kept)."""
     _record("ckpt_upload_failures", run, 1)
+
+
+class RayTransferObserver(TransferObserver):
+    """A tier's transfer observations as Ray metrics (what the Ray layer hands to the tiers)."""
+
+    def upload(self, run: str, seconds: float, nbytes: int) -> None:
+        observe_upload(run, seconds, nbytes)
+
+    def upload_retry(self, run: str) -> None:
+        count_upload_retry(run)
+
+    def upload_failure(self, run: str) -> None:
+        count_upload_failure(run)
+
+
+#: The observer the checkpointer (and any Ray-side opener of a tiered run) passes to ``open_store``.
+OBSERVER = RayTransferObserver()

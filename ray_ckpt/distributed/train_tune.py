@@ -47,6 +47,7 @@ from ray_ckpt.core.index import CheckpointInfo
 from ray_ckpt.core.safejson import parse_json
 from ray_ckpt.core.store import CheckpointStore
 from ray_ckpt.core.uri import normalize_storage_uri
+from ray_ckpt.tiers.tiered import open_store
 
 if TYPE_CHECKING:
     import ray.train
@@ -352,7 +353,7 @@ def resume_step(config: CheckpointConfig, restored_step: int | None) -> int:
     step) or a failure between save and report, numbering carries on past what the run already
     holds, so ``latest`` always is the newest state and nothing committed is overwritten.
     """
-    latest = CheckpointStore(config=config).latest()
+    latest = open_store(config).latest()
     candidates = [0 if restored_step is None else int(restored_step) + 1]
     if latest is not None:
         candidates.append(latest.step + 1)
@@ -520,7 +521,7 @@ class _RayProtection:
         self.filesystem = filesystem
         self.directory = directory
         self.holder = RAY_HOLDER_PREFIX + _location_uri(filesystem, directory)
-        self.store = CheckpointStore(config=config)
+        self.store = open_store(config)
         self.leases: dict[int, tuple[str, float]] = {}  # step -> (lease id, expiry)
         for record in self.store.active_leases():
             if record["holder"] == self.holder and record["step"] not in self.leases:
@@ -675,7 +676,7 @@ def release_unreferenced(
     """
     import pyarrow.fs
 
-    store = CheckpointStore(config=config)
+    store = open_store(config)
     by_location: dict[str, list[dict[str, Any]]] = {}
     for record in store.active_leases():
         holder = str(record["holder"])
@@ -761,7 +762,7 @@ def get_checkpoint(config: CheckpointConfig, *, target: Target = "auto") -> ray.
 
         checkpoint = ray.train.get_checkpoint()
     _reconcile_quietly(_protection(config))
-    latest = CheckpointStore(config=config).latest()
+    latest = open_store(config).latest()
     if checkpoint is not None:
         try:
             pointer = read_pointer(checkpoint)  # a folder Ray deleted: its kept copy, else CheckpointNotFoundError

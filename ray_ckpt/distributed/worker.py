@@ -22,6 +22,7 @@ import ray
 import torch
 import xxhash
 
+from ray_ckpt.core.background import BackgroundSaves
 from ray_ckpt.core.errors import SaveAbortedError
 from ray_ckpt.core.format.buffers import TensorBuffer, to_buffer, to_tensor
 from ray_ckpt.core.format.tree import FlatState, flatten_state
@@ -30,7 +31,6 @@ from ray_ckpt.core.layout import Selector, validate_metrics
 from ray_ckpt.core.planner import MODEL, TRAINER, SavePlan, describe
 from ray_ckpt.core.shard import local_part
 from ray_ckpt.core.storage.storage import Storage
-from ray_ckpt.core.store import CheckpointStore
 from ray_ckpt.core.writer import write_share
 from ray_ckpt.distributed import metrics as telemetry
 from ray_ckpt.distributed.checkpointer import (
@@ -40,6 +40,7 @@ from ray_ckpt.distributed.checkpointer import (
     get_checkpointer,
     note_index_position,
 )
+from ray_ckpt.tiers.tiered import open_store
 
 logger = logging.getLogger(__name__)
 
@@ -173,8 +174,7 @@ class WorkerClient:
         self.handle = handle or get_checkpointer(run_name, namespace)
         self.config = self.handle.config
         self._futures: list[SaveFuture] = []
-        self._background: concurrent.futures.ThreadPoolExecutor | None = None
-        self._slots = threading.BoundedSemaphore(self.config.max_pending_saves)
+        self._saves = BackgroundSaves(self.config.max_pending_saves)  # non-blocking saves (back-pressure)
         self._storage: Storage | None = None
         self._snapshot = Snapshot()
 
@@ -234,18 +234,13 @@ class WorkerClient:
             except BaseException as exc:
                 future.set_exception(exc)
         else:
-            if self._background is None:
-                self._background = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ray-ckpt-save")
-            self._slots.acquire()
-            future = self._background.submit(self._run, step, flats, report, overwrite, handed_over)
 
-            def finished(_: concurrent.futures.Future) -> None:
+            def give_back() -> None:
                 for part_flat in flats.values():
                     if part_flat is not None:
                         self._snapshot.give_back(part_flat)
-                self._slots.release()
 
-            future.add_done_callback(finished)
+            future = self._saves.submit(self._run, step, flats, report, overwrite, handed_over, on_done=give_back)
         future.add_done_callback(lambda _: handed_over.set())  # a failed save wakes its waiters too
         save = SaveFuture(step, future, handed_over)
         self._futures = [f for f in self._futures if not f.done()] + [save]
@@ -291,7 +286,7 @@ class WorkerClient:
             return flats[part].tensors[key].data  # type: ignore[union-attr]
 
         if self._storage is None:
-            self._storage = CheckpointStore(config=self.config).storage
+            self._storage = open_store(self.config).storage  # the local tier of a tiered run
         result = RankResult(self.rank)
         result.files = write_share(self._storage, plan, self.rank, source, direct_io=self.config.direct_io)
         result.digests = {
@@ -318,7 +313,7 @@ class WorkerClient:
         reads locally, ranged reads on an object store), whatever world size saved the step.
         ``trainer_into`` (e.g. the optimizer state from ``get_state_dict``) is filled the same way.
         """
-        store = CheckpointStore(config=self.config)
+        store = open_store(self.config)
         resolved = store.resolve(step)
         store.load(resolved, into=into)
         if trainer_into is not None:

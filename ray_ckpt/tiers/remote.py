@@ -1,18 +1,19 @@
-"""Tiering as a plug-in of the one store: commit on local disk, upload in the background.
+"""The uploader between two plain stores of one run: local disk first, the remote copy in the background.
 
-A :class:`RemoteTier` is attached to a :class:`~ray_ckpt.core.store.CheckpointStore` whose config
-sets ``remote_uri`` (``remote_storage_options`` default to ``storage_options``). The store stays
-the only implementation of saving, querying, loading and retention; the tier adds:
+An :class:`Uploader` joins a local and a remote :class:`~ray_ckpt.core.store.CheckpointStore`
+(same run, same layout) through the local store's hooks only (:mod:`ray_ckpt.core.hooks`): it is
+one of its ``listeners``, one of its ``keepers``, and the remote store is its read ``fallback``
+(:class:`~ray_ckpt.tiers.tiered.TieredCheckpointStore` wires that up). It adds:
 
 * an after-commit hook: every local commit queues the step's upload, and the save (or the
   checkpointer's acknowledgement to its workers) returns at local-disk speed;
-* a background uploader (one thread, alive while there is work): it copies a committed step's
-  files with checksums checked (:func:`~ray_ckpt.core.writer.copy_checked`) and commits the remote
-  copy through the same protocol as any step (:class:`~ray_ckpt.core.writer.StepWriter`, the marker
-  last), so a reader of ``remote_uri`` never sees a partial checkpoint. A failed attempt is put
-  back in the queue with exponential backoff (each storage operation is already retried within
-  its deadline by the storage layer); after ``UploadPolicy.retries`` more attempts the step
-  fails for good, is kept locally, and is queued again by the next commit or the next start;
+* a background upload thread (alive while there is work): it copies a committed step into the
+  remote store with :meth:`~ray_ckpt.core.store.CheckpointStore.copy_step` (every file's checksum
+  checked, the marker last, as any commit), so a reader of ``remote_uri`` never sees a partial
+  checkpoint. A failed attempt is put back in the queue with exponential backoff (each storage
+  operation is already retried within its deadline by the storage layer); after
+  ``UploadPolicy.retries`` more attempts the step fails for good, is kept locally, and is queued
+  again by the next commit or the next start;
 * ``uploaded.json`` beside a local copy once its remote copy is committed, and a retention rule,
   ``Steps(not_uploaded, "not uploaded")``: a local copy is never deleted before it is uploaded,
   also across restarts (a writer start queues every local step without the sidecar again);
@@ -21,13 +22,13 @@ the only implementation of saving, querying, loading and retention; the tier add
 * reads from whichever tier holds a step, and queries over the union of both tiers
   (``durability`` names the tiers that hold each step).
 
-Only a run's writer uploads: a store that never commits (an eval client's) only reads.
+Only a run's writer uploads: a store that never commits (an eval client's) only reads. Transfers
+are reported to a :class:`~ray_ckpt.core.hooks.TransferObserver` (the Ray layer hands in its metrics).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import copy
 import dataclasses
 import heapq
 import itertools
@@ -36,18 +37,16 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from ray_ckpt.core.architecture import ARCHITECTURE_FILE
 from ray_ckpt.core.errors import CheckpointNotFoundError, CorruptCheckpointError, RayCkptError
+from ray_ckpt.core.hooks import NO_OBSERVER, StoreListener, TransferObserver
 from ray_ckpt.core.index import CheckpointIndex, CheckpointInfo
 from ray_ckpt.core.layout import MARKER_FILE, step_dir
 from ray_ckpt.core.retention import Steps, plan, policy_from_config
 from ray_ckpt.core.safejson import DAMAGE, JsonObject
-from ray_ckpt.core.writer import StepWriter, copy_checked
-from ray_ckpt.distributed import metrics
-
-if TYPE_CHECKING:
-    from ray_ckpt.core.store import CheckpointStore
+from ray_ckpt.core.store import CheckpointStore
 
 logger = logging.getLogger(__name__)
 
@@ -87,32 +86,28 @@ class UploadPolicy:
         return float(min(self.backoff_s * (2 ** (attempt - 1)), self.max_backoff_s))
 
 
-class RemoteTier:
-    """The remote tier of one store: uploader, upload records, remote retention, the union view.
+class Uploader(StoreListener):
+    """Uploads a local store's commits to a remote store of the same run; records, remote
+    retention and the union view of both.
 
-    Created by the store itself when its config sets ``remote_uri``; ``store.tiering`` is it.
-    ``remote`` is a plain store of the same run on ``remote_uri`` (same layout, same protocol),
-    made by ``store_class`` (the store module passes its CheckpointStore: no import back here).
+    ``local`` and ``remote`` are plain stores; the uploader only uses their public API. Attach it
+    with :meth:`attach` (a listener, a keeper and the read fallback of ``local``).
     """
 
     def __init__(
-        self, store: CheckpointStore, policy: UploadPolicy | None = None, *, store_class: type[CheckpointStore]
+        self,
+        local: CheckpointStore,
+        remote: CheckpointStore,
+        policy: UploadPolicy | None = None,
+        observer: TransferObserver | None = None,
     ) -> None:
-        cfg = store.config
-        if not cfg.remote_uri:
-            raise ValueError("RemoteTier: the store's config sets no remote_uri")
-        options = cfg.storage_options if cfg.remote_storage_options is None else cfg.remote_storage_options
-        self.store = store
+        self.store = local
+        self.remote = remote
         self.policy = policy or UploadPolicy()
-        self.remote: CheckpointStore = store_class(
-            config=cfg.replace(
-                storage_uri=cfg.remote_uri, remote_uri=None, remote_storage_options=None, storage_options=dict(options)
-            )
-        )
+        self.observer = observer or NO_OBSERVER
         # Called with the steps whose union record changed (uploaded, deleted on a tier), from
         # the uploader or a saving thread; a listener re-reads them with record().
         self.listeners: list[Listener] = []
-        self._local_view: CheckpointStore | None = None
         # The upload queue: (not before, seq, kind, step); kind "upload" | "retain" | "eval".
         self._cond = threading.Condition()
         self._heap: list[tuple[float, int, str, int]] = []
@@ -137,28 +132,34 @@ class RemoteTier:
         self._remote_leased: frozenset[int] = frozenset()  # read by retain_remote
 
     def __repr__(self) -> str:
-        return f"RemoteTier({self.store.uri!r} -> {self.remote.uri!r})"
+        return f"Uploader({self.store.uri!r} -> {self.remote.uri!r})"
 
     @property
     def run_name(self) -> str:
         return self.store.run_name
 
-    @property
-    def local(self) -> CheckpointStore:
-        """The local tier alone: the same run, index and lock as the store, no remote tier.
+    def attach(self) -> None:
+        """Hook into the local store: told of its changes, keeping its steps not yet uploaded,
+        reading from the remote store what it does not hold."""
+        self.store.listeners.append(self)
+        self.store.keepers.append(self.retention_rule)
+        self.store.fallback = self.remote
 
-        Its queries, loads, retention and deletions see the local copies only (its retention
-        still keeps a step not yet uploaded; a save through it is not uploaded).
-        """
-        if self._local_view is None:
-            view = copy.copy(self.store)
-            view.tiering = None
-            view._uploads_of = self  # its retention keeps the steps not yet uploaded
-            view.config = self.store.config.replace(remote_uri=None, remote_storage_options=None)
-            self._local_view = view
-        return self._local_view
+    # -- hooks of the local store -------------------------------------------------------------
+    def writer_started(self) -> None:
+        """The local store's first write: uploads a crashed or restarted writer left unfinished go on."""
+        self.resume()
 
-    # -- hooks of the store -------------------------------------------------------------------
+    def scored(self, step: int) -> None:
+        self.metrics_changed(step)
+
+    def deleted(self, steps: list[int]) -> None:
+        """Local copies went (retention, delete): forget their upload records; their records changed."""
+        with self._marks_lock:
+            for step in steps:
+                self._marks.pop(step, None)
+        self._emit(steps)
+
     def committed(self, info: CheckpointInfo) -> None:
         """A local commit: queue its upload, and those of steps whose upload had failed for good."""
         self._mark(info.step, False)
@@ -201,16 +202,12 @@ class RemoteTier:
             return False
         return self.remote.storage.exists(f"{step_dir(step)}/{MARKER_FILE}")
 
-    def after_local_retention(self, deleted: list[int], *, remote: bool) -> list[int]:
-        """Local retention deleted ``deleted``; with ``remote`` the uploader applies the rules on the
-        remote tier next (the caller never waits for the remote storage). The deleted steps that
-        no tier holds any more."""
-        with self._marks_lock:
-            for step in deleted:
-                self._marks.pop(step, None)
-        if remote:
-            self._push("retain", -1)
-        self._emit(deleted)
+    def retain_remote_soon(self) -> None:
+        """Have the upload thread apply the rules on the remote tier next (no caller waits for it)."""
+        self._push("retain", -1)
+
+    def gone(self, deleted: Iterable[int]) -> list[int]:
+        """Of steps deleted locally, those no tier holds any more."""
         return [step for step in deleted if not self._on_remote(step)]
 
     def remote_leased(self) -> set[int]:
@@ -261,7 +258,7 @@ class RemoteTier:
         local = self.store.index.get(step)
         if local is None or doc.float("created") != local.created:
             raise doc.error("created", f"is not the commit time of the local step {step}")
-        if not self.remote.run_index.loaded:
+        if not self.remote.index_loaded:
             return True  # checked against the remote tier once its index is read (see resume)
         remote = self.remote.index.get(step)
         recorded = doc.float("remote_created", None)
@@ -278,7 +275,7 @@ class RemoteTier:
 
     def not_uploaded_steps(self) -> set[int]:
         """Committed local steps whose remote copy was never committed (no ``uploaded.json``)."""
-        return {step for step in self.store._current().steps() if not self._uploaded_record(step)}
+        return {step for step in self.store.current_index().steps() if not self._uploaded_record(step)}
 
     def retention_rule(self) -> Steps:
         """The tier's retention rule: a local step not yet uploaded is kept."""
@@ -287,7 +284,7 @@ class RemoteTier:
     def _remote_index(self) -> CheckpointIndex | None:
         """The remote run's index (read once), or None while the remote tier cannot be read."""
         remote = self.remote
-        if remote.run_index.loaded:
+        if remote.index_loaded:
             return remote.index
         if time.monotonic() < self._remote_retry_at:
             return None
@@ -306,14 +303,14 @@ class RemoteTier:
 
     def _on_remote(self, step: int) -> bool:
         """Whether the remote tier holds ``step`` (by its index, or the upload record when unreadable)."""
-        if self.remote.run_index.loaded:
+        if self.remote.index_loaded:
             return step in self.remote.index
         return bool(self._marks.get(step))
 
     def reload(self) -> None:
         """Read the remote index again, if it was read (after other processes' changes)."""
         self._remote_retry_at = 0.0
-        if self.remote.run_index.loaded:
+        if self.remote.index_loaded:
             try:
                 self.remote.reload()
             except (OSError, CorruptCheckpointError) as exc:
@@ -323,7 +320,7 @@ class RemoteTier:
         if local is None:
             return None if remote is None else dataclasses.replace(remote, durability=[REMOTE])
         if remote is None:
-            on_remote = not self.remote.run_index.loaded and bool(self._marks.get(local.step))
+            on_remote = not self.remote.index_loaded and bool(self._marks.get(local.step))
             return dataclasses.replace(local, durability=[LOCAL, REMOTE] if on_remote else [LOCAL])
         if not self._uploaded_record(local.step):  # not (verifiably) uploaded, or re-saved since
             return dataclasses.replace(local, durability=[LOCAL])
@@ -331,12 +328,12 @@ class RemoteTier:
 
     def record(self, step: int) -> CheckpointInfo | None:
         """The union record of ``step`` (None when no tier holds it); no I/O."""
-        remote = self.remote.index.get(step) if self.remote.run_index.loaded else None
+        remote = self.remote.index.get(step) if self.remote.index_loaded else None
         return self._merge(self.store.index.get(step), remote)
 
     def view(self) -> CheckpointIndex:
         """An index over both tiers, rebuilt only after either changed (queries are O(k) between)."""
-        local = self.store._current()
+        local = self.store.current_index()
         remote = self._remote_index()
         if remote is None:
             self.not_uploaded_steps()  # the upload records stand in for the remote listing
@@ -345,12 +342,10 @@ class RemoteTier:
             if self._view is not None and self._view_key == key:
                 return self._view
         # Built outside _view_lock: a thread holding the store's lock may be waiting for it.
-        with self.store._lock:
-            local_records = local.list()
+        local_records = self.store.list()
         remote_records: dict[int, CheckpointInfo] = {}
         if remote is not None:
-            with self.remote._lock:
-                remote_records = {info.step: info for info in remote.list()}
+            remote_records = {info.step: info for info in self.remote.list()}
         merged = [self._merge(info, remote_records.pop(info.step, None)) for info in local_records]
         merged += [self._merge(None, info) for info in remote_records.values()]
         view = CheckpointIndex(self.store.config.metric_name, self.store.config.mode)
@@ -377,11 +372,9 @@ class RemoteTier:
         the remote copy yet); leases on either tier protect a step.
         """
         remote = self.remote
-        index = remote._current()
+        records = remote.list()
         local = self.store.index
         ranked = CheckpointIndex(remote.config.metric_name, remote.config.mode)
-        with remote._lock:
-            records = index.list()
         ranked.extend(
             dataclasses.replace(info, metrics={**info.metrics, **found.metrics})
             if (found := local.get(info.step)) is not None
@@ -501,12 +494,12 @@ class RemoteTier:
                     f"{attempt} attempts: {exc}"
                 )
                 error.__cause__ = exc
-                metrics.count_upload_failure(self.run_name)
+                self.observer.upload_failure(self.run_name)
                 with self._cond:
                     self._failed[step] = error
                 self._settle(future, error=error)
                 return
-            metrics.count_upload_retry(self.run_name)
+            self.observer.upload_retry(self.run_name)
             delay = self.policy.delay(attempt)
             logger.warning(
                 "upload of step %d of %s failed (attempt %d): %s; retrying in %.2fs",
@@ -559,23 +552,11 @@ class RemoteTier:
             logger.info("step %d of %s is already committed on %s", step, self.run_name, remote.uri)
             uri, remote_created = remote.step_uri(step), existing.created
         else:
-            self._copy_architecture()
             started = time.perf_counter()
-            with StepWriter(remote, step, overwrite=True) as writer:
-                for name, digest in sorted(manifest.files.items()):
-                    self._copy_file(step, name, digest, writer)
-                writer.add_files(manifest.files)  # every file there with its size (one listing per directory)
-                writer.adopt_records(manifest)
-                info = writer.commit(
-                    metrics=manifest.metrics,
-                    metadata=manifest.metadata,
-                    world_size=manifest.world_size,
-                    kind=manifest.kind,
-                    extra=manifest.extra,
-                )
+            info = self._copy_step(step, manifest)
             uri, remote_created = info.uri, info.created
             seconds = time.perf_counter() - started
-            metrics.observe_upload(self.run_name, seconds, info.files_size)
+            self.observer.upload(self.run_name, seconds, info.files_size)
             logger.info(
                 "uploaded step %d of %s to %s: %d bytes in %.3fs", step, self.run_name, uri, info.files_size, seconds
             )
@@ -606,28 +587,29 @@ class RemoteTier:
         self._emit(changed)
         return uri
 
-    def _copy_file(self, step: int, name: str, expected: Any, writer: StepWriter) -> None:
-        """Stream one committed local file into the remote step, checked against the local marker."""
-        src_path = f"{step_dir(step)}/{name}"
+    def _copy_step(self, step: int, manifest: Any) -> CheckpointInfo:
+        """Commit the local step into the remote store as it was committed here (the store's one step
+        copy: every file checked against the local marker, the marker last); its remote record.
+
+        Retention is left to :meth:`retain_remote` (it ranks with both tiers' scores and leases).
+        """
+        architecture: bytes | None = None
+        if not self.remote.storage.exists(ARCHITECTURE_FILE):  # written once per run
+            try:
+                architecture = self.store.storage.read_bytes(ARCHITECTURE_FILE)
+            except FileNotFoundError:
+                pass
         try:
-            copy_checked(self.store.storage, src_path, self.remote.storage, f"{writer.dir}/{name}", expected)
+            return self.remote.copy_step(
+                self.store.storage, step_dir(step), manifest, architecture=architecture, overwrite=True, retain=False
+            )
         except FileNotFoundError as exc:
             if not self.store.storage.exists(f"{step_dir(step)}/{MARKER_FILE}"):
                 raise CheckpointNotFoundError(f"step {step} of {self.run_name!r}: deleted before its upload") from exc
             raise
 
-    def _copy_architecture(self) -> None:
-        from ray_ckpt.core.architecture import ARCHITECTURE_FILE
-
-        try:
-            data = self.store.storage.read_bytes(ARCHITECTURE_FILE)
-        except FileNotFoundError:
-            return
-        if not self.remote.storage.exists(ARCHITECTURE_FILE):
-            self.remote.storage.write_atomic(ARCHITECTURE_FILE, data)
-
     def _copy_eval_metrics(self, step: int) -> None:
-        metrics = self.store.run_index.read_eval_metrics(step)
+        metrics = self.store.eval_metrics(step)
         if metrics and self.remote.storage.exists(f"{step_dir(step)}/{MARKER_FILE}"):
             # the remote tier's retention is retain_remote's (both tiers' leases and scores)
             self.remote.report_eval(step, metrics, retain=False)

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from ray_ckpt import CheckpointConfig, CheckpointStore, ConfigError
+from ray_ckpt import CheckpointConfig, CheckpointStore, ConfigError, open_store
 from ray_ckpt.core.config import CONSUMERS, FIELD_GROUPS, GROUPS, RetentionOptions, parse_size, retention_from_ray
 
 REPO = Path(__file__).resolve().parents[2]
@@ -673,7 +673,7 @@ def test_the_checkpointer_consumes_what_its_clients_receive() -> None:
         remote_uri="s3://b/p",
     )
     cfg.check_consumed("start_checkpointer")
-    CheckpointStore(config=cfg)  # the store built from it inside the actor and the clients
+    open_store(cfg)  # the store opened from it inside the actor and the clients
 
 
 def test_check_consumed_among_limits_it_to_the_given_fields() -> None:

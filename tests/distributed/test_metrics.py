@@ -114,7 +114,7 @@ def test_metrics_reach_the_metrics_agent_from_actors_and_uploads(tmp_path: Path,
     import ray
 
     import ray_ckpt
-    from ray_ckpt import CheckpointConfig, CheckpointStore
+    from ray_ckpt import CheckpointConfig, CheckpointStore, open_store
     from ray_ckpt.core.layout import step_dir
     from ray_ckpt.tiers.tiered import TieredCheckpointStore, UploadError
 
@@ -156,16 +156,18 @@ def test_metrics_reach_the_metrics_agent_from_actors_and_uploads(tmp_path: Path,
     tiered = CheckpointConfig(
         storage_uri=str(tmp_path / "local"), remote_uri=f"file://{tmp_path / 'remote'}", run_name=upload_run
     )
-    store = CheckpointStore(config=tiered)
+    store = open_store(tiered, observer=metrics.OBSERVER)  # the Ray layer's observer of uploads
     store.save(1, {"w": torch.ones(256)})
-    assert sorted(store.tiering.wait_for_uploads(30)) == [1]
+    assert sorted(store.wait_for_uploads(30)) == [1]
     store.close()
     CheckpointStore(config=tiered.replace(remote_uri=None)).save(2, {"w": torch.zeros(256)})
     shard = tmp_path / "local" / upload_run / step_dir(2) / "model.safetensors"
     data = bytearray(shard.read_bytes())
     data[-1] ^= 0xFF
     shard.write_bytes(bytes(data))
-    failing = TieredCheckpointStore(tiered, upload_retries=1, upload_backoff_s=0.01)  # resumes step 2's upload
+    failing = TieredCheckpointStore(  # resumes step 2's upload
+        tiered, upload_retries=1, upload_backoff_s=0.01, observer=metrics.OBSERVER
+    )
     with pytest.raises(UploadError):
         failing.upload_future(2).result(timeout=30)
     failing.close()

@@ -129,7 +129,7 @@ def test_commit_locally_upload_read_either_tier_and_retain_both(
     torch.testing.assert_close(evaluator.load(3), full_state(3))  # from S3 now
     with evaluator.lease(3) as lease:  # leased on the tier that holds it
         assert lease.step == 3
-    reader = CheckpointStore(config=config)  # a store built from the same config reads both tiers
+    reader = ray_ckpt.open_store(config)  # a store opened from the same config reads both tiers
     assert [(i.step, i.durability) for i in reader.list()] == [(3, ["remote"]), (4, ["local", "remote"])]
     torch.testing.assert_close(reader.load(3), full_state(3))
     reader.verify(3)
@@ -139,7 +139,7 @@ def test_commit_locally_upload_read_either_tier_and_retain_both(
 
 def hold_upload_of(checkpointer: Any, needle: str, gate_dir: str) -> None:
     """Runs inside the actor: the remote write of a path containing ``needle`` completes, then blocks forever."""
-    hold_writes(checkpointer.store.tiering.remote.storage, needle, gate_dir)
+    hold_writes(checkpointer.store.remote.storage, needle, gate_dir)
 
 
 @pytest.mark.slow

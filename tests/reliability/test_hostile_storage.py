@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import torch
 
-from ray_ckpt import CheckpointStore
+from ray_ckpt import CheckpointStore, open_store
 from ray_ckpt.core.layout import staging_dir, step_dir
 from ray_ckpt.core.storage.storage import Storage
 
@@ -415,10 +415,10 @@ def test_a_remote_copy_with_missing_or_damaged_files_is_uploaded_again(
         if name != shard or damage == "damaged-file":
             far.write_bytes(f"{step_dir(1)}/{name}", data)
     far.write_bytes(f"{step_dir(1)}/checkpoint.json", json.dumps(marker).encode())
-    store = CheckpointStore(config=cfg)
+    store = open_store(cfg)
     assert [i.durability for i in store.list()] == [["local"]]  # not verifiably uploaded yet
     store.save(2, _state(2), metrics={"loss": 2.0})  # the writer start queues step 1's upload
-    assert sorted(store.tiering.wait_for_uploads(60)) == [1, 2]
+    assert sorted(store.wait_for_uploads(60)) == [1, 2]
     reader = CheckpointStore(remote[0], run_name=RUN, storage_options=remote[1])
     reader.verify(1)
     assert _same(reader.load(1), _state(1))
@@ -435,10 +435,10 @@ def test_a_planted_uploaded_json_never_stops_an_upload(tmp_path: Path, remote: t
     (step1 / "uploaded.json").write_text(json.dumps({"step": 1, "uri": "x", "uploaded": 1.0, "created": created}))
     _local_only(cfg).save(2, _state(2), metrics={"loss": 2.0})
     (tmp_path / "local" / RUN / step_dir(2) / "uploaded.json").write_text('{"step": 2, "created": "yesterday"}')
-    store = CheckpointStore(config=cfg)
+    store = open_store(cfg)
     store.save(3, _state(3), metrics={"loss": 3.0})
-    assert sorted(store.tiering.wait_for_uploads(60)) == [1, 2, 3]
-    assert store.tiering.stats()["not_uploaded"] == []
+    assert sorted(store.wait_for_uploads(60)) == [1, 2, 3]
+    assert store.uploader.stats()["not_uploaded"] == []
     reader = CheckpointStore(remote[0], run_name=RUN, storage_options=remote[1])
     assert [i.step for i in reader.list()] == [1, 2, 3]
     for step in (1, 2, 3):
@@ -451,8 +451,8 @@ def test_not_uploaded_counts_a_planted_record(tmp_path: Path) -> None:
     cfg = _tiered(tmp_path, (f"file://{tmp_path / 'remote'}", {}))
     _local_only(cfg).save(1, _state(1), metrics={"loss": 1.0})
     (tmp_path / "local" / RUN / step_dir(1) / "uploaded.json").write_text('{"step": 1, "created": 5.0}')
-    store = CheckpointStore(config=cfg)
-    assert store.tiering.stats()["not_uploaded"] == [1]
+    store = open_store(cfg)
+    assert store.uploader.stats()["not_uploaded"] == [1]
     assert store.retention_plan() == ([1], [])
     store.close(wait=False)
 

@@ -13,9 +13,10 @@ from typing import Any
 import pytest
 import torch
 
-from ray_ckpt import CheckpointConfig, CheckpointStore, RunStore
+import ray_ckpt.core.store as store_module
+from ray_ckpt import CheckpointConfig, CheckpointStore, RunStore, open_store
 from ray_ckpt.core.errors import CheckpointNotFoundError, CorruptCheckpointError
-from ray_ckpt.core.layout import MARKER_FILE, step_dir
+from ray_ckpt.core.layout import MARKER_FILE, parse_step_dir, step_dir
 from ray_ckpt.core.runstore import RUN_STORE_METHODS
 from ray_ckpt.tiers.tiered import UPLOADED_FILE, TieredCheckpointStore, UploadError
 
@@ -43,7 +44,7 @@ def test_plain_and_tiered_stores_have_one_interface(tmp_path: Path) -> None:
     tiered = local.replace(remote_uri=f"file://{tmp_path / 'remote'}")
     for store in (
         CheckpointStore(config=local),
-        CheckpointStore(config=tiered.replace(run_name="r2")),
+        open_store(tiered.replace(run_name="r2")),
         TieredCheckpointStore(tiered.replace(run_name="r3")),
     ):
         assert isinstance(store, RunStore)
@@ -56,11 +57,11 @@ def test_a_plain_store_with_remote_uri_uploads_retains_both_tiers_and_resumes(tm
     cfg = CheckpointConfig(
         storage_uri=str(tmp_path / "local"), remote_uri=f"file://{tmp_path / 'remote'}", run_name="one", keep_last_n=1
     )
-    store = CheckpointStore(config=cfg)
-    assert store.tiering is not None
+    store = open_store(cfg)
+    assert store.uploader is not None
     store.save(1, state(1.0))
     store.save(2, state(2.0))
-    assert sorted(store.tiering.wait_for_uploads(30)) == [1, 2]
+    assert sorted(store.uploader.wait_for_uploads(30)) == [1, 2]
     assert [(i.step, i.durability) for i in store.list()] == [(2, ["local", "remote"])]
     remote = CheckpointStore(f"file://{tmp_path / 'remote'}", run_name="one")
     assert [i.step for i in remote.list()] == [2]
@@ -68,11 +69,11 @@ def test_a_plain_store_with_remote_uri_uploads_retains_both_tiers_and_resumes(tm
 
     # A step committed by a writer without the remote tier (as if it died before uploading it)
     CheckpointStore(config=cfg.replace(remote_uri=None)).save(3, state(3.0))
-    reopened = CheckpointStore(config=cfg)
-    assert reopened.tiering.not_uploaded_steps() == {3}
+    reopened = open_store(cfg)
+    assert reopened.uploader.not_uploaded_steps() == {3}
     assert reopened.retention_plan() == ([3], [])
     reopened.save(5, state(5.0))  # the writer start queues step 3 again, then step 5
-    assert sorted(reopened.tiering.wait_for_uploads(30)) == [3, 5]
+    assert sorted(reopened.uploader.wait_for_uploads(30)) == [3, 5]
     assert [(i.step, i.durability) for i in reopened.list()] == [(5, ["local", "remote"])]
     remote.reload()
     assert [i.step for i in remote.list()] == [5]
@@ -93,7 +94,7 @@ def test_a_damaged_local_copy_is_never_uploaded(tmp_path: Path) -> None:
     with pytest.raises(UploadError, match="failed after 2 attempts") as failed:
         store.upload_future(1).result(timeout=30)
     assert isinstance(failed.value.__cause__, CorruptCheckpointError)
-    assert store.not_uploaded_steps() == {1} and store.tiering.failed_uploads() == [1]
+    assert store.not_uploaded_steps() == {1} and store.uploader.failed_uploads() == [1]
     assert [i.step for i in CheckpointStore(f"file://{tmp_path / 'remote'}", run_name="bad").list()] == []
     store.close()
 
@@ -262,7 +263,7 @@ def _raw_listing(endpoint: StoppableS3, prefix: str) -> list[str]:
 
 
 def test_endpoint_stopped_mid_upload_retries_and_never_shows_a_partial_checkpoint(
-    stoppable_s3: StoppableS3, tmp_path: Path, closing: list[Any]
+    stoppable_s3: StoppableS3, tmp_path: Path, closing: list[Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     s3 = stoppable_s3
     cfg = CheckpointConfig(
@@ -279,15 +280,20 @@ def test_endpoint_stopped_mid_upload_retries_and_never_shows_a_partial_checkpoin
 
     # Attempt 1 of step 2: the endpoint goes away after the first data file reached it.
     copied: list[tuple[int, str]] = []
-    tier = store.tiering  # the store's remote tier plug-in does the uploads
-    original_copy = tier._copy_file
+    tier = store.uploader  # the tiered store's uploader copies steps with the store's step copy
+    original_copy = store_module.copy_checked
 
-    def copy_then_fail(step: int, name: str, digest: Any, writer: Any) -> None:
+    def copy_then_fail(src: Any, src_path: str, dst: Any, dst_path: str, *args: Any, **kwargs: Any) -> Any:
+        if dst is not store.remote.storage:
+            return original_copy(src, src_path, dst, dst_path, *args, **kwargs)
+        directory, name = src_path.split("/", 2)[1:]
+        step = parse_step_dir(directory)
         if step == 2 and len([c for c in copied if c[0] == 2]) == 1 and not getattr(s3, "stopped", False):
             s3.stop()
             s3.stopped = True
-        original_copy(step, name, digest, writer)
+        got = original_copy(src, src_path, dst, dst_path, *args, **kwargs)
         copied.append((step, name))
+        return got
 
     # Attempt 2 of step 2 waits until the test has looked at the remote and lets it go.
     attempts: list[int] = []
@@ -302,7 +308,7 @@ def test_endpoint_stopped_mid_upload_retries_and_never_shows_a_partial_checkpoin
             assert go.wait(60)
         return original_once(step)
 
-    tier._copy_file = copy_then_fail  # type: ignore[method-assign]
+    monkeypatch.setattr(store_module, "copy_checked", copy_then_fail)
     tier._upload_once = gated_once  # type: ignore[method-assign]
     future2 = store.save_and_upload(2, state(2.0))
     assert retry_waiting.wait(60), "the failed upload was not retried"
