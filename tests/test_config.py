@@ -646,12 +646,12 @@ def test_the_manager_refuses_a_config_value_its_arguments_replace(tmp_path: Path
 
 def test_start_checkpointer_refuses_async_save_before_starting_anything(monkeypatch: pytest.MonkeyPatch) -> None:
     import ray_ckpt
-    from ray_ckpt.distributed import checkpointer
+    from ray_ckpt.distributed import handle
 
     def no_actor(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("an actor was started")
 
-    monkeypatch.setattr(checkpointer.ray, "remote", no_actor)
+    monkeypatch.setattr(handle.ray, "remote", no_actor)
     with pytest.raises(ConfigError, match=r"^async_save: set to True, but start_checkpointer ignores it"):
         ray_ckpt.start_checkpointer(CheckpointConfig(async_save=True))
     with pytest.raises(ConfigError, match=r"^enabled:"):

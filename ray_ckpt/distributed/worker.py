@@ -32,13 +32,8 @@ from ray_ckpt.core.storage import Storage
 from ray_ckpt.core.store import CheckpointStore
 from ray_ckpt.core.writer import write_share
 from ray_ckpt.distributed import metrics as telemetry
-from ray_ckpt.distributed.checkpointer import (
-    CheckpointerHandle,
-    RankReport,
-    RankResult,
-    get_checkpointer,
-    note_index_position,
-)
+from ray_ckpt.distributed.handle import CheckpointerHandle, get_checkpointer, note_index_position
+from ray_ckpt.distributed.wire import RankReport, RankResult
 
 logger = logging.getLogger(__name__)
 
