@@ -44,7 +44,7 @@ from ray_ckpt.core.format.tree import flatten_state
 from ray_ckpt.core.layout import Manifest, step_dir
 from ray_ckpt.core.planner import MODEL, describe, plan_save
 from ray_ckpt.core.writer import write_share
-from ray_ckpt.distributed.checkpointer import RankReport, RankResult, RankState, TensorMeta
+from ray_ckpt.distributed.wire import RankReport, RankResult, RankState, TensorMeta
 
 logger = logging.getLogger("benchmarks.scaling")
 

@@ -43,13 +43,13 @@ def shutdown_ray() -> None:
     """
     if not ray.is_initialized():
         return
-    from ray_ckpt.distributed import checkpointer
+    from ray_ckpt.distributed import handle
     from ray_ckpt.distributed.eval import close_all_followers
 
     stopped = close_all_followers()
     logger.info("ray session teardown: %d index followers stopped", stopped)
     ray.shutdown(wait_for_processes=True)
     # handles of this session's (now gone) checkpointers: nothing may use them after this
-    checkpointer._STARTED.clear()
-    with checkpointer._SEEN_LOCK:
-        checkpointer._SEEN_POSITIONS.clear()
+    handle._STARTED.clear()
+    with handle._SEEN_LOCK:
+        handle._SEEN_POSITIONS.clear()

@@ -83,5 +83,17 @@ def test_every_import_of_the_package_is_declared() -> None:
 def test_the_scan_tells_top_level_from_lazy_imports() -> None:
     imports = _third_party_imports()
     assert imports["torch"]["ray_ckpt/core/store.py"] is True
-    assert imports["rich"]["ray_ckpt/cli/main.py"] is False  # imported where the CLI draws a table
+    assert imports["rich"]["ray_ckpt/cli/render.py"] is False  # imported where the CLI draws a table
+    assert imports["ray"]["ray_ckpt/distributed/handle.py"] is True  # subpackages are scanned too
     assert set(imports["matplotlib"].values()) == {False}  # plot only: the `plot` extra
+
+
+def test_every_folder_of_the_package_is_a_package() -> None:
+    """setuptools' ``packages.find`` ships only folders with an ``__init__.py``: a subpackage without
+    one would be missing from the wheel (and its imports from the scan above would not matter)."""
+    folders = {path.parent for path in PACKAGE.rglob("*.py")}
+    missing = sorted(str(f.relative_to(REPO)) for f in folders if not (f / "__init__.py").exists())
+    assert not missing, f"folders without __init__.py: {missing}"
+    assert {"core", "tiers", "distributed", "adapters", "interop", "cli"} <= {
+        f.name for f in folders if f.parent == PACKAGE
+    }

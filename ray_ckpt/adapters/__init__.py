@@ -10,7 +10,7 @@ format, commit protocol and retention as :class:`~ray_ckpt.core.store.Checkpoint
 from __future__ import annotations
 
 _LAZY = {
-    "MettaCheckpointManager": ("ray_ckpt.adapters.metta", "CheckpointManager"),
+    "MettaCheckpointManager": ("ray_ckpt.adapters.metta", "MettaCheckpointManager"),
     "NeMoCheckpointManager": ("ray_ckpt.adapters.nemo", "NeMoCheckpointManager"),
     "config_from_nemo": ("ray_ckpt.adapters.nemo", "config_from_nemo"),
 }

@@ -1,8 +1,8 @@
-"""Metta-style ``CheckpointManager`` over a ray-ckpt run (optionally tiered: local, then remote).
+"""Metta-style ``MettaCheckpointManager`` over a ray-ckpt run (optionally tiered: local, then remote).
 
 The calls Metta's trainer and eval tools make today keep working::
 
-    manager = CheckpointManager(run="run1", storage_uri="./train_dir", remote_uri="s3://b/policies")
+    manager = MettaCheckpointManager(run="run1", storage_uri="./train_dir", remote_uri="s3://b/policies")
     uri = manager.save_agent(agent, epoch, {"agent_step": 1000, "score": 0.5})
     manager.save_trainer_state(optimizer, epoch, agent_step, stopwatch_state=...)
     state = manager.load_trainer_state()
@@ -60,7 +60,7 @@ def _numbers(data: Mapping[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in data.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-class CheckpointManager:
+class MettaCheckpointManager:
     """Metta's checkpoint manager API (save_agent, trainer state, URIs, LRU policy cache) on ray-ckpt."""
 
     def __init__(
@@ -96,7 +96,7 @@ class CheckpointManager:
         )
 
     def __repr__(self) -> str:
-        return f"CheckpointManager(run={self.run!r}, {self.local.uri!r}, remote={self.config.remote_uri!r})"
+        return f"MettaCheckpointManager(run={self.run!r}, {self.local.uri!r}, remote={self.config.remote_uri!r})"
 
     @property
     def run_uri(self) -> str:

@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import ray_ckpt.adapters.nemo_config  # noqa: F401 - registers NeMo RL's field names with the config
 from ray_ckpt.core.byo import TRAINING_INFO_FILE, PendingCheckpoint, read_training_info
 from ray_ckpt.core.config import CheckpointConfig
 from ray_ckpt.core.errors import CheckpointNotFoundError

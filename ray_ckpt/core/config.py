@@ -6,13 +6,18 @@ every invalid field of a config at once, validates assignments and exports a JSO
 option can still be given and read flat (``CheckpointConfig(keep_last_n=3).keep_last_n``); the
 groups say which entry point reads what (see :data:`CONSUMERS`), so that a field set where the
 entry point ignores it is an error instead of a silent no-op. No I/O beyond reading the YAML.
+
+Only ray-ckpt's own field names are known here. Another framework's names for them (NeMo RL's
+``checkpoint_dir``, Ray Train's ``num_to_keep``) live with that framework's adapter, which
+registers them (:class:`FieldAliases`, :func:`register_aliases`); ``import ray_ckpt`` registers
+the ones ray-ckpt ships.
 """
 
 from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -44,26 +49,47 @@ _SIZE_UNITS = {
     "TIB": 2**40,
 }
 
-# NeMo RL style names accepted as aliases of our own fields (flat keys only).
-_ALIASES = {
-    "checkpoint_dir": "storage_uri",
-    "save_period": "save_interval_steps",
-}
-# NeMo RL's boolean spelling of ``mode``.
-_HIGHER_IS_BETTER = "higher_is_better"
-# Ray Train/Tune ``CheckpointConfig`` names (flat keys only), meant as Ray means them:
-# ``num_to_keep`` counts the checkpoints ranked by ``checkpoint_score_attribute`` (keep_top_k), or
-# the newest ones (keep_last_n) when no score attribute is given; a score attribute without any
-# order ranks by Ray's default order, "max". ``None`` (Ray's default) sets nothing.
-_RAY_ALIASES = {
-    "checkpoint_score_attribute": "metric_name",
-    "checkpoint_score_order": "mode",
-}
-_RAY_NUM_TO_KEEP = "num_to_keep"
-_RAY_DEFAULT_ORDER = "max"
-_RAY_KEYS = (*_RAY_ALIASES, _RAY_NUM_TO_KEEP)
-
 Problem = tuple[str, str]  # (field, what is wrong with it)
+
+
+class FieldAliases:
+    """Another framework's names for some config fields (flat keys only), as its adapter defines them.
+
+    Registered with :func:`register_aliases`, the names are accepted wherever a config is built
+    (keyword arguments, ``from_dict``, YAML, ``replace``): each sets the fields :meth:`translate`
+    gives, and errors name the alias (``... (given as checkpoint_dir)``).
+    """
+
+    framework: str = ""
+    keys: tuple[str, ...] = ()
+
+    def translate(self, key: str, value: Any, data: Mapping[str, Any]) -> list[tuple[str, Any]] | str:
+        """The ``(field, value)`` pairs ``key=value`` sets (``data``: every option given with it), or
+        what is wrong with the value."""
+        raise NotImplementedError
+
+    def targets(self, key: str) -> set[str]:
+        """The fields ``key`` may set (what ``check_consumed(among=...)`` checks for it)."""
+        raise NotImplementedError
+
+    def implied(self, data: Mapping[str, Any], given: Collection[str]) -> list[tuple[str, Any, str]]:
+        """``(field, value, shown as)`` for what the framework implies when ``data`` uses its names and
+        ``given`` (the fields set so far) lacks it (Ray: a score attribute ranks by "max")."""
+        return []
+
+
+_ALIASES: dict[str, FieldAliases] = {}  # alias key -> the aliases that define it
+
+
+def register_aliases(aliases: FieldAliases) -> None:
+    """Accept ``aliases.keys`` in every config from now on; ValueError for a key that names a field,
+    a group or another framework's alias."""
+    for key in aliases.keys:
+        owner = _ALIASES.get(key)
+        if key in FIELD_GROUPS or key in GROUPS or (owner is not None and owner is not aliases):
+            raise ValueError(f"{aliases.framework} alias {key!r}: already names a field, a group or another alias")
+    for key in aliases.keys:
+        _ALIASES[key] = aliases
 
 
 def _size_problem(value: Any) -> tuple[int | None, str | None]:
@@ -347,7 +373,7 @@ CONSUMERS: dict[str, frozenset[str]] = {
     "start_checkpointer": frozenset({"store", "retention", "checkpointer", "tiering", "save_interval_steps"}),
     "TieredCheckpointStore": frozenset({"store", "retention", "tiering"}),
     "NeMoCheckpointManager": frozenset({"store", "retention", "tiering", "save_interval_steps", "enabled"}),
-    "metta.CheckpointManager": frozenset({"store", "retention", "tiering"}),
+    "MettaCheckpointManager": frozenset({"store", "retention", "tiering"}),
 }
 
 
@@ -462,7 +488,7 @@ class CheckpointConfig(BaseModel):
     # -- building ------------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> CheckpointConfig:
-        """Build from a mapping of flat fields, group sections or both; NeMo aliases accepted."""
+        """Build from a mapping of flat fields, group sections or both; registered aliases accepted."""
         if not isinstance(data, Mapping):
             raise ConfigError(f"config: expected a mapping, got {type(data).__name__}")
         return cls._from_groups(*_regroup(data))
@@ -575,32 +601,14 @@ for _name, _group in FIELD_GROUPS.items():
 del _name, _group
 
 
-def retention_from_ray(checkpoint_config: Any) -> dict[str, Any]:
-    """ray-ckpt's retention fields (flat) for a Ray ``CheckpointConfig``, with Ray's meaning.
-
-    ``checkpoint_config`` is a ``ray.train.CheckpointConfig`` / ``ray.tune.CheckpointConfig`` (or a
-    mapping of its field names): ``num_to_keep=N`` with ``checkpoint_score_attribute=M`` and
-    ``checkpoint_score_order=O`` gives ``keep_top_k=N, metric_name=M, mode=O`` (O defaults to
-    Ray's "max"); without a score attribute, ``keep_last_n=N``; ``num_to_keep=None`` sets no
-    rule (Ray keeps every checkpoint). Use it as ``CheckpointConfig(..., **retention_from_ray(cc))``.
-    """
-    if isinstance(checkpoint_config, Mapping):
-        given = {k: checkpoint_config[k] for k in _RAY_KEYS if k in checkpoint_config}
-        ignored = {"checkpoint_frequency", "checkpoint_at_end"}  # Ray's save schedule, not retention
-        unknown = sorted(set(map(str, checkpoint_config)) - set(_RAY_KEYS) - ignored)
-        if unknown:
-            known = ", ".join(_RAY_KEYS)
-            raise ConfigError(f"{unknown[0]}: not a Ray CheckpointConfig retention field (known: {known})")
-    else:
-        given = {k: getattr(checkpoint_config, k) for k in _RAY_KEYS if hasattr(checkpoint_config, k)}
-        if not given:
-            raise ConfigError(
-                f"checkpoint_config: expected a ray.train.CheckpointConfig or a mapping, got "
-                f"{type(checkpoint_config).__name__}"
-            )
-    if given.get("checkpoint_score_attribute") is None:
-        given.pop("checkpoint_score_order", None)  # Ray's order only matters with a score attribute
-    grouped, problems, sources = _regroup(given)
+def retention_fields(data: Mapping[str, Any]) -> dict[str, Any]:
+    """The retention fields (flat, validated) that a mapping of retention options sets; its keys may be
+    fields or registered aliases. One ConfigError names every bad option, and any that is no
+    retention option."""
+    grouped, problems, sources = _regroup(data)
+    for group, values in grouped.items():
+        if group != "retention":
+            problems += [(sources.get(name, name), "not a retention option") for name in values]
     try:
         options = RetentionOptions(**grouped["retention"])
     except ValidationError as exc:
@@ -612,14 +620,12 @@ def retention_from_ray(checkpoint_config: Any) -> dict[str, Any]:
 
 # -- helpers -----------------------------------------------------------------------------------
 def _known_keys() -> list[str]:
-    return [*FIELD_GROUPS, *GROUPS, *_ALIASES, _HIGHER_IS_BETTER, *_RAY_KEYS]
+    return [*FIELD_GROUPS, *GROUPS, *_ALIASES]
 
 
 def _alias_targets(key: str) -> set[str]:
-    """The fields a key may set (an alias names its field; ``num_to_keep`` one of two)."""
-    if key == _RAY_NUM_TO_KEEP:
-        return {"keep_top_k", "keep_last_n"}
-    return {_ALIASES.get(key) or _RAY_ALIASES.get(key) or key}
+    """The fields a key may set (a field itself; an alias the fields its framework says)."""
+    return _ALIASES[key].targets(key) if key in _ALIASES else {key}
 
 
 def _unknown(key: str, candidates: list[str], what: str = "config field") -> str:
@@ -665,8 +671,6 @@ def _regroup(data: Mapping[str, Any]) -> tuple[dict[str, dict[str, Any]], list[P
     grouped: dict[str, dict[str, Any]] = {group: {} for group in GROUPS}
     given_as: dict[str, tuple[str, Any]] = {}  # field -> (the key that set it, the value as given)
     problems: list[Problem] = []
-    # Ray's num_to_keep ranks by the score attribute given beside it, else keeps the newest
-    ray_ranked = isinstance(data.get("checkpoint_score_attribute"), str)
 
     def put(name: str, value: Any, key: str, shown: Any) -> None:
         group = FIELD_GROUPS[name]
@@ -706,28 +710,19 @@ def _regroup(data: Mapping[str, Any]) -> tuple[dict[str, dict[str, Any]], list[P
                     problems.append((qualified, f"{sub} belongs to the {FIELD_GROUPS[sub]} group, not {key}"))
                 else:
                     problems.append((qualified, _unknown(str(sub), list(model.model_fields), f"{key} option")))
-        elif key == _HIGHER_IS_BETTER:
-            if not isinstance(value, bool):
-                problems.append((key, f"must be a bool, got {value!r}"))
-            else:
-                put("mode", "max" if value else "min", key, value)
         elif key in _ALIASES:
-            put(_ALIASES[key], value, key, value)
-        elif key in _RAY_ALIASES or key == _RAY_NUM_TO_KEEP:
-            if value is None and key != "checkpoint_score_order":
-                continue  # Ray's default: no ranking / keep every checkpoint
-            if key == _RAY_NUM_TO_KEEP and isinstance(value, int) and not isinstance(value, bool) and value < 1:
-                problems.append((key, f"must be None or at least 1, as in Ray's CheckpointConfig, got {value!r}"))
-            elif key == _RAY_NUM_TO_KEEP:
-                put("keep_top_k" if ray_ranked else "keep_last_n", value, key, value)
-            else:
-                put(_RAY_ALIASES[key], value, key, value)
+            translated = _ALIASES[key].translate(key, value, data)
+            if isinstance(translated, str):
+                problems.append((key, translated))
+            for name, field_value in [] if isinstance(translated, str) else translated:
+                put(name, field_value, key, value)
         elif key in FIELD_GROUPS:
             put(key, value, key, value)
         else:
             problems.append((key, _unknown(key, _known_keys())))
-    if ray_ranked and "mode" not in grouped["retention"]:
-        put("mode", _RAY_DEFAULT_ORDER, "checkpoint_score_order (Ray's default)", _RAY_DEFAULT_ORDER)
+    for aliases in dict.fromkeys(_ALIASES.values()):  # each framework once, in registration order
+        for name, value, shown_as in aliases.implied(data, given_as):
+            put(name, value, shown_as, value)
     sources = {name: key for name, (key, _) in given_as.items() if key not in (name, f"{FIELD_GROUPS[name]}.{name}")}
     return grouped, problems, sources
 

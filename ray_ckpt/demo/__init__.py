@@ -25,10 +25,15 @@ import ray
 import torch
 from torch import nn
 
-import ray_ckpt
 from ray_ckpt.core.config import CheckpointConfig
+from ray_ckpt.core.errors import CheckpointNotFoundError
 from ray_ckpt.core.index import CheckpointInfo
+from ray_ckpt.core.store import CheckpointStore
 from ray_ckpt.distributed.checkpointer import LOG_LEVEL_ENV
+from ray_ckpt.distributed.eval import EvalClient
+from ray_ckpt.distributed.handle import start_checkpointer
+from ray_ckpt.distributed.worker import WorkerClient
+from ray_ckpt.tiers.tiered import open_store
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +116,7 @@ class RankTraining:
         model_sd, optim_sd = get_state_dict(self.model, self.opt)
         return model_sd, {"optim": optim_sd, "step": step}
 
-    def restore(self, store: ray_ckpt.CheckpointStore, step: int) -> bool:
+    def restore(self, store: CheckpointStore, step: int) -> bool:
         """Load weights and optimizer state from ``step`` into this rank's shards (any world size
         saved it); whether the optimizer state was there."""
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -149,7 +154,7 @@ class DemoTrainer:
         self.rank, self.world_size = rank, world_size
         self.training: RankTraining | None = None
         self.step = 0
-        self.client: ray_ckpt.WorkerClient | None = None
+        self.client: WorkerClient | None = None
         self._pending: list[Any] = []
 
     def rendezvous(self) -> tuple[str, int]:
@@ -159,8 +164,8 @@ class DemoTrainer:
     def connect(self, run_name: str, address: tuple[str, int] | None = None) -> dict[str, Any]:
         """Join the ranks' group and the run; resume weights and optimizer state from its latest checkpoint."""
         self.training = RankTraining(self.rank, self.world_size, address)
-        self.client = ray_ckpt.WorkerClient(run_name, self.rank, self.world_size)
-        store = ray_ckpt.open_store(self.client.config)
+        self.client = WorkerClient(run_name, self.rank, self.world_size)
+        store = open_store(self.client.config)
         latest = store.latest()
         restored = False
         if latest is not None:
@@ -210,10 +215,10 @@ class DemoEvaluator:
     def __init__(self, index: int, count: int) -> None:
         self.index, self.count = index, count
         self.x, self.y = make_data(seed=10_000)
-        self.ev: ray_ckpt.EvalClient | None = None
+        self.ev: EvalClient | None = None
 
     def connect(self, run_name: str) -> int:
-        self.ev = ray_ckpt.EvalClient(run_name)
+        self.ev = EvalClient(run_name)
         return self.index
 
     def evaluate(self, model: nn.Module) -> float:
@@ -241,7 +246,7 @@ class DemoEvaluator:
                         score = self.evaluate(self.ev.load_model(step))
                         self.ev.report_eval(step, {EVAL_METRIC: score})
                         evaluated.append((step, score))
-                except ray_ckpt.CheckpointNotFoundError:
+                except CheckpointNotFoundError:
                     pass  # retention removed it before we leased it
             if seen >= final_step:
                 break
@@ -298,7 +303,7 @@ def run_demo(
     started = time.monotonic()
     trainers = [DemoTrainer.remote(r, workers) for r in range(workers)]
     evals = [DemoEvaluator.remote(i, evaluators) for i in range(evaluators)]
-    handle = ray_ckpt.start_checkpointer(config)
+    handle = start_checkpointer(config)
     # The class as every process imports it (run as __main__, this module's own DemoTransformer would
     # be recorded as "__main__.DemoTransformer"). A live class trusts its module: the checkpointer serves it to
     # the evaluators' allow-list, so they build the model with the default settings.
@@ -410,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         changes["run_name"] = args.run_name
     config = config.replace(**changes)
     if args.fresh:
-        store = ray_ckpt.open_store(config)
+        store = open_store(config)
         store.storage.rm("", recursive=True, missing_ok=True)
     address = args.address or os.environ.get("RAY_ADDRESS")
     started = time.monotonic()
@@ -424,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Ray up in {time.monotonic() - started:.1f}s ({address or 'local'})", flush=True)
     try:
         top = run_demo(config, steps=args.steps, workers=args.workers, evaluators=args.evaluators)
-        kept = ray_ckpt.open_store(config).list()
+        kept = open_store(config).list()
     finally:
         ray.shutdown()
     print(f"\nTop checkpoints of run {config.run_name!r} by {config.metric_name} ({config.mode}):\n")

@@ -37,52 +37,22 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import ray
 import xxhash
 
 from ray_ckpt.core.config import CheckpointConfig
-from ray_ckpt.core.errors import CheckpointExistsError, ConfigError, SaveAbortedError
-from ray_ckpt.core.format.digests import FileDigest, merge_files
+from ray_ckpt.core.errors import CheckpointExistsError, SaveAbortedError
+from ray_ckpt.core.format.digests import merge_files
 from ray_ckpt.core.index import CheckpointIndex, CheckpointInfo, IndexDelta, IndexFeed
 from ray_ckpt.core.layout import validate_metrics, validate_step
-from ray_ckpt.core.planner import MODEL, TRAINER, RankState, SavePlan, check_rank_state
-from ray_ckpt.core.planner import TensorMeta as TensorMeta  # re-exported: part of a rank's report
+from ray_ckpt.core.planner import MODEL, TRAINER, SavePlan
 from ray_ckpt.core.retention import plan, policy_from_config
 from ray_ckpt.core.writer import StepWriter
 from ray_ckpt.distributed import metrics as telemetry
+from ray_ckpt.distributed.wire import RankReport, RankResult, check_rank_bytes, check_rank_report
 from ray_ckpt.tiers.tiered import open_store, uploader_of
 
 logger = logging.getLogger(__name__)
-
-ACTOR_NAME_PREFIX = "ray_ckpt:"
-MAX_CONCURRENT_CALLS = 100_000  # open calls the master serves at once (~65 KB of its memory each)
-# Ray collects a named, non-detached actor once no handle is left; the process that started a
-# checkpointer keeps one here so the run's master lives as long as its driver (or until shutdown).
-_STARTED: dict[tuple[str | None, str], Any] = {}
-
-
-# Per checkpointer actor, the newest index position (epoch, version) a call from this process
-# saw acknowledged (a commit): an index follower in this process answers only once it has it.
-_SEEN_POSITIONS: dict[Any, tuple[str, int]] = {}
-_SEEN_LOCK = threading.Lock()
-
-
-def note_index_position(actor: Any, position: tuple[str, int] | None) -> None:
-    """Remember that this process saw ``actor``'s index reach ``position``."""
-    if position is None:
-        return
-    with _SEEN_LOCK:
-        seen = _SEEN_POSITIONS.get(actor)
-        if seen is None or tuple(position) > seen:
-            _SEEN_POSITIONS[actor] = (position[0], position[1])
-
-
-def seen_index_position(actor: Any) -> tuple[str, int] | None:
-    """The newest index position of ``actor`` this process saw acknowledged (None: none yet)."""
-    with _SEEN_LOCK:
-        return _SEEN_POSITIONS.get(actor)
-
 
 LOG_LEVEL_ENV = "RAY_CKPT_LOG_LEVEL"  # the checkpointer's log level (default INFO: one line per commit)
 
@@ -99,40 +69,6 @@ def _log_to_stderr() -> None:
         level = logging.getLevelName(os.environ.get(LOG_LEVEL_ENV, "INFO").upper())  # an int for a known name
         package.setLevel(level if isinstance(level, int) else logging.INFO)
         package.propagate = False
-
-
-def actor_name(run_name: str) -> str:
-    """The registered name of a run's checkpointer actor."""
-    return f"{ACTOR_NAME_PREFIX}{run_name}"
-
-
-@dataclass
-class RankReport:
-    """What one rank sends to join a step: its descriptions, metrics and (gather mode) its bytes."""
-
-    rank: int
-    world_size: int
-    model: RankState
-    trainer: RankState | None = None
-    metrics: dict[str, float] = field(default_factory=dict)
-    metadata: dict[str, Any] = field(default_factory=dict)
-    # Gather mode: [ref] of {key: uint8 numpy view}; refs are wrapped in lists so Ray passes
-    # them through unresolved and the actor fetches them on its own schedule.
-    model_ref: list[ray.ObjectRef] | None = None
-    trainer_ref: list[ray.ObjectRef] | None = None
-
-
-@dataclass
-class RankResult:
-    """What one rank reports once it has written its share of a direct-mode plan."""
-
-    rank: int
-    # the files it streamed, and its part (the digests of its chunks) of each shared file it wrote into
-    files: dict[str, FileDigest] = field(default_factory=dict)
-    digests: dict[tuple[str, str], str] = field(default_factory=dict)  # xxh3 of its replicated chunks
-    # The chunks the plan has it send to the master (files the master writes): [ref] per part.
-    model_ref: list[ray.ObjectRef] | None = None
-    trainer_ref: list[ray.ObjectRef] | None = None
 
 
 @dataclass
@@ -157,41 +93,6 @@ class _PendingStep:
         if self.plan is None:
             return set()
         return set(self.results) | {r for r in self.reports if self.plan.idle(r)}
-
-
-def check_rank_bytes(state: RankState, arrays: Any, what: str, keys: Any = None) -> None:
-    """ValueError naming the key unless ``arrays`` holds each (or each of ``keys``) tensor's declared bytes.
-
-    ``arrays`` is what the rank put into the object store: ``{key: uint8 numpy array}``.
-    """
-    if not isinstance(arrays, dict):
-        raise ValueError(f"{what}: the bytes sent are a {type(arrays).__name__}, not a dict of arrays")
-    for key in state.tensors if keys is None else keys:
-        meta = state.tensors[key]
-        data = arrays.get(key)
-        if not isinstance(data, np.ndarray):
-            sent = "no bytes were sent" if data is None else f"a {type(data).__name__} was sent, not an array"
-            raise ValueError(f"{what}: key {key!r}: {sent}")
-        if data.nbytes != meta.nbytes:
-            raise ValueError(
-                f"{what}: key {key!r}: {data.nbytes} bytes were sent for {meta.dtype}{list(meta.shape)} "
-                f"({meta.nbytes} bytes)"
-            )
-
-
-def check_rank_report(report: RankReport) -> None:
-    """ValueError naming the key (or metric) when a rank's report cannot be committed as sent.
-
-    Checks the model and trainer descriptions (:func:`~ray_ckpt.core.planner.check_rank_state`) and the
-    metrics, which are replaced by their float values (numpy and torch scalars included).
-    """
-    check_rank_state(report.model, "model")
-    if report.trainer is not None:
-        check_rank_state(report.trainer, "trainer_state")
-    try:
-        report.metrics = validate_metrics(report.metrics, what="metrics")
-    except TypeError as exc:
-        raise ValueError(str(exc)) from None
 
 
 def _bad_report(step: int, rank: Any, exc: Exception) -> SaveAbortedError:
@@ -231,7 +132,7 @@ def compare_replicas(plan: SavePlan, digest: Any) -> None:
 
 
 class Checkpointer:
-    """Master rank of a run (use :func:`ray_ckpt.start_checkpointer` to create it)."""
+    """Master rank of a run (use :func:`ray_ckpt.distributed.handle.start_checkpointer` to create it)."""
 
     def __init__(self, config: CheckpointConfig) -> None:
         _log_to_stderr()  # ray-ckpt's own logger only: the process's root logger is not ours to configure
@@ -877,149 +778,3 @@ class Checkpointer:
         self.feed.reset(await loop.run_in_executor(self._meta, self.store.list))
         self._notify_index_changed()
         return len(self.index)
-
-
-class CheckpointerHandle:
-    """A picklable handle on a run's checkpointer with blocking convenience methods.
-
-    ``handle.actor`` is the raw Ray actor handle for ``.remote()`` calls.
-    """
-
-    def __init__(self, actor: Any, run_name: str, config: CheckpointConfig | None = None) -> None:
-        self.actor = actor
-        self.run_name = run_name
-        self._config = config
-
-    def __repr__(self) -> str:
-        return f"CheckpointerHandle(run={self.run_name!r})"
-
-    @property
-    def config(self) -> CheckpointConfig:
-        if self._config is None:
-            self._config = ray.get(self.actor.get_config.remote())
-        return self._config
-
-    def register(self, model_or_class_path: Any, config: Any = None) -> dict[str, Any]:
-        """Record the run's model_architecture.json (once per run).
-
-        The cached config is dropped: the actor may now serve a wider architecture allow-list.
-        """
-        recorded = ray.get(self.actor.register.remote(model_or_class_path, config))
-        self._config = None
-        return recorded
-
-    def top_k(self, k: int, metric: str | None = None, mode: str | None = None) -> list[CheckpointInfo]:
-        return ray.get(self.actor.top_k.remote(k, metric, mode))
-
-    def best(self, metric: str | None = None, mode: str | None = None) -> CheckpointInfo | None:
-        return ray.get(self.actor.best.remote(metric, mode))
-
-    def latest(self) -> CheckpointInfo | None:
-        return ray.get(self.actor.latest.remote())
-
-    def list(self) -> list[CheckpointInfo]:
-        return ray.get(self.actor.list.remote())
-
-    def wait_for_checkpoint(self, after_step: int | None = None, timeout: float | None = None) -> CheckpointInfo | None:
-        return ray.get(self.actor.wait_for_checkpoint.remote(after_step, timeout))
-
-    def stats(self) -> dict[str, Any]:
-        return ray.get(self.actor.stats.remote())
-
-    def apply_retention(self) -> list[int]:
-        """Apply the run's retention now (it also runs after commits, scores and lease releases)."""
-        return ray.get(self.actor.apply_retention.remote())
-
-    def wait_for_uploads(self, timeout_s: float | None = None) -> dict[str, Any]:
-        """Block until the checkpointer's background uploads are done (see ``Checkpointer.wait_for_uploads``)."""
-        return ray.get(self.actor.wait_for_uploads.remote(timeout_s))
-
-    def shutdown(self) -> None:
-        """Stop the actor for good (no restart)."""
-        for key, actor in list(_STARTED.items()):
-            if actor == self.actor:
-                del _STARTED[key]
-        ray.kill(self.actor, no_restart=True)
-
-
-def check_shared_storage(config: CheckpointConfig) -> None:
-    """Refuse storage that other processes cannot read: ``memory://`` lives in one process.
-
-    The checkpointer, its workers and its evaluators are separate processes; on ``memory://``
-    each would see a storage of its own (a worker's shard or an evaluator's lease that the
-    checkpointer never sees), so a run there could only fail later and obscurely.
-    """
-    for field_name in ("storage_uri", "remote_uri"):
-        uri = getattr(config, field_name)
-        if isinstance(uri, str) and uri.startswith("memory://"):
-            raise ConfigError(
-                f"{field_name}={uri!r}: memory:// storage lives in one process, and a checkpointer's run is "
-                "read by other processes (the checkpointer actor, workers, evaluators); use a directory "
-                "shared by them, file://... or s3://... (memory:// suits CheckpointStore in one process)"
-            )
-
-
-def start_checkpointer(
-    config: CheckpointConfig,
-    name: str | None = None,
-    namespace: str | None = None,
-    detached: bool = False,
-    start_timeout_s: float = 120.0,
-    **actor_options: Any,
-) -> CheckpointerHandle:
-    """Start (or find) the named checkpointer actor of ``config.run_name`` and wait until it is up.
-
-    It restarts up to ``config.max_restarts`` times, rebuilding its index from storage. It is
-    scheduled outside the caller's placement group (a Tune trial's group dies with the trial and
-    would take the run's master with it). A non-detached checkpointer lives as long as the
-    process that started it; use ``detached=True`` when that process may exit first.
-    ``actor_options`` go to ``.options()`` (e.g. ``resources`` or a scheduling strategy).
-    A field the checkpointer ignores (``async_save``: use ``save(blocking=False)``; NeMo's
-    ``enabled``) is a ConfigError, raised before anything starts, and so is ``memory://`` storage
-    (it lives in one process: the checkpointer, workers and evaluators would each see their own).
-    """
-    if not isinstance(config, CheckpointConfig):
-        raise TypeError(f"config: expected CheckpointConfig, got {type(config).__name__}")
-    config.check_consumed("start_checkpointer")
-    check_shared_storage(config)
-    options: dict[str, Any] = {
-        "name": name or actor_name(config.run_name),
-        "namespace": namespace,
-        "get_if_exists": True,
-        "max_restarts": config.max_restarts,
-        "max_task_retries": 0,
-        # Every rank keeps calls open on the master (plan_direct until all ranks joined, a
-        # wait_committed per pending save): Ray's default of 1000 concurrent calls on an async
-        # actor would stall every step of a ~1000-rank run until save_timeout_s aborted it.
-        "max_concurrency": MAX_CONCURRENT_CALLS,
-        "num_cpus": 0,
-        "scheduling_strategy": "DEFAULT",
-    }
-    if detached:
-        options["lifetime"] = "detached"
-    options.update(actor_options)
-    actor = ray.remote(Checkpointer).options(**options).remote(config)
-    try:
-        ray.get(actor.ping.remote(), timeout=start_timeout_s)
-    except ray.exceptions.GetTimeoutError:
-        raise TimeoutError(
-            f"checkpointer {options['name']!r} did not come up within {start_timeout_s}s "
-            "(no node can place it? check its resources / scheduling_strategy)"
-        ) from None
-    _STARTED[(namespace, options["name"])] = actor
-    return CheckpointerHandle(actor, config.run_name, config)
-
-
-def get_checkpointer(run_name: str, namespace: str | None = None, *, timeout_s: float = 30.0) -> CheckpointerHandle:
-    """Find a run's checkpointer by name (from any process or actor), waiting up to ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            actor = ray.get_actor(actor_name(run_name), namespace=namespace)
-            return CheckpointerHandle(actor, run_name)
-        except ValueError:
-            if time.monotonic() >= deadline:
-                raise LookupError(
-                    f"no checkpointer for run {run_name!r} (actor {actor_name(run_name)!r}) in namespace {namespace!r}"
-                ) from None
-            time.sleep(0.2)

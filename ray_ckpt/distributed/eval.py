@@ -23,7 +23,7 @@ from ray_ckpt.core.index import CheckpointIndex, CheckpointInfo, IndexReplica, p
 from ray_ckpt.core.layout import Selector, validate_metrics
 from ray_ckpt.core.runstore import RunStore
 from ray_ckpt.distributed import metrics
-from ray_ckpt.distributed.checkpointer import CheckpointerHandle, get_checkpointer, seen_index_position
+from ray_ckpt.distributed.handle import CheckpointerHandle, get_checkpointer, seen_index_position
 from ray_ckpt.tiers.tiered import open_store
 
 logger = logging.getLogger(__name__)

@@ -41,12 +41,13 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
-from ray_ckpt.core.config import CheckpointConfig, retention_from_ray
+from ray_ckpt.core.config import CheckpointConfig
 from ray_ckpt.core.errors import CheckpointNotFoundError, CorruptCheckpointError
 from ray_ckpt.core.index import CheckpointInfo
 from ray_ckpt.core.safejson import parse_json
 from ray_ckpt.core.store import CheckpointStore
 from ray_ckpt.core.uri import normalize_storage_uri
+from ray_ckpt.distributed.ray_config import retention_from_ray
 from ray_ckpt.tiers.tiered import open_store
 
 if TYPE_CHECKING:

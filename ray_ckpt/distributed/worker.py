@@ -33,13 +33,8 @@ from ray_ckpt.core.shard import local_part
 from ray_ckpt.core.storage.storage import Storage
 from ray_ckpt.core.writer import write_share
 from ray_ckpt.distributed import metrics as telemetry
-from ray_ckpt.distributed.checkpointer import (
-    CheckpointerHandle,
-    RankReport,
-    RankResult,
-    get_checkpointer,
-    note_index_position,
-)
+from ray_ckpt.distributed.handle import CheckpointerHandle, get_checkpointer, note_index_position
+from ray_ckpt.distributed.wire import RankReport, RankResult
 from ray_ckpt.tiers.tiered import open_store
 
 logger = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ray_ckpt.adapters import MettaCheckpointManager, NeMoCheckpointManager, config_from_nemo
-from ray_ckpt.adapters.metta import CheckpointManager
+from ray_ckpt.adapters.metta import MettaCheckpointManager as CheckpointManager
 from ray_ckpt.core.errors import ConfigError
 from ray_ckpt.interop.mock import TinyPolicy
 

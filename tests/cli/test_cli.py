@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import save_file
 
 from ray_ckpt import CheckpointManager, CheckpointStore
-from ray_ckpt.cli.main import main, parse_storage_options
+from ray_ckpt.cli.commands import parse_storage_options
+from ray_ckpt.cli.main import main
 from ray_ckpt.interop.mock import TinyPolicy
 
 LOSSES = {1: 0.9, 2: 0.2, 3: 0.6, 4: 0.4, 5: 0.7, 6: 0.8}

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from ray_ckpt import CheckpointConfig, CheckpointStore, ConfigError, open_store
-from ray_ckpt.core.config import CONSUMERS, FIELD_GROUPS, GROUPS, RetentionOptions, parse_size, retention_from_ray
+from ray_ckpt.core.config import CONSUMERS, FIELD_GROUPS, GROUPS, RetentionOptions, parse_size
+from ray_ckpt.distributed.ray_config import retention_from_ray
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -646,12 +647,12 @@ def test_the_manager_refuses_a_config_value_its_arguments_replace(tmp_path: Path
 
 def test_start_checkpointer_refuses_async_save_before_starting_anything(monkeypatch: pytest.MonkeyPatch) -> None:
     import ray_ckpt
-    from ray_ckpt.distributed import checkpointer
+    from ray_ckpt.distributed import handle
 
     def no_actor(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("an actor was started")
 
-    monkeypatch.setattr(checkpointer.ray, "remote", no_actor)
+    monkeypatch.setattr(handle.ray, "remote", no_actor)
     with pytest.raises(ConfigError, match=r"^async_save: set to True, but start_checkpointer ignores it"):
         ray_ckpt.start_checkpointer(CheckpointConfig(async_save=True))
     with pytest.raises(ConfigError, match=r"^enabled:"):
@@ -718,3 +719,45 @@ def test_an_old_run_with_keep_top_k_and_no_metric_opens(tmp_path: Path, monkeypa
     assert opened.retention_plan() == ([3], [1, 2])
     with pytest.raises(ConfigError, match=r"keep_top_k: set without metric_name"):
         artifact.open_run(f"{tmp_path}/old", keep_top_k=2)  # asked for now, with no metric anywhere
+
+
+def test_core_config_knows_only_its_own_fields_until_an_adapter_registers_its_names() -> None:
+    # In a fresh interpreter: the core config refuses NeMo's and Ray's names until their adapter
+    # modules are imported (``import ray_ckpt``'s names do that), then accepts them.
+    import subprocess
+    import sys
+
+    code = (
+        "from ray_ckpt.core.config import CheckpointConfig\n"
+        "from ray_ckpt.core.errors import ConfigError\n"
+        "for key in ('num_to_keep', 'save_period'):\n"
+        "    try:\n"
+        "        CheckpointConfig(**{key: 2})\n"
+        "    except ConfigError as exc:\n"
+        "        print('refused', str(exc).replace(';', ' (').split(' (')[0])\n"
+        "import ray_ckpt.adapters.nemo_config, ray_ckpt.distributed.ray_config\n"
+        "print(CheckpointConfig(num_to_keep=2).keep_last_n, CheckpointConfig(save_period=2).save_interval_steps)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert done.stdout.splitlines() == [
+        "refused num_to_keep: unknown config field",
+        "refused save_period: unknown config field",
+        "2 2",
+    ], done.stderr[-2000:]
+
+
+def test_an_alias_may_not_shadow_a_field_or_another_frameworks_alias() -> None:
+    from ray_ckpt.core.config import FieldAliases, register_aliases
+
+    class Shadowing(FieldAliases):
+        framework = "test"
+        keys = ("keep_top_k",)
+
+    class Taken(FieldAliases):
+        framework = "test"
+        keys = ("num_to_keep",)
+
+    CheckpointConfig()  # the front door's names registered
+    for aliases in (Shadowing(), Taken()):
+        with pytest.raises(ValueError, match="already names a field, a group or another alias"):
+            register_aliases(aliases)

@@ -121,7 +121,7 @@ def test_more_ranks_than_the_actor_default_concurrency(tmp_path: Path, run_name:
     at most 1000 calls at once would never see the last ranks and abort the step."""
     from ray_ckpt.core.format.tree import FlatState, flatten_state
     from ray_ckpt.core.writer import write_share
-    from ray_ckpt.distributed.checkpointer import RankReport, RankResult, RankState, TensorMeta
+    from ray_ckpt.distributed.wire import RankReport, RankResult, RankState, TensorMeta
 
     world = SIMULATED_RANKS
     config = CheckpointConfig(

@@ -65,7 +65,7 @@ def _shutdown_checkpointers(prefix: str) -> list[str]:
     """Kill the detached checkpointers of an experiment's trials (their names start with the run prefix)."""
     import ray
 
-    from ray_ckpt.distributed.checkpointer import actor_name
+    from ray_ckpt.distributed.handle import actor_name
 
     names = [n for n in ray.util.list_named_actors() if n.startswith(actor_name(prefix))]
     for name in names:

@@ -419,7 +419,7 @@ def test_checkpointer_refuses_bad_reports_and_never_ranks_unrankable_metrics(tmp
     import ray
 
     import ray_ckpt
-    from ray_ckpt.distributed.checkpointer import RankReport
+    from ray_ckpt.distributed.wire import RankReport
 
     config = CheckpointConfig(storage_uri=str(tmp_path), run_name=run_name, metric_name="loss", save_timeout_s=20.0)
     handle = ray_ckpt.start_checkpointer(config)

@@ -20,7 +20,7 @@ import torch
 
 import ray_ckpt
 from ray_ckpt import CheckpointConfig, CheckpointStore, SaveAbortedError
-from ray_ckpt.distributed.checkpointer import RankReport, RankResult, RankState, TensorMeta
+from ray_ckpt.distributed.wire import RankReport, RankResult, RankState, TensorMeta
 from tests.reliability.faults import step_dirs, wait_for
 
 pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.slow]

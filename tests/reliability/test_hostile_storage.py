@@ -475,7 +475,7 @@ def test_an_alias_over_another_ranks_tensor_aborts_naming_key_and_ranks(
 
     import ray_ckpt
     from ray_ckpt import SaveAbortedError
-    from ray_ckpt.distributed.checkpointer import RankState, TensorMeta
+    from ray_ckpt.distributed.wire import RankState, TensorMeta
     from tests.reliability.test_bad_reports import _assert_next_step_commits, _config, _f32, _gather_report
 
     handle = ray_ckpt.start_checkpointer(_config(tmp_path, run_name))
@@ -505,7 +505,7 @@ def test_direct_ranks_declaring_more_than_they_hold_abort_fast_naming_rank_and_k
 
     import ray_ckpt
     from ray_ckpt import SaveAbortedError
-    from ray_ckpt.distributed.checkpointer import RankReport, RankResult, RankState, TensorMeta
+    from ray_ckpt.distributed.wire import RankReport, RankResult, RankState, TensorMeta
     from tests.reliability.test_bad_reports import _assert_next_step_commits, _config, _good_state
 
     handle = ray_ckpt.start_checkpointer(_config(tmp_path, run_name, write_mode="direct"))
