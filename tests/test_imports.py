@@ -34,27 +34,7 @@ def _is_type_checking(node: ast.If) -> bool:
 
 def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
     """The ray_ckpt modules ``name`` imports at runtime (top level and inside functions)."""
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    found: set[str] = set()
-
-    def visit(node: ast.AST) -> None:
-        for child in ast.iter_child_nodes(node):
-            if isinstance(child, ast.If) and _is_type_checking(child):
-                for other in child.orelse:
-                    visit(other)
-                continue
-            if isinstance(child, ast.Import):
-                found.update(alias.name for alias in child.names)
-            elif isinstance(child, ast.ImportFrom):
-                base = child.module or ""
-                if child.level:
-                    anchor = package.split(".")[: len(package.split(".")) - child.level + 1]
-                    base = ".".join([*anchor, base] if base else anchor)
-                found.add(base)
-                found.update(f"{base}.{alias.name}" for alias in child.names)  # `from pkg import module`
-            visit(child)
-
-    visit(ast.parse(path.read_text(), filename=str(path)))
+    found = {target for _, _, targets in _import_statements(name, path) for target in targets}
     # importing a submodule runs its package's __init__ first: that edge is implied, not a cycle
     parents = {".".join(name.split(".")[:i]) for i in range(1, name.count(".") + 1)}
     return {m for m in found if m in modules and m != name and m not in parents}
