@@ -470,6 +470,7 @@ def _pointer_paths(
     cache: dict[str, int | None] | None = None,
     *,
     keep_copies: bool = False,
+    skip_restored: bool = False,
     names: set[str] | None = None,
 ) -> dict[str, int]:
     """``{checkpoint folder: step}`` of the pointers into ``config``'s run Ray holds in ``directory``.
@@ -477,7 +478,8 @@ def _pointer_paths(
     One listing; each pointer is read once (``cache``: Ray never rewrites a checkpoint directory).
     A directory without a readable pointer yet (an upload in flight) is read again next time.
     ``keep_copies``: a copy of each new pointer goes beside Ray's folders (:func:`_sidecar_path`),
-    so that the folder still resolves after Ray deletes it.
+    so that the folder still resolves after Ray deletes it. ``skip_restored``: leave out the
+    folders ray-ckpt put back (:data:`RESTORED_MARKER`), which Ray no longer references.
     ``names`` (if given) receives the name of every checkpoint folder listed, whoever's it is.
     """
     from pyarrow.fs import FileSelector, FileType
@@ -498,6 +500,8 @@ def _pointer_paths(
                 logger.debug("%s: no ray-ckpt pointer (yet): %s", entry.path, exc)
                 continue
             ours = _same_run(pointer, config)
+            if skip_restored and _exists(filesystem, f"{entry.path}/{RESTORED_MARKER}"):
+                ours = False
             if ours and keep_copies:
                 sidecar = _sidecar_path(entry.path)
                 filesystem.create_dir(sidecar.rpartition("/")[0], recursive=True)
@@ -730,9 +734,10 @@ def release_unreferenced(
     of ``RunConfig(storage_filesystem=...)`` when Ray's storage is not a plain path or URI. With
     ``handle`` (the run's ``CheckpointerHandle``) retention runs right away; without one the next
     commit (or ``CheckpointStore.apply_retention()``) deletes what no rule keeps. The pointer
-    folders ray-ckpt put back after Ray deleted them (see :func:`_settle_deleted`) stay, with
-    their steps: a trial's final ``Result.checkpoint`` may name one. Returns the steps whose
-    leases were released.
+    folders ray-ckpt put back after Ray deleted them (see :func:`_settle_deleted`) are removed
+    and their steps released, except those a trial's final ``Result.checkpoint`` names (a PBT
+    exploit after the trial's last report), which :class:`PointerKeeper` hands over to Ray at the
+    end of the experiment. Returns the steps whose leases were released.
     """
     import pyarrow.fs
 
@@ -748,9 +753,8 @@ def release_unreferenced(
             filesystem, directory = storage_filesystem, location.split("://", 1)[-1]
         else:
             filesystem, directory = pyarrow.fs.FileSystem.from_uri(location)
-        # the folders ray-ckpt put back count: a trial's final Result may name one (a PBT exploit
-        # after its last report); at most RAY_DELETED_POINTER_GRACE of them per Ray directory
-        referenced = set(_pointer_paths(filesystem, directory, config).values())
+        referenced = set(_pointer_paths(filesystem, directory, config, skip_restored=True).values())
+        _remove_put_back(filesystem, directory)
         for record in records:
             if record["step"] not in referenced:
                 store.release_lease(record["step"], record["lease_id"])
@@ -763,6 +767,20 @@ def release_unreferenced(
     if handle is not None:
         handle.apply_retention()
     return released
+
+
+def _remove_put_back(filesystem: Any, directory: str) -> None:
+    """Remove the pointer folders ray-ckpt put back in ``directory`` (after ``fit()`` nothing needs them)."""
+    from pyarrow.fs import FileSelector, FileType
+
+    for entry in filesystem.get_file_info(FileSelector(directory, allow_not_found=True)):
+        if entry.type == FileType.Directory and entry.base_name.startswith("checkpoint_"):
+            if _exists(filesystem, f"{entry.path}/{RESTORED_MARKER}"):
+                with contextlib.suppress(FileNotFoundError, OSError):
+                    filesystem.delete_dir(entry.path)
+                for suffix in (RESTORED_SUFFIX, ".json"):  # else the next reconcile would put it back
+                    with contextlib.suppress(FileNotFoundError, OSError):
+                        filesystem.delete_file(f"{directory.rstrip('/')}/{SIDECAR_DIR}/{entry.base_name}{suffix}")
 
 
 _POINTER_KEEPER: type | None = None
@@ -789,7 +807,9 @@ def _pointer_keeper_class() -> type:
         the newest ``RAY_DELETED_POINTER_GRACE`` deleted folders, by the same rule the trials
         apply (:func:`_settle_deleted`; their leases keep the steps). A trial that still fails
         because its checkpoint folder is gone stops the experiment at once with an error saying
-        so, instead of a wait. Pass it as ``RunConfig(callbacks=[PointerKeeper()])``.
+        so, instead of a wait. At the end, a put-back folder that a trial's final checkpoint names
+        becomes Ray's (``release_unreferenced`` keeps it). Pass it as
+        ``RunConfig(callbacks=[PointerKeeper()])``.
         """
 
         def __init__(self) -> None:
@@ -829,6 +849,22 @@ def _pointer_keeper_class() -> type:
                 _settle_deleted(filesystem, directory, names)
             except OSError as exc:
                 logger.warning("could not keep the pointer folders Ray deleted in %s: %s", directory, exc)
+
+        def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
+            """A folder ray-ckpt put back that a trial's final checkpoint names (a PBT exploit after
+            the trial's last report) is Ray's reference now: unmark it, so that it stays."""
+            for trial in trials:
+                checkpoint = trial.checkpoint
+                if checkpoint is None:
+                    continue
+                filesystem, path = _checkpoint_location(checkpoint)
+                if not _exists(filesystem, f"{path}/{RESTORED_MARKER}"):
+                    continue
+                parent, _, name = path.rpartition("/")
+                for mark in (f"{parent}/{SIDECAR_DIR}/{name}{RESTORED_SUFFIX}", f"{path}/{RESTORED_MARKER}"):
+                    with contextlib.suppress(FileNotFoundError, OSError):
+                        filesystem.delete_file(mark)
+                logger.info("%s: trial %s's final checkpoint, put back by ray-ckpt, is kept", path, trial.trial_id)
 
         def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
             """A trial whose checkpoint folder is gone can never be restored: fail the experiment now."""
