@@ -524,3 +524,49 @@ def test_pointer_keeper_puts_back_what_ray_deletes_and_fails_a_trial_that_cannot
     with pytest.raises(RuntimeError, match="cannot be restored: its checkpoint folder .*checkpoint_000000 is gone"):
         keeper.on_trial_error(iteration=9, trials=[trial], trial=trial)
     keeper.on_trial_error(iteration=9, trials=[trial], trial=SimpleNamespace(trial_id="t3", checkpoint=checkpoints[4]))
+
+
+def test_sync_pbt_beyond_the_kept_window_fails_at_once_instead_of_waiting(tmp_path: Path, run_name: str) -> None:
+    """Synchronous PBT whose donor reports 4 checkpoints between perturbations with Ray's
+    num_to_keep=1: Ray deletes the exploited folder and 3 more before the exploited trial restores
+    (beyond the 2 ray-ckpt keeps; docs/RAY.md asks for num_to_keep >= perturbation_interval - 1).
+    Ray's restore fails, and instead of synchronous PBT's endless wait for that trial the
+    experiment stops at once with PointerKeeper's error saying why. (time_budget_s turns a
+    regression into a failed assertion instead of a hung test.)"""
+    from ray import tune
+    from ray.tune.schedulers import PopulationBasedTraining
+
+    from ray_ckpt.distributed.train_tune import PointerKeeper
+
+    events = tmp_path / "events"
+    events.mkdir()
+    pbt = PopulationBasedTraining(
+        time_attr="training_iteration",
+        perturbation_interval=4,
+        quantile_fraction=0.5,
+        resample_probability=0.0,
+        hyperparam_mutations={"lr": [0.0]},
+        synch=True,
+    )
+    with pytest.raises(Exception) as caught:
+        _fit(
+            tmp_path,
+            {
+                "run_prefix": run_name,
+                "storage": str(tmp_path / "ckpt"),
+                "events": str(events),
+                "steps": 8,
+                "keep_last_n": 1,
+                "lr": tune.grid_search([0.05, 0.0]),
+            },
+            tune_config=tune.TuneConfig(metric="loss", mode="min", scheduler=pbt, reuse_actors=True, time_budget_s=240),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            callbacks=[PointerKeeper()],
+            resources={"cpu": 3},  # one trial at a time: the donor runs steps 5-8 before the restore
+        )
+    chain, error = [], caught.value
+    while error is not None:
+        chain.append(str(error))
+        error = error.__cause__ or error.__context__
+    assert any("cannot be restored: its checkpoint folder" in text for text in chain), chain
+    assert any("Synchronous PBT would wait for this trial forever" in text for text in chain), chain
