@@ -1,6 +1,7 @@
 """Cases that need Ray: end-to-end saves from 2 worker actors through the checkpointer (gather and
-direct), the time an async save blocks the training loop, the gather transport against pickled torch
-tensors, the checkpointer's memory growth during a save, and top_k latency under concurrent eval load.
+direct) and Ray Train's own checkpointing of the same state (the anchor), the time an async save
+blocks the training loop, the gather transport against pickled torch tensors, the checkpointer's
+memory growth during a save, and top_k latency under concurrent eval load.
 
 Ray runs locally inside the benchmark process (``start_ray``); actors are defined here and imported
 by the Ray workers through PYTHONPATH.
@@ -8,8 +9,11 @@ by the Ray workers through PYTHONPATH.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
+import statistics
 import threading
 import time
 import uuid
@@ -19,6 +23,7 @@ import ray
 
 from benchmarks.measure import (
     CaseResult,
+    fsync_file,
     make_state_dict,
     percentile,
     rank_indices,
@@ -405,6 +410,89 @@ class RayBench:
             handle.shutdown()
 
 
+def _ray_train_loop(config: dict[str, Any]) -> None:
+    """A Ray Train worker saving its half of the state the way Ray Train documents it, once per round:
+    ``torch.save`` into a temporary directory, ``ray.train.report(checkpoint=Checkpoint.from_directory())``
+    (Ray copies it into the run's storage before report returns), then an fsync of the copy Ray
+    wrote, so it is as durable as ray-ckpt's save. Rank 0 writes the per-round wall times to a file."""
+    import tempfile
+
+    import ray.train
+    import torch
+    import torch.distributed as dist
+
+    rank = ray.train.get_context().get_world_rank()
+    state = make_state_dict(
+        config["total_bytes"], config["tensors"], indices=rank_indices(config["tensors"], rank, WORLD_SIZE)
+    )
+    times: dict[str, list[float]] = {"total": [], "torch_save": [], "report": []}
+    for index in range(config["rounds"]):
+        name = f"checkpoint_{index:06d}"
+        if rank == 0:
+            os.sync()
+        dist.barrier()
+        started = time.perf_counter()
+        with tempfile.TemporaryDirectory(dir=config["local_dir"]) as local:
+            torch.save(state, os.path.join(local, f"model-rank{rank}.pt"))
+            saved = time.perf_counter()
+            ray.train.report(
+                {"round": index}, checkpoint=ray.train.Checkpoint.from_directory(local), checkpoint_dir_name=name
+            )
+            reported = time.perf_counter()
+        persisted = os.path.join(config["experiment_dir"], name)
+        fsync_file(os.path.join(persisted, f"model-rank{rank}.pt"))
+        fsync_file(persisted)
+        dist.barrier()
+        times["total"].append(time.perf_counter() - started)
+        times["torch_save"].append(saved - started)
+        times["report"].append(reported - saved)
+        if rank == 0 and index:  # old checkpoints deleted untimed, as in the ray-ckpt cases
+            shutil.rmtree(os.path.join(config["experiment_dir"], f"checkpoint_{index - 1:06d}"), ignore_errors=True)
+    if rank == 0:  # Train V2's Result keeps only the metrics reported with a checkpoint: a file
+        with open(config["times_file"], "w") as f:
+            json.dump(times, f)
+
+
+def ray_train_save(workdir: str, total_bytes: int, tensors: int, repeat: int, nbytes: int) -> CaseResult:
+    """Ray Train's own checkpointing of the same state to the same disk: a 2-worker TorchTrainer
+    (gloo, CPU) whose workers torch.save their halves and report them (one warm-up round)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    name = f"bench-train-{uuid.uuid4().hex[:8]}"
+    storage = os.path.join(workdir, "ray_train")
+    local_dir = os.path.join(workdir, "ray_train_local")
+    os.makedirs(local_dir, exist_ok=True)
+    trainer = TorchTrainer(
+        _ray_train_loop,
+        train_loop_config={
+            "total_bytes": total_bytes,
+            "tensors": tensors,
+            "rounds": repeat + 1,
+            "local_dir": local_dir,
+            "experiment_dir": os.path.join(storage, name),
+            "times_file": os.path.join(workdir, f"{name}.json"),
+        },
+        scaling_config=ray.train.ScalingConfig(num_workers=WORLD_SIZE, use_gpu=False),
+        run_config=ray.train.RunConfig(name=name, storage_path=storage),
+    )
+    trainer.fit()
+    with open(os.path.join(workdir, f"{name}.json")) as f:
+        times = {part: list(runs)[1:] for part, runs in json.load(f).items()}  # round 0: the warm-up
+    shutil.rmtree(os.path.join(storage, name), ignore_errors=True)
+    return throughput_case(
+        "ray_train_save",
+        "ray",
+        "Ray Train: 2 TorchTrainer workers torch.save their halves, ray.train.report(checkpoint=...) copies "
+        "them into the run's storage (same disk), fsync'd (old checkpoints deleted untimed)",
+        nbytes,
+        times["total"],
+        # rank 0's split: its torch.save into the temporary directory, then ray.train.report
+        torch_save_median_seconds=statistics.median(times["torch_save"]),
+        report_median_seconds=statistics.median(times["report"]),
+    )
+
+
 def run_ray_cases(
     workdir: str,
     total_bytes: int,
@@ -419,6 +507,7 @@ def run_ray_cases(
     bench = RayBench(workdir, total_bytes, tensors)
     try:
         results = bench.end_to_end(repeat)
+        results.append(ray_train_save(workdir, total_bytes, tensors, repeat, bench.nbytes))
         results += bench.async_blocked(repeat)
         results += bench.transport(repeat)
         results.append(bench.checkpointer_rss())

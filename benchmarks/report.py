@@ -93,6 +93,20 @@ TARGETS: list[Target] = [
         _const(0.8),
     ),
     Target(
+        "end-to-end save, 2 actors, gather, vs Ray Train's checkpoint save (medians)",
+        ("e2e_gather_save", "ray_train_save"),
+        lambda c: _metric(c, "ray_train_save", "median_seconds") / _metric(c, "e2e_gather_save", "median_seconds"),
+        ">=",
+        _const(1.0),
+    ),
+    Target(
+        "end-to-end save, 2 actors, direct, vs Ray Train's checkpoint save (medians)",
+        ("e2e_direct_save", "ray_train_save"),
+        lambda c: _metric(c, "ray_train_save", "median_seconds") / _metric(c, "e2e_direct_save", "median_seconds"),
+        ">=",
+        _const(1.0),
+    ),
+    Target(
         "async save (gather): loop blocked / sync save",
         ("async_gather_blocked",),
         lambda c: _metric(c, "async_gather_blocked", "ratio"),

@@ -49,6 +49,7 @@ CASES: dict[str, tuple[str, ...]] = {
     "ray": (
         "e2e_gather_save",
         "e2e_direct_save",
+        "ray_train_save",
         "async_gather_blocked",
         "async_direct_blocked",
         "gather_transfer",

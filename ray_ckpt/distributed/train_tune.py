@@ -72,6 +72,11 @@ RAY_DELETED_POINTER_GRACE = 2
 # In a pointer folder ray-ckpt put back after Ray deleted it (Ray's own restore refuses a
 # checkpoint folder that is gone before ray-ckpt's code runs): ray-ckpt removes it again later.
 RESTORED_MARKER = ".ray_ckpt_restored"
+# Beside each pointer copy in SIDECAR_DIR, ``<folder>.restored`` says that ray-ckpt put that folder
+# back (one listing of SIDECAR_DIR tells Ray's own folders from those); KEEPER_FILE says that a
+# PointerKeeper callback runs on the Tune driver for this directory.
+RESTORED_SUFFIX = ".restored"
+KEEPER_FILE = "keeper"
 # A lease load_from_ray_checkpoint holds while it reads a step (a PBT donor may move on meanwhile).
 LOAD_LEASE_TTL_S = 600.0
 
@@ -468,6 +473,7 @@ def _pointer_paths(
     *,
     keep_copies: bool = False,
     skip_restored: bool = False,
+    names: set[str] | None = None,
 ) -> dict[str, int]:
     """``{checkpoint folder: step}`` of the pointers into ``config``'s run Ray holds in ``directory``.
 
@@ -476,6 +482,7 @@ def _pointer_paths(
     ``keep_copies``: a copy of each new pointer goes beside Ray's folders (:func:`_sidecar_path`),
     so that the folder still resolves after Ray deletes it. ``skip_restored``: leave out the
     folders ray-ckpt put back (:data:`RESTORED_MARKER`), which Ray no longer references.
+    ``names`` (if given) receives the name of every checkpoint folder listed, whoever's it is.
     """
     from pyarrow.fs import FileSelector, FileType
 
@@ -484,6 +491,8 @@ def _pointer_paths(
     for entry in filesystem.get_file_info(FileSelector(directory, allow_not_found=True)):
         if entry.type != FileType.Directory or not entry.base_name.startswith("checkpoint_"):
             continue
+        if names is not None:
+            names.add(entry.base_name)
         if entry.path not in cache:
             try:
                 with filesystem.open_input_file(f"{entry.path}/{POINTER_FILE}") as f:
@@ -529,7 +538,7 @@ class _RayProtection:
                 self.leases[record["step"]] = (record["lease_id"], record["expires"])
         self.pending: set[int] = set()
         self._pointers: dict[str, int | None] = {}
-        self._restored: set[str] = set()  # pointer folders ray-ckpt put back after Ray deleted them
+        self._warned = False  # said once that no PointerKeeper runs while Ray deletes pointers
         self._lock = threading.Lock()
 
     def _acquire(self, step: int) -> None:
@@ -550,53 +559,45 @@ class _RayProtection:
                     ) from exc
             self.pending.add(step)
 
-    def _put_back(self, path: str) -> None:
-        """Put a pointer folder Ray deleted back from its copy (marked as ours): Ray's restore of a
-        synchronous PBT exploit checks that the folder exists before any ray-ckpt code runs."""
-        try:
-            with self.filesystem.open_input_file(_sidecar_path(path)) as f:
-                raw = f.readall()
-            self.filesystem.create_dir(path, recursive=True)
-            with self.filesystem.open_output_stream(f"{path}/{POINTER_FILE}") as f:
-                f.write(raw)
-            with self.filesystem.open_output_stream(f"{path}/{RESTORED_MARKER}") as f:
-                f.write(b"put back by ray-ckpt after Ray deleted it; removed again by ray-ckpt\n")
-        except (FileNotFoundError, OSError) as exc:
-            logger.warning("could not put back the pointer folder %s Ray deleted: %s", path, exc)
-            return
-        self._restored.add(path)
-        logger.info("put back the pointer folder %s, which Ray deleted (a PBT exploit may still name it)", path)
-
-    def _forget(self, path: str) -> None:
-        """Remove the copy of a pointer Ray deleted long ago, and the folder if ray-ckpt put it back."""
-        with contextlib.suppress(FileNotFoundError, OSError):
-            self.filesystem.delete_file(_sidecar_path(path))
-        if path in self._restored:
-            self._restored.discard(path)
-            with contextlib.suppress(FileNotFoundError, OSError):
-                self.filesystem.delete_dir(path)
-
     def reconcile(self) -> list[int]:
         """Match the leases to the pointers Ray holds now; returns the steps released.
 
         The pointers Ray deleted most recently (the newest ``RAY_DELETED_POINTER_GRACE``) stay
-        resolvable, their steps leased: synchronous PBT can hand an exploiting trial a donor's
-        checkpoint that Ray's ``num_to_keep`` has just deleted. Older ones are forgotten.
+        resolvable, their folders put back and their steps leased (:func:`_settle_deleted`): PBT
+        can hand an exploiting trial a donor's checkpoint that Ray's ``num_to_keep`` has just
+        deleted. Older ones are forgotten.
         """
         with self._lock:
-            listed = _pointer_paths(self.filesystem, self.directory, self.config, self._pointers, keep_copies=True)
-            present = {p: step for p, step in listed.items() if p not in self._restored}  # Ray's own
-            deleted = sorted(p for p, step in self._pointers.items() if step is not None and p not in present)
-            keep = RAY_DELETED_POINTER_GRACE
-            recent, old = (deleted[-keep:], deleted[:-keep]) if keep else ([], deleted)
-            for path in old:  # out of the window: forget it, and take back what ray-ckpt put back
-                self._pointers.pop(path)
-                self._forget(path)
-            for path in recent:
-                if path not in listed:
-                    self._put_back(path)
-            kept = {self._pointers[p] for p in recent}
-            referenced = set(present.values()) | {step for step in kept if step is not None}
+            names: set[str] = set()
+            listed = _pointer_paths(
+                self.filesystem, self.directory, self.config, self._pointers, keep_copies=True, names=names
+            )
+            restored, kept, keeper = _settle_deleted(self.filesystem, self.directory, names)
+            ours = {p: step for p, step in listed.items() if p.rpartition("/")[2] not in restored}  # Ray's own
+            kept_steps = set()
+            for path, raw in kept.items():
+                if path not in self._pointers:
+                    try:
+                        pointer = _parse_pointer(raw, path)
+                    except ValueError as exc:
+                        logger.warning("%s: its pointer copy is damaged, so the folder is not kept: %s", path, exc)
+                        continue
+                    self._pointers[path] = int(pointer["step"]) if _same_run(pointer, self.config) else None
+                if self._pointers[path] is not None:
+                    kept_steps.add(self._pointers[path])
+            if kept and not keeper and not self._warned and _in_tune():
+                self._warned = True
+                logger.warning(
+                    "Ray deleted pointer folders of run %s in %s (its CheckpointConfig(num_to_keep)); ray-ckpt "
+                    "puts the newest %d back at this trial's reports, but with PBT an exploiting trial can be "
+                    "restored from one before that and fail ('does not exist on storage anymore'; synchronous "
+                    "PBT then waits forever): pass RunConfig(callbacks=[ray_ckpt.distributed.train_tune."
+                    "PointerKeeper()]) to put them back on the driver at once (docs/RAY.md)",
+                    self.config.run_name,
+                    self.directory,
+                    RAY_DELETED_POINTER_GRACE,
+                )
+            referenced = set(ours.values()) | kept_steps
             self.pending -= referenced
             now = time.time()
             for step in sorted(referenced):
@@ -621,6 +622,68 @@ class _RayProtection:
                 released,
             )
         return released
+
+
+def _settle_deleted(
+    filesystem: Any, directory: str, names: set[str], keep: int = RAY_DELETED_POINTER_GRACE
+) -> tuple[set[str], dict[str, bytes], bool]:
+    """Keep the newest ``keep`` pointer folders Ray deleted from ``directory`` in place; forget older ones.
+
+    Decided from storage alone, so that the trial (at each report) and the Tune driver
+    (:class:`PointerKeeper`, right after Ray deletes) always agree: a folder is Ray's own when it
+    is listed (``names``) without a ``<folder>.restored`` mark in :data:`SIDECAR_DIR`; a pointer
+    copy there whose folder is not Ray's own is one Ray deleted. The newest ``keep`` of those are
+    put back from their copies (mark first, then the folder with :data:`RESTORED_MARKER` inside);
+    older ones lose folder, mark and copy. Returns ``(names of the folders ray-ckpt put back,
+    {kept folder path: pointer bytes}, whether a PointerKeeper runs for this directory)``.
+    """
+    from pyarrow.fs import FileSelector, FileType
+
+    sidecar_dir = f"{directory.rstrip('/')}/{SIDECAR_DIR}"
+    copies: set[str] = set()
+    restored: set[str] = set()
+    keeper = False
+    for entry in filesystem.get_file_info(FileSelector(sidecar_dir, allow_not_found=True)):
+        if entry.type != FileType.File:
+            continue
+        if entry.base_name.endswith(".json"):
+            copies.add(entry.base_name.removesuffix(".json"))
+        elif entry.base_name.endswith(RESTORED_SUFFIX):
+            restored.add(entry.base_name.removesuffix(RESTORED_SUFFIX))
+        elif entry.base_name == KEEPER_FILE:
+            keeper = True
+    deleted = sorted(name for name in copies if name not in names or name in restored)
+    recent, old = (deleted[-keep:], deleted[:-keep]) if keep else ([], deleted)
+    kept: dict[str, bytes] = {}
+    for name in recent:
+        path = f"{directory.rstrip('/')}/{name}"
+        try:
+            with filesystem.open_input_file(f"{sidecar_dir}/{name}.json") as f:
+                raw = f.readall()
+            if name not in names:  # Ray deleted it since the last look: put it back, marked as ours
+                with filesystem.open_output_stream(f"{sidecar_dir}/{name}{RESTORED_SUFFIX}") as f:
+                    f.write(b"put back by ray-ckpt after Ray deleted it\n")
+                restored.add(name)
+                filesystem.create_dir(path, recursive=True)
+                with filesystem.open_output_stream(f"{path}/{POINTER_FILE}") as f:
+                    f.write(raw)
+                with filesystem.open_output_stream(f"{path}/{RESTORED_MARKER}") as f:
+                    f.write(b"put back by ray-ckpt after Ray deleted it; removed again by ray-ckpt\n")
+                logger.info("put back the pointer folder %s, which Ray deleted (a PBT exploit may still name it)", path)
+        except (FileNotFoundError, OSError) as exc:
+            logger.warning("could not keep the pointer folder %s Ray deleted: %s", path, exc)
+            continue
+        kept[path] = raw
+    for name in old:  # out of the window: forget it, and take back what ray-ckpt put back
+        if name in restored:
+            with contextlib.suppress(FileNotFoundError, OSError):
+                filesystem.delete_dir(f"{directory.rstrip('/')}/{name}")
+            with contextlib.suppress(FileNotFoundError, OSError):
+                filesystem.delete_file(f"{sidecar_dir}/{name}{RESTORED_SUFFIX}")
+            restored.discard(name)
+        with contextlib.suppress(FileNotFoundError, OSError):
+            filesystem.delete_file(f"{sidecar_dir}/{name}.json")
+    return restored, kept, keeper
 
 
 _PROTECTIONS: dict[tuple[str, str, str], _RayProtection] = {}
@@ -672,8 +735,11 @@ def release_unreferenced(
     lease ``report`` took names its Ray directory; ``storage_filesystem`` is the pyarrow filesystem
     of ``RunConfig(storage_filesystem=...)`` when Ray's storage is not a plain path or URI. With
     ``handle`` (the run's ``CheckpointerHandle``) retention runs right away; without one the next
-    commit (or ``CheckpointStore.apply_retention()``) deletes what no rule keeps. Returns the
-    steps whose leases were released.
+    commit (or ``CheckpointStore.apply_retention()``) deletes what no rule keeps. The pointer
+    folders ray-ckpt put back after Ray deleted them (see :func:`_settle_deleted`) are removed
+    and their steps released, except those a trial's final ``Result.checkpoint`` names (a PBT
+    exploit after the trial's last report), which :class:`PointerKeeper` hands over to Ray at the
+    end of the experiment. Returns the steps whose leases were released.
     """
     import pyarrow.fs
 
@@ -714,6 +780,121 @@ def _remove_put_back(filesystem: Any, directory: str) -> None:
             if _exists(filesystem, f"{entry.path}/{RESTORED_MARKER}"):
                 with contextlib.suppress(FileNotFoundError, OSError):
                     filesystem.delete_dir(entry.path)
+                for suffix in (RESTORED_SUFFIX, ".json"):  # else the next reconcile would put it back
+                    with contextlib.suppress(FileNotFoundError, OSError):
+                        filesystem.delete_file(f"{directory.rstrip('/')}/{SIDECAR_DIR}/{entry.base_name}{suffix}")
+
+
+_POINTER_KEEPER: type | None = None
+
+
+def _pointer_keeper_class() -> type:
+    """Define :class:`PointerKeeper` on first use (it subclasses ``ray.tune.Callback``, and importing
+    Ray Tune costs a second that nothing else in this module needs)."""
+    global _POINTER_KEEPER
+    if _POINTER_KEEPER is not None:
+        return _POINTER_KEEPER
+    from pyarrow.fs import FileSelector, FileType
+    from ray.tune import Callback
+
+    class PointerKeeper(Callback):
+        """A Tune callback that keeps the pointer folders Ray deletes resolvable, on the driver.
+
+        Ray's ``CheckpointConfig(num_to_keep)`` deletes a trial's old checkpoint folders on the
+        driver, but PBT may still hand one to an exploiting trial, whose restore checks that the
+        folder exists before any ray-ckpt code runs (synchronous PBT pauses the donor right after
+        the report that deleted it, so the trial's own put-back comes too late, and then waits
+        forever for the failed trial). This callback copies each new pointer before Ray registers
+        it, and right after Ray registers it (and deletes whatever ``num_to_keep`` drops) puts back
+        the newest ``RAY_DELETED_POINTER_GRACE`` deleted folders, by the same rule the trials
+        apply (:func:`_settle_deleted`; their leases keep the steps). A trial that still fails
+        because its checkpoint folder is gone stops the experiment at once with an error saying
+        so, instead of a wait. At the end, a put-back folder that a trial's final checkpoint names
+        becomes Ray's (``release_unreferenced`` keeps it). Pass it as
+        ``RunConfig(callbacks=[PointerKeeper()])``.
+        """
+
+        def __init__(self) -> None:
+            self._directories: dict[str, tuple[Any, str]] = {}  # trial id -> (filesystem, trial directory)
+
+        def on_checkpoint(self, iteration: int, trials: list[Any], trial: Any, checkpoint: Any, **info: Any) -> None:
+            """Before Ray registers ``checkpoint`` (and may delete an older one): copy its pointer."""
+            filesystem, path = _checkpoint_location(checkpoint)
+            try:
+                with filesystem.open_input_file(f"{path}/{POINTER_FILE}") as f:
+                    raw = f.readall()
+                _parse_pointer(raw, path)
+            except (FileNotFoundError, ValueError, OSError):
+                return  # not a ray-ckpt pointer: Ray's own checkpoint, nothing to keep
+            sidecar = _sidecar_path(path)
+            sidecar_dir = sidecar.rpartition("/")[0]
+            if trial.trial_id not in self._directories:
+                filesystem.create_dir(sidecar_dir, recursive=True)
+                with filesystem.open_output_stream(f"{sidecar_dir}/{KEEPER_FILE}") as f:
+                    f.write(b"a ray-ckpt PointerKeeper runs on the Tune driver for this directory\n")
+                self._directories[trial.trial_id] = (filesystem, path.rpartition("/")[0])
+            with filesystem.open_output_stream(sidecar) as f:
+                f.write(raw)
+
+        def on_trial_save(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+            """Right after Ray registered a checkpoint (``num_to_keep`` may have deleted one): put back."""
+            location = self._directories.get(trial.trial_id)
+            if location is None:
+                return
+            filesystem, directory = location
+            try:
+                names = {
+                    entry.base_name
+                    for entry in filesystem.get_file_info(FileSelector(directory, allow_not_found=True))
+                    if entry.type == FileType.Directory and entry.base_name.startswith("checkpoint_")
+                }
+                _settle_deleted(filesystem, directory, names)
+            except OSError as exc:
+                logger.warning("could not keep the pointer folders Ray deleted in %s: %s", directory, exc)
+
+        def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
+            """A folder ray-ckpt put back that a trial's final checkpoint names (a PBT exploit after
+            the trial's last report) is Ray's reference now: unmark it, so that it stays."""
+            for trial in trials:
+                checkpoint = trial.checkpoint
+                if checkpoint is None:
+                    continue
+                filesystem, path = _checkpoint_location(checkpoint)
+                if not _exists(filesystem, f"{path}/{RESTORED_MARKER}"):
+                    continue
+                parent, _, name = path.rpartition("/")
+                for mark in (f"{parent}/{SIDECAR_DIR}/{name}{RESTORED_SUFFIX}", f"{path}/{RESTORED_MARKER}"):
+                    with contextlib.suppress(FileNotFoundError, OSError):
+                        filesystem.delete_file(mark)
+                logger.info("%s: trial %s's final checkpoint, put back by ray-ckpt, is kept", path, trial.trial_id)
+
+        def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+            """A trial whose checkpoint folder is gone can never be restored: fail the experiment now."""
+            checkpoint = trial.checkpoint
+            if checkpoint is None:
+                return
+            filesystem, path = _checkpoint_location(checkpoint)
+            if _exists(filesystem, path):
+                return
+            raise RuntimeError(
+                f"trial {trial.trial_id} failed and cannot be restored: its checkpoint folder {path} is gone "
+                "(deleted by Ray's CheckpointConfig(num_to_keep) while a PBT exploit or retry still named it; "
+                f"ray-ckpt keeps the newest {RAY_DELETED_POINTER_GRACE} deleted pointer folders of each trial). "
+                "Synchronous PBT would wait for this trial forever. Raise num_to_keep (with PBT at least "
+                "perturbation_interval - 1) or leave it unset (docs/RAY.md)"
+            )
+
+    PointerKeeper.__module__ = __name__
+    PointerKeeper.__qualname__ = "PointerKeeper"
+    _POINTER_KEEPER = PointerKeeper
+    return PointerKeeper
+
+
+def __getattr__(name: str) -> Any:
+    """``PointerKeeper`` is defined on first access (see :func:`_pointer_keeper_class`)."""
+    if name == "PointerKeeper":
+        return _pointer_keeper_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def ray_checkpoint_config(config: CheckpointConfig, **overrides: Any) -> Any:

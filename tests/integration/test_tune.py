@@ -182,8 +182,9 @@ def _fit(tmp_path: Path, param_space: dict[str, Any], **kwargs: Any) -> Any:
     """Run a Tuner over ``_trainable``; the trials' checkpointers are shut down afterwards."""
     from ray import tune
 
+    resources = kwargs.pop("resources", None)
     tuner = tune.Tuner(
-        _trainable,
+        tune.with_resources(_trainable, resources) if resources else _trainable,
         param_space=param_space,
         run_config=tune.RunConfig(
             storage_path=str(tmp_path / "ray_results"),
@@ -191,6 +192,7 @@ def _fit(tmp_path: Path, param_space: dict[str, Any], **kwargs: Any) -> Any:
             verbose=0,
             failure_config=kwargs.pop("failure_config", None),
             checkpoint_config=kwargs.pop("checkpoint_config", None),
+            callbacks=kwargs.pop("callbacks", None),
         ),
         **kwargs,
     )
@@ -263,27 +265,41 @@ def test_pbt_exploit_restores_the_donor_trial_weights_from_ray_ckpt(tmp_path: Pa
     """PBT clones the good trial into the bad one, which loads the donor's step from ray-ckpt.
 
     ray-ckpt keeps one step per run (keep_last_n=1); Ray keeps the newest two checkpoints per
-    trial (``CheckpointConfig(num_to_keep=2)``, what docs/RAY.md suggests to bound storage), over 3
-    (sync) and 8 (async) steps. Asynchronous PBT: the donor saves past the exploited step before
-    the exploit (``_barrier``), and Ray deletes that pointer folder; ray-ckpt puts it back from its
-    copy and the step must still be there. Every checkpoint Ray lists loads,
-    and once Ray's leases are settled each run holds exactly the steps Ray lists for it.
+    trial (``CheckpointConfig(num_to_keep=2)``, what docs/RAY.md suggests to bound storage, with
+    its ``PointerKeeper`` callback), over 6 (sync) and 8 (async) steps, perturbing every 2. Ray
+    deletes the donor's pointer folder of an exploit before the exploited trial restores from it;
+    ray-ckpt puts it back and the step must still be there. Synchronous PBT: one trial runs at a
+    time (3 of Ray's 4 CPUs each), so the donor always reports two more steps (Ray deletes the
+    exploited folder) before the other trial restores, at steps 2 and 4; the restore that hung
+    before. Asynchronous PBT: ``_barrier`` makes the donor save past the exploited step first.
+    Every checkpoint Ray lists loads (a final checkpoint may be a folder ray-ckpt put back: an
+    exploit after the trial's last report), and once Ray's leases are settled each run holds
+    exactly the steps Ray lists for it.
     """
+    import ray.train
     from ray import tune
     from ray.tune.schedulers import PopulationBasedTraining
 
-    from ray_ckpt.distributed.train_tune import load_from_ray_checkpoint, read_pointer, release_unreferenced
+    from ray_ckpt.distributed.train_tune import (
+        RESTORED_MARKER,
+        PointerKeeper,
+        load_from_ray_checkpoint,
+        read_pointer,
+        release_unreferenced,
+    )
 
     events = tmp_path / "events"
     events.mkdir()
     storage = str(tmp_path / "ckpt")
-    steps = 3 if synch else 8  # sync over more steps: see docs/RAY.md, "Pointers Ray has deleted"
+    steps = 6 if synch else 8
     pbt = PopulationBasedTraining(
         time_attr="training_iteration",
         perturbation_interval=2,
         quantile_fraction=0.5,
         resample_probability=0.0,
-        hyperparam_mutations={"lr": [0.0, 0.05]},
+        # sync: an exploited trial always goes on with lr 0.0, so it stays the worse one (no tie
+        # with its donor, whose weights it copied) and is the one exploited at every perturbation
+        hyperparam_mutations={"lr": [0.0] if synch else [0.0, 0.05]},
         synch=synch,
     )
     results = _fit(
@@ -299,9 +315,18 @@ def test_pbt_exploit_restores_the_donor_trial_weights_from_ray_ckpt(tmp_path: Pa
         },
         tune_config=tune.TuneConfig(metric="loss", mode="min", scheduler=pbt, reuse_actors=True),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+        callbacks=[PointerKeeper()],
+        resources={"cpu": 3} if synch else None,  # sync: one trial at a time, in a fixed order
     )
     assert len(results) == 2
     assert not results.errors, results.errors
+    put_back = {  # (run, step) of the pointer folders Ray deleted and ray-ckpt put back
+        (read_pointer(ckpt)["run_name"], read_pointer(ckpt)["step"])
+        for result in results
+        for ckpt in (
+            ray.train.Checkpoint.from_directory(str(p.parent)) for p in Path(result.path).glob(f"*/{RESTORED_MARKER}")
+        )
+    }
 
     log = _events(events)
     saves = [e for e in log if e["event"] == "save"]
@@ -309,12 +334,13 @@ def test_pbt_exploit_restores_the_donor_trial_weights_from_ray_ckpt(tmp_path: Pa
     assert len(runs_by_trial) == 2
     exploits = [e for e in log if e["event"] == "restore" and e["pointer_run"] != e["own_run"]]
     assert exploits, f"no PBT exploit happened: {log}"
-    exploit = exploits[0]
+    exploit = min(exploits, key=lambda e: e["pointer_step"])  # the first: the good trial into the bad one
     donor_run = exploit["pointer_run"]
     assert donor_run in runs_by_trial.values() and donor_run != exploit["own_run"]
     donor_saves = [e["step"] for e in saves if e["own_run"] == donor_run]
-    if synch:
-        assert exploit["pointer_step"] == 2
+    if synch:  # exploited at steps 2 and 4 (and 6); Ray deleted the folders of 2 and 4 before the restore
+        assert [e["pointer_step"] for e in exploits if e["own_run"] == exploit["own_run"]][:2] == [2, 4]
+        assert (donor_run, 4) in put_back, put_back
     else:  # the donor had moved on: with keep_last_n=1 alone its step would have been deleted
         assert max(donor_saves) > exploit["pointer_step"] >= 4
     donor = CheckpointStore(storage, run_name=donor_run)
@@ -337,7 +363,7 @@ def test_pbt_exploit_restores_the_donor_trial_weights_from_ray_ckpt(tmp_path: Pa
         store = CheckpointStore(config=config)
         store.apply_retention()  # the trials' checkpointers are gone: apply what the rules keep now
         kept = {i.step for i in store.reload().list()}
-        assert kept == listed[run] | {store.latest().step}, (run, kept, listed[run])
+        assert kept == listed[run] | {store.latest().step}, (run, kept, listed[run], put_back)
     if synch:  # Ray keeps two per trial: ray-ckpt's retention still deleted the rest
         assert all(len(steps_kept) <= 3 for steps_kept in listed.values())
     assert own.latest() is not None and own.latest().step == steps
@@ -443,3 +469,104 @@ def test_asha_with_a_failing_trial_resumes_it_and_stops_the_other(tmp_path: Path
     for result in results:
         step, state, _ = load_from_ray_checkpoint(result.checkpoint)
         assert read_pointer(result.checkpoint)["step"] == step == result.metrics["step"]
+
+
+def test_pointer_keeper_puts_back_what_ray_deletes_and_fails_a_trial_that_cannot_restore(tmp_path: Path) -> None:
+    """The driver callback, step by step as Tune calls it: copy each pointer before Ray registers
+    it, put the newest two folders Ray deleted back right after, forget older ones (folder, mark
+    and copy), hand a put-back folder a final checkpoint names over to Ray at the end, and turn a
+    trial whose checkpoint folder is gone into an immediate error."""
+    from types import SimpleNamespace
+
+    import ray.train
+
+    from ray_ckpt.distributed.train_tune import (
+        RESTORED_MARKER,
+        SIDECAR_DIR,
+        PointerKeeper,
+        load_from_ray_checkpoint,
+        write_pointer,
+    )
+
+    store = CheckpointStore(str(tmp_path / "ckpt"), run_name="r")
+    trial_dir = tmp_path / "trial"
+    keeper = PointerKeeper()
+    checkpoints = []
+    for index in range(5):
+        info = store.save(index + 1, {"w": torch.full((2,), float(index))})
+        folder = trial_dir / f"checkpoint_{index:06d}"
+        write_pointer(str(folder), info, store.config)
+        checkpoint = ray.train.Checkpoint.from_directory(str(folder))
+        checkpoints.append(checkpoint)
+        trial = SimpleNamespace(trial_id="t1", checkpoint=checkpoint)
+        keeper.on_checkpoint(iteration=index, trials=[trial], trial=trial, checkpoint=checkpoint)
+        if index >= 2:  # Ray's num_to_keep=2 deletes the folder two back, as it registers this one
+            for path in (trial_dir / f"checkpoint_{index - 2:06d}").iterdir():
+                path.unlink()
+            (trial_dir / f"checkpoint_{index - 2:06d}").rmdir()
+        keeper.on_trial_save(iteration=index, trials=[trial], trial=trial)
+    # Ray holds 3 and 4; 1 and 2 (deleted) are back, marked; 0 (out of the window) is gone with its copy
+    names = sorted(p.name for p in trial_dir.iterdir() if p.name.startswith("checkpoint_"))
+    assert names == [f"checkpoint_{i:06d}" for i in (1, 2, 3, 4)]
+    assert [(trial_dir / n / RESTORED_MARKER).exists() for n in names] == [True, True, False, False]
+    sidecar = sorted(p.name for p in (trial_dir / SIDECAR_DIR).iterdir())
+    assert "checkpoint_000000.json" not in sidecar and "checkpoint_000002.restored" in sidecar
+    assert load_from_ray_checkpoint(checkpoints[1])[0] == 2  # a PBT exploit of a deleted folder resolves
+    # at the end, a put-back folder that a trial's final checkpoint names becomes Ray's (unmarked)
+    final = SimpleNamespace(trial_id="t9", checkpoint=checkpoints[2])
+    keeper.on_experiment_end(trials=[final, SimpleNamespace(trial_id="t8", checkpoint=None)])
+    assert not (trial_dir / names[1] / RESTORED_MARKER).exists() and (trial_dir / names[0] / RESTORED_MARKER).exists()
+    assert not (trial_dir / SIDECAR_DIR / "checkpoint_000002.restored").exists()
+
+    # a trial whose checkpoint folder is gone cannot be restored: an error now, not a wait
+    gone = ray.train.Checkpoint.from_directory(str(trial_dir / "checkpoint_000000"))
+    trial = SimpleNamespace(trial_id="t2", checkpoint=gone)
+    with pytest.raises(RuntimeError, match="cannot be restored: its checkpoint folder .*checkpoint_000000 is gone"):
+        keeper.on_trial_error(iteration=9, trials=[trial], trial=trial)
+    keeper.on_trial_error(iteration=9, trials=[trial], trial=SimpleNamespace(trial_id="t3", checkpoint=checkpoints[4]))
+
+
+def test_sync_pbt_beyond_the_kept_window_fails_at_once_instead_of_waiting(tmp_path: Path, run_name: str) -> None:
+    """Synchronous PBT whose donor reports 4 checkpoints between perturbations with Ray's
+    num_to_keep=1: Ray deletes the exploited folder and 3 more before the exploited trial restores
+    (beyond the 2 ray-ckpt keeps; docs/RAY.md asks for num_to_keep >= perturbation_interval - 1).
+    Ray's restore fails, and instead of synchronous PBT's endless wait for that trial the
+    experiment stops at once with PointerKeeper's error saying why. (time_budget_s turns a
+    regression into a failed assertion instead of a hung test.)"""
+    from ray import tune
+    from ray.tune.schedulers import PopulationBasedTraining
+
+    from ray_ckpt.distributed.train_tune import PointerKeeper
+
+    events = tmp_path / "events"
+    events.mkdir()
+    pbt = PopulationBasedTraining(
+        time_attr="training_iteration",
+        perturbation_interval=4,
+        quantile_fraction=0.5,
+        resample_probability=0.0,
+        hyperparam_mutations={"lr": [0.0]},
+        synch=True,
+    )
+    with pytest.raises(Exception) as caught:
+        _fit(
+            tmp_path,
+            {
+                "run_prefix": run_name,
+                "storage": str(tmp_path / "ckpt"),
+                "events": str(events),
+                "steps": 8,
+                "keep_last_n": 1,
+                "lr": tune.grid_search([0.05, 0.0]),
+            },
+            tune_config=tune.TuneConfig(metric="loss", mode="min", scheduler=pbt, reuse_actors=True, time_budget_s=240),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            callbacks=[PointerKeeper()],
+            resources={"cpu": 3},  # one trial at a time: the donor runs steps 5-8 before the restore
+        )
+    chain, error = [], caught.value
+    while error is not None:
+        chain.append(str(error))
+        error = error.__cause__ or error.__context__
+    assert any("cannot be restored: its checkpoint folder" in text for text in chain), chain
+    assert any("Synchronous PBT would wait for this trial forever" in text for text in chain), chain
