@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from ray_ckpt.adapters.state import plain_state
-from ray_ckpt.core.config import CheckpointConfig
+from ray_ckpt.core.config import CheckpointConfig, register_consumer
 from ray_ckpt.core.format.tree import flatten_state
 from ray_ckpt.core.index import CheckpointInfo
 from ray_ckpt.core.layout import step_dir
@@ -58,6 +58,10 @@ def _json_safe(data: Mapping[str, Any]) -> dict[str, Any]:
 
 def _numbers(data: Mapping[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in data.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+# What MettaCheckpointManager reads of a config (check_consumed(by='MettaCheckpointManager')).
+register_consumer("MettaCheckpointManager", {"store", "retention", "tiering"})
 
 
 class MettaCheckpointManager:

@@ -29,7 +29,7 @@ import torch
 from ray_ckpt.core.architecture import ARCHITECTURE_FILE, Architecture, hf_config_files
 from ray_ckpt.core.background import BackgroundSaves
 from ray_ckpt.core.byo import PendingCheckpoint
-from ray_ckpt.core.config import CheckpointConfig
+from ray_ckpt.core.config import CheckpointConfig, register_consumer
 from ray_ckpt.core.errors import CheckpointExistsError, CheckpointNotFoundError, ConfigError, CorruptCheckpointError
 from ray_ckpt.core.format.buffers import TensorBuffer, to_tensor
 from ray_ckpt.core.format.header import SafetensorsHeader
@@ -68,6 +68,11 @@ class Ranked(Protocol):
     def latest(self) -> CheckpointInfo | None: ...
 
     def best(self) -> CheckpointInfo | None: ...
+
+
+# What CheckpointStore reads of a config (check_consumed(by='CheckpointStore')).
+# tiering: open_store (ray_ckpt.tiers) gives a store opened from a config with remote_uri its remote tier.
+register_consumer("CheckpointStore", {"store", "retention", "tiering"})
 
 
 class CheckpointStore:

@@ -25,7 +25,7 @@ import torch
 
 from ray_ckpt.core.architecture import Architecture
 from ray_ckpt.core.byo import PendingCheckpoint
-from ray_ckpt.core.config import CheckpointConfig
+from ray_ckpt.core.config import CheckpointConfig, register_consumer
 from ray_ckpt.core.errors import CheckpointNotFoundError
 from ray_ckpt.core.format.header import SafetensorsHeader
 from ray_ckpt.core.hooks import TransferObserver
@@ -46,6 +46,10 @@ __all__ = [
     "open_store",
     "uploader_of",
 ]
+
+
+# What TieredCheckpointStore reads of a config (check_consumed(by='TieredCheckpointStore')).
+register_consumer("TieredCheckpointStore", {"store", "retention", "tiering"})
 
 
 def open_store(
