@@ -165,6 +165,20 @@ class CheckpointStore:
     def step_uri(self, step: int) -> str:
         return self.storage.url(step_dir(step))
 
+    # -- durability: one storage, so a committed step is as durable as it gets -------------------
+    def durable_uri(self, step: int, *, wait: bool = False) -> str:
+        """The URI of a committed step's most durable copy: on a plain store, its only one (``wait``
+        matters to tiered stores: whether to wait for the upload)."""
+        return self.info(step).uri
+
+    def wait_for_uploads(self, timeout: float | None = None, *, raise_on_error: bool = True) -> dict[int, str]:
+        """``{step: remote URI}`` of the uploads finished: a plain store uploads nothing, so ``{}``."""
+        return {}
+
+    def not_uploaded_steps(self) -> set[int]:
+        """Committed steps that must stay until their upload is done: none on a plain store."""
+        return set()
+
     # -- the index ----------------------------------------------------------------------------
     def reload(self) -> CheckpointIndex:
         """Read the run's index from storage again (other processes' commits, deletions, scores).
