@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ray_ckpt.adapters.state import plain_state
-from ray_ckpt.core.config import CheckpointConfig
+from ray_ckpt.core.config import CheckpointConfig, register_consumer
 from ray_ckpt.core.errors import CheckpointExistsError, CheckpointNotFoundError, ConfigError
 from ray_ckpt.core.storage.storage import Storage
 from ray_ckpt.core.store import CheckpointStore
@@ -88,6 +88,10 @@ def _replaced_by_arguments(config: CheckpointConfig, changes: Mapping[str, Any])
     if normalize_storage_uri(config.storage_uri) == changes["storage_uri"]:
         replaced.pop("storage_uri")  # the same location, spelled differently
     return replaced
+
+
+# What CheckpointManager reads of a config (check_consumed(by='CheckpointManager')).
+register_consumer("CheckpointManager", {"store", "retention", "save_interval_steps", "async_save"})
 
 
 class CheckpointManager:

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from ray_ckpt.adapters.state import plain_state
-from ray_ckpt.core.config import CheckpointConfig
+from ray_ckpt.core.config import CheckpointConfig, register_consumer
 from ray_ckpt.core.format.tree import flatten_state
 from ray_ckpt.core.index import CheckpointInfo
 from ray_ckpt.core.layout import step_dir
@@ -38,7 +38,7 @@ from ray_ckpt.core.store import CheckpointStore
 from ray_ckpt.core.uri import key_and_version, normalize_uri, parse_uri, validate_run_name
 from ray_ckpt.interop.artifact import load_from_uri as load_artifact
 from ray_ckpt.interop.artifact import open_run
-from ray_ckpt.tiers.tiered import open_store, uploader_of
+from ray_ckpt.tiers.tiered import open_store, tiers_of, uploader_of
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +58,10 @@ def _json_safe(data: Mapping[str, Any]) -> dict[str, Any]:
 
 def _numbers(data: Mapping[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in data.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+# What MettaCheckpointManager reads of a config (check_consumed(by='MettaCheckpointManager')).
+register_consumer("MettaCheckpointManager", {"store", "retention", "tiering"})
 
 
 class MettaCheckpointManager:
@@ -88,8 +92,9 @@ class MettaCheckpointManager:
         self._cache: OrderedDict[str, Any] = OrderedDict()
         self._architecture_recorded = False
         self.store = open_store(cfg)
-        self.uploads = uploader_of(self.store)  # None without a remote tier
-        self.local: CheckpointStore = self.store if self.uploads is None else self.uploads.store  # the local tier
+        self.uploads = uploader_of(self.store)  # the uploader, None without a remote tier (for callers)
+        self._tiers = tiers_of(self.store)  # the plain stores of the run, local first
+        self.local: CheckpointStore = self._tiers[0]  # the local tier
         self.config = cfg
         self._trainer = CheckpointStore(
             self.local.uri, run_name=TRAINER_STATE_RUN, storage_options=cfg.storage_options, keep_last_n=1
@@ -135,9 +140,7 @@ class MettaCheckpointManager:
         info = self.store.save(epoch, state, metrics=_numbers(record), metadata=record, overwrite=True)
         self._forget_cached(epoch)
         wait = self.wait_for_upload if wait_for_upload is None else wait_for_upload
-        if self.uploads is not None and wait:
-            return self.uploads.upload_future(epoch).result()
-        return info.uri
+        return self.store.durable_uri(epoch, wait=True) if wait else info.uri
 
     def save_trainer_state(
         self,
@@ -183,7 +186,7 @@ class MettaCheckpointManager:
 
     def _own_store(self, run_uri: str) -> Any:
         """This run's (tier-aware) store when ``run_uri`` names it on either tier, else None."""
-        if run_uri == self.local.uri or (self.uploads is not None and run_uri == self.uploads.remote.uri):
+        if any(run_uri == tier.uri for tier in self._tiers):
             return self.store
         return None
 
@@ -264,22 +267,14 @@ class MettaCheckpointManager:
 
         infos.sort(key=key, reverse=True)
         chosen = infos if strategy == "all" else infos[: max(0, count)]
-        out = []
-        for info in chosen:
-            if self.uploads is not None and "remote" in info.durability:
-                out.append(self.uploads.remote.step_uri(info.step))
-            else:
-                out.append(info.uri)
-        return out
+        return [self.store.durable_uri(info.step) for info in chosen]
 
     def cleanup_old_checkpoints(self, keep_last_n: int = 5) -> int:
         """Delete all but the last ``keep_last_n`` local checkpoints (never the latest, leased or un-uploaded ones)."""
         pruner = CheckpointStore(
             config=self.local.config.replace(keep_last_n=keep_last_n, keep_top_k=None, keep_period=None)
         )
-        protected = set(pruner.leased_steps())
-        if self.uploads is not None:
-            protected |= self.uploads.not_uploaded_steps()
+        protected = pruner.leased_steps() | self.store.not_uploaded_steps()
         deleted = pruner.apply_retention(protected)
         self.local.reload()
         return len(deleted)
@@ -295,7 +290,7 @@ class MettaCheckpointManager:
 
     def wait_for_uploads(self) -> dict[int, str]:
         """Block until background uploads finish (``{}`` without a remote tier)."""
-        return self.uploads.wait_for_uploads() if self.uploads is not None else {}
+        return self.store.wait_for_uploads()
 
     def close(self) -> None:
         """Finish background uploads and release threads."""

@@ -26,7 +26,7 @@ from typing import Any
 
 import ray_ckpt.adapters.nemo_config  # noqa: F401 - registers NeMo RL's field names with the config
 from ray_ckpt.core.byo import TRAINING_INFO_FILE, PendingCheckpoint, read_training_info
-from ray_ckpt.core.config import CheckpointConfig
+from ray_ckpt.core.config import CheckpointConfig, register_consumer
 from ray_ckpt.core.errors import CheckpointNotFoundError
 from ray_ckpt.core.index import CheckpointInfo
 from ray_ckpt.core.layout import parse_step_dir, step_dir
@@ -71,6 +71,10 @@ def config_from_nemo(config: Mapping[str, Any], **overrides: Any) -> CheckpointC
         data["keep_last_n"] = max(int(ft_keep), int(data.get("keep_last_n") or 0))
     data.update(overrides)
     return CheckpointConfig.from_dict(data)
+
+
+# What NeMoCheckpointManager reads of a config (check_consumed(by='NeMoCheckpointManager')).
+register_consumer("NeMoCheckpointManager", {"store", "retention", "tiering", "save_interval_steps", "enabled"})
 
 
 class NeMoCheckpointManager:

@@ -57,7 +57,9 @@ logger = logging.getLogger(__name__)
 
 TRAINING_INFO_FILE = "training_info.json"
 RUN_CONFIG_FILE = "ray_ckpt_run_config.json"  # a name of its own: the trainer's config.json is the trainer's
-LEGACY_RUN_CONFIG_FILE = "config.json"  # what checkpoints committed before the rename hold
+# The run config's name in trainer-written steps committed by versions d53f1b0..46468c3^ (2026-11-23
+# to 2026-12-01); kept so read_run_config still reads them.
+LEGACY_RUN_CONFIG_FILE = "config.json"
 RUN_CONFIG_KEY = "run_config"  # the marker names the run-config file (null: none was given)
 FILES_KIND = "files"
 _CHUNK = 16 << 20

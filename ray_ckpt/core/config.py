@@ -4,8 +4,9 @@
 ``schedule``, ``checkpointer``, ``tiering``). pydantic (a declared dependency) reports
 every invalid field of a config at once, validates assignments and exports a JSON schema. Every
 option can still be given and read flat (``CheckpointConfig(keep_last_n=3).keep_last_n``); the
-groups say which entry point reads what (see :data:`CONSUMERS`), so that a field set where the
-entry point ignores it is an error instead of a silent no-op. No I/O beyond reading the YAML.
+groups say which entry point reads what (each entry point registers it: :func:`register_consumer`),
+so that a field set where the entry point ignores it is an error instead of a silent no-op. No I/O
+beyond reading the YAML.
 
 Only ray-ckpt's own field names are known here. Another framework's names for them (NeMo RL's
 ``checkpoint_dir``, Ray Train's ``num_to_keep``) live with that framework's adapter, which
@@ -364,17 +365,25 @@ GROUPS: dict[str, type[OptionGroup]] = {
 FIELD_GROUPS: dict[str, str] = {name: group for group, model in GROUPS.items() for name in model.model_fields}
 
 # Which options each entry point reads: group names, or single fields of a group it reads only in
-# part. A non-default value outside these is an error there (``check_consumed``).
-CONSUMERS: dict[str, frozenset[str]] = {
-    "CheckpointStore": frozenset({"store", "retention", "tiering"}),  # remote_uri: the upload plug-in
-    "CheckpointManager": frozenset({"store", "retention", "save_interval_steps", "async_save"}),
-    # the loop that drives the checkpointer reads save_interval_steps (the demo does); the
-    # clients (WorkerClient, EvalClient) receive the checkpointer's config and are not checked.
-    "start_checkpointer": frozenset({"store", "retention", "checkpointer", "tiering", "save_interval_steps"}),
-    "TieredCheckpointStore": frozenset({"store", "retention", "tiering"}),
-    "NeMoCheckpointManager": frozenset({"store", "retention", "tiering", "save_interval_steps", "enabled"}),
-    "MettaCheckpointManager": frozenset({"store", "retention", "tiering"}),
-}
+# part. A non-default value outside these is an error there (``check_consumed``). Empty here: each
+# entry point registers its own entry where it is defined (:func:`register_consumer`).
+CONSUMERS: dict[str, frozenset[str]] = {}
+
+
+def register_consumer(name: str, reads: Iterable[str]) -> None:
+    """Declare what entry point ``name`` reads (group names, or single fields of a group it reads in
+    part), for ``check_consumed(by=name)`` and the "read by" part of its errors.
+
+    Called by the module that defines the entry point, when it is imported. ValueError for an
+    unknown group or field, or for a name already registered with other reads.
+    """
+    wanted = frozenset(reads)
+    unknown = wanted - set(GROUPS) - set(FIELD_GROUPS)
+    if unknown:
+        raise ValueError(f"consumer {name!r}: unknown groups or fields {sorted(unknown)}")
+    if CONSUMERS.get(name, wanted) != wanted:
+        raise ValueError(f"consumer {name!r}: already registered, reading {sorted(CONSUMERS[name])}")
+    CONSUMERS[name] = wanted
 
 
 class CheckpointConfig(BaseModel):
@@ -393,7 +402,8 @@ class CheckpointConfig(BaseModel):
     * ``tiering`` (TieredCheckpointStore, the NeMo/Metta managers, start_checkpointer):
       remote_uri, remote_storage_options.
 
-    :data:`CONSUMERS` holds the same table for :meth:`check_consumed`.
+    Each entry point registers what it reads (:func:`register_consumer`, collected in
+    :data:`CONSUMERS`) for :meth:`check_consumed`.
 
     Build it flat (``CheckpointConfig(storage_uri=..., metric_name="loss", keep_top_k=3)``), grouped
     (``CheckpointConfig(retention={"keep_top_k": 3, "metric_name": "loss"})``) or both; read it
@@ -561,7 +571,7 @@ class CheckpointConfig(BaseModel):
         problems: list[Problem] = []
         for name in unused:
             readers = [c for c, reads in CONSUMERS.items() if name in reads or FIELD_GROUPS[name] in reads]
-            where = f"read by {', '.join(readers)}" if readers else "read by no entry point"
+            where = f"read by {', '.join(readers)}" if readers else "read by no entry point imported so far"
             problems.append(
                 (
                     name,

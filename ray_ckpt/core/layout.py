@@ -38,10 +38,14 @@ INDEX_SNAPSHOT = "index.parquet"
 INDEX_LOG_DIR = "index_log"
 TRAINER_STATE_DIR = "trainer_state"  # out of the model files' way: a *.safetensors glob sees weights only
 TRAINER_STATE_JSON = f"{TRAINER_STATE_DIR}/trainer_state.json"  # structure, aliases, weight map (and chunks)
-# Before the trainer_state/ directory (steps written by earlier versions, still read):
+# Before the trainer_state/ directory: the trainer state as these two files beside the model,
+# written by every version from the first commit (8df6c1e, 2026-11-23) until the trainer_state/
+# directory (1703474, 2026-12-01). Kept: runs saved with those versions resume from them.
 TRAINER_TENSORS = "trainer_state.safetensors"
 TRAINER_JSON = "trainer_state.json"
-FORMAT_VERSION = 2  # 2: tensor files carry block digests (version 1 steps, whole-file checksums, still load)
+# 2: tensor files carry block digests (20e4da1, 2026-12-07). Version 1 steps (whole-file checksums)
+# were written by every version before it; kept: they load and verify with those checksums.
+FORMAT_VERSION = 2
 _STEP_RE = re.compile(r"^step_(\d{9,})$")
 _SELECTOR_RE = re.compile(r"^(?:(latest|best)|(?:v|step_)(\d+)|(\d+))$")
 REPLACE_RE = re.compile(r"^\.step_(\d{9,})\.(replace|old)-([0-9a-f]{12})$")  # see staging_dir
@@ -137,7 +141,8 @@ def metrics_to_json(metrics: Mapping[str, float]) -> dict[str, float | str]:
 
 
 def metrics_from_json(raw: Any, *, name: str, where: str = "metrics") -> dict[str, float]:
-    """Inverse of :func:`metrics_to_json` (also reads bare NaN/Infinity written by older versions).
+    """Inverse of :func:`metrics_to_json`; also reads bare NaN/Infinity (kept: every version before
+    7d0db75 (2026-11-23) wrote non-finite metrics that way into checkpoint.json and eval_metrics.json).
 
     CorruptCheckpointError naming the file and the metric for anything but names -> numbers.
     """

@@ -167,8 +167,9 @@ class StepReader:
     def _trainer_layout(self, manifest: Manifest, *, verify: bool) -> tuple[Any, dict[str, str], dict[str, str]]:
         """trainer_state.json's structure, aliases and weight map, checked (a damaged file names itself).
 
-        Steps written before the ``trainer_state/`` directory hold one ``trainer_state.safetensors``
-        beside the model: their weight map is every tensor of that file.
+        Steps written before the ``trainer_state/`` directory (by versions before 1703474,
+        2026-12-01; kept so their runs resume) hold one ``trainer_state.safetensors`` beside the
+        model: their weight map is every tensor of that file.
         """
         legacy = TRAINER_STATE_JSON not in manifest.files
         name = TRAINER_JSON if legacy else TRAINER_STATE_JSON
@@ -304,7 +305,9 @@ class StepReader:
                 path = self._file_path(manifest, fname)
                 blocks = manifest.files[fname].blocks if verify else None
                 if verify and blocks is None:
-                    self._check_file(manifest, fname)  # an older step: whole-file checksum, read whole once
+                    # only a whole-file checksum (a format_version 1 step, written before 20e4da1,
+                    # or a file the store did not write itself): read whole once to check it
+                    self._check_file(manifest, fname)
                 if blocks is not None:
                     check_header(header, manifest.files[fname], name=path)
                 with self.storage.open_read(path) as f:

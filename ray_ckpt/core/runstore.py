@@ -14,6 +14,8 @@ them with ``inspect.signature``). A tiered store is composed of two plain stores
 * ``apply_retention`` applies the rules on the local tier, where a step not yet uploaded is kept,
   and has the uploader apply them on the remote tier right after (so no caller waits for the
   remote storage); it returns the steps no tier holds any more. ``delete`` removes every copy.
+* ``durable_uri``, ``wait_for_uploads`` and ``not_uploaded_steps`` answer about the upload (a
+  plain store has none: its step URI, ``{}``, no steps), so callers need not ask which they hold.
 
 No I/O and no Ray here.
 """
@@ -168,6 +170,18 @@ class RunStore(Protocol):
 
     def store_for(self, step: int) -> CheckpointStore:
         """The plain store ``step`` is read from (this one, or the tier/fallback that holds it)."""
+        ...
+
+    def durable_uri(self, step: int, *, wait: bool = False) -> str:
+        """The URI of a step's most durable copy (the remote one once uploaded; ``wait`` for it)."""
+        ...
+
+    def wait_for_uploads(self, timeout: float | None = None, *, raise_on_error: bool = True) -> dict[int, str]:
+        """Block until queued uploads finish; ``{step: remote URI}`` of the successful (``{}``: no tier)."""
+        ...
+
+    def not_uploaded_steps(self) -> set[int]:
+        """Committed local steps without a remote copy yet, which pruning must keep (none: no tier)."""
         ...
 
 

@@ -36,8 +36,8 @@ def corrupt(name: str, message: str) -> CorruptCheckpointError:
 def parse_json(data: bytes | str, *, name: str, max_depth: int = MAX_DEPTH) -> Any:
     """Parse JSON text from storage; CorruptCheckpointError naming ``name`` if it is not sane JSON.
 
-    Bare ``NaN``/``Infinity`` are accepted (older metrics files hold them); the value is then
-    checked field by field through :class:`JsonObject`.
+    Bare ``NaN``/``Infinity`` are accepted (kept: versions before 7d0db75, 2026-11-23, wrote
+    non-finite metrics that way); the value is then checked field by field through :class:`JsonObject`.
     """
     if len(data) > MAX_JSON_BYTES:
         raise corrupt(name, f"{len(data)} bytes of JSON is over the {MAX_JSON_BYTES}-byte limit")

@@ -29,7 +29,7 @@ import torch
 from ray_ckpt.core.architecture import ARCHITECTURE_FILE, Architecture, hf_config_files
 from ray_ckpt.core.background import BackgroundSaves
 from ray_ckpt.core.byo import PendingCheckpoint
-from ray_ckpt.core.config import CheckpointConfig
+from ray_ckpt.core.config import CheckpointConfig, register_consumer
 from ray_ckpt.core.errors import CheckpointExistsError, CheckpointNotFoundError, ConfigError, CorruptCheckpointError
 from ray_ckpt.core.format.buffers import TensorBuffer, to_tensor
 from ray_ckpt.core.format.header import SafetensorsHeader
@@ -68,6 +68,11 @@ class Ranked(Protocol):
     def latest(self) -> CheckpointInfo | None: ...
 
     def best(self) -> CheckpointInfo | None: ...
+
+
+# What CheckpointStore reads of a config (check_consumed(by='CheckpointStore')).
+# tiering: open_store (ray_ckpt.tiers) gives a store opened from a config with remote_uri its remote tier.
+register_consumer("CheckpointStore", {"store", "retention", "tiering"})
 
 
 class CheckpointStore:
@@ -159,6 +164,20 @@ class CheckpointStore:
 
     def step_uri(self, step: int) -> str:
         return self.storage.url(step_dir(step))
+
+    # -- durability: one storage, so a committed step is as durable as it gets -------------------
+    def durable_uri(self, step: int, *, wait: bool = False) -> str:
+        """The URI of a committed step's most durable copy: on a plain store, its only one (``wait``
+        matters to tiered stores: whether to wait for the upload)."""
+        return self.info(step).uri
+
+    def wait_for_uploads(self, timeout: float | None = None, *, raise_on_error: bool = True) -> dict[int, str]:
+        """``{step: remote URI}`` of the uploads finished: a plain store uploads nothing, so ``{}``."""
+        return {}
+
+    def not_uploaded_steps(self) -> set[int]:
+        """Committed steps that must stay until their upload is done: none on a plain store."""
+        return set()
 
     # -- the index ----------------------------------------------------------------------------
     def reload(self) -> CheckpointIndex:

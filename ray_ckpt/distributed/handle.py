@@ -15,7 +15,7 @@ from typing import Any
 
 import ray
 
-from ray_ckpt.core.config import CheckpointConfig
+from ray_ckpt.core.config import CheckpointConfig, register_consumer
 from ray_ckpt.core.errors import ConfigError
 from ray_ckpt.core.index import CheckpointInfo
 from ray_ckpt.distributed.checkpointer import Checkpointer
@@ -52,6 +52,12 @@ def seen_index_position(actor: Any) -> tuple[str, int] | None:
 def actor_name(run_name: str) -> str:
     """The registered name of a run's checkpointer actor."""
     return f"{ACTOR_NAME_PREFIX}{run_name}"
+
+
+# What start_checkpointer reads of a config (check_consumed(by='start_checkpointer')).
+# The loop that drives the checkpointer reads save_interval_steps (the demo does); the clients
+# (WorkerClient, EvalClient) receive the checkpointer's config and are not checked.
+register_consumer("start_checkpointer", {"store", "retention", "checkpointer", "tiering", "save_interval_steps"})
 
 
 class CheckpointerHandle:

@@ -25,7 +25,7 @@ import torch
 
 from ray_ckpt.core.architecture import Architecture
 from ray_ckpt.core.byo import PendingCheckpoint
-from ray_ckpt.core.config import CheckpointConfig
+from ray_ckpt.core.config import CheckpointConfig, register_consumer
 from ray_ckpt.core.errors import CheckpointNotFoundError
 from ray_ckpt.core.format.header import SafetensorsHeader
 from ray_ckpt.core.hooks import TransferObserver
@@ -44,8 +44,13 @@ __all__ = [
     "UploadError",
     "UploadPolicy",
     "open_store",
+    "tiers_of",
     "uploader_of",
 ]
+
+
+# What TieredCheckpointStore reads of a config (check_consumed(by='TieredCheckpointStore')).
+register_consumer("TieredCheckpointStore", {"store", "retention", "tiering"})
 
 
 def open_store(
@@ -71,6 +76,14 @@ def open_store(
 def uploader_of(store: CheckpointStore | TieredCheckpointStore) -> Uploader | None:
     """The uploader of a store :func:`open_store` returned (None for a run without a remote tier)."""
     return store.uploader if isinstance(store, TieredCheckpointStore) else None
+
+
+def tiers_of(store: CheckpointStore | TieredCheckpointStore) -> list[CheckpointStore]:
+    """The plain stores a store :func:`open_store` returned is made of, local tier first: the store
+    itself, or a tiered store's local and remote stores (so a caller needs not ask which it got)."""
+    if isinstance(store, TieredCheckpointStore):
+        return [store.local] if store.remote is None else [store.local, store.remote]
+    return [store]
 
 
 class TieredCheckpointStore:
@@ -437,8 +450,16 @@ class TieredCheckpointStore:
         """Committed local steps whose remote copy was never committed (empty without a remote tier)."""
         return set() if self.uploader is None else self.uploader.not_uploaded_steps()
 
-    def durable_uri(self, info: CheckpointInfo) -> str:
-        """The URI of a step's most durable copy: the remote one once uploaded, else the local one."""
+    def durable_uri(self, step: int, *, wait: bool = False) -> str:
+        """The URI of a step's most durable copy: the remote one once uploaded, else the local one.
+
+        ``wait``: first wait for the step's upload (queued now for a local-only step) and return
+        the remote URI; UploadError if the upload fails for good. Without a remote tier: the
+        local URI.
+        """
+        if wait and self.uploader is not None:
+            return self.uploader.upload_future(step).result()
+        info = self.info(step)
         if self.remote is not None and REMOTE in info.durability:
             return self.remote.step_uri(info.step)
         return info.uri

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+import ray_ckpt.distributed.handle  # noqa: F401  (defines start_checkpointer: registers its CONSUMERS entry)
 from ray_ckpt import CheckpointConfig, CheckpointStore, ConfigError, open_store
 from ray_ckpt.core.config import CONSUMERS, FIELD_GROUPS, GROUPS, RetentionOptions, parse_size
 from ray_ckpt.distributed.ray_config import retention_from_ray

@@ -28,7 +28,7 @@ from ray_ckpt import (
     ConfigError,
     CorruptCheckpointError,
 )
-from ray_ckpt.core.format.digests import BLOCK_SIZE, CHECKSUM_ALGORITHM
+from ray_ckpt.core.format.digests import BLOCK_SIZE, CHECKSUM_ALGORITHM, digest_hex
 from ray_ckpt.core.storage.storage import Storage
 from tests.core.test_format import assert_same
 from tests.models import TiedLM, TinyMLP
@@ -1049,6 +1049,52 @@ def test_non_finite_metrics_are_written_as_strict_json(tmp_path: Path) -> None:
     assert math.isnan(metrics["loss"]) and metrics["up"] == math.inf and metrics["eval/down"] == -math.inf
     assert metrics["ok"] == 0.5
     assert store.best() is None  # never ranked
+
+
+def test_steps_in_the_formats_of_released_versions_still_load(tmp_path: Path) -> None:
+    """A step as versions before 1703474 wrote it: the trainer state as trainer_state.safetensors and
+    trainer_state.json beside the model, whole-file checksums (format_version 1, before 20e4da1), and
+    bare NaN/Infinity metrics in checkpoint.json and eval_metrics.json (before 7d0db75)."""
+    store = CheckpointStore(str(tmp_path), run_name="new", metric_name="loss")
+    weights = {"w": torch.arange(6.0).reshape(2, 3)}
+    store.save(1, weights, metrics={"loss": float("nan"), "ok": 0.5}, trainer_state={"epoch": 3, "m": torch.ones(4)})
+    new, old = sdir(store, 1), tmp_path / "old" / "checkpoints" / "step_000000001"
+    old.mkdir(parents=True)
+    for name in ("model.safetensors", "model.safetensors.index.json"):
+        shutil.copy(new / name, old / name)
+    shutil.copy(new / "trainer_state" / "trainer_state.safetensors", old / "trainer_state.safetensors")
+    trainer_json = json.loads((new / "trainer_state" / "trainer_state.json").read_text())
+    del trainer_json["weight_map"]
+    (old / "trainer_state.json").write_text(json.dumps({**trainer_json, "format_version": 1}))
+    marker = json.loads((new / "checkpoint.json").read_text())
+    marker["format_version"] = 1
+    marker["files"] = {
+        p.name: {"size": p.stat().st_size, "checksum": f"{CHECKSUM_ALGORITHM}:{digest_hex(p.read_bytes())}"}
+        for p in sorted(old.iterdir())
+    }
+    text = json.dumps(marker).replace('"loss": "NaN"', '"loss": NaN')
+    assert '"loss": NaN' in text
+    (old / "eval_metrics.json").write_text('{"eval/down": -Infinity}')
+    (old / "checkpoint.json").write_text(text)
+
+    reader = CheckpointStore(str(tmp_path), run_name="old", metric_name="loss")
+    metrics = reader.info(1).metrics
+    assert math.isnan(metrics["loss"]) and metrics["ok"] == 0.5 and metrics["eval/down"] == -math.inf
+    assert reader.verify(1).step == 1
+    assert_same(reader.load(1), weights)
+    assert_same(reader.load(1, ["w"]), weights)
+    trainer_state = reader.load_trainer_state(1)
+    assert trainer_state["epoch"] == 3 and torch.equal(trainer_state["m"], torch.ones(4))
+    # the whole-file checksums still guard every read
+    (old / "trainer_state.safetensors").write_bytes(b"x" * (old / "trainer_state.safetensors").stat().st_size)
+    with pytest.raises(CorruptCheckpointError, match="trainer_state.safetensors"):
+        reader.load_trainer_state(1)
+    model = bytearray((old / "model.safetensors").read_bytes())
+    model[-1] ^= 0xFF
+    (old / "model.safetensors").write_bytes(bytes(model))
+    for read in (lambda: reader.load(1, ["w"]), lambda: reader.load(1), lambda: reader.verify(1)):
+        with pytest.raises(CorruptCheckpointError, match="model.safetensors"):
+            read()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from ray_ckpt import CheckpointConfig, CheckpointStore, RunStore, open_store
 from ray_ckpt.core.errors import CheckpointNotFoundError, CorruptCheckpointError
 from ray_ckpt.core.layout import MARKER_FILE, parse_step_dir, step_dir
 from ray_ckpt.core.runstore import RUN_STORE_METHODS
-from ray_ckpt.tiers.tiered import UPLOADED_FILE, TieredCheckpointStore, UploadError
+from ray_ckpt.tiers.tiered import UPLOADED_FILE, TieredCheckpointStore, UploadError, tiers_of
 
 
 def state(value: float) -> dict[str, torch.Tensor]:
@@ -51,6 +51,40 @@ def test_plain_and_tiered_stores_have_one_interface(tmp_path: Path) -> None:
         store.save(1, state(1.0))
         assert store.apply_retention() == []  # a list of steps, tiered or not
         store.close()
+
+
+def test_both_stores_answer_the_upload_questions(tmp_path: Path) -> None:
+    """durable_uri / wait_for_uploads / not_uploaded_steps: trivially on a plain store, by the uploader
+    on a tiered one, so a caller (Metta's manager) needs not ask which kind it holds."""
+    cfg = CheckpointConfig(storage_uri=str(tmp_path / "l"), run_name="r")
+    plain = open_store(cfg)
+    info = plain.save(1, state(1.0))
+    assert plain.durable_uri(1) == plain.durable_uri(1, wait=True) == info.uri == plain.step_uri(1)
+    assert plain.wait_for_uploads() == {} and plain.not_uploaded_steps() == set()
+    with pytest.raises(CheckpointNotFoundError):
+        plain.durable_uri(2)
+    assert tiers_of(plain) == [plain]
+    plain.close()
+
+    tiered = open_store(cfg.replace(run_name="t", remote_uri=f"file://{tmp_path / 'remote'}"))
+    assert isinstance(tiered, TieredCheckpointStore) and tiers_of(tiered) == [tiered.local, tiered.remote]
+    assert tiered.remote is not None
+    gate = threading.Event()
+    copy_step = tiered.remote.copy_step
+
+    def held_copy(*args: Any, **kwargs: Any) -> Any:
+        assert gate.wait(30)
+        return copy_step(*args, **kwargs)
+
+    tiered.remote.copy_step = held_copy  # type: ignore[method-assign]
+    local_uri = tiered.save(1, state(1.0)).uri
+    assert tiered.not_uploaded_steps() == {1}
+    assert tiered.durable_uri(1) == local_uri == tiered.step_uri(1)  # not uploaded yet: the local copy
+    gate.set()
+    assert tiered.durable_uri(1, wait=True) == tiered.remote.step_uri(1)
+    assert tiered.durable_uri(1) == tiered.remote.step_uri(1)
+    assert tiered.wait_for_uploads(30) == {1: tiered.remote.step_uri(1)} and tiered.not_uploaded_steps() == set()
+    tiered.close()
 
 
 def test_a_plain_store_with_remote_uri_uploads_retains_both_tiers_and_resumes(tmp_path: Path) -> None:
