@@ -132,7 +132,8 @@ def _import_statements(name: str, path: Path) -> list[tuple[int, str, set[str]]]
 
 
 def _violations(modules: dict[str, Path]) -> list[str]:
-    """Every import that runs up a layer, reaches Ray from persistence, or goes through the front door."""
+    """Every import that runs up a layer, reaches Ray from persistence, goes through the front door, or
+    takes another module's private (underscore) name: what a module offers others is its public names."""
     found: list[str] = []
     for name, path in sorted(modules.items()):
         layer = _layer(name)
@@ -155,6 +156,10 @@ def _violations(modules: dict[str, Path]) -> list[str]:
                 if other is not None and LAYERS.index(other) > rank:
                     found.append(f"{where}:{line}: {text}  ({layer} must not import {other})")
                     break
+                owner, _, leaf = target.rpartition(".")
+                if owner in modules and owner != name and leaf.startswith("_") and target not in modules:
+                    found.append(f"{where}:{line}: {text}  ({leaf} is private to {owner})")
+                    break
     return found
 
 
@@ -168,11 +173,16 @@ def test_imports_run_down_the_layers_only() -> None:
 def test_the_layer_check_names_the_file_and_the_import(tmp_path: Path) -> None:
     """A core module that imports Ray lazily, or a tier module, is reported with its file and line."""
     bad = tmp_path / "_layer_probe_tmp.py"
-    bad.write_text("def f():\n    import ray\n    from ray_ckpt.tiers import tiered\n    return ray, tiered\n")
+    bad.write_text(
+        "def f():\n    import ray\n    from ray_ckpt.tiers import tiered\n"
+        "    from ray_ckpt.core.store import _private\n    return ray, tiered, _private\n"
+    )
     violations = [v for v in _violations({**_modules(), "ray_ckpt.core._layer_probe_tmp": bad}) if "_probe" in v]
     assert violations == [
         "ray_ckpt/core/_layer_probe_tmp.py:2: import ray  (core never imports Ray)",
         "ray_ckpt/core/_layer_probe_tmp.py:3: from ray_ckpt.tiers import tiered  (core must not import tiers)",
+        "ray_ckpt/core/_layer_probe_tmp.py:4: from ray_ckpt.core.store import _private  (_private is private to "
+        "ray_ckpt.core.store)",
     ]
 
 
