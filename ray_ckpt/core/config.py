@@ -1,7 +1,7 @@
 """Validated checkpoint options, grouped by the part of ray-ckpt that consumes them; YAML loading.
 
-:class:`CheckpointConfig` is a pydantic model of five groups (``store``, ``retention``,
-``schedule``, ``checkpointer``, ``tiering``). pydantic (a declared dependency) reports
+:class:`CheckpointConfig` is a pydantic model of six groups (``store``, ``retention``,
+``schedule``, ``checkpointer``, ``tiering``, ``memory``). pydantic (a declared dependency) reports
 every invalid field of a config at once, validates assignments and exports a JSON schema. Every
 option can still be given and read flat (``CheckpointConfig(keep_last_n=3).keep_last_n``); the
 groups say which entry point reads what (each entry point registers it: :func:`register_consumer`),
@@ -164,6 +164,14 @@ def _rule(problems: list[Problem]) -> PydanticCustomError:
 
 
 Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+
+def _bytes_or_off(value: Any) -> Any:
+    """A size, or 0/None where the field allows 'off'."""
+    return value if value is None or value == 0 and not isinstance(value, bool) else _bytes(value)
+
+
+ByteSize = Annotated[int, BeforeValidator(_bytes_or_off, json_schema_input_type=int | str)]
 Options = Annotated[dict[str, Any], BeforeValidator(_mapping, json_schema_input_type=dict[str, Any])]
 
 
@@ -354,12 +362,48 @@ class TieringOptions(OptionGroup):
         return self
 
 
+class MemoryOptions(OptionGroup):
+    """The memory tier: every save committed in holders' memory on the training nodes, some persisted.
+
+    Off by default (``memory_replicas=0``). See docs/MEMORY.md.
+    """
+
+    group: ClassVar[str] = "memory"
+
+    memory_replicas: Annotated[int, Field(ge=0)] = Field(
+        0,
+        description="Copies of every rank's state on other training nodes besides the rank's own node's holder "
+        "(0: the memory tier is off; 1 or more: every save commits in memory first).",
+    )
+    memory_keep_last: Annotated[int, Field(ge=1)] = Field(
+        2, description="Committed memory steps kept in the holders; older ones are freed at once."
+    )
+    persist_interval_steps: Annotated[int, Field(ge=1)] = Field(
+        1,
+        description="Every step with step % persist_interval_steps == 0 is also persisted to storage (and through "
+        "tiering to the remote) in the background, from memory; save(persist=True) forces it.",
+    )
+    memory_budget_bytes: Annotated[
+        int | None, BeforeValidator(_bytes_or_off, json_schema_input_type=int | str | None)
+    ] = Field(
+        None,
+        description="Bytes one node's holder may hold (memory steps, replicas and the eval cache); a save that "
+        "would exceed it waits up to save_timeout_s, then fails. None: half of the node's object store.",
+    )
+    eval_cache_bytes: ByteSize = Field(
+        0,
+        description="Bytes of persisted steps a node's holder keeps for the evaluators on its node (LRU); "
+        "0: evaluators read storage themselves.",
+    )
+
+
 GROUPS: dict[str, type[OptionGroup]] = {
     "store": StoreOptions,
     "retention": RetentionOptions,
     "schedule": ScheduleOptions,
     "checkpointer": CheckpointerOptions,
     "tiering": TieringOptions,
+    "memory": MemoryOptions,
 }
 # flat field name -> its group
 FIELD_GROUPS: dict[str, str] = {name: group for group, model in GROUPS.items() for name in model.model_fields}
@@ -387,7 +431,7 @@ def register_consumer(name: str, reads: Iterable[str]) -> None:
 
 
 class CheckpointConfig(BaseModel):
-    """Options of one run, in five groups; each group is read by the entry points named here.
+    """Options of one run, in six groups; each group is read by the entry points named here.
 
     * ``store`` (every entry point): storage_uri, run_name, storage_options, max_shard_size,
       checkpoint_format, verify_on_load, direct_io, leftover_grace_s,
@@ -401,6 +445,8 @@ class CheckpointConfig(BaseModel):
       receive the checkpointer's config): write_mode, save_timeout_s, lease_ttl_s, max_restarts.
     * ``tiering`` (TieredCheckpointStore, the NeMo/Metta managers, start_checkpointer):
       remote_uri, remote_storage_options.
+    * ``memory`` (start_checkpointer and its clients): memory_replicas, memory_keep_last,
+      persist_interval_steps, memory_budget_bytes, eval_cache_bytes (docs/MEMORY.md).
 
     Each entry point registers what it reads (:func:`register_consumer`, collected in
     :data:`CONSUMERS`) for :meth:`check_consumed`.
@@ -425,6 +471,7 @@ class CheckpointConfig(BaseModel):
         default_factory=CheckpointerOptions, description=CheckpointerOptions.__doc__
     )
     tiering: TieringOptions = Field(default_factory=TieringOptions, description=TieringOptions.__doc__)
+    memory: MemoryOptions = Field(default_factory=MemoryOptions, description=MemoryOptions.__doc__)
 
     def __init__(self, /, **data: Any) -> None:
         self._build(*_regroup(data))
