@@ -23,7 +23,7 @@ import ray
 import torch
 
 from ray_ckpt.core.errors import CorruptCheckpointError, SaveAbortedError
-from ray_ckpt.core.format.buffers import DTYPE_TO_TORCH, TORCH_TO_DTYPE
+from ray_ckpt.core.format.buffers import DTYPE_TO_TORCH, TORCH_TO_DTYPE, TensorBuffer, to_tensor
 from ray_ckpt.core.format.tree import tensor_leaves, unflatten_state
 from ray_ckpt.core.index import CheckpointInfo
 from ray_ckpt.core.planner import MODEL, TRAINER, RankState, TensorMeta
@@ -226,6 +226,14 @@ def read_memory_state(mstep: MemoryStep, node_id: str | None) -> Any:
     }
     read_memory_into(mstep, MODEL, targets, node_id)
     return unflatten_state(targets, structure, aliases)
+
+
+def read_cached_state(ref: Any) -> dict[str, torch.Tensor]:
+    """The state a holder cached for evaluators (``{key: (dtype, shape, uint8 array)}``), as tensors."""
+    out = {}
+    for key, (dtype, shape, data) in ray.get(ref).items():
+        out[key] = to_tensor(TensorBuffer(dtype, tuple(shape), data)).clone()  # the cache's copy stays read-only
+    return out
 
 
 # -- the checkpointer's bookkeeping -----------------------------------------------------------
