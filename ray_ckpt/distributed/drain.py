@@ -23,9 +23,10 @@ Which Ray API, and why (Ray 2.60). Ray has no public, stable API for this outsid
 So :func:`draining_nodes` asks ``ray._raylet.GcsClient.get_draining_nodes`` (with a timeout, so
 a GCS outage cannot hang the caller), on a client built for the cluster's public GCS address
 (``ray.get_runtime_context().gcs_address``); :func:`request_drain` sends
-``GcsClient.drain_node`` exactly as the ``ray drain-node`` CLI does (Ray's ``scripts.py``). The
-client class is the one private name used; its methods are checked by the tests against a
-real cluster.
+``GcsClient.drain_node`` exactly as the ``ray drain-node`` CLI does (Ray's ``scripts.py``), with
+the reason from Ray's generated ``autoscaler_pb2.DrainNodeReason``. The client class is the one
+private name used: tests/test_private_apis.py guards its methods, tests/distributed/test_drain.py
+drives them on a real cluster.
 
 What Ray 2.60 does with a drain, seen on a local ``ray.cluster_utils.Cluster``:
 
