@@ -49,6 +49,7 @@ from ray_ckpt.core.planner import MODEL, TRAINER, SavePlan, plan_save
 from ray_ckpt.core.retention import plan, policy_from_config
 from ray_ckpt.core.writer import StepWriter
 from ray_ckpt.distributed import metrics as telemetry
+from ray_ckpt.distributed.drain import DrainWatcher
 from ray_ckpt.distributed.memory import (
     MemoryStep,
     MemoryTier,
@@ -230,6 +231,7 @@ class Checkpointer:
         self._architecture_written = False
         self._retention_task: asyncio.Task | None = None  # the periodic check (started on first call)
         self._memory_task: asyncio.Task | None = None  # the memory tier's node check
+        self._drain_watcher: DrainWatcher | None = None  # Ray's drain signal for the memory tier's nodes
         # Ray runs gc.collect() in every worker when the object store fills up (big gathered saves
         # do that). A full collection of this process's startup heap (torch, ray, pyarrow: ~250k
         # objects) holds the GIL ~100 ms, stalling queries; frozen, it is not scanned again.
@@ -950,6 +952,19 @@ class Checkpointer:
             except Exception as exc:  # noqa: BLE001 - the loop must outlive one bad round
                 logger.warning("run %s: memory node check failed: %s", self.config.run_name, exc)
 
+    async def _on_drain(self, node_id: str, deadline: float | None) -> None:
+        """Ray drains a node holding memory copies (preemption, scale-down): persist the newest
+        memory step before the node goes (its copies go with it)."""
+        left = None if deadline is None else deadline - time.time()
+        logger.warning(
+            "run %s: node %s is draining (deadline in %s s): flushing the newest memory step",
+            self.config.run_name,
+            node_id,
+            "none" if left is None else f"{left:.0f}",
+        )
+        step = await self.flush(None if left is None else max(left, 1.0))
+        logger.info("run %s: flushed memory step %s before node %s drains", self.config.run_name, step, node_id)
+
     async def _memory_expire(self, pending: _MemoryPending) -> None:
         await asyncio.sleep(self.config.save_timeout_s)
         if not pending.done.done():
@@ -1119,6 +1134,11 @@ class Checkpointer:
             self._retention_task = asyncio.get_running_loop().create_task(self._retention_loop())
         if self.memory is not None and (self._memory_task is None or self._memory_task.done()):
             self._memory_task = asyncio.get_running_loop().create_task(self._memory_loop())
+            memory = self.memory
+            self._drain_watcher = DrainWatcher(
+                lambda: {n for m in memory.steps.values() for n in m.nodes()}, self._on_drain
+            )
+            self._drain_watcher.start()
 
     async def _retention_loop(self) -> None:
         """Every ``lease_ttl_s / 2`` seconds, apply retention if some step is doomed.
