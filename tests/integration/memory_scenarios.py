@@ -71,7 +71,7 @@ class Rank:
         trainer = {"exp_avg": ray_ckpt.Shard(full(step, 0.5)[lo:hi].clone(), (ROWS, COLS), (lo, 0)), "step": step}
         return model, trainer
 
-    def save(self, step: int, gate: str | None = None) -> list[str]:
+    def save(self, step: int, gate: str | None = None, persist: bool | None = None) -> list[str]:
         """A blocking save; with ``gate`` the rank stops after its route (before its holder copies)
         until the driver creates ``gate.go``: the driver kills a node mid-replication there."""
         if gate is not None:
@@ -91,7 +91,7 @@ class Rank:
 
             worker._put = gated
         model, trainer = self._state(step)
-        return self.client.save(step, model, trainer_state=trainer, blocking=True).result().durability
+        return self.client.save(step, model, trainer_state=trainer, blocking=True, persist=persist).result().durability
 
     def load(self, step: Any = "latest") -> dict[str, Any]:
         """Load this rank's box; whether it equals the saved step's rows exactly."""
@@ -203,7 +203,7 @@ def scenario_memory_tier(storage: str) -> dict[str, Any]:
 
         # 6. training goes on on a and c; node c dies mid-replication: that step never shows
         ranks = [ranks[0], Rank.options(**pinned("c")).remote(1, 2)]
-        assert ray.get([r.save.remote(7) for r in ranks]) == [["memory"], ["memory"]]
+        assert ray.get([r.save.remote(7, persist=True) for r in ranks]) == [["memory", "local"]] * 2
         gate = f"{storage}/gate"
         pending = [r.save.remote(8, gate) for r in ranks]
         wait_until(lambda: all(Path(f"{gate}.ready.{r}").exists() for r in (0, 1)), WAIT_S, "both ranks routed step 8")

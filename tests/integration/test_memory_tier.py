@@ -24,4 +24,4 @@ def test_memory_tier_saves_recovers_and_falls_back_on_a_multi_node_cluster(tmp_p
         "10": ["memory"],
     }
     # after every copy of step 11 was lost only persisted steps remain
-    assert result["final"] == {"3": ["local"], "6": ["local"], "9": ["local"], "10": ["local"]}
+    assert result["final"] == {"3": ["local"], "6": ["local"], "7": ["local"], "9": ["local"], "10": ["local"]}
