@@ -110,6 +110,7 @@ class _MemoryPending:
 
     step: int
     world_size: int
+    overwrite: bool = False
     persist: bool = False
     started: float = field(default_factory=time.monotonic)
     nodes: dict[int, str] = field(default_factory=dict)  # rank -> its node (routes)
@@ -721,7 +722,7 @@ class Checkpointer:
                     "pass overwrite=True to save an older or equal step"
                 )
             self._start_background()
-            pending = self._memory_pending[step] = _MemoryPending(step, world_size)
+            pending = self._memory_pending[step] = _MemoryPending(step, world_size, overwrite)
             pending.timeout_task = asyncio.get_running_loop().create_task(self._memory_expire(pending))
         if pending.done.done():
             raise pending.done.exception() or SaveAbortedError(f"step {step}: already finished")
@@ -841,7 +842,7 @@ class Checkpointer:
         self._notify_index_changed()
         persist = pending.persist or step % self.config.persist_interval_steps == 0
         if persist:
-            self._start_persist(mstep)
+            self._start_persist(mstep, overwrite=pending.overwrite)
         self._free_memory(memory.add(mstep))
         telemetry.observe_memory_commit(self.config.run_name, time.monotonic() - pending.started)
         logger.info(
@@ -857,10 +858,10 @@ class Checkpointer:
         self._memory_release(pending)
         pending.done.set_result({"info": info, "position": (self.feed.epoch, self.feed.version), "persisting": persist})
 
-    def _start_persist(self, mstep: MemoryStep) -> _PendingStep:
+    def _start_persist(self, mstep: MemoryStep, *, overwrite: bool = False) -> _PendingStep:
         """Write a memory step to storage in the background: the gather-mode plan -> write -> finish,
         from the holders' copies (each rank's copies are alternatives: the first live one is read)."""
-        pending = _PendingStep(mstep.step, mstep.world_size, "gather", overwrite=False)
+        pending = _PendingStep(mstep.step, mstep.world_size, "gather", overwrite=overwrite)
         for rank, rep in mstep.reports.items():
             copies = list(mstep.copies[rank].values())
             pending.reports[rank] = RankReport(

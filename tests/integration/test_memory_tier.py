@@ -20,6 +20,7 @@ def test_memory_tier_saves_recovers_and_falls_back_on_a_multi_node_cluster(tmp_p
     assert result["after_mid_replication"] == {
         "3": ["local"],
         "6": ["local"],
+        "7": ["local"],  # save(persist=True)
         "9": ["memory", "local"],
         "10": ["memory"],
     }
