@@ -192,7 +192,7 @@ class Checkpointer:
             self.memory = MemoryTier(config, ray.get_runtime_context().namespace)
             for mstep in self.memory.rebuild():  # a restarted checkpointer: the steps the holders keep
                 stored = self.index.get(mstep.step)
-                mstep.persisted = stored is not None
+                self.memory.mark_persisted(mstep.step, stored is not None)
                 self.feed.add(memory_info(stored or mstep.info, persisted=stored is not None))
             if self.memory.steps:
                 logger.info(
@@ -668,8 +668,7 @@ class Checkpointer:
     def _forget_stored(self, step: int) -> bool:
         """Storage no longer holds ``step``: it leaves the index unless memory still holds it."""
         if self.memory is not None and step in self.memory.steps:
-            mstep = self.memory.steps[step]
-            mstep.persisted = False
+            mstep = self.memory.mark_persisted(step, False)
             self.feed.add(memory_info(mstep.info, persisted=False))
             return True
         return self.feed.remove(step) is not None
@@ -678,9 +677,8 @@ class Checkpointer:
         """A memory step is on storage now; steps whose freeing waited for that go."""
         if self.memory is None:
             return
-        mstep = self.memory.steps.get(step)
-        if mstep is not None:
-            mstep.persisted = True
+        if step in self.memory.steps:
+            self.memory.mark_persisted(step, True)
         self._free_memory(self.memory.beyond_kept())
 
     def _free_memory(self, steps: list[int]) -> None:

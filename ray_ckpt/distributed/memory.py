@@ -315,6 +315,11 @@ class MemoryTier:
         steps = sorted(self.steps)
         return steps[: max(0, len(steps) - self.config.memory_keep_last)]
 
+    def mark_persisted(self, step: int, persisted: bool) -> MemoryStep:
+        """Record whether storage holds memory step ``step`` too; its record."""
+        mstep = self.steps[step] = replace(self.steps[step], persisted=persisted)
+        return mstep
+
     def free(self, steps: list[int]) -> None:
         """Forget these steps and have every holder release its copies of them."""
         for step in steps:
