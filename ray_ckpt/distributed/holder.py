@@ -227,7 +227,7 @@ class Holder:
         }
 
     # -- the evaluators' cache of persisted steps ---------------------------------------------
-    async def cached(self, step: int, config: Any, timeout_s: float) -> list[Any]:
+    async def cached(self, step: int, config: Any) -> list[Any]:
         """``[ref]`` of persisted ``step``'s model state (``{key: (dtype, shape, uint8 array)}``) read
         from storage once for this node's evaluators; later calls share that copy (LRU by bytes)."""
         entry = self.cache.get(step)
@@ -242,10 +242,7 @@ class Holder:
                 ref, nbytes = await asyncio.get_running_loop().run_in_executor(None, _read_persisted, step, config)
                 self.cache_loads += 1
                 if nbytes <= self.eval_cache_bytes:
-                    await self._reserve(nbytes, f"step {step} (eval cache)", timeout_s)
-                    self.cache[step] = _Cached(ref, nbytes)
-                    while sum(e.nbytes for e in self.cache.values()) > self.eval_cache_bytes:
-                        self._evict_one()
+                    await self._cache(step, ref, nbytes)
                 loading.set_result(ref)
             except BaseException as exc:
                 loading.set_exception(exc)
@@ -254,6 +251,23 @@ class Holder:
             finally:
                 self._loading.pop(step, None)
         return [await asyncio.shield(loading)]
+
+    async def _cache(self, step: int, ref: Any, nbytes: int) -> None:
+        """Keep a persisted step for later evaluators if it fits now: memory steps come first, so
+        the cache never waits for (or fails) a save's room; the evaluator gets its state either way."""
+        try:
+            await self._reserve(nbytes, f"step {step} (eval cache)", 0.0)
+        except MemoryBudgetError as exc:
+            logger.info("run %s: persisted step %d not cached for evaluators: %s", self.run_name, step, exc)
+            return
+        self.cache[step] = _Cached(ref, nbytes)
+        evicted = False
+        while sum(e.nbytes for e in self.cache.values()) > self.eval_cache_bytes:
+            evicted = self._evict_one() or evicted
+        if evicted:  # bytes went back to the budget: wake saves waiting for room
+            freed = self._condition()
+            async with freed:
+                freed.notify_all()
 
 
 def _read_persisted(step: int, config: Any) -> tuple[Any, int]:
