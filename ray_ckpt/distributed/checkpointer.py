@@ -952,6 +952,22 @@ class Checkpointer:
             except Exception as exc:  # noqa: BLE001 - the loop must outlive one bad round
                 logger.warning("run %s: memory node check failed: %s", self.config.run_name, exc)
 
+    async def _prune_holders(self) -> None:
+        """Forget holders that no longer answer (killed, or their node is gone): the next route to
+        their node starts a new one."""
+        memory = self.memory
+        if memory is None:
+            return
+        for node, handle in list(memory.holders.items()):
+            try:
+                await asyncio.wait_for(handle.ping.remote(), 10)
+            except ray.exceptions.RayActorError:
+                if memory.holders.get(node) is handle:
+                    del memory.holders[node]
+            except Exception:  # noqa: BLE001 - slow, not dead: keep it
+                continue
+        await self._check_nodes()
+
     async def _on_drain(self, node_id: str, deadline: float | None) -> None:
         """Ray drains a node holding memory copies (preemption, scale-down): persist the newest
         memory step before the node goes (its copies go with it)."""
@@ -988,6 +1004,7 @@ class Checkpointer:
         pending.routed.set()
         if self.memory is not None:
             self.memory.free([pending.step])  # every holder drops what it took of the step
+            asyncio.get_running_loop().create_task(self._prune_holders())  # a dead holder may be why
         self._memory_release(pending)
 
     def _memory_release(self, pending: _MemoryPending) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -219,6 +220,7 @@ class Holder:
     async def stats(self) -> dict[str, Any]:
         return {
             "node": self.node_id,
+            "pid": os.getpid(),
             "bytes_held": self.used,
             "budget": self.budget,
             "steps": sorted({s for s, _ in self.copies}),
