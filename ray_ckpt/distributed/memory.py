@@ -103,41 +103,46 @@ class _Fetched:
     nodes: dict[int, str] = field(default_factory=dict)  # the node each rank's bytes came from
 
 
-def _fetch(mstep: MemoryStep, part: str, ranks: list[int], node_id: str | None) -> _Fetched:
-    """Each rank's bytes of ``part`` from its nearest live copy (this node first, zero-copy)."""
+def _fetch(mstep: MemoryStep, part: str, used: dict[int, set[str]], node_id: str | None) -> _Fetched:
+    """Each rank's bytes of ``part`` from its nearest good copy (this node first, zero-copy).
+
+    A copy whose objects are gone is skipped; so is one whose tensors in ``used`` (rank -> saved
+    keys) do not match the digests made when the first copy was taken. No good copy left: the
+    first mismatch as CorruptCheckpointError, else :class:`MemoryStepLost`.
+    """
     fetched = _Fetched()
     index = _PART_INDEX[part]
-    for rank in ranks:
+    expected = {rank: mstep.digests.get(rank, {}).get(part, {}) for rank in used}
+    for rank, keys in sorted(used.items()):
         by_node = mstep.copies[rank]
-        order = sorted(by_node, key=lambda n: (n != node_id, n))
-        for node in order:
+        corrupt: CorruptCheckpointError | None = None
+        for node in sorted(by_node, key=lambda n: (n != node_id, n)):
             ref = by_node[node][index]
             if ref is None:
                 raise KeyError(f"memory step {mstep.step}: rank {rank} saved no {part} state")
             try:
-                fetched.arrays[rank] = ray.get(ref)
-                fetched.nodes[rank] = node
-                break
+                arrays = ray.get(ref)
             except (ray.exceptions.ObjectLostError, ray.exceptions.RayActorError, ray.exceptions.RaySystemError):
                 logger.info("memory step %d: rank %d's copy on node %s is gone", mstep.step, rank, node)
+                continue
+            got = digest_arrays({key: arrays[key] for key in sorted(keys)})
+            bad = [key for key in sorted(keys) if got[key] != expected[rank].get(key)]
+            if bad:
+                error = CorruptCheckpointError(
+                    f"memory step {mstep.step}: rank {rank}'s {part} tensor {bad[0]!r} (copy on node "
+                    f"{node}) does not match the digests taken when it was saved"
+                )
+                logger.warning("%s; trying another copy", error)
+                corrupt = corrupt or error
+                continue
+            fetched.arrays[rank] = arrays
+            fetched.nodes[rank] = node
+            break
         else:
+            if corrupt is not None:
+                raise corrupt
             raise MemoryStepLost(mstep.step, rank, sorted(by_node))
     return fetched
-
-
-def _check(mstep: MemoryStep, part: str, fetched: _Fetched, used: set[tuple[int, str]]) -> None:
-    """Every byte used must match the digests made when the first copy was taken."""
-    by_rank: dict[int, dict[str, np.ndarray]] = {}
-    for rank, key in used:
-        by_rank.setdefault(rank, {})[key] = fetched.arrays[rank][key]
-    for rank, arrays in by_rank.items():
-        expected = mstep.digests.get(rank, {}).get(part, {})
-        for key, got in digest_arrays(arrays).items():
-            if expected.get(key) != got:
-                raise CorruptCheckpointError(
-                    f"memory step {mstep.step}: rank {rank}'s {part} tensor {key!r} (copy on node "
-                    f"{fetched.nodes[rank]}) does not match the digests taken when it was saved"
-                )
 
 
 def _holders_of(mstep: MemoryStep, part: str, key: str) -> list[tuple[int, str, TensorMeta]]:
@@ -213,10 +218,11 @@ def read_memory_into(mstep: MemoryStep, part: str, into: Mapping[str, Any], node
         if not holders:
             raise KeyError(f"memory step {mstep.step}: no tensor named {key!r} ({part})")
         plan[key] = _plan_target(mstep.step, key, target, holders)
-    ranks = sorted({rank for t in plan.values() for rank, _, _ in t.holders})
-    fetched = _fetch(mstep, part, ranks, node_id)
-    used = {(rank, name) for t in plan.values() for rank, name, _ in t.holders}
-    _check(mstep, part, fetched, used)
+    used: dict[int, set[str]] = {}
+    for t in plan.values():
+        for rank, name, _ in t.holders:
+            used.setdefault(rank, set()).add(name)
+    fetched = _fetch(mstep, part, used, node_id)
     for t in plan.values():
         _fill(t, fetched)
 

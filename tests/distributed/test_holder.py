@@ -301,6 +301,20 @@ def test_a_flipped_byte_in_a_copy_is_refused_naming_step_rank_and_key() -> None:
     assert torch.equal(into["a"], A)
 
 
+def test_a_damaged_copy_is_skipped_for_a_good_replica(caplog: pytest.LogCaptureFixture) -> None:
+    copies = _copies(("node-a", "node-b"))
+    bad = _rank_arrays(0)
+    bad["a"][0] ^= 0x80
+    copies[0]["node-a"] = [ray.put(bad), None]  # the nearest copy of rank 0 is damaged
+    mstep = _mstep(10, copies)
+    into = {"a": torch.zeros(6, 4), "b": torch.zeros(4, 6, dtype=torch.int64)}
+    with caplog.at_level("WARNING", logger="ray_ckpt.distributed.memory"):
+        read_memory_into(mstep, "model", into, "node-a")
+    assert torch.equal(into["a"], A) and torch.equal(into["b"], B)
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "rank 0's model tensor 'a' (copy on node node-a)" in warning and "trying another copy" in warning
+
+
 @ray.remote(num_cpus=0)
 class _Owner:
     """A process that owns objects (as a holder does), so they are lost when it is killed."""
