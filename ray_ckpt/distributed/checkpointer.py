@@ -906,6 +906,7 @@ class Checkpointer:
     async def memory_step(self, selector: Any = "latest") -> MemoryStep | int:
         """What a loader reads for ``selector``: the :class:`MemoryStep` of a step held in memory, or
         the step number of one only storage holds."""
+        self._start_background()
         step = self.store.resolve(selector, fallback_to_latest=True, over=self.index)
         if self.memory is not None and step in self.memory.steps:
             return self.memory.steps[step]
@@ -1179,6 +1180,7 @@ class Checkpointer:
         costs one open call, and a commit reaches every follower in one round trip.
         """
         self._capture_loop()
+        self._start_background()  # after a restart: the periodic checks run while anyone follows
         if epoch == self.feed.epoch and version == self.feed.version and timeout_s > 0:
             if self._index_changed is None:
                 self._index_changed = asyncio.get_running_loop().create_future()
@@ -1202,6 +1204,7 @@ class Checkpointer:
         import resource
 
         self._capture_loop()
+        self._start_background()
         stats: dict[str, Any] = {
             "pending": sorted(s for s, p in self._pending.items() if p.slot_held),
             "queued": sorted(s for s, p in self._pending.items() if not p.slot_held),
