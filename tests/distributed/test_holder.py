@@ -23,7 +23,7 @@ import ray
 import torch
 
 from ray_ckpt import CheckpointConfig, CheckpointStore, Shard
-from ray_ckpt.core.errors import CorruptCheckpointError
+from ray_ckpt.core.errors import CorruptCheckpointError, SaveAbortedError
 from ray_ckpt.core.format.buffers import TORCH_TO_DTYPE
 from ray_ckpt.core.index import CheckpointInfo
 from ray_ckpt.core.planner import RankState, TensorMeta
@@ -111,6 +111,43 @@ def test_a_keep_over_the_budget_waits_for_a_drop_then_fails_naming_node_and_budg
     assert time.monotonic() - started < 10.0
     assert node in str(err.value) and "1000000" in str(err.value)
     assert ray.get(holder.stats.remote())["bytes_held"] == 0
+
+
+def test_an_abort_racing_a_keep_leaves_no_copy_behind(run_name: str) -> None:
+    """The checkpointer's drop of an aborted step can reach a holder while it takes (or its peer
+    replicates) a copy of that step: the copy is released, never held for good."""
+    holder, _ = _holder(run_name, budget=1000 * KB)
+    peer, _ = _holder(run_name + "-peer", budget=1000 * KB)
+
+    def held(h: Any) -> tuple[int, list[int]]:
+        stats = ray.get(h.stats.remote())
+        return stats["bytes_held"], stats["steps"]
+
+    # the drop arrives while the keep waits for room: its copy is released once taken
+    ray.get(_keep(holder, 1, _state(600 * KB, 1), timeout_s=1), timeout=60)
+    waiting = _keep(holder, 2, _state(600 * KB, 2), timeout_s=30)
+    assert not ray.wait([waiting], timeout=0.5)[0]
+    ray.get(holder.drop.remote([1, 2]))
+    with pytest.raises(SaveAbortedError, match=r"step 2 rank 0: the step was dropped \(aborted\)"):
+        ray.get(waiting, timeout=30)
+    assert held(holder) == (0, [])
+
+    # the drop reaches the primary while its peer is still replicating: the peer's replica goes too
+    ray.get(_keep(peer, 5, _state(600 * KB, 5), timeout_s=1), timeout=60)  # the peer is full for now
+    arrays = _state(600 * KB, 6)
+    keeping = holder.keep.remote(6, 0, [ray.put(arrays), None], 600 * KB, [peer], 30)
+    deadline = time.monotonic() + 30
+    while held(holder) != (600 * KB, [6]):  # the primary copy is taken; the replica waits for room
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    ray.get(holder.drop.remote([6]))  # the abort's drop reached the primary only
+    ray.get(peer.drop.remote([5]))  # room on the peer: the replica is made
+    with pytest.raises(SaveAbortedError, match=r"step 6 was dropped \(aborted\) while its replicas were made"):
+        ray.get(keeping, timeout=30)
+    while held(peer) != (0, []):
+        assert time.monotonic() < deadline, held(peer)
+        time.sleep(0.05)
+    assert held(holder) == (0, [])
 
 
 def test_memory_steps_come_before_the_eval_cache_in_the_budget(tmp_path: Path, run_name: str) -> None:
