@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import json
 import os
+import posixpath
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -38,6 +39,11 @@ EXIT_USAGE = 2  # bad arguments or a malformed URI
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
 EXIT_BROKEN_PIPE = 141  # the reader of stdout went away (128 + SIGPIPE), as coreutils exit
 STORAGE_OPTIONS_ENV = "RAY_CKPT_STORAGE_OPTIONS"
+# The durability entry of a step held in the memory tier (ray_ckpt.distributed.memory.MEMORY, which
+# imports Ray: named here so that ls of storage never does).
+MEMORY_TIER = "memory"
+# The ranking and retention fields a command line may override (--metric sets metric_name).
+POLICY_FIELDS = ("metric_name", "mode", "keep_top_k", "keep_last_n", "keep_period", "keep_checkpoints_without_metrics")
 
 
 class CommandError(Exception):
@@ -96,23 +102,28 @@ def _storage_options(args: argparse.Namespace) -> dict[str, Any]:
     return parse_storage_options(getattr(args, "storage_option", None), os.environ.get(STORAGE_OPTIONS_ENV))
 
 
-def _open(args: argparse.Namespace, uri: str | None = None) -> tuple[CheckpointStore, ParsedURI]:
+def _open(
+    args: argparse.Namespace,
+    uri: str | None = None,
+    *,
+    must_exist: bool = True,
+    policy: dict[str, Any] | None = None,
+) -> tuple[CheckpointStore, ParsedURI]:
     """The run a command names, through :func:`~ray_ckpt.interop.artifact.open_run` (ConfigError, exit 2,
-    for a URI that names no run), with the ranking/retention options given on the command line."""
+    for a URI that names no run), with the ranking/retention options given on the command line.
+
+    ``policy`` (a live checkpointer's) stands in for the recorded policy where the command line
+    gives no option; ``must_exist=False`` opens a run that has nothing on storage yet."""
     from ray_ckpt.core.uri import parse_uri
     from ray_ckpt.interop.artifact import open_run
 
+    given = {field: getattr(args, "metric" if field == "metric_name" else field, None) for field in POLICY_FIELDS}
+    if policy:
+        if given["metric_name"] is not None:  # another metric: the checkpointer's mode is not its
+            policy = {k: v for k, v in policy.items() if k not in ("metric_name", "mode")}
+        given = {k: policy.get(k) if v is None else v for k, v in given.items()}
     parsed = parse_uri(uri or args.run_uri)
-    store = open_run(
-        parsed,
-        _storage_options(args),
-        metric_name=getattr(args, "metric", None),
-        mode=getattr(args, "mode", None),
-        keep_top_k=getattr(args, "keep_top_k", None),
-        keep_last_n=getattr(args, "keep_last_n", None),
-        keep_period=getattr(args, "keep_period", None),
-        keep_checkpoints_without_metrics=getattr(args, "keep_checkpoints_without_metrics", None),
-    )
+    store = open_run(parsed, _storage_options(args), must_exist=must_exist, **given)
     return store, parsed
 
 
@@ -192,29 +203,32 @@ def _ls_runs(location: str, runs: list[CheckpointStore]) -> Result:
 
 
 def cmd_ls(args: argparse.Namespace) -> Result:
+    """A run's checkpoints from its storage (persisted steps), or with ``--address`` as the run's
+    live checkpointer serves them (memory-only steps too); or the runs under a storage root."""
     from ray_ckpt.core.uri import parse_uri
 
     _whole_run(args)
     parsed = parse_uri(args.run_uri)
-    runs = _runs_under(args, parsed)
-    if runs is not None:
-        return _ls_runs(parsed.location, runs)
-    store, _ = _open(args)
-    records = store.list()
-    keep, leased, best = _marks(store)
+    address = getattr(args, "address", None)
+    live: dict[str, Any] | None = None
+    if address is None:
+        if getattr(args, "namespace", None) is not None:
+            raise CommandError("--namespace: only with --address (where the live checkpointer runs)", EXIT_USAGE)
+        runs = _runs_under(args, parsed)
+        if runs is not None:
+            return _ls_runs(parsed.location, runs)
+        store, _ = _open(args)
+        records = store.list()
+        keep, leased, best = _marks(store)
+    else:
+        store, records, best, live = _served_index(args, address, parsed)
+        keep, leased, _ = _marks(store)
     cfg = store.config
-    rows = []
-    for r in records:
-        marks = ["kept" if r.step in keep else "would-delete"]
-        if r.step == best:
-            marks.append("best")
-        if r.step in leased:
-            marks.append("leased")
-        rows.append((r, marks))
     payload = {
         "run": store.uri,
         "metric_name": cfg.metric_name,
         "mode": cfg.mode,
+        "source": "storage" if live is None else "checkpointer",
         "retention": {k: v for k, v in store.policy().items() if k not in ("metric_name", "mode")},
         "checkpoints": [
             {
@@ -224,15 +238,79 @@ def cmd_ls(args: argparse.Namespace) -> Result:
                 "total_size": r.total_size,
                 "files_size": r.files_size,
                 "metrics": r.metrics,
-                "kept": r.step in keep,
+                "where": list(r.durability),
+                # retention applies to persisted steps only; memory_keep_last keeps those only in memory
+                "kept": None if list(r.durability) == [MEMORY_TIER] else r.step in keep,
                 "best": r.step == best,
                 "leased": r.step in leased,
             }
-            for r, _ in rows
+            for r in records
         ],
     }
-
+    if live is not None:
+        payload["checkpointer"] = live
     return Result(payload, "ls")
+
+
+def _served_index(
+    args: argparse.Namespace, address: str, parsed: ParsedURI
+) -> tuple[CheckpointStore, list[Any], int | None, dict[str, Any]]:
+    """(the run's store, its records, its best step, which checkpointer) as the run's live
+    checkpointer serves them: its index also lists the steps held only in memory.
+
+    Connects to the Ray cluster at ``address`` (Ray is imported here only) and finds the run's
+    checkpointer in ``--namespace``, else in whichever namespace holds it; it must serve this
+    run's storage. Retention marks come from the storage, under the checkpointer's policy unless
+    the command line gives options.
+    """
+    import ray
+
+    from ray_ckpt.core.storage.storage import Storage
+    from ray_ckpt.distributed.handle import actor_name, get_checkpointer
+
+    namespace = args.namespace
+    started = not ray.is_initialized()
+    if started:
+        try:
+            ray.init(address=address, namespace=namespace, logging_level="ERROR", log_to_driver=False)
+        except Exception as exc:  # noqa: BLE001 - any failure to connect is one line
+            raise CommandError(f"--address {address}: cannot connect to the Ray cluster: {one_line(exc)}") from exc
+    try:
+        name = actor_name(parsed.run_name)
+        if namespace is None:
+            found = sorted(
+                {a["namespace"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"] == name}
+            )
+            if len(found) > 1:
+                raise CommandError(
+                    f"run {parsed.run_name!r}: checkpointers in namespaces {found} on {address}; "
+                    "pick one with --namespace"
+                )
+            namespace = found[0] if found else None
+        try:
+            handle = get_checkpointer(parsed.run_name, namespace, timeout_s=0)
+        except LookupError:
+            where = f"namespace {namespace!r}" if namespace is not None else "any namespace"
+            raise CommandError(
+                f"run {parsed.run_name!r}: no checkpointer runs on {address} ({where}); without --address, "
+                f"ls lists the steps persisted on storage"
+            ) from None
+        cfg = handle.config
+        served = Storage(posixpath.join(Storage(cfg.storage_uri, cfg.storage_options).uri, cfg.run_name)).uri
+        if served != Storage(parsed.location).uri:
+            raise CommandError(
+                f"run {parsed.run_name!r}: the checkpointer on {address} serves {served}, not {parsed.location}"
+            )
+        policy = {k: v for k, v in cfg.to_dict().items() if k in POLICY_FIELDS}
+        store, _ = _open(args, must_exist=False, policy=policy)
+        records = handle.list()
+        metric = store.config.metric_name
+        best = handle.best(metric, store.config.mode) if metric else None
+        live = {"address": address, "namespace": namespace, "actor": name}
+        return store, records, best.step if best is not None else None, live
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def cmd_best(args: argparse.Namespace) -> Result:

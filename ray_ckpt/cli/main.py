@@ -188,7 +188,7 @@ def _command(sub: Any, common: argparse.ArgumentParser, name: str, summary: str,
         name,
         parents=[common],
         help=summary,
-        description=f"{sentence} {details}".strip(),
+        description=f"{sentence}{'' if details.startswith(chr(10)) else ' '}{details}".strip(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
 
@@ -208,9 +208,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
-    p = _command(sub, common, "ls", "list a run's checkpoints with metrics and marks, or the runs under a storage root")
+    p = _command(
+        sub, common, "ls", "list a run's checkpoints with metrics and marks, or the runs under a storage root",
+        "\nWithout --address it reads the run's storage, so it lists the steps persisted there; a step\n"
+        "held only in the memory tier (memory_replicas >= 1, not persisted yet) is listed only with\n"
+        "--address, from the run's live checkpointer. The 'where' column says where each step lives:\n"
+        "memory, local (the run's storage), remote (its remote tier).",
+    )  # fmt: skip
     p.add_argument(
         "run_uri", metavar="RUN_URI", help=RUN_URI_NO_SELECTOR_HELP + "; a directory holding runs lists its runs"
+    )
+    p.add_argument(
+        "--address",
+        metavar="ADDR",
+        help="list the run as its live checkpointer serves it, memory-only steps included: the Ray cluster's "
+        "address (host:port of its GCS, ray://host:port, or auto)",
+    )
+    p.add_argument(
+        "--namespace",
+        metavar="NS",
+        help="with --address: the Ray namespace the checkpointer runs in (default: the one namespace that has it)",
     )
     _ranking_args(p)
     p.set_defaults(func=commands.cmd_ls)

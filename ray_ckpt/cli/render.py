@@ -170,18 +170,21 @@ def ls_view(payload: dict[str, Any]) -> str | list[Any]:
     records = payload["checkpoints"]
     metric, mode = payload["metric_name"], payload["mode"]
     ranking = f"{metric} ({mode})" if metric else "none"
+    live = payload.get("checkpointer")
     head = f"run {payload['run']}: {len(records)} checkpoint(s); ranked by {ranking}"
+    if live is not None:
+        head += f"; as its checkpointer at {live['address']} serves them"
     if not records:
         return head
 
     def marks(r: dict[str, Any]) -> str:
-        flags = ["kept" if r["kept"] else "would-delete"] + [m for m in ("best", "leased") if r[m]]
-        return ",".join(flags)
+        kept = [] if r["kept"] is None else ["kept" if r["kept"] else "would-delete"]
+        return ",".join(kept + [m for m in ("best", "leased") if r[m]]) or "-"
 
     table = render_table(
-        ["step", "created", "size", "marks", "metrics"],
-        [(r["step"], fmt_time(r["created"]), human_size(r["files_size"]), marks(r), _metrics_text(r["metrics"]))
-         for r in records],
+        ["step", "created", "size", "where", "marks", "metrics"],
+        [(r["step"], fmt_time(r["created"]), human_size(r["files_size"]), ",".join(r["where"]), marks(r),
+          _metrics_text(r["metrics"])) for r in records],
     )  # fmt: skip
     return [head, table]
 

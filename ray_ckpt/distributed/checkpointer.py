@@ -776,6 +776,8 @@ class Checkpointer:
         memory = self._memory_tier()
         pending = self._memory_pending.get(step)
         if pending is None:
+            if step in self._aborted and step not in memory.steps:
+                memory.free([step])  # copies this rank's holders made after the abort's drop went out
             raise self._aborted.get(step) or SaveAbortedError(f"step {step}: no memory save in progress")
         if pending.done.done():
             raise pending.done.exception() or SaveAbortedError(f"step {step}: already finished")

@@ -409,7 +409,7 @@ class EvalClient:
         if self.config.eval_cache_bytes:
             if self._holder is None:
                 self._holder = self._call("holder_for", node)
-            wrapped = ray.get(self._holder.cached.remote(step, self.config, self.config.save_timeout_s))
+            wrapped = ray.get(self._holder.cached.remote(step, self.config))
             return read_cached_state(wrapped[0])
         return None
 

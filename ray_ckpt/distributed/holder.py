@@ -33,6 +33,7 @@ from ray_ckpt.core.format.digests import block_digests
 logger = logging.getLogger(__name__)
 
 HOLDER_PREFIX = "ray_ckpt:holder:"
+_DROPS_REMEMBERED = 1024  # far more steps than are dropped while one copy is taken
 
 
 class MemoryBudgetError(SaveAbortedError):
@@ -93,6 +94,10 @@ class Holder:
         self.cache_loads = 0  # persisted steps this holder read from storage for evaluators
         self._freed: asyncio.Condition | None = None
         self._loading: dict[int, asyncio.Future] = {}
+        # step -> serial of its latest drop (the newest _DROPS_REMEMBERED steps): a copy taken while
+        # its step was dropped (an abort racing the copy) is released instead of held forever
+        self._drops: collections.OrderedDict[int, int] = collections.OrderedDict()
+        self._drop_serial = 0
 
     async def ping(self) -> str:
         return self.node_id
@@ -150,6 +155,7 @@ class Holder:
         """Reserve the bytes, read each object (zero-copy on this node) and own a copy of it here;
         the primary copy is hashed too. (owned refs, digests by part)."""
         what = f"step {step} rank {rank}" + ("" if primary else " (replica)")
+        serial = self._drop_serial
         await self._reserve(nbytes, what, timeout_s)
         try:
             loop = asyncio.get_running_loop()
@@ -164,23 +170,31 @@ class Holder:
                     digests[part] = await loop.run_in_executor(None, digest_arrays, arrays)
                 owned.append(await loop.run_in_executor(None, ray.put, arrays))
                 del arrays
+            if self._dropped_since(step, serial):
+                raise SaveAbortedError(f"{what}: the step was dropped (aborted) while its copy was taken")
             self.copies[step, rank] = Copy(owned, nbytes, primary=primary)
         except BaseException:
             await self._release(nbytes)
             raise
         return owned, digests
 
+    def _dropped_since(self, step: int, serial: int) -> bool:
+        return self._drops.get(step, 0) > serial
+
     async def keep(
         self, step: int, rank: int, refs: list[Any], nbytes: int, peers: list[Any], timeout_s: float
     ) -> dict[str, Any]:
         """Own rank ``rank``'s state of ``step`` (its ``[model ref, trainer ref or None]``), hash it and
         have ``peers`` own a copy each: ``{"copies": {node: [model, trainer] refs}, "digests": ...}``."""
+        serial = self._drop_serial
         owned, digests = await self._take(step, rank, refs, nbytes, timeout_s, primary=True)
         copies = {self.node_id: owned}
         replies = await asyncio.gather(
             *(peer.replicate.remote(step, rank, owned, nbytes, timeout_s) for peer in peers), return_exceptions=True
         )
         failed = [r for r in replies if isinstance(r, BaseException)]
+        if not failed and self._dropped_since(step, serial):  # aborted while the replicas were made
+            failed = [SaveAbortedError(f"step {step} was dropped (aborted) while its replicas were made")]
         if failed:
             await self.drop([step])
             for peer, reply in zip(peers, replies, strict=True):
@@ -205,6 +219,12 @@ class Holder:
     async def drop(self, steps: list[int]) -> int:
         """Free every copy of these steps held here; the bytes returned to the budget."""
         gone = set(steps)
+        self._drop_serial += 1
+        for step in gone:
+            self._drops[step] = self._drop_serial
+            self._drops.move_to_end(step)
+        while len(self._drops) > _DROPS_REMEMBERED:
+            self._drops.popitem(last=False)
         freed = 0
         for key in [k for k in self.copies if k[0] in gone]:
             freed += self.copies.pop(key).nbytes
@@ -234,7 +254,7 @@ class Holder:
         }
 
     # -- the evaluators' cache of persisted steps ---------------------------------------------
-    async def cached(self, step: int, config: Any, timeout_s: float) -> list[Any]:
+    async def cached(self, step: int, config: Any) -> list[Any]:
         """``[ref]`` of persisted ``step``'s model state (``{key: (dtype, shape, uint8 array)}``) read
         from storage once for this node's evaluators; later calls share that copy (LRU by bytes)."""
         entry = self.cache.get(step)
@@ -249,10 +269,7 @@ class Holder:
                 ref, nbytes = await asyncio.get_running_loop().run_in_executor(None, _read_persisted, step, config)
                 self.cache_loads += 1
                 if nbytes <= self.eval_cache_bytes:
-                    await self._reserve(nbytes, f"step {step} (eval cache)", timeout_s)
-                    self.cache[step] = _Cached(ref, nbytes)
-                    while sum(e.nbytes for e in self.cache.values()) > self.eval_cache_bytes:
-                        self._evict_one()
+                    await self._cache(step, ref, nbytes)
                 loading.set_result(ref)
             except BaseException as exc:
                 loading.set_exception(exc)
@@ -261,6 +278,23 @@ class Holder:
             finally:
                 self._loading.pop(step, None)
         return [await asyncio.shield(loading)]
+
+    async def _cache(self, step: int, ref: Any, nbytes: int) -> None:
+        """Keep a persisted step for later evaluators if it fits now: memory steps come first, so
+        the cache never waits for (or fails) a save's room; the evaluator gets its state either way."""
+        try:
+            await self._reserve(nbytes, f"step {step} (eval cache)", 0.0)
+        except MemoryBudgetError as exc:
+            logger.info("run %s: persisted step %d not cached for evaluators: %s", self.run_name, step, exc)
+            return
+        self.cache[step] = _Cached(ref, nbytes)
+        evicted = False
+        while sum(e.nbytes for e in self.cache.values()) > self.eval_cache_bytes:
+            evicted = self._evict_one() or evicted
+        if evicted:  # bytes went back to the budget: wake saves waiting for room
+            freed = self._condition()
+            async with freed:
+                freed.notify_all()
 
 
 def _read_persisted(step: int, config: Any) -> tuple[Any, int]:

@@ -103,41 +103,46 @@ class _Fetched:
     nodes: dict[int, str] = field(default_factory=dict)  # the node each rank's bytes came from
 
 
-def _fetch(mstep: MemoryStep, part: str, ranks: list[int], node_id: str | None) -> _Fetched:
-    """Each rank's bytes of ``part`` from its nearest live copy (this node first, zero-copy)."""
+def _fetch(mstep: MemoryStep, part: str, used: dict[int, set[str]], node_id: str | None) -> _Fetched:
+    """Each rank's bytes of ``part`` from its nearest good copy (this node first, zero-copy).
+
+    A copy whose objects are gone is skipped; so is one whose tensors in ``used`` (rank -> saved
+    keys) do not match the digests made when the first copy was taken. No good copy left: the
+    first mismatch as CorruptCheckpointError, else :class:`MemoryStepLost`.
+    """
     fetched = _Fetched()
     index = _PART_INDEX[part]
-    for rank in ranks:
+    expected = {rank: mstep.digests.get(rank, {}).get(part, {}) for rank in used}
+    for rank, keys in sorted(used.items()):
         by_node = mstep.copies[rank]
-        order = sorted(by_node, key=lambda n: (n != node_id, n))
-        for node in order:
+        corrupt: CorruptCheckpointError | None = None
+        for node in sorted(by_node, key=lambda n: (n != node_id, n)):
             ref = by_node[node][index]
             if ref is None:
                 raise KeyError(f"memory step {mstep.step}: rank {rank} saved no {part} state")
             try:
-                fetched.arrays[rank] = ray.get(ref)
-                fetched.nodes[rank] = node
-                break
+                arrays = ray.get(ref)
             except (ray.exceptions.ObjectLostError, ray.exceptions.RayActorError, ray.exceptions.RaySystemError):
                 logger.info("memory step %d: rank %d's copy on node %s is gone", mstep.step, rank, node)
+                continue
+            got = digest_arrays({key: arrays[key] for key in sorted(keys)})
+            bad = [key for key in sorted(keys) if got[key] != expected[rank].get(key)]
+            if bad:
+                error = CorruptCheckpointError(
+                    f"memory step {mstep.step}: rank {rank}'s {part} tensor {bad[0]!r} (copy on node "
+                    f"{node}) does not match the digests taken when it was saved"
+                )
+                logger.warning("%s; trying another copy", error)
+                corrupt = corrupt or error
+                continue
+            fetched.arrays[rank] = arrays
+            fetched.nodes[rank] = node
+            break
         else:
+            if corrupt is not None:
+                raise corrupt
             raise MemoryStepLost(mstep.step, rank, sorted(by_node))
     return fetched
-
-
-def _check(mstep: MemoryStep, part: str, fetched: _Fetched, used: set[tuple[int, str]]) -> None:
-    """Every byte used must match the digests made when the first copy was taken."""
-    by_rank: dict[int, dict[str, np.ndarray]] = {}
-    for rank, key in used:
-        by_rank.setdefault(rank, {})[key] = fetched.arrays[rank][key]
-    for rank, arrays in by_rank.items():
-        expected = mstep.digests.get(rank, {}).get(part, {})
-        for key, got in digest_arrays(arrays).items():
-            if expected.get(key) != got:
-                raise CorruptCheckpointError(
-                    f"memory step {mstep.step}: rank {rank}'s {part} tensor {key!r} (copy on node "
-                    f"{fetched.nodes[rank]}) does not match the digests taken when it was saved"
-                )
 
 
 def _holders_of(mstep: MemoryStep, part: str, key: str) -> list[tuple[int, str, TensorMeta]]:
@@ -160,24 +165,26 @@ def _holders_of(mstep: MemoryStep, part: str, key: str) -> list[tuple[int, str, 
     return out
 
 
-def read_memory_into(mstep: MemoryStep, part: str, into: Mapping[str, Any], node_id: str | None) -> None:
-    """Fill ``into``'s tensors (tensors, DTensors, Shards) with their boxes of a memory step."""
-    leaves = tensor_leaves(into, what=f"into ({'state_dict' if part == MODEL else 'trainer_state'})")
-    plan: dict[str, list[tuple[int, str, TensorMeta]]] = {}
-    for key in leaves:
-        holders = _holders_of(mstep, part, key)
-        if not holders:
-            raise KeyError(f"memory step {mstep.step}: no tensor named {key!r} ({part})")
-        plan[key] = holders
-    ranks = sorted({rank for holders in plan.values() for rank, _, _ in holders})
-    fetched = _fetch(mstep, part, ranks, node_id)
-    used = {(rank, name) for holders in plan.values() for rank, name, _ in holders}
-    _check(mstep, part, fetched, used)
-    for key, target in leaves.items():
-        _fill(mstep.step, key, target, plan[key], fetched)
+@dataclass
+class _Target:
+    """One tensor to fill: its local part, the box it covers, and the ranks' boxes that overlap it."""
+
+    local: torch.Tensor
+    offsets: tuple[int, ...]
+    holders: list[tuple[int, str, TensorMeta]]
 
 
-def _fill(step: int, key: str, target: Any, holders: list[tuple[int, str, TensorMeta]], fetched: _Fetched) -> None:
+def _box_overlap(a_offsets: tuple[int, ...], a_shape: tuple[int, ...], meta: TensorMeta) -> int:
+    """Elements shared by a target's box and a rank's box."""
+    b_offsets = tuple(meta.offsets or (0,) * len(meta.shape))
+    return math.prod(
+        max(0, min(a + n, b + m) - max(a, b))
+        for a, n, b, m in zip(a_offsets, a_shape, b_offsets, meta.shape, strict=True)
+    )
+
+
+def _plan_target(step: int, key: str, target: Any, holders: list[tuple[int, str, TensorMeta]]) -> _Target:
+    """Check a target against the saved tensor, and keep only the ranks whose boxes it needs."""
     local, global_shape, offsets = local_part(target, key=key)
     if isinstance(local, np.ndarray):
         local = torch.from_numpy(local)
@@ -189,21 +196,50 @@ def _fill(step: int, key: str, target: Any, holders: list[tuple[int, str, Tensor
     if TORCH_TO_DTYPE.get(local.dtype) != meta0.dtype or global_shape != saved_global:
         have = f"{TORCH_TO_DTYPE.get(local.dtype, local.dtype)}{list(global_shape)}"
         raise ValueError(f"{key}: memory step {step} holds {meta0.dtype}{list(saved_global)}, the target is {have}")
+    needed = [(h, n) for h in holders if (n := _box_overlap(offsets, shape, h[2]))]
+    covered = sum(n for _, n in needed)
+    if covered != math.prod(shape):
+        raise CorruptCheckpointError(
+            f"memory step {step}: {key!r}: the ranks' boxes cover {covered} of {math.prod(shape)}"
+        )
+    return _Target(local, offsets, [h for h, _ in needed])
+
+
+def read_memory_into(mstep: MemoryStep, part: str, into: Mapping[str, Any], node_id: str | None) -> None:
+    """Fill ``into``'s tensors (tensors, DTensors, Shards) with their boxes of a memory step.
+
+    Every target is checked and planned first, then only the ranks whose boxes overlap some target
+    are fetched, and every byte used is checked: nothing is filled unless all of it can be.
+    """
+    leaves = tensor_leaves(into, what=f"into ({'state_dict' if part == MODEL else 'trainer_state'})")
+    plan: dict[str, _Target] = {}
+    for key, target in leaves.items():
+        holders = _holders_of(mstep, part, key)
+        if not holders:
+            raise KeyError(f"memory step {mstep.step}: no tensor named {key!r} ({part})")
+        plan[key] = _plan_target(mstep.step, key, target, holders)
+    used: dict[int, set[str]] = {}
+    for t in plan.values():
+        for rank, name, _ in t.holders:
+            used.setdefault(rank, set()).add(name)
+    fetched = _fetch(mstep, part, used, node_id)
+    for t in plan.values():
+        _fill(t, fetched)
+
+
+def _fill(target: _Target, fetched: _Fetched) -> None:
+    local = target.local
+    shape = tuple(local.shape)
     if not math.prod(shape):
         return
     itemsize = local.element_size()
     direct = local.device.type == "cpu" and local.is_contiguous()
     buf = local if direct else torch.empty(shape, dtype=local.dtype)
     view = buf.reshape(-1).view(torch.uint8).numpy()
-    covered = 0
-    for rank, name, meta in holders:
+    for rank, name, meta in target.holders:
         src = fetched.arrays[rank][name]
         src_offsets = tuple(meta.offsets or (0,) * len(meta.shape))
-        covered += copy_overlap(view, offsets, shape, src, src_offsets, tuple(meta.shape), itemsize)
-    if covered != math.prod(shape):
-        raise CorruptCheckpointError(
-            f"memory step {step}: {key!r}: the ranks' boxes cover {covered} of {math.prod(shape)}"
-        )
+        copy_overlap(view, target.offsets, shape, src, src_offsets, tuple(meta.shape), itemsize)
     if not direct:
         with torch.no_grad():
             local.copy_(buf)
@@ -232,7 +268,8 @@ def read_cached_state(ref: Any) -> dict[str, torch.Tensor]:
     """The state a holder cached for evaluators (``{key: (dtype, shape, uint8 array)}``), as tensors."""
     out = {}
     for key, (dtype, shape, data) in ray.get(ref).items():
-        out[key] = to_tensor(TensorBuffer(dtype, tuple(shape), data)).clone()  # the cache's copy stays read-only
+        # a private copy: the cached object is read-only and shared by the node's evaluators
+        out[key] = to_tensor(TensorBuffer(dtype, tuple(shape), data.copy()))
     return out
 
 

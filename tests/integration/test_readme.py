@@ -79,6 +79,6 @@ def test_readme_shell_blocks_name_files_and_modules_that_exist() -> None:
         assert (REPO / link).exists(), link
 
 
-@pytest.mark.parametrize("doc", ["docs/CLI.md", "docs/RAY.md"])
-def test_readme_links_the_cli_and_ray_guides(doc: str) -> None:
+@pytest.mark.parametrize("doc", ["docs/CLI.md", "docs/RAY.md", "docs/MEMORY.md"])
+def test_readme_links_the_cli_ray_and_memory_guides(doc: str) -> None:
     assert f"]({doc})" in README.read_text()
