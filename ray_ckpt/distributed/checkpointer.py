@@ -906,8 +906,13 @@ class Checkpointer:
 
     async def memory_step(self, selector: Any = "latest") -> MemoryStep | int:
         """What a loader reads for ``selector``: the :class:`MemoryStep` of a step held in memory, or
-        the step number of one only storage holds."""
+        the step number of one only storage holds. The nodes are checked first, so a loader is
+        not handed copies on nodes Ray already knows dead (it would wait for each to fail)."""
         self._start_background()
+        try:
+            await self._check_nodes()
+        except Exception as exc:  # noqa: BLE001 - the loader falls back copy by copy anyway
+            logger.info("run %s: node check before a load failed: %s", self.config.run_name, exc)
         step = self.store.resolve(selector, fallback_to_latest=True, over=self.index)
         if self.memory is not None and step in self.memory.steps:
             return self.memory.steps[step]
