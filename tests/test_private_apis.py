@@ -1,10 +1,15 @@
-"""The one private API ray-ckpt still uses, guarded: a torch release that moves or changes it fails
-here, naming what to replace, instead of failing a save somewhere in a Ray actor.
+"""The private APIs ray-ckpt still uses, guarded: a torch or Ray release that moves or changes one
+fails here, naming what to replace, instead of failing a save somewhere in a Ray actor.
 
 ``ray_ckpt.core.shard.local_part`` asks torch where a DTensor's local shard lies in the global tensor
 (``torch.distributed.tensor._utils.compute_local_shape_and_global_offset``): torch has no public
 function for it (DCP's planner uses the same one). safetensors' dtype table is no longer read from
 a private attribute: ``ray_ckpt.core.format.buffers`` asks ``safetensors.torch.save`` itself.
+
+``ray_ckpt.distributed.drain`` reads Ray's drain (preemption) signal and sends drain requests
+through ``ray._raylet.GcsClient`` (``get_draining_nodes``, ``drain_node``): Ray has no public API
+for it outside Ray Train's worker group; the ``ray drain-node`` CLI and Ray Train's preemption
+watcher use the same calls. tests/distributed/test_drain.py drives them on a real cluster.
 """
 
 from __future__ import annotations
@@ -77,3 +82,25 @@ def test_the_dtype_table_comes_from_safetensors_public_save() -> None:
         f"safetensors no longer writes a basic dtype: {sorted(fmt.DTYPE_TO_TORCH)}"
     )
     assert fmt.DTYPE_SIZE["BF16"] == 2 and fmt.TORCH_TO_DTYPE[torch.float32] == "F32"
+
+
+def test_the_private_gcs_drain_calls_are_where_ray_ckpt_expects() -> None:
+    import ray
+    import ray._raylet
+    from ray.core.generated import autoscaler_pb2
+
+    from ray_ckpt.distributed.drain import DRAIN_REASONS
+
+    inner = getattr(ray._raylet, "InnerGcsClient", None)  # GcsClient forwards its calls to it
+    assert inner is not None and hasattr(ray._raylet, "GcsClient"), (
+        f"ray._raylet.GcsClient moved in Ray {ray.__version__}; update ray_ckpt.distributed.drain"
+    )
+    for name, param in (("get_draining_nodes", "timeout"), ("drain_node", "deadline_timestamp_ms")):
+        method = getattr(inner, name, None)
+        assert method is not None and param in (method.__doc__ or ""), (
+            f"GcsClient.{name} is gone or changed in Ray {ray.__version__}: {getattr(method, '__doc__', None)!r}; "
+            "update ray_ckpt.distributed.drain"
+        )
+    assert set(DRAIN_REASONS.values()) <= set(autoscaler_pb2.DrainNodeReason.keys()), (
+        f"Ray {ray.__version__} renamed its drain reasons: {autoscaler_pb2.DrainNodeReason.keys()}"
+    )

@@ -108,3 +108,29 @@ def box_view(full: np.ndarray, global_shape: tuple[int, ...], offsets: tuple[int
     itemsize = full.nbytes // max(1, math.prod(global_shape)) if math.prod(global_shape) else 1
     grid = full.reshape(*global_shape, itemsize)
     return grid[tuple(slice(o, o + n) for o, n in zip(offsets, shape, strict=True))]
+
+
+def copy_overlap(
+    dst: np.ndarray,
+    dst_offsets: tuple[int, ...],
+    dst_shape: tuple[int, ...],
+    src: np.ndarray,
+    src_offsets: tuple[int, ...],
+    src_shape: tuple[int, ...],
+    itemsize: int,
+) -> int:
+    """Copy where two boxes of one tensor overlap, from ``src``'s bytes to ``dst``'s; the elements copied.
+
+    ``dst`` and ``src`` are flat uint8 buffers holding their boxes in row-major order (a rank's
+    shard, a target's local part); offsets are in the global tensor. Used to reshard from memory.
+    """
+    lo = [max(a, b) for a, b in zip(dst_offsets, src_offsets, strict=True)]
+    hi = [min(a + n, b + m) for a, n, b, m in zip(dst_offsets, dst_shape, src_offsets, src_shape, strict=True)]
+    if any(h <= lo_ for lo_, h in zip(lo, hi, strict=True)):
+        return 0
+    out = dst.reshape(*dst_shape, itemsize)
+    inp = src.reshape(*src_shape, itemsize)
+    out_box = tuple(slice(lo_ - o, h - o) for lo_, h, o in zip(lo, hi, dst_offsets, strict=True))
+    in_box = tuple(slice(lo_ - o, h - o) for lo_, h, o in zip(lo, hi, src_offsets, strict=True))
+    np.copyto(out[out_box], inp[in_box])
+    return math.prod(h - lo_ for lo_, h in zip(lo, hi, strict=True))

@@ -45,10 +45,18 @@ from ray_ckpt.core.errors import CheckpointExistsError, SaveAbortedError
 from ray_ckpt.core.format.digests import merge_files
 from ray_ckpt.core.index import CheckpointIndex, CheckpointInfo, IndexDelta, IndexFeed
 from ray_ckpt.core.layout import validate_metrics, validate_step
-from ray_ckpt.core.planner import MODEL, TRAINER, SavePlan
+from ray_ckpt.core.planner import MODEL, TRAINER, SavePlan, plan_save
 from ray_ckpt.core.retention import plan, policy_from_config
 from ray_ckpt.core.writer import StepWriter
 from ray_ckpt.distributed import metrics as telemetry
+from ray_ckpt.distributed.memory import (
+    MemoryStep,
+    MemoryTier,
+    check_replicas,
+    memory_info,
+    ring_peers,
+    storage_info,
+)
 from ray_ckpt.distributed.wire import RankReport, RankResult, check_rank_bytes, check_rank_report
 from ray_ckpt.tiers.tiered import open_store, uploader_of
 
@@ -93,6 +101,34 @@ class _PendingStep:
         if self.plan is None:
             return set()
         return set(self.results) | {r for r in self.reports if self.plan.idle(r)}
+
+
+@dataclass
+class _MemoryPending:
+    """A step being committed in memory: the ranks' routes, reports and receipts so far."""
+
+    step: int
+    world_size: int
+    persist: bool = False
+    started: float = field(default_factory=time.monotonic)
+    nodes: dict[int, str] = field(default_factory=dict)  # rank -> its node (routes)
+    routed: asyncio.Event = field(default_factory=asyncio.Event)
+    reports: dict[int, RankReport] = field(default_factory=dict)
+    copies: dict[int, dict[str, list[Any]]] = field(default_factory=dict)
+    digests: dict[int, dict[str, dict[str, str]]] = field(default_factory=dict)
+    done: asyncio.Future = field(default_factory=lambda: asyncio.get_event_loop().create_future())
+    timeout_task: asyncio.Task | None = None
+
+
+async def _first_alive(refs: list[ray.ObjectRef]) -> Any:
+    """The value of the first of ``refs`` that is still there (a memory step's copies on several
+    nodes are alternatives; a gather-mode rank sends one)."""
+    for ref in refs[:-1]:
+        try:
+            return await ref
+        except ray.exceptions.ObjectLostError:
+            continue
+    return await refs[-1]
 
 
 def _bad_report(step: int, rank: Any, exc: Exception) -> SaveAbortedError:
@@ -148,6 +184,18 @@ class Checkpointer:
         if config.metric_name:
             self.index.top_k(1)  # sort the run's ranking now (1M records: ~1 s), not in the first query
         self.feed = IndexFeed(self.index)  # every index change goes through it: eval clients follow it
+        self.memory: MemoryTier | None = None
+        self._memory_pending: dict[int, _MemoryPending] = {}
+        if config.memory_replicas:
+            self.memory = MemoryTier(config, ray.get_runtime_context().namespace)
+            for mstep in self.memory.rebuild():  # a restarted checkpointer: the steps the holders keep
+                stored = self.index.get(mstep.step)
+                mstep.persisted = stored is not None
+                self.feed.add(memory_info(stored or mstep.info, persisted=stored is not None))
+            if self.memory.steps:
+                logger.info(
+                    "run %s: memory steps %s rebuilt from the holders", config.run_name, sorted(self.memory.steps)
+                )
         self._index_changed: asyncio.Future | None = None
         # The remote tier reports changed steps (uploaded, deleted on a tier) from its threads;
         # they are applied to the feed on the event loop, once it is known.
@@ -181,6 +229,7 @@ class Checkpointer:
         self._committed: asyncio.Condition | None = None
         self._architecture_written = False
         self._retention_task: asyncio.Task | None = None  # the periodic check (started on first call)
+        self._memory_task: asyncio.Task | None = None  # the memory tier's node check
         # Ray runs gc.collect() in every worker when the object store fills up (big gathered saves
         # do that). A full collection of this process's startup heap (torch, ray, pyarrow: ~250k
         # objects) holds the GIL ~100 ms, stalling queries; frozen, it is not scanned again.
@@ -359,6 +408,13 @@ class Checkpointer:
         """Abort a step from outside: ``reason`` is a rank's exception (or a message)."""
         pending = self._pending.get(step)
         exc = reason if isinstance(reason, BaseException) else RuntimeError(str(reason))
+        memory_pending = self._memory_pending.get(step)
+        if memory_pending is not None:
+            detail = f"rank {rank}: {type(exc).__name__}: {exc}" if rank is not None else str(exc)
+            error = SaveAbortedError(f"step {step}: aborted, nothing was committed ({detail})")
+            error.failures = {rank: exc} if rank is not None else {}
+            self._memory_abort(memory_pending, error)
+            return
         if pending is None:
             aborted = self._aborted.get(step)
             if aborted is not None and rank is not None:
@@ -492,8 +548,8 @@ class Checkpointer:
         for rank, holder in holders.items():
             report = pending.reports[rank]
             try:
-                model = await holder.model_ref[0] if holder.model_ref else {}
-                trainer = await holder.trainer_ref[0] if holder.trainer_ref else {}
+                model = await _first_alive(holder.model_ref) if holder.model_ref else {}
+                trainer = await _first_alive(holder.trainer_ref) if holder.trainer_ref else {}
             except ray.exceptions.ObjectLostError as exc:  # incl. OwnerDiedError: its node died
                 raise SaveAbortedError(
                     f"step {pending.step}: rank {rank}'s state was lost before the checkpointer fetched it "
@@ -521,10 +577,12 @@ class Checkpointer:
         except Exception as exc:
             self._abort(pending, exc)
             return
-        self.feed.add(self._indexed(info))
+        info = self._served(self._indexed(info))  # as the index serves it (tiers, memory)
+        self.feed.add(info)
         for step in deleted:
-            self.feed.remove(step)
+            self._forget_stored(step)
         self._notify_index_changed()
+        self._persisted(info.step)
         self._recent[info.step] = (info, (self.feed.epoch, self.feed.version))
         while len(self._recent) > 1000:
             self._recent.pop(next(iter(self._recent)))
@@ -596,6 +654,363 @@ class Checkpointer:
         info = writer.commit(metrics=metrics, metadata=metadata, world_size=pending.world_size)
         protected = {s for s in self._pending if s != pending.step}
         return info, self.store.retain_after_commit(info.step, protected=protected)
+
+    # -- the memory tier (memory_replicas >= 1; docs/MEMORY.md) --------------------------------
+    def _served(self, info: CheckpointInfo) -> CheckpointInfo:
+        """A stored step's record as served: naming memory too while the holders keep it."""
+        if self.memory is not None and info.step in self.memory.steps:
+            return memory_info(info, persisted=True)
+        return info
+
+    def _forget_stored(self, step: int) -> bool:
+        """Storage no longer holds ``step``: it leaves the index unless memory still holds it."""
+        if self.memory is not None and step in self.memory.steps:
+            mstep = self.memory.steps[step]
+            mstep.persisted = False
+            self.feed.add(memory_info(mstep.info, persisted=False))
+            return True
+        return self.feed.remove(step) is not None
+
+    def _persisted(self, step: int) -> None:
+        """A memory step is on storage now; steps whose freeing waited for that go."""
+        if self.memory is None:
+            return
+        mstep = self.memory.steps.get(step)
+        if mstep is not None:
+            mstep.persisted = True
+        self._free_memory(self.memory.beyond_kept())
+
+    def _free_memory(self, steps: list[int]) -> None:
+        """Free memory steps beyond memory_keep_last, except those still being persisted."""
+        assert self.memory is not None
+        steps = [s for s in steps if s not in self._pending]
+        records = {s: self.memory.steps[s] for s in steps if s in self.memory.steps}
+        self.memory.free(steps)
+        for step, mstep in records.items():
+            stored = self.index.get(step)
+            if mstep.persisted and stored is not None:
+                self.feed.add(storage_info(stored))
+            else:
+                self.feed.remove(step)
+        if records:
+            self._notify_index_changed()
+        telemetry.set_memory(self.config.run_name, self.memory.bytes_held(), len(self.memory.steps))
+
+    def _memory_tier(self) -> MemoryTier:
+        if self.memory is None:
+            raise ValueError(
+                f"run {self.config.run_name!r}: the memory tier is off (memory_replicas=0); start the checkpointer "
+                "with memory_replicas >= 1"
+            )
+        return self.memory
+
+    def _memory_join(self, step: int, world_size: int, overwrite: bool) -> _MemoryPending:
+        step = validate_step(step)
+        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+            raise ValueError(f"world_size: must be a positive integer, got {world_size!r}")
+        if step in self._aborted and step not in self._memory_pending:
+            raise self._aborted[step]
+        pending = self._memory_pending.get(step)
+        if pending is None:
+            latest = self.index.latest()
+            if not overwrite and latest is not None and step <= latest.step:
+                raise CheckpointExistsError(
+                    f"step {step}: run {self.config.run_name!r} already has step {latest.step} committed; "
+                    "pass overwrite=True to save an older or equal step"
+                )
+            self._start_background()
+            pending = self._memory_pending[step] = _MemoryPending(step, world_size)
+            pending.timeout_task = asyncio.get_running_loop().create_task(self._memory_expire(pending))
+        if pending.done.done():
+            raise pending.done.exception() or SaveAbortedError(f"step {step}: already finished")
+        if pending.world_size != world_size:
+            exc = SaveAbortedError(
+                f"step {step}: a rank reports world_size {world_size}, the step started with {pending.world_size}"
+            )
+            self._memory_abort(pending, exc)
+            raise exc
+        return pending
+
+    async def memory_route(
+        self, step: int, rank: int, world_size: int, node_id: str, overwrite: bool = False
+    ) -> dict[str, Any]:
+        """Where a rank's copies of ``step`` go: its node's holder and ``memory_replicas`` peers.
+
+        Waits until every rank of the step has said which node it runs on (the training nodes of
+        the step); the peers are the next nodes around the sorted ring of those nodes.
+        """
+        memory = self._memory_tier()
+        pending = self._memory_join(step, world_size, overwrite)
+        if not isinstance(rank, int) or not 0 <= rank < world_size:
+            raise ValueError(f"rank: {rank!r} is outside [0, {world_size})")
+        pending.nodes[rank] = node_id
+        if len(pending.nodes) == world_size:
+            pending.routed.set()
+        try:
+            await asyncio.wait_for(pending.routed.wait(), self.config.save_timeout_s)
+        except asyncio.TimeoutError:
+            raise SaveAbortedError(f"step {step}: not every rank joined within save_timeout_s") from None
+        if pending.done.done():
+            raise pending.done.exception() or SaveAbortedError(f"step {step}: already finished")
+        try:
+            peers = ring_peers(list(pending.nodes.values()), node_id, self.config.memory_replicas)
+        except ValueError as exc:
+            error = SaveAbortedError(f"step {step}: {exc}; nothing was committed")
+            self._memory_abort(pending, error)
+            raise error from None
+        return {
+            "holder": memory.holder(node_id),
+            "peers": [memory.holder(n) for n in peers],
+            "timeout_s": self.config.save_timeout_s,
+        }
+
+    async def memory_report(
+        self, step: int, report: RankReport, receipt: dict[str, Any], persist: bool | None = None
+    ) -> dict[str, Any]:
+        """A rank's state of ``step`` is held (``receipt``: its copies by node, their digests).
+
+        Once every rank is in and each has ``1 + memory_replicas`` copies on distinct nodes, the
+        step is committed in memory: ``{"info", "position", "persisting"}``.
+        """
+        memory = self._memory_tier()
+        pending = self._memory_pending.get(step)
+        if pending is None:
+            raise self._aborted.get(step) or SaveAbortedError(f"step {step}: no memory save in progress")
+        if pending.done.done():
+            raise pending.done.exception() or SaveAbortedError(f"step {step}: already finished")
+        try:
+            if not isinstance(report, RankReport):
+                raise TypeError(f"expected a RankReport, got {type(report).__name__}")
+            check_rank_report(report)
+            if report.rank in pending.reports:
+                raise ValueError(f"rank {report.rank} joined twice")
+        except (TypeError, ValueError) as exc:
+            problem = _bad_report(step, report.rank if isinstance(report, RankReport) else "?", exc)
+            self._memory_abort(pending, problem)
+            raise problem from None
+        pending.reports[report.rank] = report
+        pending.copies[report.rank] = dict(receipt["copies"])
+        pending.digests[report.rank] = dict(receipt["digests"])
+        pending.persist = pending.persist or bool(persist)
+        if len(pending.reports) == pending.world_size:
+            try:
+                self._commit_memory(pending, memory)
+            except Exception as exc:  # noqa: BLE001 - any failure aborts the step, named
+                self._memory_abort(pending, exc)
+        return await asyncio.shield(pending.done)
+
+    def _commit_memory(self, pending: _MemoryPending, memory: MemoryTier) -> None:
+        """Every rank is in: check the copies and the states, record the step, free old ones, persist."""
+        step = pending.step
+        check_replicas(step, pending.copies, self.config.memory_replicas)
+        states = {r: {MODEL: rep.model, TRAINER: rep.trainer} for r, rep in pending.reports.items()}
+        try:  # the ranks' states fit together (coverage, overlaps, dtypes), as a storage save checks
+            plan_save(step, states, directory="", mode="gather", max_shard_size=int(self.config.max_shard_size))
+        except ValueError as exc:
+            raise SaveAbortedError(f"step {step}: the ranks' states do not fit together: {exc}") from None
+        metrics: dict[str, float] = {}
+        metadata: dict[str, Any] = {}
+        for rank in sorted(pending.reports, reverse=True):  # rank 0 wins on conflicts
+            metrics.update(pending.reports[rank].metrics)
+            metadata.update(pending.reports[rank].metadata)
+        model_bytes = sum(m.nbytes for rep in pending.reports.values() for m in rep.model.tensors.values())
+        trainer_bytes = sum(
+            m.nbytes for rep in pending.reports.values() if rep.trainer for m in rep.trainer.tensors.values()
+        )
+        info = CheckpointInfo(
+            step=step,
+            uri=f"memory://{self.config.run_name}/step_{step}",
+            metrics=metrics,
+            created=time.time(),
+            total_size=model_bytes,
+            files_size=model_bytes + trainer_bytes,
+            world_size=pending.world_size,
+            metadata=metadata,
+            durability=["memory"],
+        )
+        reports = {
+            r: RankReport(r, rep.world_size, rep.model, rep.trainer, rep.metrics, rep.metadata)
+            for r, rep in pending.reports.items()
+        }
+        mstep = MemoryStep(step, pending.world_size, reports, pending.copies, pending.digests, info)
+        for node in mstep.nodes():
+            memory.holder(node).commit.remote(step, mstep)
+        self.feed.add(info)
+        self._notify_index_changed()
+        persist = pending.persist or step % self.config.persist_interval_steps == 0
+        if persist:
+            self._start_persist(mstep)
+        self._free_memory(memory.add(mstep))
+        telemetry.observe_memory_commit(self.config.run_name, time.monotonic() - pending.started)
+        logger.info(
+            "memory commit run=%s step=%d world_size=%d bytes=%d nodes=%s persist=%s seconds=%.3f",
+            self.config.run_name,
+            step,
+            pending.world_size,
+            info.files_size,
+            sorted(mstep.nodes()),
+            persist,
+            time.monotonic() - pending.started,
+        )
+        self._memory_release(pending)
+        pending.done.set_result({"info": info, "position": (self.feed.epoch, self.feed.version), "persisting": persist})
+
+    def _start_persist(self, mstep: MemoryStep) -> _PendingStep:
+        """Write a memory step to storage in the background: the gather-mode plan -> write -> finish,
+        from the holders' copies (each rank's copies are alternatives: the first live one is read)."""
+        pending = _PendingStep(mstep.step, mstep.world_size, "gather", overwrite=False)
+        for rank, rep in mstep.reports.items():
+            copies = list(mstep.copies[rank].values())
+            pending.reports[rank] = RankReport(
+                rank,
+                rep.world_size,
+                rep.model,
+                rep.trainer,
+                rep.metrics,
+                rep.metadata,
+                model_ref=[refs[0] for refs in copies],
+                trainer_ref=[refs[1] for refs in copies] if rep.trainer is not None else None,
+            )
+        self._pending[mstep.step] = pending
+        loop = asyncio.get_running_loop()
+        pending.timeout_task = loop.create_task(self._expire(pending))
+
+        async def run() -> None:
+            slots, _ = self._loop_state()
+            await slots.acquire()  # back-pressure: at most max_pending_saves steps persist at once
+            pending.slot_held = True
+            if pending.done.done():
+                self._release(pending)
+                return
+            await self._plan_step(pending)
+
+        loop.create_task(run())
+        return pending
+
+    async def flush(self, timeout_s: float | None = None) -> int | None:
+        """Persist the newest memory step now (if it is not on storage yet); its step, None if none.
+
+        Called by :meth:`CheckpointerHandle.flush` and when Ray reports a training node draining.
+        """
+        memory = self._memory_tier()
+        if not memory.steps:
+            return None
+        newest = memory.steps[max(memory.steps)]
+        if not newest.persisted:
+            pending = self._pending.get(newest.step) or self._start_persist(newest)
+            await asyncio.wait_for(asyncio.shield(pending.done), timeout_s)
+        return newest.step
+
+    async def memory_step(self, selector: Any = "latest") -> MemoryStep | int:
+        """What a loader reads for ``selector``: the :class:`MemoryStep` of a step held in memory, or
+        the step number of one only storage holds."""
+        step = self.store.resolve(selector, fallback_to_latest=True, over=self.index)
+        if self.memory is not None and step in self.memory.steps:
+            return self.memory.steps[step]
+        return step
+
+    async def memory_lost(self, step: int) -> None:
+        """A loader found copies of ``step`` gone: check the nodes now."""
+        await self._check_nodes()
+
+    async def holder_for(self, node_id: str) -> Any:
+        """The run's holder on ``node_id`` (evaluators' cache of persisted steps)."""
+        if self.memory is None:
+            self.memory = MemoryTier(self.config, ray.get_runtime_context().namespace)
+        return self.memory.holder(node_id)
+
+    async def _check_nodes(self) -> None:
+        """Drop the copies on nodes Ray reports dead; steps missing a rank leave the index."""
+        memory = self.memory
+        if memory is None or not (memory.holders or memory.steps):
+            return
+        loop = asyncio.get_running_loop()
+        nodes = await loop.run_in_executor(self._meta, ray.nodes)
+        alive = {n["NodeID"] for n in nodes if n.get("Alive")}
+        dead = (set(memory.holders) | {n for m in memory.steps.values() for n in m.nodes()}) - alive
+        if not dead:
+            return
+        _, lost = memory.nodes_lost(dead)
+        for step in lost:
+            stored = self.index.get(step)
+            if stored is not None and stored.durability != ["memory"]:
+                self.feed.add(storage_info(stored))
+            else:
+                self.feed.remove(step)
+        if lost:
+            self._notify_index_changed()
+        telemetry.set_memory(self.config.run_name, memory.bytes_held(), len(memory.steps))
+
+    async def _memory_loop(self) -> None:
+        """Every second: node losses (copies gone) while the memory tier is on."""
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                await self._check_nodes()
+            except Exception as exc:  # noqa: BLE001 - the loop must outlive one bad round
+                logger.warning("run %s: memory node check failed: %s", self.config.run_name, exc)
+
+    async def _memory_expire(self, pending: _MemoryPending) -> None:
+        await asyncio.sleep(self.config.save_timeout_s)
+        if not pending.done.done():
+            missing = sorted(set(range(pending.world_size)) - set(pending.reports))
+            self._memory_abort(
+                pending,
+                SaveAbortedError(
+                    f"step {pending.step}: ranks {missing} did not report their memory copies within "
+                    f"save_timeout_s={self.config.save_timeout_s}; nothing was committed"
+                ),
+            )
+
+    def _memory_abort(self, pending: _MemoryPending, exc: BaseException) -> None:
+        if pending.done.done():
+            return
+        logger.warning("aborting memory step %d of %s: %s", pending.step, self.config.run_name, exc)
+        error = exc if isinstance(exc, SaveAbortedError) else SaveAbortedError(f"step {pending.step}: {exc}")
+        self._aborted[pending.step] = error
+        pending.done.set_exception(error)
+        pending.done.exception()
+        pending.routed.set()
+        if self.memory is not None:
+            self.memory.free([pending.step])  # every holder drops what it took of the step
+        self._memory_release(pending)
+
+    def _memory_release(self, pending: _MemoryPending) -> None:
+        if self._memory_pending.get(pending.step) is pending:
+            del self._memory_pending[pending.step]
+        if pending.timeout_task is not None and pending.timeout_task is not asyncio.current_task():
+            pending.timeout_task.cancel()
+
+    async def stop_holders(self) -> int:
+        """Kill the run's holders (the run is shut down for good); how many there were."""
+        if self.memory is None:
+            return 0
+        holders = self.memory.find_holders()
+        for handle in holders.values():
+            ray.kill(handle, no_restart=True)
+        self.memory.holders.clear()
+        self.memory.steps.clear()
+        return len(holders)
+
+    async def memory_stats(self) -> dict[str, Any]:
+        """The memory tier as the holders report it (``{}`` when it is off)."""
+        memory = self.memory
+        if memory is None:
+            return {}
+        holders = {}
+        for node, handle in list(memory.holders.items()):
+            try:
+                holders[node] = await asyncio.wait_for(handle.stats.remote(), 10)
+            except Exception as exc:  # noqa: BLE001 - a dead holder is reported as such
+                holders[node] = {"error": f"{type(exc).__name__}: {exc}"}
+        return {
+            "steps": sorted(memory.steps),
+            "persisted": sorted(s for s, m in memory.steps.items() if m.persisted),
+            "persisting": sorted(s for s in memory.steps if s in self._pending),
+            "lost": list(memory.lost_steps),
+            "bytes_held": {n: h.get("bytes_held") for n, h in holders.items()},
+            "holders": holders,
+        }
 
     # -- queries (memory only; never wait for I/O) --------------------------------------------
     def _timed(self, started: float) -> None:
@@ -692,7 +1107,7 @@ class Checkpointer:
             return []
         loop = asyncio.get_running_loop()
         deleted = await loop.run_in_executor(self._writer, self.store.retain_after, event, protected)
-        removed = [s for s in deleted if self.feed.remove(s) is not None]
+        removed = [s for s in deleted if self._forget_stored(s)]
         if removed:
             self._notify_index_changed()
             logger.info("run %s: retention after %s deleted steps %s", self.config.run_name, event, removed)
@@ -702,6 +1117,8 @@ class Checkpointer:
         """Start the periodic retention check once, on the actor's event loop."""
         if self._retention_task is None or self._retention_task.done():
             self._retention_task = asyncio.get_running_loop().create_task(self._retention_loop())
+        if self.memory is not None and (self._memory_task is None or self._memory_task.done()):
+            self._memory_task = asyncio.get_running_loop().create_task(self._memory_loop())
 
     async def _retention_loop(self) -> None:
         """Every ``lease_ttl_s / 2`` seconds, apply retention if some step is doomed.
@@ -758,6 +1175,8 @@ class Checkpointer:
         if self.tiering is not None:
             loop = asyncio.get_running_loop()
             stats["uploads"] = await loop.run_in_executor(self._meta, self.tiering.stats)
+        if self.memory is not None:
+            stats["memory"] = await self.memory_stats()
         return stats
 
     async def wait_for_uploads(self, timeout_s: float | None = None) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from ray_ckpt.core.layout import Selector, validate_metrics
 from ray_ckpt.core.runstore import RunStore
 from ray_ckpt.distributed import metrics
 from ray_ckpt.distributed.handle import CheckpointerHandle, get_checkpointer, seen_index_position
+from ray_ckpt.distributed.memory import MemoryStep, MemoryStepLost, read_cached_state, read_memory_state
 from ray_ckpt.tiers.tiered import open_store
 
 logger = logging.getLogger(__name__)
@@ -271,6 +272,7 @@ class EvalClient:
         self.config = config
         self.store = open_store(config)  # with remote_uri: reads either tier
         self.holder = f"{socket.gethostname()}:{os.getpid()}"
+        self._holder: Any = None  # this node's memory holder (memory tier, eval cache)
 
     def _call(self, method: str, *args: Any) -> Any:
         deadline = time.monotonic() + self.retry_s
@@ -364,6 +366,8 @@ class EvalClient:
             if info is None:
                 raise CheckpointNotFoundError(f"run {self.run_name!r} has no {step} checkpoint")
             return info.step
+        if self.config.memory_replicas and isinstance(step, int) and not isinstance(step, bool):
+            return step  # a step only memory holds is not in storage's index
         return self.store.resolve(step)
 
     def load(
@@ -374,9 +378,40 @@ class EvalClient:
         files, nothing copied; a step read from an object-store tier is read into memory)."""
         resolved = self._resolve(step)
         started = time.perf_counter()
-        state = self.store.load(resolved, keys, mmap=mmap)
+        state = self._from_memory(resolved)
+        if state is None:
+            state = self.store.load(resolved, keys, mmap=mmap)
+        elif keys is not None:
+            wanted = list(keys)
+            missing = [k for k in wanted if k not in state]
+            if missing:
+                raise KeyError(f"step {resolved}: no tensors named {missing[:5]}")
+            state = {k: state[k] for k in wanted}
         metrics.observe_eval_load(self.run_name, time.perf_counter() - started)
         return state
+
+    def _from_memory(self, step: int) -> dict[str, Any] | None:
+        """A step's state from this node's memory: a memory step from the nearest holder, or (with
+        ``eval_cache_bytes``) a persisted step that this node's holder read from storage once for
+        every evaluator on the node. None: read storage as usual."""
+        if not (self.config.memory_replicas or self.config.eval_cache_bytes):
+            return None
+        node = ray.get_runtime_context().get_node_id()
+        if self.config.memory_replicas:
+            target = self._call("memory_step", step)
+            if isinstance(target, MemoryStep):
+                try:
+                    return read_memory_state(target, node)
+                except MemoryStepLost as exc:
+                    logger.warning("%s; reading it from storage", exc)
+                    self.handle.actor.memory_lost.remote(step)
+                    return None
+        if self.config.eval_cache_bytes:
+            if self._holder is None:
+                self._holder = self._call("holder_for", node)
+            wrapped = ray.get(self._holder.cached.remote(step, self.config, self.config.save_timeout_s))
+            return read_cached_state(wrapped[0])
+        return None
 
     def load_model(self, step: Selector = "best", strict: bool = True) -> torch.nn.Module:
         """Build the run's model from model_architecture.json with a checkpoint's weights.
@@ -392,7 +427,17 @@ class EvalClient:
             self._adopt_served_architectures()
         resolved = self._resolve(step)
         started = time.perf_counter()
-        model = self.store.instantiate(resolved, strict=strict)
+        if self.config.memory_replicas or self.config.eval_cache_bytes:
+            prefixes = self.store.config.allowed_architecture_prefixes
+            arch = self.store.read_architecture()
+            arch.resolve(prefixes)  # the class is checked before any weights are read
+            state = self._from_memory(resolved)
+            if state is None:
+                state = self.store.load(resolved)
+            model = arch.build(prefixes)
+            model.load_state_dict(state, strict=strict)
+        else:
+            model = self.store.instantiate(resolved, strict=strict)
         metrics.observe_eval_load(self.run_name, time.perf_counter() - started)
         return model
 

@@ -57,7 +57,9 @@ def actor_name(run_name: str) -> str:
 # What start_checkpointer reads of a config (check_consumed(by='start_checkpointer')).
 # The loop that drives the checkpointer reads save_interval_steps (the demo does); the clients
 # (WorkerClient, EvalClient) receive the checkpointer's config and are not checked.
-register_consumer("start_checkpointer", {"store", "retention", "checkpointer", "tiering", "save_interval_steps"})
+register_consumer(
+    "start_checkpointer", {"store", "retention", "checkpointer", "tiering", "memory", "save_interval_steps"}
+)
 
 
 class CheckpointerHandle:
@@ -115,8 +117,20 @@ class CheckpointerHandle:
         """Block until the checkpointer's background uploads are done (see ``Checkpointer.wait_for_uploads``)."""
         return ray.get(self.actor.wait_for_uploads.remote(timeout_s))
 
+    def flush(self, timeout_s: float | None = None) -> int | None:
+        """Persist the newest memory step now (memory tier); its step, None when memory holds none.
+
+        What to call before a planned shutdown or a preemption; the checkpointer also calls it
+        itself when Ray reports a training node draining.
+        """
+        return ray.get(self.actor.flush.remote(timeout_s))
+
     def shutdown(self) -> None:
-        """Stop the actor for good (no restart)."""
+        """Stop the actor for good (no restart), and the run's memory holders with it."""
+        try:
+            ray.get(self.actor.stop_holders.remote(), timeout=30)
+        except Exception:  # noqa: BLE001 - a dead checkpointer: its holders are found by name below
+            pass
         for key, actor in list(_STARTED.items()):
             if actor == self.actor:
                 del _STARTED[key]

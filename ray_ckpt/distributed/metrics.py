@@ -69,6 +69,21 @@ SPECS: dict[str, MetricSpec] = {
             "Index query latency seen by an eval client (its live copy, else the checkpointer)",
             _QUERY_SECONDS,
         ),
+        # the memory tier
+        MetricSpec("ckpt_memory_bytes", "gauge", "Bytes of memory steps held in the holders (every copy)"),
+        MetricSpec("ckpt_memory_steps", "gauge", "Steps committed in memory and kept"),
+        MetricSpec(
+            "ckpt_memory_commit_seconds",
+            "histogram",
+            "Replica lag: seconds from a step's first rank joining to its commit in memory (every copy made)",
+            _SECONDS,
+        ),
+        MetricSpec(
+            "ckpt_recovery_memory_seconds", "histogram", "Seconds a WorkerClient.load took from memory", _SECONDS
+        ),
+        MetricSpec(
+            "ckpt_recovery_storage_seconds", "histogram", "Seconds a WorkerClient.load took from storage", _SECONDS
+        ),
         # uploads to the remote tier
         MetricSpec("ckpt_upload_bytes", "counter", "Bytes of checkpoints uploaded to the remote tier"),
         MetricSpec("ckpt_upload_seconds", "histogram", "Seconds one checkpoint upload took", _SECONDS),
@@ -190,6 +205,22 @@ def set_pending_saves(run: str, count: int) -> None:
 def observe_query(run: str, seconds: float) -> None:
     """One index query answered inside the checkpointer."""
     _record("ckpt_query_seconds", run, seconds)
+
+
+def set_memory(run: str, nbytes: int, steps: int) -> None:
+    """What the memory tier holds now: bytes of every copy, and committed steps."""
+    _set_gauge("ckpt_memory_bytes", run, nbytes)
+    _set_gauge("ckpt_memory_steps", run, steps)
+
+
+def observe_memory_commit(run: str, seconds: float) -> None:
+    """A step committed in memory, ``seconds`` after its first rank joined (the replica lag)."""
+    _record("ckpt_memory_commit_seconds", run, seconds)
+
+
+def observe_recovery(run: str, source: str, seconds: float) -> None:
+    """A worker loaded a step (``source``: ``"memory"`` or ``"storage"``) in ``seconds``."""
+    _record("ckpt_recovery_memory_seconds" if source == "memory" else "ckpt_recovery_storage_seconds", run, seconds)
 
 
 # -- workers ----------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ is saved shard by shard, and :meth:`WorkerClient.load` reshards into any world s
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import logging
 import pickle
 import threading
@@ -34,6 +35,7 @@ from ray_ckpt.core.storage.storage import Storage
 from ray_ckpt.core.writer import write_share
 from ray_ckpt.distributed import metrics as telemetry
 from ray_ckpt.distributed.handle import CheckpointerHandle, get_checkpointer, note_index_position
+from ray_ckpt.distributed.memory import MemoryStep, MemoryStepLost, read_memory_into
 from ray_ckpt.distributed.wire import RankReport, RankResult
 from ray_ckpt.tiers.tiered import open_store
 
@@ -172,6 +174,7 @@ class WorkerClient:
         self._saves = BackgroundSaves(self.config.max_pending_saves)  # non-blocking saves (back-pressure)
         self._storage: Storage | None = None
         self._snapshot = Snapshot()
+        self.last_load_source: str | None = None  # "memory" or "storage": where load() read from
 
     def save(
         self,
@@ -183,6 +186,7 @@ class WorkerClient:
         *,
         metadata: Mapping[str, Any] | None = None,
         overwrite: bool = False,
+        persist: bool | None = None,
     ) -> SaveFuture:
         """Hand this rank's state for ``step`` to the checkpointer.
 
@@ -195,7 +199,13 @@ class WorkerClient:
         Returns once the state is snapshotted (training may then change the tensors); with
         ``blocking=True`` only after the step has committed. Blocks while ``max_pending_saves``
         saves are in flight (back-pressure).
+
+        With the memory tier on (``memory_replicas >= 1``) the step commits in the holders' memory
+        first; ``persist=True`` also writes it to storage whatever ``persist_interval_steps`` says,
+        and ``blocking=True`` then waits for that too.
         """
+        if persist is not None and not self.config.memory_replicas:
+            raise ValueError("persist: only the memory tier (memory_replicas >= 1) saves steps it does not persist")
         started = time.perf_counter()
         if blocking:
             flat = flatten_state(state_dict, what=f"state_dict (rank {self.rank})")
@@ -222,10 +232,13 @@ class WorkerClient:
         )
         flats = {MODEL: flat, TRAINER: trainer_flat}
         handed_over = threading.Event()
+        run = self._run
+        if self.config.memory_replicas:
+            run = functools.partial(self._run_memory, persist=persist, wait_persisted=blocking)
         if blocking:
             future: concurrent.futures.Future = concurrent.futures.Future()
             try:
-                future.set_result(self._run(step, flats, report, overwrite, handed_over))
+                future.set_result(run(step, flats, report, overwrite, handed_over))
             except BaseException as exc:
                 future.set_exception(exc)
         else:
@@ -235,7 +248,7 @@ class WorkerClient:
                     if part_flat is not None:
                         self._snapshot.give_back(part_flat)
 
-            future = self._saves.submit(self._run, step, flats, report, overwrite, handed_over, on_done=give_back)
+            future = self._saves.submit(run, step, flats, report, overwrite, handed_over, on_done=give_back)
         future.add_done_callback(lambda _: handed_over.set())  # a failed save wakes its waiters too
         save = SaveFuture(step, future, handed_over)
         self._futures = [f for f in self._futures if not f.done()] + [save]
@@ -274,6 +287,40 @@ class WorkerClient:
         handed_over.set()
         return _committed(actor, _get(actor.wait_committed_at.remote(step), step))
 
+    def _run_memory(
+        self,
+        step: int,
+        flats: dict[str, FlatState | None],
+        report: RankReport,
+        overwrite: bool,
+        handed_over: threading.Event,
+        *,
+        persist: bool | None,
+        wait_persisted: bool,
+    ) -> CheckpointInfo:
+        """This rank's part of a memory save: its route, its node's holder takes (and replicates) a
+        copy, then its report; a persisted step's storage commit is waited for with ``wait_persisted``."""
+        actor = self.handle.actor
+        node = ray.get_runtime_context().get_node_id()
+        route = _get(actor.memory_route.remote(step, self.rank, self.world_size, node, overwrite), step)
+        refs = [_put(flats[MODEL]), _put(flats[TRAINER]) if flats[TRAINER] is not None else None]
+        nbytes = sum(f.total_size for f in flats.values() if f is not None)
+        try:
+            receipt = ray.get(
+                route["holder"].keep.remote(step, self.rank, refs, nbytes, route["peers"], route["timeout_s"])
+            )
+        except Exception as exc:
+            cause = exc.as_instanceof_cause() if isinstance(exc, ray.exceptions.RayTaskError) else exc
+            actor.abort_step.remote(step, _sendable(cause), self.rank)
+            raise cause from None
+        del refs  # the holders own their copies now
+        handed_over.set()
+        reply = _get(actor.memory_report.remote(step, report, receipt, persist), step)
+        info = _committed(actor, (reply["info"], reply["position"]))
+        if wait_persisted and reply["persisting"]:
+            info = _committed(actor, _get(actor.wait_committed_at.remote(step), step))
+        return info
+
     def _write_share(self, plan: SavePlan, flats: dict[str, FlatState | None]) -> RankResult:
         """Write what the plan gives this rank: its files, its ranges of shared files; hash its replicas."""
 
@@ -305,14 +352,38 @@ class WorkerClient:
 
         ``into`` is this rank's state dict (tensors, DTensors of any mesh and placement, Shards):
         each value gets only its own box of the saved tensor, read straight from storage (positioned
-        reads locally, ranged reads on an object store), whatever world size saved the step.
+        reads locally, ranged reads on an object store), whatever world size saved the step. With
+        the memory tier, a step held in memory is read from the nearest holder instead (this node
+        first), checked against its digests; if some rank's state has no surviving copy, one
+        warning names the step and its nodes, and the newest persisted step is loaded instead.
+        ``last_load_source`` then says ``"memory"`` or ``"storage"``.
         ``trainer_into`` (e.g. the optimizer state from ``get_state_dict``) is filled the same way.
         """
+        started = time.perf_counter()
+        if self.config.memory_replicas:
+            target = _get(self.handle.actor.memory_step.remote(step), -1)
+            if isinstance(target, MemoryStep):
+                node = ray.get_runtime_context().get_node_id()
+                try:
+                    read_memory_into(target, MODEL, into, node)
+                    if trainer_into is not None:
+                        read_memory_into(target, TRAINER, trainer_into, node)
+                    self.last_load_source = "memory"
+                    telemetry.observe_recovery(self.run_name, "memory", time.perf_counter() - started)
+                    return target.step
+                except MemoryStepLost as exc:
+                    logger.warning("%s; loading the newest persisted step instead", exc)
+                    self.handle.actor.memory_lost.remote(target.step)
+                    step = "latest"  # never a partial or mixed step: every target is filled again from storage
+            else:
+                step = target
         store = open_store(self.config)
         resolved = store.resolve(step)
         store.load(resolved, into=into)
         if trainer_into is not None:
             store.load_trainer_state(resolved, into=trainer_into)
+        self.last_load_source = "storage"
+        telemetry.observe_recovery(self.run_name, "storage", time.perf_counter() - started)
         return resolved
 
     def wait(self, timeout: float | None = None) -> list[CheckpointInfo]:

@@ -22,12 +22,14 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 
 
-def run_scenario(name: str, storage: Path, timeout_s: float = 240.0) -> dict[str, Any]:
-    """Run one scenario in its own process group; SIGTERM (then SIGKILL) it on timeout."""
+def run_scenario(
+    name: str, storage: Path, timeout_s: float = 240.0, module: str = "tests.integration.multinode_scenarios"
+) -> dict[str, Any]:
+    """Run one scenario of ``module`` in its own process group; SIGTERM (then SIGKILL) it on timeout."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.integration.multinode_scenarios", name, str(storage)],
+        [sys.executable, "-m", module, name, str(storage)],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,
