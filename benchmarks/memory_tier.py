@@ -334,10 +334,23 @@ def drop_from_page_cache(root: str) -> int:
     return sum(int(line) for line in out.split())
 
 
-def served_gets(options: dict[str, Any]) -> tuple[int, int]:
-    """(GET requests, GET body bytes) the loopback S3 endpoint has served so far."""
-    get = s3_cases.served(options).get("GET", {})
-    return int(get.get("requests", 0)), int(get.get("bytes", 0))
+def served_gets(options: dict[str, Any]) -> dict[str, int]:
+    """GET requests and body bytes the loopback S3 endpoint has served so far, in all and of tensor files."""
+    served = s3_cases.served(options)
+    get, files = served.get("GET", {}), served.get("GET *.safetensors", {})
+    return {
+        "requests": int(get.get("requests", 0)),
+        "bytes": int(get.get("bytes", 0)),
+        "tensor_file_bytes": int(files.get("bytes", 0)),
+    }
+
+
+def stored_tensor_bytes(options: dict[str, Any], step_uri: str) -> int:
+    """Bytes of a step's tensor files on S3 (what one full read of the step fetches)."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False, **options)
+    return sum(int(size) for path, size in fs.du(step_uri, total=False).items() if path.endswith(".safetensors"))
 
 
 # -- the benchmark ------------------------------------------------------------------------------
@@ -502,10 +515,12 @@ class Bench:
             **half_state(self.eval_bytes, self.args.layers, 1, step),
         }
         expected_ref = ray.put(expected)
-        requests_before, bytes_before = served_gets(self.s3)
+        before = served_gets(self.s3)
         start_at = time.time() + 1.0
         got = ray.get([a.load.remote(step, start_at, expected_ref if i == 0 else None) for i, a in enumerate(actors)])
-        requests_after, bytes_after = served_gets(self.s3)
+        after = served_gets(self.s3)
+        served = {k: after[k] - before[k] for k in after}
+        stored = stored_tensor_bytes(self.s3, f"{self.bucket}/runs/{run}/{step_dir(step)}")
         for actor in actors:
             ray.kill(actor)
         del expected_ref
@@ -513,17 +528,17 @@ class Bench:
         if not got[0]["exact"] or any(g["nbytes"] != step_bytes for g in got):
             raise AssertionError(f"{name}: an evaluator loaded something other than step {step}")
         wall = max(g["ended"] for g in got) - min(g["began"] for g in got)
-        served = bytes_after - bytes_before
         self.record(
             name,
             what,
             [wall],
             step_bytes * len(actors),
             per_evaluator_s=[g["ended"] - g["began"] for g in got],
-            s3_get_requests=requests_after - requests_before,
-            s3_bytes_served=served,
-            step_bytes=step_bytes,
-            copies_read=served / step_bytes,
+            s3_get_requests=served["requests"],
+            s3_bytes_served=served["bytes"],
+            s3_tensor_file_bytes_served=served["tensor_file_bytes"],
+            stored_tensor_file_bytes=stored,
+            copies_read=served["tensor_file_bytes"] / stored,
         )
 
     def eval_independent(self) -> None:
@@ -837,8 +852,9 @@ def markdown(doc: dict[str, Any]) -> str:
         if name in cases:
             extra = cases[name]["extra"]
             lines.append(
-                f"\n{name}: {extra['s3_get_requests']} GETs, {extra['s3_bytes_served'] / 2**20:.0f} MiB served by S3 "
-                f"({extra['copies_read']:.2f} copies of the step)"
+                f"\n{name}: {extra['s3_get_requests']} GETs, {extra['s3_bytes_served'] / 2**20:.1f} MiB served by S3, "
+                f"{extra['copies_read']:.2f} copies of the step's tensor files "
+                f"({extra['stored_tensor_file_bytes'] / 2**20:.1f} MiB)"
             )
     return "\n".join(lines)
 

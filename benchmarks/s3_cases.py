@@ -50,10 +50,13 @@ _SERVER = (
     "    chunks = list(out)\n"
     "    if hasattr(out, 'close'):\n"
     "        out.close()\n"
+    "    size = sum(len(c) for c in chunks)\n"
+    "    kinds = [method] + ([method + ' *.safetensors'] if environ['PATH_INFO'].endswith('.safetensors') else [])\n"
     "    with lock:\n"
-    "        count = served.setdefault(method, {'requests': 0, 'bytes': 0})\n"
-    "        count['requests'] += 1\n"
-    "        count['bytes'] += sum(len(c) for c in chunks)\n"
+    "        for kind in kinds:\n"
+    "            count = served.setdefault(kind, {'requests': 0, 'bytes': 0})\n"
+    "            count['requests'] += 1\n"
+    "            count['bytes'] += size\n"
     "    return chunks\n"
     "server = make_server('127.0.0.1', int(sys.argv[1]), app, True, request_handler=MotoRequestHandler)\n"
     "threading.Thread(target=server.serve_forever, daemon=True).start()\n"
@@ -112,7 +115,9 @@ def moto_endpoint(nice: int = 0) -> Iterator[dict[str, Any]]:
 
 
 def served(options: dict[str, Any]) -> dict[str, dict[str, int]]:
-    """What the endpoint of ``options`` has served so far: ``{method: {"requests": n, "bytes": body bytes}}``.
+    """What the endpoint of ``options`` has served so far: ``{kind: {"requests": n, "bytes": body bytes}}``.
+
+    A kind is a method (``"GET"``), or a method and ``*.safetensors`` for the requests of tensor files.
 
     Counted inside the server (response bodies), so every client's reads count, in any process.
     """

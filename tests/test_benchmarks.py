@@ -182,13 +182,19 @@ def test_loopback_s3_endpoint_counts_the_bytes_it_serves(tmp_path: Path) -> None
             aws_access_key_id="testing",
             aws_secret_access_key="testing",
         )
-        client.put_object(Bucket=bucket, Key="k", Body=b"x" * 300_000)
-        before = s3_cases.served(options).get("GET", {"requests": 0, "bytes": 0})
-        assert client.get_object(Bucket=bucket, Key="k")["Body"].read() == b"x" * 300_000
-        client.get_object(Bucket=bucket, Key="k", Range="bytes=0-999")["Body"].read()
-        after = s3_cases.served(options)["GET"]
-    assert after["requests"] - before["requests"] == 2
-    assert after["bytes"] - before["bytes"] == 301_000
+        client.put_object(Bucket=bucket, Key="k.safetensors", Body=b"x" * 300_000)
+        client.put_object(Bucket=bucket, Key="k.json", Body=b"{}")
+        before = s3_cases.served(options)
+        assert client.get_object(Bucket=bucket, Key="k.safetensors")["Body"].read() == b"x" * 300_000
+        client.get_object(Bucket=bucket, Key="k.safetensors", Range="bytes=0-999")["Body"].read()
+        client.get_object(Bucket=bucket, Key="k.json")["Body"].read()
+        after = s3_cases.served(options)
+
+    def grew(kind: str, field: str) -> int:
+        return after[kind][field] - before.get(kind, {}).get(field, 0)
+
+    assert grew("GET", "requests") == 3 and grew("GET", "bytes") == 301_002
+    assert grew("GET *.safetensors", "requests") == 2 and grew("GET *.safetensors", "bytes") == 301_000
 
 
 def test_memory_benchmark_drops_a_run_from_the_page_cache(tmp_path: Path) -> None:
