@@ -142,6 +142,26 @@ def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@contextlib.contextmanager
+def _logged(name: str) -> Iterator[list[str]]:
+    """The messages of INFO and above that logger ``name`` and its children log inside the block."""
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(f"{record.levelname} {record.name}: {record.getMessage()}")
+
+    handler, target = Collect(logging.INFO), logging.getLogger(name)
+    level = target.level
+    target.addHandler(handler)
+    target.setLevel(min(level or logging.INFO, logging.INFO))
+    try:
+        yield messages
+    finally:
+        target.removeHandler(handler)
+        target.setLevel(level)
+
+
 # -- actors -------------------------------------------------------------------------------------
 @ray.remote(num_cpus=0, max_concurrency=4)
 class Rank:
@@ -219,10 +239,11 @@ class Rank:
         for value in self.state.values():
             value.zero_()  # every load really writes every byte (untimed)
         client = self.clients[run]
-        started = time.perf_counter()
-        step = client.load("latest", into=self.state)
-        seconds = time.perf_counter() - started
-        out: dict[str, Any] = {"seconds": seconds, "step": step}
+        with _logged("ray_ckpt") as messages:  # what the load logged (e.g. a copy it found gone)
+            started = time.perf_counter()
+            step = client.load("latest", into=self.state)
+            seconds = time.perf_counter() - started
+        out: dict[str, Any] = {"seconds": seconds, "step": step, "logged": messages[:10]}
         if verify:
             out["exact"] = same(self.state, half_state(self.total_bytes, self.layers, self.rank, step))
         return out
@@ -380,7 +401,7 @@ class Bench:
         else:
             where = {"storage_uri": os.path.join(self.workdir, "runs")}
         config = CheckpointConfig(
-            run_name=run, metric_name="loss", keep_last_n=2, max_pending_saves=2, save_timeout_s=900, **where, **options
+            run_name=run, metric_name="loss", keep_last_n=2, max_pending_saves=1, save_timeout_s=900, **where, **options
         )
         self.handles[run] = start_checkpointer(config, namespace=NAMESPACE, **on("head"))
         ray.get([r.connect.remote(run) for r in self.ranks])
@@ -624,12 +645,13 @@ class Bench:
 
         kill_s = kill_node(self.cluster, self.nodes["node_b"])
         ray.get(self.replacement.connect.remote(run))
-        loads, sources, step = [], [], None
+        loads, sources, logged, step = [], [], [], None
         for i in range(self.args.repeat):
             got = ray.get(self.replacement.load.remote(run, i == 0))
             if i == 0 and not got["exact"]:
                 raise AssertionError(f"the recovery of step {got['step']} from memory is not what was saved")
             loads.append(got["seconds"])
+            logged.append(got["logged"])
             sources.append(ray.get(self.replacement.load_source.remote(run)))
             step = got["step"]
         self.record(
@@ -642,6 +664,8 @@ class Bench:
             sources=sources,
             first_s=loads[0],
             node_death_noticed_s=kill_s,
+            logged=logged,
+            node_ids={name: node.node_id for name, node in self.nodes.items()},
         )
         newest_persisted = max(on_disk, default=0)
         self.cases["lost_work"] = {
@@ -671,7 +695,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-size-mb", type=int, default=None, help="evaluators' step MiB (default 256; 8 with --quick)")
     p.add_argument("--layers", type=int, default=8, help="linear layers (weight + bias + 2 Adam moments each)")
     p.add_argument("--repeat", type=int, default=None, help="runs per case (default 3; 1 with --quick)")
-    p.add_argument("--step-s", type=float, default=None, help="simulated step seconds (default 3; 0.3 with --quick)")
+    p.add_argument("--step-s", type=float, default=None, help="simulated step seconds (default 4; 0.3 with --quick)")
     p.add_argument("--cases", nargs="+", choices=("anchors", "memory"), default=["anchors", "memory"])
     p.add_argument("--server-nice", type=int, default=0, help="nice of the moto server process")
     p.add_argument("--quick", action="store_true", help="tiny sizes, one run per case")
@@ -681,7 +705,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.size_mb = args.size_mb or (16 if args.quick else 1024)
     args.eval_size_mb = args.eval_size_mb or (8 if args.quick else 256)
     args.repeat = args.repeat or (1 if args.quick else 3)
-    args.step_s = args.step_s if args.step_s is not None else (0.3 if args.quick else 3.0)
+    args.step_s = args.step_s if args.step_s is not None else (0.3 if args.quick else 4.0)
     return args
 
 
