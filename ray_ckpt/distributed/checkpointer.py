@@ -49,6 +49,7 @@ from ray_ckpt.core.planner import MODEL, TRAINER, SavePlan, plan_save
 from ray_ckpt.core.retention import plan, policy_from_config
 from ray_ckpt.core.writer import StepWriter
 from ray_ckpt.distributed import metrics as telemetry
+from ray_ckpt.distributed.drain import DrainWatcher
 from ray_ckpt.distributed.memory import (
     MemoryStep,
     MemoryTier,
@@ -230,6 +231,7 @@ class Checkpointer:
         self._architecture_written = False
         self._retention_task: asyncio.Task | None = None  # the periodic check (started on first call)
         self._memory_task: asyncio.Task | None = None  # the memory tier's node check
+        self._drain_watcher: DrainWatcher | None = None  # Ray's drain signal for the memory tier's nodes
         # Ray runs gc.collect() in every worker when the object store fills up (big gathered saves
         # do that). A full collection of this process's startup heap (torch, ray, pyarrow: ~250k
         # objects) holds the GIL ~100 ms, stalling queries; frozen, it is not scanned again.
@@ -904,6 +906,7 @@ class Checkpointer:
     async def memory_step(self, selector: Any = "latest") -> MemoryStep | int:
         """What a loader reads for ``selector``: the :class:`MemoryStep` of a step held in memory, or
         the step number of one only storage holds."""
+        self._start_background()
         step = self.store.resolve(selector, fallback_to_latest=True, over=self.index)
         if self.memory is not None and step in self.memory.steps:
             return self.memory.steps[step]
@@ -950,6 +953,35 @@ class Checkpointer:
             except Exception as exc:  # noqa: BLE001 - the loop must outlive one bad round
                 logger.warning("run %s: memory node check failed: %s", self.config.run_name, exc)
 
+    async def _prune_holders(self) -> None:
+        """Forget holders that no longer answer (killed, or their node is gone): the next route to
+        their node starts a new one."""
+        memory = self.memory
+        if memory is None:
+            return
+        for node, handle in list(memory.holders.items()):
+            try:
+                await asyncio.wait_for(handle.ping.remote(), 10)
+            except ray.exceptions.RayActorError:
+                if memory.holders.get(node) is handle:
+                    del memory.holders[node]
+            except Exception:  # noqa: BLE001 - slow, not dead: keep it
+                continue
+        await self._check_nodes()
+
+    async def _on_drain(self, node_id: str, deadline: float | None) -> None:
+        """Ray drains a node holding memory copies (preemption, scale-down): persist the newest
+        memory step before the node goes (its copies go with it)."""
+        left = None if deadline is None else deadline - time.time()
+        logger.warning(
+            "run %s: node %s is draining (deadline in %s s): flushing the newest memory step",
+            self.config.run_name,
+            node_id,
+            "none" if left is None else f"{left:.0f}",
+        )
+        step = await self.flush(None if left is None else max(left, 1.0))
+        logger.info("run %s: flushed memory step %s before node %s drains", self.config.run_name, step, node_id)
+
     async def _memory_expire(self, pending: _MemoryPending) -> None:
         await asyncio.sleep(self.config.save_timeout_s)
         if not pending.done.done():
@@ -973,6 +1005,7 @@ class Checkpointer:
         pending.routed.set()
         if self.memory is not None:
             self.memory.free([pending.step])  # every holder drops what it took of the step
+            asyncio.get_running_loop().create_task(self._prune_holders())  # a dead holder may be why
         self._memory_release(pending)
 
     def _memory_release(self, pending: _MemoryPending) -> None:
@@ -1119,6 +1152,11 @@ class Checkpointer:
             self._retention_task = asyncio.get_running_loop().create_task(self._retention_loop())
         if self.memory is not None and (self._memory_task is None or self._memory_task.done()):
             self._memory_task = asyncio.get_running_loop().create_task(self._memory_loop())
+            memory = self.memory
+            self._drain_watcher = DrainWatcher(
+                lambda: {n for m in memory.steps.values() for n in m.nodes()}, self._on_drain
+            )
+            self._drain_watcher.start()
 
     async def _retention_loop(self) -> None:
         """Every ``lease_ttl_s / 2`` seconds, apply retention if some step is doomed.
@@ -1142,6 +1180,7 @@ class Checkpointer:
         costs one open call, and a commit reaches every follower in one round trip.
         """
         self._capture_loop()
+        self._start_background()  # after a restart: the periodic checks run while anyone follows
         if epoch == self.feed.epoch and version == self.feed.version and timeout_s > 0:
             if self._index_changed is None:
                 self._index_changed = asyncio.get_running_loop().create_future()
@@ -1165,6 +1204,7 @@ class Checkpointer:
         import resource
 
         self._capture_loop()
+        self._start_background()
         stats: dict[str, Any] = {
             "pending": sorted(s for s, p in self._pending.items() if p.slot_held),
             "queued": sorted(s for s, p in self._pending.items() if not p.slot_held),

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,8 +71,19 @@ class Holder:
     def __init__(self, run_name: str, node_id: str, budget_bytes: int | None, eval_cache_bytes: int) -> None:
         self.run_name = run_name
         self.node_id = node_id
+        store = _object_store_bytes(node_id)
         if budget_bytes is None:
-            budget_bytes = _object_store_bytes(node_id) // 2
+            budget_bytes = store // 2
+        elif budget_bytes > store * 0.9:  # a full object store spills or fails every ray.put on the node
+            logger.warning(
+                "run %s: memory_budget_bytes=%d is above 90%% of node %s's object store (%d bytes): using %d",
+                run_name,
+                budget_bytes,
+                node_id,
+                store,
+                int(store * 0.9),
+            )
+            budget_bytes = int(store * 0.9)
         self.budget = int(budget_bytes)
         self.eval_cache_bytes = int(eval_cache_bytes)
         self.used = 0
@@ -132,12 +144,12 @@ class Holder:
         return True
 
     # -- memory steps -------------------------------------------------------------------------
-    async def keep(
-        self, step: int, rank: int, refs: list[Any], nbytes: int, peers: list[Any], timeout_s: float
-    ) -> dict[str, Any]:
-        """Own rank ``rank``'s state of ``step`` (its ``[model ref, trainer ref or None]``), hash it and
-        have ``peers`` own a copy each: ``{"copies": {node: [model, trainer] refs}, "digests": ...}``."""
-        what = f"step {step} rank {rank}"
+    async def _take(
+        self, step: int, rank: int, refs: list[Any], nbytes: int, timeout_s: float, *, primary: bool
+    ) -> tuple[list[Any], dict[str, dict[str, str]]]:
+        """Reserve the bytes, read each object (zero-copy on this node) and own a copy of it here;
+        the primary copy is hashed too. (owned refs, digests by part)."""
+        what = f"step {step} rank {rank}" + ("" if primary else " (replica)")
         await self._reserve(nbytes, what, timeout_s)
         try:
             loop = asyncio.get_running_loop()
@@ -148,17 +160,25 @@ class Holder:
                     owned.append(None)
                     continue
                 arrays = await ref
-                digests[part] = await loop.run_in_executor(None, digest_arrays, arrays)
+                if primary:
+                    digests[part] = await loop.run_in_executor(None, digest_arrays, arrays)
                 owned.append(await loop.run_in_executor(None, ray.put, arrays))
                 del arrays
-            self.copies[step, rank] = Copy(owned, nbytes, primary=True)
+            self.copies[step, rank] = Copy(owned, nbytes, primary=primary)
         except BaseException:
             await self._release(nbytes)
             raise
+        return owned, digests
+
+    async def keep(
+        self, step: int, rank: int, refs: list[Any], nbytes: int, peers: list[Any], timeout_s: float
+    ) -> dict[str, Any]:
+        """Own rank ``rank``'s state of ``step`` (its ``[model ref, trainer ref or None]``), hash it and
+        have ``peers`` own a copy each: ``{"copies": {node: [model, trainer] refs}, "digests": ...}``."""
+        owned, digests = await self._take(step, rank, refs, nbytes, timeout_s, primary=True)
         copies = {self.node_id: owned}
-        wrapped = [[r] if r is not None else None for r in owned]  # nested: passed on as refs, unresolved
         replies = await asyncio.gather(
-            *(peer.replicate.remote(step, rank, wrapped, nbytes, timeout_s) for peer in peers), return_exceptions=True
+            *(peer.replicate.remote(step, rank, owned, nbytes, timeout_s) for peer in peers), return_exceptions=True
         )
         failed = [r for r in replies if isinstance(r, BaseException)]
         if failed:
@@ -166,30 +186,16 @@ class Holder:
             for peer, reply in zip(peers, replies, strict=True):
                 if not isinstance(reply, BaseException):
                     peer.drop.remote([step])
-            raise SaveAbortedError(f"{what}: a replica could not be made: {failed[0]}") from None
+            raise SaveAbortedError(f"step {step} rank {rank}: a replica could not be made: {failed[0]}") from None
         for node, peer_refs in replies:
             copies[node] = peer_refs
         return {"copies": copies, "digests": digests}
 
     async def replicate(
-        self, step: int, rank: int, wrapped: list[Any], nbytes: int, timeout_s: float
+        self, step: int, rank: int, refs: list[Any], nbytes: int, timeout_s: float
     ) -> tuple[str, list[Any]]:
         """Pull a peer's copy of a rank's state and own one here: (this node, [model, trainer] refs)."""
-        await self._reserve(nbytes, f"step {step} rank {rank} (replica)", timeout_s)
-        try:
-            loop = asyncio.get_running_loop()
-            owned: list[Any] = []
-            for item in wrapped:
-                if item is None:
-                    owned.append(None)
-                    continue
-                arrays = await item[0]
-                owned.append(await loop.run_in_executor(None, ray.put, arrays))
-                del arrays
-            self.copies[step, rank] = Copy(owned, nbytes, primary=False)
-        except BaseException:
-            await self._release(nbytes)
-            raise
+        owned, _ = await self._take(step, rank, refs, nbytes, timeout_s, primary=False)
         return self.node_id, owned
 
     async def commit(self, step: int, record: Any) -> None:
@@ -219,6 +225,7 @@ class Holder:
     async def stats(self) -> dict[str, Any]:
         return {
             "node": self.node_id,
+            "pid": os.getpid(),
             "bytes_held": self.used,
             "budget": self.budget,
             "steps": sorted({s for s, _ in self.copies}),

@@ -328,10 +328,12 @@ class MemoryTier:
         return sum(m.nbytes() * len(next(iter(m.copies.values()), {})) for m in self.steps.values())
 
     def nodes_lost(self, dead: set[str]) -> tuple[list[int], list[int]]:
-        """Drop the copies on ``dead`` nodes: (steps still whole, steps lost, which leave the tier)."""
+        """Drop the copies on ``dead`` nodes: (steps still whole, steps that lost a rank and leave the
+        tier). ``lost_steps`` records the lost steps storage does not hold either."""
         for node in dead:
             self.holders.pop(node, None)
         kept, lost = [], []
+        persisted = {s for s, m in self.steps.items() if m.persisted}
         for step, mstep in sorted(self.steps.items()):
             if not mstep.nodes() & dead:
                 continue
@@ -349,7 +351,7 @@ class MemoryTier:
             else:
                 self.steps[step] = survivor
                 kept.append(step)
-        self.lost_steps.extend(lost)
+        self.lost_steps.extend(s for s in lost if s not in persisted)  # work lost for good
         return kept, lost
 
     def rebuild(self) -> list[MemoryStep]:

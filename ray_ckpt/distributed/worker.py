@@ -361,7 +361,7 @@ class WorkerClient:
         """
         started = time.perf_counter()
         if self.config.memory_replicas:
-            target = _get(self.handle.actor.memory_step.remote(step), -1)
+            target = _ask(lambda: self.handle.actor.memory_step.remote(step), self.config.save_timeout_s)
             if isinstance(target, MemoryStep):
                 node = ray.get_runtime_context().get_node_id()
                 try:
@@ -427,6 +427,21 @@ def _committed(actor: Any, result: tuple[CheckpointInfo, tuple[str, int] | None]
     info, position = result
     note_index_position(actor, position)
     return info
+
+
+def _ask(call: Any, timeout_s: float) -> Any:
+    """A query of the checkpointer, retried while it restarts (up to ``timeout_s``)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return ray.get(call())
+        except (ray.exceptions.ActorUnavailableError, ray.exceptions.RayActorError) as exc:
+            if isinstance(exc, ray.exceptions.ActorDiedError) or time.monotonic() >= deadline:
+                raise
+            logger.info("checkpointer unavailable (%s); retrying", type(exc).__name__)
+            time.sleep(0.5)
+        except ray.exceptions.RayTaskError as exc:
+            raise exc.as_instanceof_cause() from None
 
 
 def _get(ref: Any, step: int) -> Any:
