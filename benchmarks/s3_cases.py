@@ -1,10 +1,12 @@
-"""S3 cases on a loopback endpoint: moto's ThreadedMotoServer on 127.0.0.1, in a subprocess of its
-own (so the server and the client do not share one GIL). ray-ckpt saves/loads a checkpoint through
+"""S3 cases on a loopback endpoint: moto's server app (as ``ThreadedMotoServer`` runs it) on 127.0.0.1,
+in a subprocess of its own (so the server and the client do not share one GIL), counting what it
+serves (:func:`served`). ray-ckpt saves/loads a checkpoint through
 its s3fs-backed Storage; the baseline is s3fs ``put``/``get`` of the very same files.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -30,13 +32,36 @@ _AWS_ENV = {
     "AWS_SECRET_ACCESS_KEY": "testing",
     "AWS_DEFAULT_REGION": "us-east-1",
 }
+STATS_PATH = "/__bench_served__"  # the endpoint's own path: what it has served so far, as JSON
 _SERVER = (
-    "import sys\n"
-    "from moto.server import ThreadedMotoServer\n"
-    "server = ThreadedMotoServer(ip_address='127.0.0.1', port=int(sys.argv[1]), verbose=False)\n"
-    "server.start()\n"
+    "import json, sys, threading\n"
+    "from werkzeug.serving import make_server\n"
+    "from moto.server import DomainDispatcherApplication, MotoRequestHandler, create_backend_app\n"
+    "inner = DomainDispatcherApplication(create_backend_app)\n"
+    "served, lock = {}, threading.Lock()\n"
+    "def app(environ, start_response):\n"  # moto's app, counting requests and response body bytes per method
+    f"    if environ['PATH_INFO'] == {STATS_PATH!r}:\n"
+    "        with lock:\n"
+    "            body = json.dumps(served).encode()\n"
+    "        start_response('200 OK', [('Content-Type', 'application/json'), ('Content-Length', str(len(body)))])\n"
+    "        return [body]\n"
+    "    method = environ['REQUEST_METHOD']\n"
+    "    out = inner(environ, start_response)\n"
+    "    chunks = list(out)\n"
+    "    if hasattr(out, 'close'):\n"
+    "        out.close()\n"
+    "    size = sum(len(c) for c in chunks)\n"
+    "    kinds = [method] + ([method + ' *.safetensors'] if environ['PATH_INFO'].endswith('.safetensors') else [])\n"
+    "    with lock:\n"
+    "        for kind in kinds:\n"
+    "            count = served.setdefault(kind, {'requests': 0, 'bytes': 0})\n"
+    "            count['requests'] += 1\n"
+    "            count['bytes'] += size\n"
+    "    return chunks\n"
+    "server = make_server('127.0.0.1', int(sys.argv[1]), app, True, request_handler=MotoRequestHandler)\n"
+    "threading.Thread(target=server.serve_forever, daemon=True).start()\n"
     "sys.stdin.read()\n"  # runs until the benchmark closes our stdin
-    "server.stop()\n"
+    "server.shutdown()\n"
 )
 
 
@@ -87,6 +112,20 @@ def moto_endpoint(nice: int = 0) -> Iterator[dict[str, Any]]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def served(options: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """What the endpoint of ``options`` has served so far: ``{kind: {"requests": n, "bytes": body bytes}}``.
+
+    A kind is a method (``"GET"``), or a method and ``*.safetensors`` for the requests of tensor files.
+
+    Counted inside the server (response bodies), so every client's reads count, in any process.
+    """
+    import urllib.request
+
+    url = options["client_kwargs"]["endpoint_url"] + STATS_PATH
+    with urllib.request.urlopen(url, timeout=30) as response:  # noqa: S310 - our loopback endpoint
+        return json.loads(response.read())
 
 
 def make_bucket(options: dict[str, Any]) -> str:
