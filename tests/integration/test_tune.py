@@ -538,6 +538,42 @@ def test_pointer_keeper_puts_back_what_ray_deletes_and_fails_a_trial_that_cannot
     keeper.on_trial_error(iteration=9, trials=[trial], trial=SimpleNamespace(trial_id="t3", checkpoint=checkpoints[4]))
 
 
+def test_pointer_keeper_stops_only_an_experiment_that_can_no_longer_move(tmp_path: Path) -> None:
+    """on_step_end, as Tune calls it after each driver step: paused trials alone are no reason to
+    stop (a scheduler may resume them), nor a failed trial while another runs or is about to
+    (Tune sets a trial its scheduler picks to PENDING in the same step, as asynchronous PBT does);
+    a trial Tune will not retry plus paused trials and none running, for STALLED_STEPS steps in a
+    row, is synchronous PBT's endless wait: a RuntimeError naming the trials and the error."""
+    from types import SimpleNamespace
+
+    from ray_ckpt.distributed.train_tune import STALLED_STEPS, PointerKeeper
+
+    error_file = tmp_path / "error.txt"
+    error_file.write_text(
+        "Failure # 1 (occurred at 2026-12-07_10-00-00)\nTraceback (most recent call last):\n"
+        '  File "train.py", line 3, in step\nTimeoutError: step 1: not committed within 60s\n\n'
+    )
+    keeper = PointerKeeper()
+    paused = SimpleNamespace(trial_id="t1", status="PAUSED")
+    failed = SimpleNamespace(trial_id="t2", status="ERROR", checkpoint=None, error_file=str(error_file))
+    trials = [paused, failed]
+    for iteration in range(2 * STALLED_STEPS):  # no failure Tune reported: nothing to say
+        keeper.on_step_end(iteration=iteration, trials=trials)
+    keeper.on_trial_error(iteration=10, trials=trials, trial=failed)
+    keeper.on_step_end(iteration=11, trials=trials)
+    for status in ("PENDING", "RUNNING"):  # the scheduler resumed it: the count starts again
+        paused.status = status
+        keeper.on_step_end(iteration=12, trials=trials)
+    paused.status = "PAUSED"
+    for iteration in range(STALLED_STEPS - 1):
+        keeper.on_step_end(iteration=13 + iteration, trials=trials)
+    expected = r"trial t2 failed: TimeoutError: step 1: not committed within 60s\. "
+    with pytest.raises(RuntimeError, match=expected) as caught:
+        keeper.on_step_end(iteration=20, trials=trials)
+    assert "trials t1 are paused with none running" in str(caught.value)
+    assert "would wait forever" in str(caught.value)
+
+
 def test_sync_pbt_beyond_the_kept_window_fails_at_once_instead_of_waiting(tmp_path: Path, run_name: str) -> None:
     """Synchronous PBT whose donor reports 4 checkpoints between perturbations with Ray's
     num_to_keep=1: Ray deletes the exploited folder and 3 more before the exploited trial restores
