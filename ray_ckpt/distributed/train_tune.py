@@ -39,7 +39,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from ray_ckpt.core.config import CheckpointConfig
@@ -81,6 +80,8 @@ KEEPER_FILE = "keeper"
 # Driver steps in a row that PointerKeeper sees end with a failed trial, paused ones and none
 # running or about to run before it stops the experiment (one step is 0.1 s when nothing happens).
 STALLED_STEPS = 3
+# How much of the end of a failed trial's error file PointerKeeper reads to name its error.
+TRIAL_ERROR_TAIL_BYTES = 64 * 1024
 # A lease load_from_ray_checkpoint holds while it reads a step (a PBT donor may move on meanwhile).
 LOAD_LEASE_TTL_S = 600.0
 
@@ -814,8 +815,8 @@ def _pointer_keeper_class() -> type:
         apply (:func:`_settle_deleted`; their leases keep the steps). A trial that still fails
         because its checkpoint folder is gone stops the experiment at once with an error saying
         so, instead of a wait, and so does any trial failing for good while the others wait for it
-        (synchronous PBT, see :meth:`on_step_end`). At the end, a put-back folder that a trial's final checkpoint names
-        becomes Ray's (``release_unreferenced`` keeps it). Pass it as
+        (synchronous PBT, see :meth:`on_step_end`). At the end, a put-back folder that a trial's
+        final checkpoint names becomes Ray's (``release_unreferenced`` keeps it). Pass it as
         ``RunConfig(callbacks=[PointerKeeper()])``.
         """
 
@@ -929,15 +930,24 @@ def _pointer_keeper_class() -> type:
     return PointerKeeper
 
 
-def _trial_error(trial: Any) -> str:
-    """The last line of a failed Tune trial's error (its exception), for a message naming it."""
-    try:  # the driver's copy (Tune writes it there first; its storage copy is synced later)
+def _trial_error(trial: Any, limit: int = TRIAL_ERROR_TAIL_BYTES) -> str:
+    """The last line of a failed Tune trial's error (its exception), for a message naming it.
+
+    Read from the end of the driver's copy of Tune's error file (written there first; its copy
+    in Ray's storage is synced later), at most ``limit`` bytes: Tune appends every failure.
+    """
+    try:
         path = trial.error_file
-        text = Path(path).read_text(encoding="utf-8", errors="replace") if path else trial.get_error()
+        if path:
+            with open(path, "rb") as f:
+                f.seek(max(0, f.seek(0, os.SEEK_END) - limit))
+                text = f.read().decode("utf-8", errors="replace")
+        else:
+            text = str(trial.get_error() or "")[-limit:]
     except Exception as exc:  # noqa: BLE001 - the error file is unreadable: say so instead
         return f"(its error could not be read: {exc})"
-    lines = [line.strip() for line in str(text or "").splitlines() if line.strip()]
-    return lines[-1] if lines else "(no error recorded)"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1][:1000] if lines else "(no error recorded)"
 
 
 def __getattr__(name: str) -> Any:
