@@ -77,6 +77,11 @@ RESTORED_MARKER = ".ray_ckpt_restored"
 # PointerKeeper callback runs on the Tune driver for this directory.
 RESTORED_SUFFIX = ".restored"
 KEEPER_FILE = "keeper"
+# Driver steps in a row that PointerKeeper sees end with a failed trial, paused ones and none
+# running or about to run before it stops the experiment (one step is 0.1 s when nothing happens).
+STALLED_STEPS = 3
+# How much of the end of a failed trial's error file PointerKeeper reads to name its error.
+TRIAL_ERROR_TAIL_BYTES = 64 * 1024
 # A lease load_from_ray_checkpoint holds while it reads a step (a PBT donor may move on meanwhile).
 LOAD_LEASE_TTL_S = 600.0
 
@@ -809,13 +814,16 @@ def _pointer_keeper_class() -> type:
         the newest ``RAY_DELETED_POINTER_GRACE`` deleted folders, by the same rule the trials
         apply (:func:`_settle_deleted`; their leases keep the steps). A trial that still fails
         because its checkpoint folder is gone stops the experiment at once with an error saying
-        so, instead of a wait. At the end, a put-back folder that a trial's final checkpoint names
-        becomes Ray's (``release_unreferenced`` keeps it). Pass it as
+        so, instead of a wait, and so does any trial failing for good while the others wait for it
+        (synchronous PBT, see :meth:`on_step_end`). At the end, a put-back folder that a trial's
+        final checkpoint names becomes Ray's (``release_unreferenced`` keeps it). Pass it as
         ``RunConfig(callbacks=[PointerKeeper()])``.
         """
 
         def __init__(self) -> None:
             self._directories: dict[str, tuple[Any, str]] = {}  # trial id -> (filesystem, trial directory)
+            self._failed: dict[str, str] = {}  # trial id -> its error, of the trials that failed for good
+            self._stalled_steps = 0  # consecutive driver steps that ended with paused trials only
 
         def on_checkpoint(self, iteration: int, trials: list[Any], trial: Any, checkpoint: Any, **info: Any) -> None:
             """Before Ray registers ``checkpoint`` (and may delete an older one): copy its pointer."""
@@ -869,7 +877,9 @@ def _pointer_keeper_class() -> type:
                 logger.info("%s: trial %s's final checkpoint, put back by ray-ckpt, is kept", path, trial.trial_id)
 
         def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-            """A trial whose checkpoint folder is gone can never be restored: fail the experiment now."""
+            """A trial failed for good (Tune calls this only when it will not retry it): remember its
+            error for :meth:`on_step_end`; one whose checkpoint folder is gone fails the experiment now."""
+            self._failed[trial.trial_id] = _trial_error(trial)
             checkpoint = trial.checkpoint
             if checkpoint is None:
                 return
@@ -884,10 +894,60 @@ def _pointer_keeper_class() -> type:
                 "perturbation_interval - 1) or leave it unset (docs/RAY.md)"
             )
 
+        def on_step_end(self, iteration: int, trials: list[Any], **info: Any) -> None:
+            """Stop an experiment that can only wait forever, with the failed trials' errors.
+
+            Synchronous PBT pauses each trial at a perturbation until every live trial got there,
+            and Tune keeps a failed trial among the live ones: after a trial fails for good (no
+            retry left), the others pause at the next perturbation and none is ever resumed. The
+            sign, whatever the scheduler: a trial failed, no trial runs or is about to (Tune sets a
+            paused trial its scheduler picks to PENDING in the same step), some are paused, for
+            :data:`STALLED_STEPS` driver steps in a row. With no trial running nothing can change
+            the scheduler's mind, so this is the wait forever, never a slow experiment.
+            """
+            if not self._failed:
+                return
+            statuses = {str(t.status) for t in trials}
+            if "PAUSED" not in statuses or statuses & {"RUNNING", "PENDING"}:
+                self._stalled_steps = 0
+                return
+            self._stalled_steps += 1
+            if self._stalled_steps < STALLED_STEPS:
+                return
+            failed = "; ".join(f"trial {trial_id} failed: {error}" for trial_id, error in self._failed.items())
+            paused = ", ".join(t.trial_id for t in trials if str(t.status) == "PAUSED")
+            raise RuntimeError(
+                f"{failed}. Tune does not retry it (no FailureConfig(max_failures) left), and trials {paused} are "
+                "paused with none running: the scheduler resumes none of them (synchronous PBT waits until every "
+                "live trial reached the perturbation point, which a failed trial never does), so the experiment "
+                "would wait forever. Stopped instead: fix the trial's error or allow retries "
+                "(FailureConfig(max_failures=N))"
+            )
+
     PointerKeeper.__module__ = __name__
     PointerKeeper.__qualname__ = "PointerKeeper"
     _POINTER_KEEPER = PointerKeeper
     return PointerKeeper
+
+
+def _trial_error(trial: Any, limit: int = TRIAL_ERROR_TAIL_BYTES) -> str:
+    """The last line of a failed Tune trial's error (its exception), for a message naming it.
+
+    Read from the end of the driver's copy of Tune's error file (written there first; its copy
+    in Ray's storage is synced later), at most ``limit`` bytes: Tune appends every failure.
+    """
+    try:
+        path = trial.error_file
+        if path:
+            with open(path, "rb") as f:
+                f.seek(max(0, f.seek(0, os.SEEK_END) - limit))
+                text = f.read().decode("utf-8", errors="replace")
+        else:
+            text = str(trial.get_error() or "")[-limit:]
+    except Exception as exc:  # noqa: BLE001 - the error file is unreadable: say so instead
+        return f"(its error could not be read: {exc})"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1][:1000] if lines else "(no error recorded)"
 
 
 def __getattr__(name: str) -> Any:

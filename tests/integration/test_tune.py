@@ -52,9 +52,12 @@ def _digest(state: dict[str, torch.Tensor]) -> dict[str, str]:
 
 
 def _log_event(directory: str, trial_id: str, event: dict[str, Any]) -> None:
-    """Append one JSON line to the trial's event log (the test reads them afterwards)."""
+    """Append one JSON line to the trial's event log (the test reads them afterwards; the time
+    says where a slow run spent it)."""
+    import time
+
     with open(os.path.join(directory, f"{trial_id}.jsonl"), "a", encoding="utf-8") as f:
-        f.write(json.dumps({"trial": trial_id, **event}) + "\n")
+        f.write(json.dumps({"trial": trial_id, "t": round(time.time(), 3), **event}) + "\n")
 
 
 def _events(directory: Path) -> list[dict[str, Any]]:
@@ -73,7 +76,7 @@ def _shutdown_checkpointers(prefix: str) -> list[str]:
     return names
 
 
-def _barrier(directory: str, role: str, step: int, timeout_s: float = 120.0) -> None:
+def _barrier(directory: str, role: str, step: int, timeout_s: float = 600.0) -> None:
     """Order two asynchronous PBT trials: the learner ("good") reports step 4 only after the other
     ("bad") has reached its first perturbation (step 2), which reports step 4 only once the learner
     has reported step 6. So the learner is in the upper quantile with a checkpoint when the other
@@ -82,7 +85,8 @@ def _barrier(directory: str, role: str, step: int, timeout_s: float = 120.0) -> 
     ASHA's trials ("leader", "follower"): the follower reports its first rung (step 2) only after
     the leader has failed at step 3, so after Tune took the leader's step-2 result (a function
     trainable's report returns when the next result is asked for); ASHA then has the leader's
-    value at that rung and stops the follower there, whichever trial ran faster."""
+    value at that rung and stops the follower there, whichever trial ran faster. The other trial
+    may need a fresh Ray worker process first (minutes on a loaded machine), hence the long bound."""
     import time
 
     Path(directory, f"{role}-{step}").touch()
@@ -101,6 +105,8 @@ def _barrier(directory: str, role: str, step: int, timeout_s: float = 120.0) -> 
 
 def _trainable(config: dict[str, Any]) -> None:
     """A Tune function trainable checkpointing every step through ray-ckpt."""
+    import time
+
     from ray import tune
 
     from ray_ckpt import WorkerClient, start_checkpointer
@@ -123,8 +129,11 @@ def _trainable(config: dict[str, Any]) -> None:
         keep_last_n=config.get("keep_last_n"),
     )
     # DEFAULT scheduling: not inside the trial's placement group (Tune captures child actors into
-    # it, and removes it, killing whatever runs there, when the trial stops or fails)
-    handle = start_checkpointer(ckpt_config, detached=True, scheduling_strategy="DEFAULT")
+    # it, and removes it, killing whatever runs there, when the trial stops or fails). The start
+    # bound is generous: a new actor process imports torch, minutes on a loaded 2-core machine.
+    started = time.monotonic()
+    handle = start_checkpointer(ckpt_config, detached=True, scheduling_strategy="DEFAULT", start_timeout_s=600)
+    _log_event(config["events"], trial_id, {"event": "up", "seconds": round(time.monotonic() - started, 1)})
     client = WorkerClient(run_name, rank=0, world_size=1, handle=handle)
 
     torch.manual_seed(0)
@@ -171,8 +180,11 @@ def _trainable(config: dict[str, Any]) -> None:
         optimizer.step()
         metrics = {"loss": float(loss.detach())}
         trainer_state = {"optimizer": optimizer.state_dict()}
-        info = client.save(step, model.state_dict(), metrics=metrics, trainer_state=trainer_state).result(timeout=60)
-        _log_event(config["events"], trial_id, {"event": "save", "own_run": run_name, "step": step})
+        # no wait of our own: the checkpointer's save_timeout_s bounds a step (it aborts it)
+        saving = time.monotonic()
+        info = client.save(step, model.state_dict(), metrics=metrics, trainer_state=trainer_state).result()
+        seconds = round(time.monotonic() - saving, 1)
+        _log_event(config["events"], trial_id, {"event": "save", "own_run": run_name, "step": step, "seconds": seconds})
         if role is not None:  # asynchronous PBT, ASHA: order the two fresh trials (see _barrier)
             _barrier(config["events"], role, step)
         report({**metrics, "step": step, "lr": config["lr"]}, info, ckpt_config)
@@ -526,6 +538,42 @@ def test_pointer_keeper_puts_back_what_ray_deletes_and_fails_a_trial_that_cannot
     keeper.on_trial_error(iteration=9, trials=[trial], trial=SimpleNamespace(trial_id="t3", checkpoint=checkpoints[4]))
 
 
+def test_pointer_keeper_stops_only_an_experiment_that_can_no_longer_move(tmp_path: Path) -> None:
+    """on_step_end, as Tune calls it after each driver step: paused trials alone are no reason to
+    stop (a scheduler may resume them), nor a failed trial while another runs or is about to
+    (Tune sets a trial its scheduler picks to PENDING in the same step, as asynchronous PBT does);
+    a trial Tune will not retry plus paused trials and none running, for STALLED_STEPS steps in a
+    row, is synchronous PBT's endless wait: a RuntimeError naming the trials and the error."""
+    from types import SimpleNamespace
+
+    from ray_ckpt.distributed.train_tune import STALLED_STEPS, PointerKeeper
+
+    error_file = tmp_path / "error.txt"
+    error_file.write_text(
+        "Failure # 1 (occurred at 2026-12-07_10-00-00)\nTraceback (most recent call last):\n"
+        '  File "train.py", line 3, in step\nTimeoutError: step 1: not committed within 60s\n\n'
+    )
+    keeper = PointerKeeper()
+    paused = SimpleNamespace(trial_id="t1", status="PAUSED")
+    failed = SimpleNamespace(trial_id="t2", status="ERROR", checkpoint=None, error_file=str(error_file))
+    trials = [paused, failed]
+    for iteration in range(2 * STALLED_STEPS):  # no failure Tune reported: nothing to say
+        keeper.on_step_end(iteration=iteration, trials=trials)
+    keeper.on_trial_error(iteration=10, trials=trials, trial=failed)
+    keeper.on_step_end(iteration=11, trials=trials)
+    for status in ("PENDING", "RUNNING"):  # the scheduler resumed it: the count starts again
+        paused.status = status
+        keeper.on_step_end(iteration=12, trials=trials)
+    paused.status = "PAUSED"
+    for iteration in range(STALLED_STEPS - 1):
+        keeper.on_step_end(iteration=13 + iteration, trials=trials)
+    expected = r"trial t2 failed: TimeoutError: step 1: not committed within 60s\. "
+    with pytest.raises(RuntimeError, match=expected) as caught:
+        keeper.on_step_end(iteration=20, trials=trials)
+    assert "trials t1 are paused with none running" in str(caught.value)
+    assert "would wait forever" in str(caught.value)
+
+
 def test_sync_pbt_beyond_the_kept_window_fails_at_once_instead_of_waiting(tmp_path: Path, run_name: str) -> None:
     """Synchronous PBT whose donor reports 4 checkpoints between perturbations with Ray's
     num_to_keep=1: Ray deletes the exploited folder and 3 more before the exploited trial restores
@@ -570,3 +618,55 @@ def test_sync_pbt_beyond_the_kept_window_fails_at_once_instead_of_waiting(tmp_pa
         error = error.__cause__ or error.__context__
     assert any("cannot be restored: its checkpoint folder" in text for text in chain), chain
     assert any("Synchronous PBT would wait for this trial forever" in text for text in chain), chain
+
+
+def test_sync_pbt_stops_at_once_when_a_trial_fails_for_good(tmp_path: Path, run_name: str) -> None:
+    """Synchronous PBT whose trial of lr 0.0 fails at step 1 with no retry left: the other trial
+    pauses at the first perturbation (step 2) waiting for it, and Tune, which keeps a failed trial
+    among the live ones, would never resume it. PointerKeeper stops the experiment instead, with
+    an error naming the failed trial and its error. (time_budget_s turns a regression into a
+    failed assertion instead of a hung test.)"""
+    from ray import tune
+    from ray.tune.schedulers import PopulationBasedTraining
+
+    from ray_ckpt.distributed.train_tune import PointerKeeper
+
+    events = tmp_path / "events"
+    events.mkdir()
+    pbt = PopulationBasedTraining(
+        time_attr="training_iteration",
+        perturbation_interval=2,
+        quantile_fraction=0.5,
+        resample_probability=0.0,
+        hyperparam_mutations={"lr": [0.0]},
+        synch=True,
+    )
+    with pytest.raises(Exception) as caught:
+        _fit(
+            tmp_path,
+            {
+                "run_prefix": run_name,
+                "storage": str(tmp_path / "ckpt"),
+                "events": str(events),
+                "steps": 4,
+                "lr": tune.grid_search([0.05, 0.0]),
+                "fail_at": 1,
+                "fail_lr": 0.0,
+            },
+            tune_config=tune.TuneConfig(metric="loss", mode="min", scheduler=pbt, reuse_actors=True, time_budget_s=480),
+            callbacks=[PointerKeeper()],
+        )
+    chain, error = [], caught.value
+    while error is not None:
+        chain.append(str(error))
+        error = error.__cause__ or error.__context__
+    log = _events(events)
+    [failed] = [e for e in log if e["event"] == "fail"]
+    failed_trial = failed["trial"]
+    stopped = [text for text in chain if "would wait forever" in text]
+    assert stopped, chain
+    assert f"trial {failed_trial} failed: RuntimeError: planned failure at step 1" in stopped[0], stopped[0]
+    # the other trial got to the perturbation, paused there, and was never resumed
+    waiting = {e["trial"] for e in log} - {failed_trial}
+    assert len(waiting) == 1 and f"trials {waiting.pop()} are paused" in stopped[0], stopped[0]
+    assert [e["step"] for e in log if e["event"] == "save" and e["trial"] != failed_trial] == [1, 2]
