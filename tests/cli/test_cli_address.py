@@ -35,7 +35,7 @@ def _ray_ckpt(*argv: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     env.pop("RAY_ADDRESS", None)
     return subprocess.run(
-        [sys.executable, "-m", "ray_ckpt", *argv], capture_output=True, text=True, timeout=180, env=env
+        [sys.executable, "-m", "ray_ckpt", *argv], capture_output=True, text=True, timeout=600, env=env
     )
 
 
@@ -45,7 +45,7 @@ def test_ls_address_lists_the_served_index_with_where_each_step_lives(
 ) -> None:
     storage = str(tmp_path / "runs")
     config = CheckpointConfig(storage_uri=storage, run_name=run_name, metric_name="loss", mode="min")
-    handle = ray_ckpt.start_checkpointer(config)
+    handle = ray_ckpt.start_checkpointer(config, start_timeout_s=600)  # slow to start on a loaded machine
     try:
         address = ray.get_runtime_context().gcs_address
         run_uri = f"{storage}/{run_name}"

@@ -58,7 +58,7 @@ def _holder(run_name: str, budget: int | None, eval_cache_bytes: int = 0) -> tup
         )
         .remote(run_name, node, budget, eval_cache_bytes)
     )
-    assert ray.get(handle.ping.remote(), timeout=60) == node
+    assert ray.get(handle.ping.remote(), timeout=600) == node
     return handle, node
 
 
@@ -77,12 +77,12 @@ def _keep(holder: Any, step: int, arrays: dict[str, np.ndarray], timeout_s: floa
 # -- back-pressure ------------------------------------------------------------------------------
 def test_a_keep_over_the_budget_waits_for_a_drop_then_fails_naming_node_and_budget(run_name: str) -> None:
     holder, node = _holder(run_name, budget=1000 * KB)
-    ray.get(_keep(holder, 1, _state(600 * KB, 1), timeout_s=1), timeout=60)
+    ray.get(_keep(holder, 1, _state(600 * KB, 1), timeout_s=1), timeout=600)
     assert ray.get(holder.stats.remote())["bytes_held"] == 600 * KB
 
     started = time.monotonic()
     with pytest.raises(MemoryBudgetError) as err:
-        ray.get(_keep(holder, 2, _state(600 * KB, 2), timeout_s=1), timeout=60)
+        ray.get(_keep(holder, 2, _state(600 * KB, 2), timeout_s=1), timeout=600)
     waited = time.monotonic() - started
     assert waited >= 0.9, waited  # it waited for frees up to its deadline
     assert node in str(err.value) and "1000000 byte budget" in str(err.value) and "step 2" in str(err.value)
@@ -94,21 +94,21 @@ def test_a_keep_over_the_budget_waits_for_a_drop_then_fails_naming_node_and_budg
     ready, _ = ray.wait([waiting], timeout=0.5)
     assert not ready  # still waiting for room
     assert ray.get(holder.drop.remote([1])) == 600 * KB
-    receipt = ray.get(waiting, timeout=30)
+    receipt = ray.get(waiting, timeout=300)
     assert list(receipt["copies"]) == [node]
     stats = ray.get(holder.stats.remote())
     assert (stats["bytes_held"], stats["steps"]) == (600 * KB, [3])
 
     # after a drop, a keep that did not wait goes through at once
     ray.get(holder.drop.remote([3]))
-    ray.get(_keep(holder, 4, _state(600 * KB, 4), timeout_s=1), timeout=60)
+    ray.get(_keep(holder, 4, _state(600 * KB, 4), timeout_s=1), timeout=600)
 
     # a state bigger than the whole budget fails at once, not at its deadline
     ray.get(holder.drop.remote([4]))
     started = time.monotonic()
     with pytest.raises(MemoryBudgetError, match=r"never fit") as err:
-        ray.get(_keep(holder, 7, _state(1200 * KB, 7), timeout_s=30), timeout=60)
-    assert time.monotonic() - started < 10.0
+        ray.get(_keep(holder, 7, _state(1200 * KB, 7), timeout_s=30), timeout=600)
+    assert time.monotonic() - started < 25.0  # its deadline is 30 s
     assert node in str(err.value) and "1000000" in str(err.value)
     assert ray.get(holder.stats.remote())["bytes_held"] == 0
 
@@ -124,16 +124,16 @@ def test_an_abort_racing_a_keep_leaves_no_copy_behind(run_name: str) -> None:
         return stats["bytes_held"], stats["steps"]
 
     # the drop arrives while the keep waits for room: its copy is released once taken
-    ray.get(_keep(holder, 1, _state(600 * KB, 1), timeout_s=1), timeout=60)
+    ray.get(_keep(holder, 1, _state(600 * KB, 1), timeout_s=1), timeout=600)
     waiting = _keep(holder, 2, _state(600 * KB, 2), timeout_s=30)
     assert not ray.wait([waiting], timeout=0.5)[0]
     ray.get(holder.drop.remote([1, 2]))
     with pytest.raises(SaveAbortedError, match=r"step 2 rank 0: the step was dropped \(aborted\)"):
-        ray.get(waiting, timeout=30)
+        ray.get(waiting, timeout=300)
     assert held(holder) == (0, [])
 
     # the drop reaches the primary while its peer is still replicating: the peer's replica goes too
-    ray.get(_keep(peer, 5, _state(600 * KB, 5), timeout_s=1), timeout=60)  # the peer is full for now
+    ray.get(_keep(peer, 5, _state(600 * KB, 5), timeout_s=1), timeout=600)  # the peer is full for now
     arrays = _state(600 * KB, 6)
     keeping = holder.keep.remote(6, 0, [ray.put(arrays), None], 600 * KB, [peer], 30)
     deadline = time.monotonic() + 30
@@ -143,7 +143,7 @@ def test_an_abort_racing_a_keep_leaves_no_copy_behind(run_name: str) -> None:
     ray.get(holder.drop.remote([6]))  # the abort's drop reached the primary only
     ray.get(peer.drop.remote([5]))  # room on the peer: the replica is made
     with pytest.raises(SaveAbortedError, match=r"step 6 was dropped \(aborted\) while its replicas were made"):
-        ray.get(keeping, timeout=30)
+        ray.get(keeping, timeout=300)
     while held(peer) != (0, []):
         assert time.monotonic() < deadline, held(peer)
         time.sleep(0.05)
@@ -161,18 +161,22 @@ def test_memory_steps_come_before_the_eval_cache_in_the_budget(tmp_path: Path, r
     def stats() -> dict[str, Any]:
         return ray.get(holder.stats.remote())
 
-    ray.get(_keep(holder, 1, _state(600 * KB, 1), timeout_s=1), timeout=60)
+    # the first read imports the holder's storage stack (slow on a loaded machine); it is cached
+    ray.get(holder.cached.remote(100, config), timeout=600)
+    assert stats()["cached_steps"] == [100]
+    ray.get(_keep(holder, 1, _state(600 * KB, 1), timeout_s=1), timeout=600)  # evicts the cached step
+    assert (stats()["cached_steps"], stats()["bytes_held"]) == ([], 600 * KB)
     # no room left for the cache: the evaluator gets its state at once, uncached
     started = time.monotonic()
-    (ref,) = ray.get(holder.cached.remote(100, config), timeout=60)
+    (ref,) = ray.get(holder.cached.remote(100, config), timeout=600)
     assert time.monotonic() - started < 10.0
     assert torch.equal(read_cached_state(ref)["w"], torch.full((125_000,), 100.0))
     assert (stats()["cached_steps"], stats()["bytes_held"]) == ([], 600 * KB)
     # with room, the step is cached; a memory save that needs the room evicts it at once
     ray.get(holder.drop.remote([1]))
-    ray.get(holder.cached.remote(200, config), timeout=60)
+    ray.get(holder.cached.remote(200, config), timeout=600)
     assert (stats()["cached_steps"], stats()["bytes_held"]) == ([200], 500 * KB)
-    ray.get(_keep(holder, 2, _state(600 * KB, 2), timeout_s=1), timeout=60)
+    ray.get(_keep(holder, 2, _state(600 * KB, 2), timeout_s=1), timeout=600)
     assert (stats()["cached_steps"], stats()["bytes_held"], stats()["steps"]) == ([], 600 * KB, [2])
 
 
@@ -183,12 +187,12 @@ def test_the_holder_owns_its_copy_and_its_digests_are_the_datas(run_name: str) -
     assert ray.get(holder.stats.remote())["budget"] == int(store) // 2
     arrays = {"a": np.arange(50_000, dtype=np.float32), "b": np.full((300, 7), 3, dtype=np.int64)}
     theirs = ray.put(arrays)
-    receipt = ray.get(holder.keep.remote(5, 0, [theirs, None], 200_000 + 300 * 7 * 8, [], 10), timeout=60)
+    receipt = ray.get(holder.keep.remote(5, 0, [theirs, None], 200_000 + 300 * 7 * 8, [], 10), timeout=600)
     del theirs  # the rank's object goes (as when the rank dies)
     gc.collect()
     (model_ref, trainer_ref) = receipt["copies"][node]
     assert trainer_ref is None
-    copy = ray.get(model_ref, timeout=30)
+    copy = ray.get(model_ref, timeout=300)
     assert set(copy) == {"a", "b"}
     for key, arr in arrays.items():
         assert copy[key].dtype == arr.dtype and copy[key].tobytes() == arr.tobytes()
@@ -213,7 +217,7 @@ def test_the_eval_cache_reads_a_persisted_step_once_and_evicts_the_least_recentl
     holder, _ = _holder(run_name, budget=10**8, eval_cache_bytes=int(2.5 * step_bytes))
 
     def cached(step: int) -> dict[str, torch.Tensor]:
-        (ref,) = ray.get(holder.cached.remote(step, config), timeout=60)
+        (ref,) = ray.get(holder.cached.remote(step, config), timeout=600)
         return read_cached_state(ref)
 
     def stats() -> dict[str, Any]:
@@ -235,7 +239,7 @@ def test_the_eval_cache_reads_a_persisted_step_once_and_evicts_the_least_recentl
     assert (stats()["cache_loads"], stats()["cached_steps"]) == (4, [3, 2])
 
     # evaluators asking for a step at the same time share one storage read
-    refs = ray.get([holder.cached.remote(4, config) for _ in range(6)], timeout=60)
+    refs = ray.get([holder.cached.remote(4, config) for _ in range(6)], timeout=600)
     assert all(torch.equal(read_cached_state(r[0])["w"], states[4]["w"]) for r in refs)
     assert (stats()["cache_loads"], stats()["cached_steps"]) == (5, [2, 4])
 
@@ -363,14 +367,14 @@ class _Owner:
 def _owned_copy(owner: Any, rank: int) -> list[Any]:
     # padded past Ray's inlining threshold (100 KiB): a small object would travel with its ref and survive
     arrays = {**_rank_arrays(rank), "padding": np.zeros(200_000, dtype=np.uint8)}
-    (ref,) = ray.get(owner.put.remote(arrays), timeout=60)
+    (ref,) = ray.get(owner.put.remote(arrays), timeout=600)
     return [ref, None]
 
 
 def _kill(owner: Any, refs: list[Any]) -> None:
     """Kill the owner, and wait until this process sees its objects lost (Ray frees them shortly after)."""
     ray.kill(owner, no_restart=True)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 300  # generous on a loaded machine
     for ref in refs:
         while True:
             try:
